@@ -1,0 +1,45 @@
+"""The ``llmvem`` command. Thin: parses arguments, calls the stages, turns user errors into exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from llmvem.cli.app import app
+from llmvem.errors import LLMVEMError
+
+# Command modules register themselves on ``app`` when imported.
+from llmvem.cli import data as _data  # noqa: E402,F401
+from llmvem.cli import caption as _caption  # noqa: E402,F401
+from llmvem.cli import embed as _embed  # noqa: E402,F401
+from llmvem.cli import run as _run  # noqa: E402,F401
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script. Returns the exit code (0 ok, 1 failures, 2 bad input, 130 Ctrl-C)."""
+    try:
+        app(args=argv, prog_name="llmvem", standalone_mode=False)
+    except LLMVEMError as exc:
+        print(f"llmvem: error: {exc}", file=sys.stderr)
+        return 2
+    except click.exceptions.UsageError as exc:
+        print(f"llmvem: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("llmvem: interrupted; finished work is saved. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+def console_main() -> None:
+    """``llmvem`` console script."""
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI commands (see llmvem.cli)."""

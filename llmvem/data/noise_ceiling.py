@@ -1,0 +1,116 @@
+"""Noise ceilings: how much of each voxel's (or neuron's) response variance a perfect model could explain.
+
+Both estimators return the ceiling as a *fraction of variance* (r² units, 0–1) of the response averaged over
+repeats, which is what :func:`llmvem.evaluate.metrics.noise_normalized_accuracy` divides by.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmvem.errors import DataValidationError
+
+
+def _check_repeats(repeats: np.ndarray) -> np.ndarray:
+    rep = np.asarray(repeats, dtype=np.float64)
+    if rep.ndim != 3:
+        raise DataValidationError(None, "repeats", f"expected shape (n_images, n_repeats, n_voxels), got {rep.shape}")
+    return rep
+
+
+def ncsnr(repeats: np.ndarray) -> np.ndarray:
+    """Noise-ceiling signal-to-noise ratio (NSD / Algonauts 2023).
+
+    Parameters
+    ----------
+    repeats : array of shape (n_images, n_repeats, n_voxels)
+        Single-trial responses; NaN where an image had fewer repeats.
+
+    Returns
+    -------
+    array of shape (n_voxels,)
+        ``sqrt(max(0, var_total - var_noise) / var_noise)``, where ``var_noise`` is the mean over images (with at
+        least two repeats) of the across-repeat variance (ddof=1) and ``var_total`` the variance of all single
+        trials. For responses z-scored per voxel this is NSD's ``sqrt(1 - σ²_noise) / σ_noise``.
+    """
+    rep = _check_repeats(repeats)
+    n_valid = np.sum(np.isfinite(rep), axis=1)  # (n_images, n_voxels)
+    multi = n_valid >= 2
+    if not multi.any():
+        raise DataValidationError(None, "repeats", "no image has two or more repeats; cannot estimate noise")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_per_image = np.nanvar(np.where(multi[:, None, :], rep, np.nan), axis=1, ddof=1)
+    var_noise = np.nanmean(var_per_image, axis=0)
+    var_total = np.nanvar(rep.reshape(-1, rep.shape[-1]), axis=0, ddof=1)
+    var_signal = np.maximum(var_total - var_noise, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.sqrt(np.where(var_noise > 0, var_signal / var_noise, np.inf))
+    return out
+
+
+def noise_ceiling_from_ncsnr(snr: np.ndarray, n_repeats: np.ndarray | list[int]) -> np.ndarray:
+    """Algonauts 2023 noise ceiling from the ncsnr and the number of repeats of each test image.
+
+    ``NC = ncsnr² / (ncsnr² + (A/3 + B/2 + C) / (A + B + C))`` for A, B, C test images shown 3, 2 and 1 times;
+    generalised to any repeat counts as ``mean(1 / n_repeats)``. Returned as a fraction (0–1), not percent.
+    """
+    n = np.asarray(n_repeats, dtype=np.float64)
+    if n.ndim != 1 or (n < 1).any():
+        raise DataValidationError(None, "n_repeats", "expected a 1-D array of repeat counts >= 1")
+    k = float(np.mean(1.0 / n))
+    s2 = np.asarray(snr, dtype=np.float64) ** 2
+    with np.errstate(invalid="ignore"):
+        nc = np.where(np.isinf(s2), 1.0, s2 / (s2 + k))
+    return nc
+
+
+def algonauts_noise_ceiling(repeats: np.ndarray) -> np.ndarray:
+    """Noise ceiling (fraction, shape (n_voxels,)) of the repeat-averaged responses, Algonauts 2023 formula."""
+    rep = _check_repeats(repeats)
+    n_rep = np.sum(np.isfinite(rep[:, :, 0]), axis=1)
+    return noise_ceiling_from_ncsnr(ncsnr(rep), np.maximum(n_rep, 1))
+
+
+def spearman_brown(r: np.ndarray, factor: float = 2.0) -> np.ndarray:
+    """Spearman–Brown prophecy: reliability of a measure ``factor`` times longer, ``f·r / (1 + (f-1)·r)``."""
+    r = np.asarray(r, dtype=np.float64)
+    return factor * r / (1.0 + (factor - 1.0) * r)
+
+
+def split_half_noise_ceiling(repeats: np.ndarray, n_splits: int = 20, seed: int = 0) -> np.ndarray:
+    """Split-half reliability with Spearman–Brown correction, for spike data with NaN-padded repeats.
+
+    For each of ``n_splits`` random splits, each image's available repeats are shuffled and divided in two
+    halves; the two half-means are correlated across images (per neuron), the mean correlation is stepped up
+    with Spearman–Brown to the full number of repeats, and negative values are set to 0.
+
+    Returns
+    -------
+    array of shape (n_voxels,)
+        Estimated reliability of the repeat-averaged response (fraction of explainable variance, r² units).
+    """
+    rep = _check_repeats(repeats)
+    n_img, n_rep, n_vox = rep.shape
+    finite = np.isfinite(rep).all(axis=2)  # (n_images, n_repeats): a repeat is present for all neurons
+    counts = finite.sum(axis=1)
+    usable = counts >= 2
+    if usable.sum() < 3:
+        raise DataValidationError(None, "repeats", "fewer than 3 images with >= 2 repeats; cannot split halves")
+    rng = np.random.default_rng(seed)
+    rs = np.zeros((n_splits, n_vox))
+    for s in range(n_splits):
+        a = np.empty((int(usable.sum()), n_vox))
+        b = np.empty_like(a)
+        for row, i in enumerate(np.flatnonzero(usable)):
+            avail = np.flatnonzero(finite[i])
+            rng.shuffle(avail)
+            h = len(avail) // 2
+            a[row] = rep[i, avail[:h]].mean(axis=0)
+            b[row] = rep[i, avail[h : 2 * h]].mean(axis=0)
+        a -= a.mean(axis=0)
+        b -= b.mean(axis=0)
+        denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rs[s] = np.where(denom > 0, (a * b).sum(axis=0) / denom, 0.0)
+    r_half = rs.mean(axis=0)
+    return np.clip(spearman_brown(r_half), 0.0, 1.0)

@@ -1,0 +1,131 @@
+"""Interfaces of the embedding stage: text encoders and image backbones.
+
+Concrete classes live in :mod:`llmvem.embed.text` and :mod:`llmvem.embed.image`; the model and trainer code
+only rely on what is declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class TextEmbeddings:
+    """Embeddings of a list of texts.
+
+    Attributes
+    ----------
+    embeddings : array of shape (n_texts, dim), float32, L2-normalised rows
+    n_tokens : int array of shape (n_texts,)
+        Tokens of each full text under the encoder's tokenizer (before any truncation).
+    truncated : bool array of shape (n_texts,)
+        Whether information was cut to fit the encoder's context (only with the ``"truncate"`` policy).
+    long : bool array of shape (n_texts,)
+        Whether the text was longer than the encoder's context (whatever the policy did about it).
+    model_id : str
+    """
+
+    embeddings: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    long: np.ndarray
+    model_id: str
+
+
+class TextEncoder:
+    """Texts in, L2-normalised float32 embeddings out."""
+
+    model_id: str
+    dim: int
+    max_tokens: int
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> TextEmbeddings:
+        raise NotImplementedError
+
+    def encode_caption_sets(self, caption_sets: Sequence[Sequence[str]], batch_size: int = 64,
+                            show_progress: bool = False) -> np.ndarray:
+        """One embedding per image from several captions each: the re-normalised mean of their embeddings.
+
+        Returns array of shape (n_images, dim), float32.
+        """
+        flat = [c for caps in caption_sets for c in caps]
+        if any(len(caps) == 0 for caps in caption_sets):
+            raise ValueError("every image needs at least one caption")
+        emb = self.encode(flat, batch_size=batch_size, show_progress=show_progress).embeddings
+        out = np.zeros((len(caption_sets), emb.shape[1]), dtype=np.float32)
+        k = 0
+        for i, caps in enumerate(caption_sets):
+            out[i] = emb[k : k + len(caps)].mean(axis=0)
+            k += len(caps)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+class ImageBackbone(nn.Module):
+    """An image encoder with its own preprocessing.
+
+    Subclasses set ``model_id`` (str), ``feature_dim`` (int, size of the pooled embedding), ``image_size``
+    (int, square input side), ``mean``/``std`` (3-tuples in 0–1 units) and ``layer_names`` (names accepted by
+    ``forward(..., layers=...)``), and implement :meth:`features` and :meth:`blocks`.
+    """
+
+    model_id: str
+    feature_dim: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layer_names: list[str]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images of shape (B, H, W, 3) or (B, 3, H, W) → normalised float (B, 3, S, S), S = image_size."""
+        x = images
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images with 4 dims, got shape {tuple(x.shape)}")
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """Preprocessed batch (B, 3, S, S) → ``{"pooled": (B, feature_dim), layer: (B, d_layer), ...}``.
+
+        Intermediate layers are spatially pooled (global average for conv maps, mean of patch tokens for ViTs).
+        """
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        return self.features(x, layers)
+
+    def layer_dim(self, layer: str) -> int:
+        """Feature size of ``layer`` (``"pooled"`` → ``feature_dim``), found by a dry run if needed."""
+        if layer == "pooled":
+            return self.feature_dim
+        dims = self.__dict__.setdefault("_layer_dims", {})
+        if layer not in dims:
+            p = next(self.parameters())
+            with torch.no_grad():
+                was = self.training
+                self.eval()
+                x = torch.zeros(1, 3, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
+                dims[layer] = int(self.features(x, [layer])[layer].shape[1])
+                self.train(was)
+        return dims[layer]
+
+    def blocks(self) -> list[nn.Module]:
+        """Ordered list of the backbone's stages/blocks, input to output (``unfreeze_last_n`` counts from the end)."""
+        raise NotImplementedError
+
+    def config_dict(self) -> dict:
+        """What identifies this backbone's features (model id, weights, image size, normalisation)."""
+        return {"model_id": self.model_id, "image_size": self.image_size, "mean": list(self.mean),
+                "std": list(self.std)}

@@ -1,0 +1,116 @@
+"""Small shared helpers: seeding, hashing, progress bars, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable object, independent of dict key order."""
+    payload = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()[:length]
+
+
+def sha256_bytes(data: bytes, length: int = 32) -> str:
+    """Hex digest (truncated) of raw bytes."""
+    return hashlib.sha256(data).hexdigest()[:length]
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+             disable: bool | None = None) -> Iterator[T]:
+    """Wrap an iterable in a tqdm progress bar with a description, a rate and an ETA.
+
+    Progress bars go to stderr and are disabled when ``LLMVEM_NO_PROGRESS=1``.
+    """
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = os.environ.get("LLMVEM_NO_PROGRESS", "") == "1"
+    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True))
+
+
+def progress_bar(total: int, desc: str, unit: str = "it"):
+    """A manual tqdm bar (call ``.update(n)``), honouring ``LLMVEM_NO_PROGRESS``."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("LLMVEM_NO_PROGRESS", "") == "1"
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **kwargs: Any):
+    """Write to a temporary file beside ``path`` and rename it into place on success.
+
+    A crash while writing leaves the previous file (or none) and never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as pretty JSON (NaN written as null)."""
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, (np.floating, float)):
+            f = float(o)
+            return None if not np.isfinite(f) else f
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.ndarray):
+            return clean(o.tolist())
+        if isinstance(o, Path):
+            return str(o)
+        return o
+
+    with atomic_write(path) as fh:
+        json.dump(clean(obj), fh, indent=2)
+        fh.write("\n")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map ``"auto"`` to ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
