@@ -1,0 +1,89 @@
+"""Datasets: one :class:`EncodingDataset` shape for the virtual brain, Algonauts 2023 / NSD, generic folders, V4.
+
+``load_dataset(spec)`` resolves a dataset spec string:
+
+- ``"virtual"`` or ``"virtual:n_train=200,n_test=50,seed=1"`` — the built-in virtual brain;
+- ``"v4:ROOT:SESSION"`` — a V4 recording session in the Cowley et al. (2023) layout;
+- a folder with ``training_split/`` — one Algonauts 2023 subject (``subjNN``);
+- a folder with ``responses.npy`` or ``responses.h5`` — the generic folder format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmvem.data.dataset import EncodingDataset, Split
+from llmvem.data.images import ArrayImages, FileImages, ImageCollection, ZipImages
+from llmvem.errors import DataValidationError
+
+__all__ = ["EncodingDataset", "Split", "ImageCollection", "FileImages", "ZipImages", "ArrayImages",
+           "load_dataset", "parse_options"]
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """Parse ``"a=1,b=0.5,c=x"`` into ``{"a": 1, "b": 0.5, "c": "x"}`` (ints, floats, then strings)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise DataValidationError(None, "dataset spec", f"option {part!r} is not of the form key=value")
+        key, value = (s.strip() for s in part.split("=", 1))
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **kwargs: Any) -> EncodingDataset:
+    """Load a dataset from a spec string (see the module docstring).
+
+    Parameters
+    ----------
+    spec : str or Path
+        What to load.
+    val_fraction : float
+        If > 0 and the dataset has no validation split, carve one from training (seeded by ``seed``).
+    **kwargs
+        Passed to the loader (e.g. ``n_train`` for the virtual brain).
+    """
+    text = str(spec)
+    if text == "virtual" or text.startswith("virtual:"):
+        from llmvem.data.virtual_brain import make_virtual_brain
+
+        options = {**(parse_options(text.split(":", 1)[1]) if ":" in text else {}), **kwargs}
+        try:
+            ds = make_virtual_brain(**options)
+        except TypeError as exc:
+            raise DataValidationError(text, "virtual brain options", str(exc)) from exc
+    elif text.startswith("v4:"):
+        from llmvem.data.v4 import load_v4
+
+        try:
+            _, root, session = text.split(":", 2)
+        except ValueError as exc:
+            raise DataValidationError(text, "dataset spec", "expected 'v4:ROOT:SESSION'") from exc
+        ds = load_v4(root, session, **kwargs)
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise DataValidationError(path, "dataset", "no such file or folder; expected 'virtual', 'v4:ROOT:SESSION',"
+                                      " an Algonauts subject folder or a generic dataset folder")
+        if (path / "training_split").is_dir():
+            from llmvem.data.algonauts import load_algonauts
+
+            ds = load_algonauts(path, **kwargs)
+        elif any((path / name).exists() for name in ("responses.npy", "responses.h5")):
+            from llmvem.data.folder import load_folder
+
+            ds = load_folder(path, **kwargs)
+        else:
+            raise DataValidationError(path, "dataset", "not a known layout: expected 'training_split/' (Algonauts 2023)"
+                                      " or 'responses.npy'/'responses.h5' (generic folder)")
+    if val_fraction > 0 and ds.val is None:
+        ds = ds.with_validation_split(val_fraction, seed)
+    return ds
