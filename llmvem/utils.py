@@ -20,7 +20,7 @@ T = TypeVar("T")
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) random number generators."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - third-party code still reads the legacy global RNG
     try:
         import torch
 

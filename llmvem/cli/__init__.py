@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import sys
 
-import click
+import typer
+from typer.exceptions import TyperException
 
-from llmvem.cli.app import app
-from llmvem.errors import LLMVEMError
+from llmvem.cli import caption as _caption  # noqa: E402,F401
 
 # Command modules register themselves on ``app`` when imported.
 from llmvem.cli import data as _data  # noqa: E402,F401
-from llmvem.cli import caption as _caption  # noqa: E402,F401
 from llmvem.cli import embed as _embed  # noqa: E402,F401
 from llmvem.cli import run as _run  # noqa: E402,F401
+from llmvem.cli.app import app
+from llmvem.errors import LLMVEMError
 
 __all__ = ["app", "main"]
 
@@ -25,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     except LLMVEMError as exc:
         print(f"llmvem: error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.UsageError as exc:
-        print(f"llmvem: error: {exc.format_message()}", file=sys.stderr)
-        return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         print("llmvem: interrupted; finished work is saved. Run the same command again to resume.", file=sys.stderr)
         return 130
+    except TyperException as exc:  # usage errors: unknown command or option, bad value
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"llmvem: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 
