@@ -67,7 +67,7 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
             _, root, session = text.split(":", 2)
         except ValueError as exc:
             raise DataValidationError(text, "dataset spec", "expected 'v4:ROOT:SESSION'") from exc
-        ds = load_v4(root, session, **kwargs)
+        ds = load_v4(root, session, val_fraction=val_fraction, seed=seed, **kwargs)
     else:
         path = Path(text)
         if not path.exists():
@@ -76,11 +76,11 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
         if (path / "training_split").is_dir():
             from llmvem.data.algonauts import load_algonauts
 
-            ds = load_algonauts(path, **kwargs)
-        elif any((path / name).exists() for name in ("responses.npy", "responses.h5")):
+            ds = load_algonauts(path, val_fraction=val_fraction, seed=seed, **kwargs)
+        elif any((path / name).exists() for name in ("responses.npy", "responses.h5", "responses.hdf5")):
             from llmvem.data.folder import load_folder
 
-            ds = load_folder(path, **kwargs)
+            ds = load_folder(path, val_fraction=val_fraction, seed=seed, **kwargs)
         else:
             raise DataValidationError(path, "dataset", "not a known layout: expected 'training_split/' (Algonauts 2023)"
                                       " or 'responses.npy'/'responses.h5' (generic folder)")

@@ -185,7 +185,7 @@ class EncodingDataset:
             if h.shape != (n_vox,):
                 raise DataValidationError(src, "hemisphere", f"shape {h.shape}, expected ({n_vox},)")
             if not set(np.unique(h)) <= {"lh", "rh"}:
-                raise DataValidationError(src, "hemisphere", f"values {sorted(set(h))}, expected 'lh' or 'rh'")
+                raise DataValidationError(src, "hemisphere", f"values {sorted(set(h.tolist()))}, expected 'lh' or 'rh'")
             self.hemisphere = h
         if self.noise_ceiling is not None:
             nc = np.asarray(self.noise_ceiling, dtype=np.float64)

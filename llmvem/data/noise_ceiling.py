@@ -34,17 +34,29 @@ def ncsnr(repeats: np.ndarray) -> np.ndarray:
         trials. For responses z-scored per voxel this is NSD's ``sqrt(1 - σ²_noise) / σ_noise``.
     """
     rep = _check_repeats(repeats)
-    n_valid = np.sum(np.isfinite(rep), axis=1)  # (n_images, n_voxels)
+    finite = np.isfinite(rep)
+    n_valid = finite.sum(axis=1)  # (n_images, n_voxels)
     multi = n_valid >= 2
     if not multi.any():
         raise DataValidationError(None, "repeats", "no image has two or more repeats; cannot estimate noise")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var_per_image = np.nanvar(np.where(multi[:, None, :], rep, np.nan), axis=1, ddof=1)
-    var_noise = np.nanmean(var_per_image, axis=0)
-    var_total = np.nanvar(rep.reshape(-1, rep.shape[-1]), axis=0, ddof=1)
+    # Explicit sums instead of nanvar/nanmean: images with < 2 repeats are left out without RuntimeWarnings.
+    filled = np.where(finite, rep, 0.0)
+    mean = filled.sum(axis=1) / np.maximum(n_valid, 1)
+    sq_dev = (np.where(finite, rep - mean[:, None, :], 0.0) ** 2).sum(axis=1)
+    var_per_image = sq_dev / np.maximum(n_valid - 1, 1)
+    n_multi = multi.sum(axis=0)
+    var_noise = np.where(n_multi > 0, (var_per_image * multi).sum(axis=0) / np.maximum(n_multi, 1), np.nan)
+    n_total = finite.sum(axis=(0, 1))
+    grand = filled.sum(axis=(0, 1)) / np.maximum(n_total, 1)
+    var_total = (np.where(finite, rep - grand, 0.0) ** 2).sum(axis=(0, 1)) / np.maximum(n_total - 1, 1)
     var_signal = np.maximum(var_total - var_noise, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.sqrt(np.where(var_noise > 0, var_signal / var_noise, np.inf))
+    # No noise: infinite SNR if there is signal, 0 for a constant voxel (nothing to explain); NaN where no
+    # image of the voxel has two repeats (noise unknown).
+    out = np.full(rep.shape[-1], np.nan)
+    has_noise = var_noise > 0
+    out[has_noise] = np.sqrt(var_signal[has_noise] / var_noise[has_noise])
+    no_noise = var_noise == 0
+    out[no_noise] = np.where(var_signal[no_noise] > 0, np.inf, 0.0)
     return out
 
 
@@ -81,8 +93,9 @@ def split_half_noise_ceiling(repeats: np.ndarray, n_splits: int = 20, seed: int 
     """Split-half reliability with Spearman–Brown correction, for spike data with NaN-padded repeats.
 
     For each of ``n_splits`` random splits, each image's available repeats are shuffled and divided in two
-    halves; the two half-means are correlated across images (per neuron), the mean correlation is stepped up
-    with Spearman–Brown to the full number of repeats, and negative values are set to 0.
+    halves of ``n // 2`` repeats (one is left out when ``n`` is odd); the two half-means are correlated across
+    images (per neuron), the mean correlation is stepped up with Spearman–Brown to the full number of repeats
+    (factor ``mean(1 / (n // 2)) / mean(1 / n)``, 2 for equal even counts), and negative values are set to 0.
 
     Returns
     -------
@@ -113,4 +126,8 @@ def split_half_noise_ceiling(repeats: np.ndarray, n_splits: int = 20, seed: int 
         with np.errstate(invalid="ignore", divide="ignore"):
             rs[s] = np.where(denom > 0, (a * b).sum(axis=0) / denom, 0.0)
     r_half = rs.mean(axis=0)
-    return np.clip(spearman_brown(r_half), 0.0, 1.0)
+    # Each half averages h = n // 2 repeats; the averaged response has noise variance ∝ mean(1/n). Step up by
+    # the ratio of the two (2 when every image has the same even count), so odd counts are not under-credited.
+    n_used = counts[usable].astype(np.float64)
+    factor = float(np.mean(1.0 / np.floor(n_used / 2)) / np.mean(1.0 / n_used))
+    return np.clip(spearman_brown(r_half, factor), 0.0, 1.0)
