@@ -13,6 +13,7 @@ from llmvem.cli import caption as _caption  # noqa: E402,F401
 from llmvem.cli import data as _data  # noqa: E402,F401
 from llmvem.cli import embed as _embed  # noqa: E402,F401
 from llmvem.cli import run as _run  # noqa: E402,F401
+from llmvem.cli import report as _report  # noqa: E402,F401
 from llmvem.cli.app import app
 from llmvem.errors import LLMVEMError
 

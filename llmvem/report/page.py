@@ -1,0 +1,538 @@
+"""Build the HTML report of one or more run folders: ``index.html`` plus PNG figures beside it.
+
+The page is self-contained (inline CSS, relative links only) and the folder is portable: gallery thumbnails
+and extra figures are copied into it. Sections whose inputs are absent are replaced by a one-line note.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import logging
+import math
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from llmvem.report import figures
+from llmvem.report.cortex import plot_surface_maps, voxels_to_fsaverage5
+from llmvem.report.runfolder import (
+    ComparisonStats,
+    LambdaPoint,
+    ModelResult,
+    RegionMetrics,
+    RunResults,
+    load_run,
+)
+from llmvem.utils import atomic_write, progress
+
+logger = logging.getLogger(__name__)
+
+#: Resamples and seed of the voxel bootstrap used when a run does not record ROI confidence intervals.
+N_BOOT = 1000
+BOOT_SEED = 0
+
+_DASH = "–"
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return _DASH
+    return f"{value:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return _DASH
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_lambda(lam: float | None) -> str:
+    return _DASH if lam is None else f"{lam:g}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def _href(out_dir: Path, target: Path) -> str:
+    return quote(target.relative_to(out_dir).as_posix())
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _figure(out_dir: Path, path: Path, alt: str, caption: str) -> str:
+    return (f'<figure><img src="{_href(out_dir, path)}" alt="{_e(alt)}" loading="lazy">'
+            f'<figcaption class="caption">{caption}</figcaption></figure>')
+
+
+def _table(header: Sequence[str], rows: Sequence[str], text_cols: int = 1, cls: str = "") -> str:
+    ths = "".join(f'<th class="text">{h}</th>' if i < text_cols else f"<th>{h}</th>" for i, h in enumerate(header))
+    return (f'<div class="scroll"><table class="{cls}"><thead><tr>{ths}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+@dataclass
+class _Entry:
+    """A model of one run, under the key it has in the report (prefixed with the run when names collide)."""
+
+    key: str
+    run: RunResults
+    model: ModelResult
+
+    @property
+    def label(self) -> str:
+        return self.model.label if self.key == self.model.name else f"{self.run.name}: {self.model.label}"
+
+
+def _unique_run_names(runs: list[RunResults]) -> None:
+    seen: dict[str, int] = {}
+    for run in runs:
+        base = run.name
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            run.name = f"{base}-{seen[base]}"
+
+
+def _entries(runs: list[RunResults]) -> list[_Entry]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        for name in run.models:
+            counts[name] = counts.get(name, 0) + 1
+    return [_Entry(key=name if counts[name] == 1 else f"{run.name}/{name}", run=run, model=m)
+            for run in runs for name, m in run.models.items()]
+
+
+def baseline_and_aligned(run: RunResults) -> tuple[ModelResult | None, ModelResult | None]:
+    """The LLM-VEM model trained without alignment (λ = 0) and the best one with alignment (λ > 0, max mean r).
+
+    Either is None when the run has no such model.
+    """
+    llmvem = [m for m in run.models.values() if m.kind == "llmvem" and m.lam is not None]
+    base = next((m for m in llmvem if m.lam == 0), None)
+    aligned = [m for m in llmvem if m.lam is not None and m.lam > 0]
+    best = max(aligned, key=lambda m: -math.inf if math.isnan(m.overall.mean_r) else m.overall.mean_r,
+               default=None)
+    return base, best
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclass
+class _Context:
+    runs: list[RunResults]
+    entries: list[_Entry]
+    out_dir: Path
+
+    @property
+    def multi(self) -> bool:
+        return len(self.runs) > 1
+
+    def run_heading(self, run: RunResults) -> str:
+        return f"<h3>Run {_e(run.name)}</h3>" if self.multi else ""
+
+    def fig_path(self, stem: str, run: RunResults | None = None) -> Path:
+        name = stem if run is None or not self.multi else f"{stem}_{_slug(run.name)}"
+        return self.out_dir / f"{name}.png"
+
+
+def _dataset_line(run: RunResults) -> str:
+    d = run.dataset
+    if not d:
+        return _note(f"{run.name}: metrics.json has no dataset description")
+    parts = [f"<b>{_e(d.get('name', 'dataset'))}</b>"]
+    splits = [f"{_e(d[k])} {k[2:]}" for k in ("n_train", "n_val", "n_test") if d.get(k) is not None]
+    if splits:
+        parts.append(" / ".join(splits) + " images")
+    if d.get("n_voxels") is not None:
+        parts.append(f"{_e(d['n_voxels'])} voxels")
+    rois = d.get("rois") or {}
+    if rois:
+        parts.append("ROIs: " + ", ".join(f"{_e(k)} ({_e(v)})" for k, v in rois.items()))
+    cap = run.captions_info
+    if cap:
+        parts.append("captions: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in cap.items()))
+    return f'<p class="meta">{_e(run.name)}: {"; ".join(parts)}</p>'
+
+
+def _section_summary(ctx: _Context) -> str:
+    rois = list(dict.fromkeys(r for e in ctx.entries for r in e.model.per_roi))
+    has_acc = any(math.isfinite(e.model.overall.mean_accuracy) or math.isfinite(e.model.overall.median_accuracy)
+                  for e in ctx.entries)
+    header = ["Model"] + (["Run"] if ctx.multi else []) + ["kind", "λ", "mean r", "median r"]
+    text_cols = len(header) - 3
+    if has_acc:
+        header += ["mean acc. (%)", "median acc. (%)"]
+    header += [f"{_e(r)} mean r" for r in rois]
+    best = max((e.model.overall.mean_r for e in ctx.entries if math.isfinite(e.model.overall.mean_r)),
+               default=math.nan)
+    rows = []
+    for e in ctx.entries:
+        m = e.model.overall
+        cells = [f'<td class="text">{_e(e.model.label)} <span class="key">{_e(e.key)}</span></td>']
+        if ctx.multi:
+            cells.append(f'<td class="text">{_e(e.run.name)}</td>')
+        cells.append(f'<td class="text">{_e(e.model.kind)}</td>')
+        cells.append(f"<td>{_fmt_lambda(e.model.lam)}</td>")
+        cls = ' class="best"' if m.mean_r == best else ""
+        cells.append(f"<td{cls}>{_fmt(m.mean_r)}</td><td>{_fmt(m.median_r)}</td>")
+        if has_acc:
+            cells.append(f"<td>{_fmt(m.mean_accuracy, 1)}</td><td>{_fmt(m.median_accuracy, 1)}</td>")
+        for roi in rois:
+            region = e.model.per_roi.get(roi)
+            cells.append(f"<td>{_fmt(region.mean_r if region else None)}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    out = [_dataset_line(run) for run in ctx.runs]
+    out.append(_table(header, rows, text_cols=text_cols))
+    acc_note = ("Accuracy is noise-normalised (percent of the noise ceiling). " if has_acc
+                else "No noise-normalised accuracy: the data have no noise ceiling. ")
+    out.append(f'<p class="caption">Pearson r between predicted and measured test responses, over voxels. '
+               f"{acc_note}Bold: best mean r.</p>")
+    return "".join(out)
+
+
+def _roi_interval(entry: _Entry, roi: str | None) -> tuple[tuple[float, float] | None, str]:
+    """CI of mean r over ``roi`` (None: all voxels), and where it came from ("run", "voxels" or "none")."""
+    region: RegionMetrics | None = entry.model.overall if roi is None else entry.model.per_roi.get(roi)
+    if region is not None and region.mean_r_ci is not None:
+        return region.mean_r_ci, "run"
+    vox = entry.run.voxels
+    if vox is None:
+        return None, "none"
+    r = vox.r[entry.model.name]
+    if roi is not None:
+        if roi not in vox.roi_masks:
+            return None, "none"
+        r = r[vox.roi_masks[roi]]
+    lo, hi = figures.bootstrap_mean_ci(r, n_boot=N_BOOT, seed=BOOT_SEED)
+    return ((lo, hi), "voxels") if math.isfinite(lo) else (None, "none")
+
+
+def _roi_mean(entry: _Entry, roi: str | None) -> float:
+    if roi is None:
+        return entry.model.overall.mean_r
+    region = entry.model.per_roi.get(roi)
+    if region is not None:
+        return region.mean_r
+    vox = entry.run.voxels
+    if vox is not None and roi in vox.roi_masks:
+        return float(np.nanmean(vox.r[entry.model.name][vox.roi_masks[roi]]))
+    return math.nan
+
+
+def _section_roi(ctx: _Context) -> str:
+    rois = list(dict.fromkeys([r for e in ctx.entries for r in e.model.per_roi]
+                              + [r for run in ctx.runs if run.voxels for r in run.voxels.roi_masks]))
+    groups: list[str | None] = [None, *rois]
+    series = []
+    sources: dict[str, list[str]] = {}  # where the intervals come from -> models
+    for e in ctx.entries:
+        intervals = []
+        for g in groups:
+            ci, src = _roi_interval(e, g)
+            intervals.append(ci)
+            if e.label not in sources.setdefault(src, []):
+                sources[src].append(e.label)
+        series.append(figures.BarSeries(label=e.label, means=[_roi_mean(e, g) for g in groups],
+                                        intervals=intervals))
+    path = figures.plot_roi_bars(["all voxels", *rois], series, ctx.fig_path("roi_accuracy"))
+    said = []
+    if "run" in sources:
+        said.append("95% bootstrap intervals over test images, as recorded by the run ("
+                    + ", ".join(sources["run"]) + ")")
+    if "voxels" in sources:
+        said.append(f"95% bootstrap intervals over voxels computed for this report ({N_BOOT} resamples, "
+                    f"seed {BOOT_SEED}) where the run recorded none (" + ", ".join(sources["voxels"]) + ")")
+    if "none" in sources:
+        said.append("no interval where neither the run nor voxel_metrics.npz gives one ("
+                    + ", ".join(sources["none"]) + ")")
+    caption = (f"Mean test r of every model per ROI ({len(rois)} ROIs"
+               f"{'' if rois else ': the runs define none'}). Error bars: {'; '.join(said)}.")
+    return _figure(ctx.out_dir, path, "ROI bar chart", _e(caption))
+
+
+def _section_scatter(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        base, aligned = baseline_and_aligned(run)
+        if run.voxels is None:
+            out.append(_note("no voxel scatter: voxel_metrics.npz is absent"))
+            continue
+        if base is None or aligned is None:
+            out.append(_note("no voxel scatter: the run needs an LLM-VEM model with λ = 0 and one with λ > 0"))
+            continue
+        vox = run.voxels
+        path = ctx.fig_path("voxel_scatter", run)
+        frac, n = figures.plot_voxel_scatter(vox.r[base.name], vox.r[aligned.name],
+                                             figures.roi_labels(vox.roi_masks, vox.n_voxels), path,
+                                             baseline_label=base.label, aligned_label=aligned.label)
+        caption = (f"Test r of each voxel without alignment ({_e(base.label)}, x) and with the best alignment "
+                   f"weight ({_e(aligned.label)}, λ = {aligned.lam:g}, y), coloured by ROI. "
+                   f'<span class="best">{100 * frac:.1f}%</span> of {n} voxels lie above the diagonal '
+                   f"(better with alignment).")
+        out.append(_figure(ctx.out_dir, path, "voxel scatter", caption))
+    return "".join(out)
+
+
+def _stats_cells(s: ComparisonStats) -> str:
+    sig = ' class="sig"' if math.isfinite(s.p_value) and s.p_value < 0.05 else ""
+    return (f"<td>{_fmt(s.diff, 4)}</td><td>[{_fmt(s.ci_low, 4)}, {_fmt(s.ci_high, 4)}]</td>"
+            f"<td{sig}>{_fmt_p(s.p_value)}</td><td>{_fmt(100 * s.fraction_improved, 1)}</td>")
+
+
+def _section_comparisons(ctx: _Context) -> str:
+    key = {(e.run.path, e.model.name): e for e in ctx.entries}
+    rows = []
+    for run in ctx.runs:
+        for c in run.comparisons:
+            a, b = key[(run.path, c.a)], key[(run.path, c.b)]
+            rows.append(f'<tr><td class="text"><b>{_e(b.label)}</b> vs {_e(a.label)}</td>'
+                        f'<td class="text">{_e(c.metric)}</td><td class="text">all voxels</td>'
+                        f"{_stats_cells(c.overall)}</tr>")
+            for roi, s in c.per_roi.items():
+                rows.append(f'<tr class="sub"><td></td><td></td><td class="text indent">{_e(roi)}</td>'
+                            f"{_stats_cells(s)}</tr>")
+    if not rows:
+        return _note("no comparisons: metrics.json lists none")
+    header = ["Comparison (B vs A)", "metric", "voxels", "Δ (B − A)", "95% CI", "p", "improved (%)"]
+    caption = ("Paired comparisons recorded by the run: Δ is the difference of the metric (B minus A), the CI "
+               "and p-value come from the run's paired test, and 'improved' is the percentage of voxels where B "
+               "beats A. Green: p &lt; 0.05 (uncorrected).")
+    return _table(header, rows, text_cols=3) + f'<p class="caption">{caption}</p>'
+
+
+def _lambda_points(run: RunResults) -> tuple[list[LambdaPoint], str] | None:
+    if run.lambda_curve:
+        return run.lambda_curve, "lambda_curve.json"
+    models = [m for m in run.models.values() if m.kind == "llmvem" and m.lam is not None]
+    if len({m.lam for m in models}) < 2:
+        return None
+    points = [LambdaPoint(lam=float(m.lam), mean_r=m.overall.mean_r, model=m.name, mean_r_ci=m.overall.mean_r_ci,
+                          per_roi={roi: reg.mean_r for roi, reg in m.per_roi.items()})
+              for m in sorted(models, key=lambda m: float(m.lam or 0.0))]
+    return points, "the models in metrics.json (no lambda_curve.json)"
+
+
+def _section_lambda(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        found = _lambda_points(run)
+        if found is None:
+            out.append(_note("no λ curve: the run has no lambda_curve.json and fewer than two λ values"))
+            continue
+        points, source = found
+        path = figures.plot_lambda_curve(points, ctx.fig_path("lambda_curve", run))
+        has_ci = any(p.mean_r_ci is not None for p in points)
+        caption = (f"Mean test r against the alignment weight λ (from {source}); x axis linear from 0 to the "
+                   f"smallest positive λ and logarithmic above. Black: all voxels"
+                   f"{' with 95% CIs' if has_ci else ' (no CIs recorded)'}; dashed: per ROI.")
+        out.append(_figure(ctx.out_dir, path, "lambda curve", _e(caption)))
+    return "".join(out)
+
+
+def _section_training(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        if not run.curves:
+            out.append(_note("no training curves: no models/<model>/curves.csv in the run"))
+            continue
+        labels = {e.model.name: e.label for e in ctx.entries if e.run is run}
+        path = figures.plot_training_curves({labels[k]: c for k, c in run.curves.items()},
+                                            ctx.fig_path("training_curves", run))
+        caption = ("Training loss (left; voxel and alignment terms where logged) and validation mean r (right) "
+                   "of each trained model; dotted lines mark the start of a training stage.")
+        out.append(_figure(ctx.out_dir, path, "training curves", _e(caption)))
+    return "".join(out)
+
+
+def _section_gallery(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        if not run.gallery:
+            out.append(_note("no caption gallery: gallery.json is absent or empty"))
+            continue
+        sources = list(dict.fromkeys(s for g in run.gallery for s in g.captions))
+        rows = []
+        for item in run.gallery:
+            target = ctx.out_dir / "gallery" / _slug(run.name) / item.image.relative_to(run.path.resolve())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(item.image, target)
+            cells = [f'<td><img src="{_href(ctx.out_dir, target)}" alt="{_e(item.id)}"><br>'
+                     f'<span class="key">{_e(item.id)}</span></td>']
+            for src in sources:
+                caps = item.captions.get(src, [])
+                cells.append("<td><ul>" + "".join(f"<li>{_e(c)}</li>" for c in caps) + "</ul></td>" if caps
+                             else f"<td>{_DASH}</td>")
+            rows.append(f"<tr>{''.join(cells)}</tr>")
+        out.append(_table(["image", *(_e(s) for s in sources)], rows, text_cols=len(sources) + 1, cls="gallery"))
+    return "".join(out)
+
+
+def _section_cortex(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        vox = run.voxels
+        if vox is None or vox.fsaverage_index is None:
+            out.append(_note("no cortical map: the data are not in fsaverage space (no fsaverage_index in "
+                             "voxel_metrics.npz)"))
+            continue
+        if vox.hemisphere is None:
+            out.append(_note("no cortical map: voxel_metrics.npz has fsaverage_index but no hemisphere"))
+            continue
+        base, aligned = baseline_and_aligned(run)
+        shown = aligned or max(run.models.values(), key=lambda m: np.nan_to_num(m.overall.mean_r, nan=-np.inf))
+        use_acc = shown.name in vox.accuracy
+        values = vox.accuracy[shown.name] if use_acc else vox.r[shown.name]
+        what = "noise-normalised accuracy (%)" if use_acc else "Pearson r"
+        maps = voxels_to_fsaverage5(values, vox.hemisphere, vox.fsaverage_index)
+        dropped = (f"{maps.n_dropped} of {maps.n_voxels} voxels are not fsaverage5 vertices "
+                   f"(full-fsaverage index ≥ 10242) and are left out.")
+        if maps.n_vertices_with_data == 0:
+            out.append(_note(f"no cortical map: no voxel lies on an fsaverage5 vertex; {dropped}"))
+            continue
+        path = plot_surface_maps(maps, ctx.fig_path("cortex_accuracy", run), f"{shown.label}: {what}",
+                                 cmap="inferno", colorbar_label=what)
+        out.append(_figure(ctx.out_dir, path, "cortical map of accuracy", _e(
+            f"Test {what} of {shown.label} on the inflated fsaverage5 surface (lateral and medial views; "
+            f"{maps.n_vertices_with_data} vertices carry data; each colours the mesh faces around it). {dropped}")))
+        if base is None or aligned is None:
+            out.append(_note("no improvement map: the run needs an LLM-VEM model with λ = 0 and one with λ > 0"))
+            continue
+        diff = voxels_to_fsaverage5(vox.r[aligned.name] - vox.r[base.name], vox.hemisphere, vox.fsaverage_index)
+        path = plot_surface_maps(diff, ctx.fig_path("cortex_improvement", run),
+                                 f"r({aligned.label}) − r({base.label})", cmap="RdBu_r", symmetric=True,
+                                 colorbar_label="Δ r")
+        out.append(_figure(ctx.out_dir, path, "cortical map of the improvement", _e(
+            f"Improvement from alignment: test r of {aligned.label} minus that of {base.label} (red: better "
+            f"with alignment). {dropped}")))
+    return "".join(out)
+
+
+def _section_config(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(f"<h3>Run {_e(run.name)}</h3>")
+        out.append(f'<p class="meta">{_e(run.path.resolve())}</p>')
+        if run.config_text is not None:
+            out.append(f"<details><summary>config.yaml</summary><pre>{_e(run.config_text)}</pre></details>")
+        else:
+            out.append(_note("no config.yaml in the run"))
+        if run.versions is not None:
+            rows = [f'<tr><td class="text">{_e(k)}</td><td class="text">{_e(v)}</td></tr>'
+                    for k, v in run.versions.items()]
+            out.append("<details open><summary>versions</summary>"
+                       + _table(["package", "version"], rows, text_cols=2) + "</details>")
+        else:
+            out.append(_note("no versions.json in the run"))
+        if run.timing:
+            total = run.timing.get("total_s")
+            stages = run.timing.get("stages") or {}
+            rows = [f'<tr><td class="text">{_e(k)}</td><td>{_fmt(float(v), 1)}</td></tr>' for k, v in stages.items()
+                    if isinstance(v, (int, float))]
+            if isinstance(total, (int, float)):
+                rows.append(f'<tr><td class="text"><b>total</b></td><td><b>{_fmt(float(total), 1)}</b></td></tr>')
+            out.append("<details><summary>run time</summary>"
+                       + _table(["stage", "seconds"], rows, text_cols=1) + "</details>")
+    return "".join(out)
+
+
+# -------------------------------------------------------------------------------------------- the page
+_SECTIONS: list[tuple[str, str, Callable[[_Context], str]]] = [
+    ("summary", "Summary", _section_summary),
+    ("roi", "ROI accuracy", _section_roi),
+    ("scatter", "Voxel scatter", _section_scatter),
+    ("comparisons", "Comparisons", _section_comparisons),
+    ("lambda", "λ curve", _section_lambda),
+    ("training", "Training curves", _section_training),
+    ("gallery", "Caption gallery", _section_gallery),
+    ("cortex", "Cortical map", _section_cortex),
+]
+
+
+def _extra_sections(ctx: _Context) -> list[tuple[str, str, str]]:
+    sections = []
+    for run in ctx.runs:
+        for i, sec in enumerate(run.extra_sections):
+            body = [sec.html]
+            for fig in sec.figures:
+                target = ctx.out_dir / "extra" / _slug(run.name) / _slug(sec.path.stem) / fig.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(fig, target)
+                body.append(f'<figure><img src="{_href(ctx.out_dir, target)}" alt="{_e(fig.name)}"></figure>')
+            title = f"{sec.title} ({run.name})" if ctx.multi else sec.title
+            sections.append((f"extra-{_slug(run.name)}-{i}", title, "".join(body)))
+    return sections
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
+                 title: str | None = None) -> Path:
+    """Write the HTML report of one or more run folders.
+
+    Parameters
+    ----------
+    run_dirs : sequence of str or Path
+        Run folders (each with ``metrics.json``; see :mod:`llmvem.report.runfolder`). Models of all runs
+        appear side by side; a model name found in several runs is prefixed with its run's folder name.
+    out_dir : str or Path, optional
+        Folder of ``index.html`` and its figures; default ``<first run>/report``.
+    title : str, optional
+        Page title; default "LLM-VEM report: <run names>".
+
+    Returns
+    -------
+    Path
+        The written ``index.html``.
+
+    Raises
+    ------
+    DataValidationError
+        A run folder or one of its files is missing or malformed.
+    """
+    if not run_dirs:
+        raise ValueError("write_report needs at least one run folder")
+    runs = [load_run(p) for p in run_dirs]
+    _unique_run_names(runs)
+    out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    ctx = _Context(runs=runs, entries=_entries(runs), out_dir=out)
+    title = title or "LLM-VEM report: " + ", ".join(r.name for r in runs)
+
+    body: list[tuple[str, str, str]] = []
+    for anchor, heading, build in progress(_SECTIONS, desc="report sections", unit="section"):
+        body.append((anchor, heading, build(ctx)))
+    body += _extra_sections(ctx)
+    body.append(("configuration", "Configuration", _section_config(ctx)))
+
+    css = resources.files("llmvem.report").joinpath("report.css").read_text(encoding="utf-8")
+    nav = "".join(f'<a href="#{a}">{_e(h)}</a>' for a, h, _ in body)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    sections = "".join(f'<section id="{a}"><h2>{_e(h)}</h2>{content}</section>' for a, h, content in body)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{css}</style></head><body><main>"
+            f"<h1>{_e(title)}</h1><p class=\"meta\">Generated {stamp} by llmvem from "
+            f"{len(runs)} run folder{'s' if len(runs) > 1 else ''}: {', '.join(_e(r.name) for r in runs)}.</p>"
+            f"<nav>{nav}</nav>{sections}</main></body></html>\n")
+    index = out / "index.html"
+    with atomic_write(index, encoding="utf-8") as fh:
+        fh.write(page)
+    logger.info("report written to %s", index)
+    return index
