@@ -7,13 +7,12 @@ import sys
 import typer
 from typer.exceptions import TyperException
 
-from llmvem.cli import caption as _caption  # noqa: E402,F401
-
-# Command modules register themselves on ``app`` when imported.
-from llmvem.cli import data as _data  # noqa: E402,F401
-from llmvem.cli import embed as _embed  # noqa: E402,F401
-from llmvem.cli import run as _run  # noqa: E402,F401
-from llmvem.cli import report as _report  # noqa: E402,F401
+# Command modules register their commands on ``app`` when imported.
+from llmvem.cli import caption as _caption  # noqa: F401
+from llmvem.cli import data as _data  # noqa: F401
+from llmvem.cli import embed as _embed  # noqa: F401
+from llmvem.cli import report as _report  # noqa: F401
+from llmvem.cli import run as _run  # noqa: F401
 from llmvem.cli.app import app
 from llmvem.errors import LLMVEMError
 
