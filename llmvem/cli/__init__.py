@@ -22,7 +22,8 @@ __all__ = ["app", "main"]
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. Returns the exit code (0 ok, 1 failures, 2 bad input, 130 Ctrl-C)."""
     try:
-        app(args=argv, prog_name="llmvem", standalone_mode=False)
+        # With standalone_mode=False typer returns the exit code of typer.Exit / Ctrl-C instead of exiting.
+        rc = app(args=argv, prog_name="llmvem", standalone_mode=False)
     except LLMVEMError as exc:
         print(f"llmvem: error: {exc}", file=sys.stderr)
         return 2
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"llmvem: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    if rc == 130:
+        print("llmvem: interrupted; finished work is saved. Run the same command again to resume.", file=sys.stderr)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
