@@ -12,7 +12,6 @@ validation split, captions from the SQLite store, caption embeddings, backbone, 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from llmvem.config import RunConfig, save_config
 from llmvem.data import load_dataset
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
-from llmvem.errors import RunFolderError
+from llmvem.utils import prepare_run_folder as _prepare_folder
 from llmvem.utils import seed_everything, stable_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,8 @@ def load_config_dataset(config: RunConfig) -> EncodingDataset:
     d = config.data
     options = dict(d.loader_options)
     if d.spec == "virtual" or d.spec.startswith("virtual:"):
-        options = {"n_train": d.n_train, "n_test": d.n_test, "image_size": d.image_size, "seed": d.seed, **options}
+        options = {"n_train": d.n_train, "n_test": d.n_test, "image_size": d.image_size, **options}
+    # ``seed`` seeds both the loader (virtual brain generator) and the validation split.
     return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
 
 
@@ -146,6 +146,8 @@ def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone
     from llmvem.embed.cache import FeatureCache, extract_features
 
     layers = list(layers or config.backbone.layers)
+    if "pooled" not in layers:  # the alignment head reads the pooled embedding
+        layers.append("pooled")
     cache = FeatureCache(cache_root(config) / "features.h5")
     return {
         split: extract_features(dataset.splits[split].images, backbone, layers=layers, cache=cache,
@@ -298,15 +300,14 @@ def _versions(seed: int) -> dict[str, Any]:
     return out
 
 
+EXPERIMENT_OUTPUTS = ("config.yaml", "versions.json", "metrics.json", "voxel_metrics.npz", "lambda_curve.json",
+                      "gallery.json", "gallery", "models", "report", "extra_sections")
+
+
 def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an existing non-empty run folder unless ``resume`` or ``overwrite``."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(out_dir)
-        elif not resume:
-            raise RunFolderError(f"{out_dir}: run folder exists; pass --resume to continue it or --overwrite to"
-                                 " replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Create an experiment folder (see :func:`llmvem.utils.prepare_run_folder`); overwrite removes only
+    ``EXPERIMENT_OUTPUTS``."""
+    _prepare_folder(out_dir, resume, overwrite, outputs=EXPERIMENT_OUTPUTS)
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[float] | None = None,

@@ -7,7 +7,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,3 +114,42 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_run_folder(out_dir: str | Path, resume: bool, overwrite: bool,
+                       outputs: Sequence[str] | None = None) -> Path:
+    """Create the run folder ``out_dir``, refusing a non-empty one unless ``resume`` or ``overwrite``.
+
+    ``overwrite`` deletes the names in ``outputs`` inside the folder (everything when ``outputs`` is None), so a
+    command never deletes files it did not write.
+
+    Raises
+    ------
+    RunFolderError
+        The folder exists, is not empty, and neither flag was given (or it is a file).
+    ConfigError
+        Both flags were given.
+    """
+    import shutil
+
+    from llmvem.errors import ConfigError, RunFolderError
+
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: resume continues a run, overwrite restarts it")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderError(f"{out_dir}: exists and is not a folder; expected a run folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if overwrite:
+            targets = [out_dir / n for n in outputs] if outputs is not None else list(out_dir.iterdir())
+            for p in targets:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        elif not resume:
+            raise RunFolderError(
+                f"{out_dir}: run folder already exists and is not empty; pass --resume to continue it or "
+                "--overwrite to start it again, or choose another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir

@@ -13,6 +13,7 @@ from llmvem.cli import data as _data  # noqa: F401
 from llmvem.cli import embed as _embed  # noqa: F401
 from llmvem.cli import report as _report  # noqa: F401
 from llmvem.cli import run as _run  # noqa: F401
+from llmvem.cli import train as _train  # noqa: F401
 from llmvem.cli.app import app
 from llmvem.errors import LLMVEMError
 

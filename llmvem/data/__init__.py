@@ -57,7 +57,7 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
 
         options = {**(parse_options(text.split(":", 1)[1]) if ":" in text else {}), **kwargs}
         try:
-            ds = make_virtual_brain(**options)
+            ds = make_virtual_brain(**{"seed": seed, **options})
         except TypeError as exc:
             raise DataValidationError(text, "virtual brain options", str(exc)) from exc
     elif text.startswith("v4:"):

@@ -1,0 +1,38 @@
+"""The LLM-VEM network: backbone, voxel readout (PCA mapping), alignment head and losses."""
+
+from llmvem.model.losses import (
+    LossParts,
+    contrastive_loss,
+    gather_no_grad,
+    gather_with_grad,
+    group_ids_from_embeddings,
+    info_nce,
+    total_loss,
+)
+from llmvem.model.network import EMBED_LAYER, LLMVEM, AlignmentHead, ModelOutput
+from llmvem.model.readout import (
+    LinearVoxelReadout,
+    PCAVoxelReadout,
+    Readout,
+    default_pca_components,
+    fit_pca,
+)
+
+__all__ = [
+    "EMBED_LAYER",
+    "LLMVEM",
+    "AlignmentHead",
+    "LinearVoxelReadout",
+    "LossParts",
+    "ModelOutput",
+    "PCAVoxelReadout",
+    "Readout",
+    "contrastive_loss",
+    "default_pca_components",
+    "fit_pca",
+    "gather_no_grad",
+    "gather_with_grad",
+    "group_ids_from_embeddings",
+    "info_nce",
+    "total_loss",
+]

@@ -1,0 +1,28 @@
+"""Two-stage training of the LLM-VEM network: trainer, checkpoints, distributed setup, notebook wrapper."""
+
+from llmvem.train.checkpoint import CheckpointManager, load_weights, save_weights
+from llmvem.train.distributed import DistInfo, setup_distributed
+from llmvem.train.encoder import LLMVEMEncoder
+from llmvem.train.schedule import lr_factor
+from llmvem.train.trainer import (
+    OUTPUT_NAMES,
+    TrainResult,
+    config_fingerprint,
+    prepare_run_folder,
+    train_encoding_model,
+)
+
+__all__ = [
+    "OUTPUT_NAMES",
+    "CheckpointManager",
+    "DistInfo",
+    "LLMVEMEncoder",
+    "TrainResult",
+    "config_fingerprint",
+    "load_weights",
+    "lr_factor",
+    "prepare_run_folder",
+    "save_weights",
+    "setup_distributed",
+    "train_encoding_model",
+]

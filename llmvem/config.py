@@ -1,0 +1,384 @@
+"""Typed run configuration: one pydantic model per pipeline stage, loaded from YAML, saved beside every run.
+
+A :class:`RunConfig` holds the sections ``data``, ``captions``, ``text``, ``backbone``, ``model``, ``train`` and
+``evaluate`` plus the run-wide ``seed`` and ``cache_dir``. Every section forbids unknown keys, so a typo such as
+``train.stage1.learning_rate`` fails with a message naming the file, the key path and the keys that exist,
+instead of being silently ignored.
+
+Examples
+--------
+>>> from llmvem.config import load_config, apply_overrides
+>>> cfg = load_config("demo")                       # shipped config, by name
+>>> cfg = apply_overrides(cfg, ["train.stage1.lr=3e-4", "model.lambda_align=0"])
+>>> cfg.train.stage1.lr
+0.0003
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmvem.errors import ConfigError
+
+__all__ = [
+    "BackboneConfig",
+    "CaptionsConfig",
+    "DataConfig",
+    "EvaluateConfig",
+    "ModelConfig",
+    "RunConfig",
+    "StageConfig",
+    "TextConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_diff",
+    "list_shipped_configs",
+    "load_config",
+    "save_config",
+]
+
+
+#: Folder of the configs shipped with the package (package data).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which dataset to load and how to split it.
+
+    ``spec`` is what :func:`llmvem.data.load_dataset` accepts: ``"virtual"`` (the built-in virtual brain), an
+    Algonauts ``subjNN`` folder, a generic folder, or ``"v4:ROOT:SESSION"``. ``n_train``/``n_test``/
+    ``image_size`` size the virtual brain only; ``loader_options`` are passed to the loader as keyword arguments.
+    """
+
+    spec: str = "virtual"
+    n_train: int = Field(400, ge=2, description="virtual brain: training images")
+    n_test: int = Field(100, ge=1, description="virtual brain: test images")
+    image_size: int = Field(64, ge=8, description="virtual brain: image side in pixels")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of training images held out for validation")
+    seed: int = Field(0, description="seed of the dataset generator and of the validation split")
+    loader_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the loader")
+
+
+class CaptionsConfig(_Section):
+    """Which captioner describes the stimuli, and where captions are stored."""
+
+    backend: Literal["dataset", "labels", "file", "transformers", "openai"] = "dataset"
+    model: str | None = Field(None, description="VLM directory / hub id (transformers) or served model name (openai)")
+    prompt: str | None = Field(None, description="instruction sent with each image; None = the captioner's default")
+    max_new_tokens: int = Field(160, ge=1)
+    base_urls: list[str] = Field(default_factory=list, description="OpenAI-compatible servers, e.g. http://localhost:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key")
+    max_in_flight: int = Field(8, ge=1, description="concurrent requests (openai backend)")
+    captions_file: str | None = Field(None, description="CSV/JSON caption file (file backend)")
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    store: str | None = Field(None, description="SQLite caption store; None = <cache_dir>/captions.sqlite")
+
+
+class TextConfig(_Section):
+    """Which text encoder embeds the captions: ``"minilm"`` (bundled), ``"st:<path>"`` or ``"clip:<path>"``."""
+
+    encoder: str = "minilm"
+    long_policy: Literal["sentence_mean", "truncate"] = "sentence_mean"
+    batch_size: int = Field(64, ge=1)
+    device: str = "auto"
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, v: str) -> str:
+        if v != "minilm" and not v.startswith(("st:", "clip:")):
+            raise ValueError(f"expected 'minilm', 'st:<path-or-id>' or 'clip:<path-or-id>', got {v!r}")
+        return v
+
+
+class BackboneConfig(_Section):
+    """The image backbone: ``"efficientnet_lite0"``, ``"timm:<name>"`` or ``"hf:<path>"``.
+
+    ``layers`` are the backbone layers whose (spatially pooled) features are concatenated into the readout input;
+    ``"pooled"`` is the final embedding, which also feeds the alignment head.
+    """
+
+    name: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = Field(None, description="local weights file (safetensors or a plain state dict)")
+    layers: list[str] = Field(default_factory=lambda: ["pooled"], min_length=1)
+    image_size: int | None = Field(None, ge=8, description="input side; None = the backbone's default")
+    feature_dtype: Literal["float16", "float32"] = "float32"
+    batch_size: int = Field(32, ge=1, description="batch size of feature extraction")
+    device: str = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers must be unique, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    """The LLM-VEM network: voxel readout and alignment head.
+
+    ``pca_components`` = None uses ``min(2048, n_train, n_voxels)``. ``voxel_loss`` = ``"pca"`` computes the MSE
+    between predicted and true PCA scores instead of voxel responses. ``align_dim`` = None projects to the text
+    embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect).
+    """
+
+    readout: Literal["pca", "linear"] = "pca"
+    pca_components: int | None = Field(None, ge=1)
+    voxel_loss: Literal["voxel", "pca"] = "voxel"
+    readout_l2: float = Field(0.0, ge=0.0, description="L2 penalty on the readout weights (added to the loss)")
+    align_dim: int | None = Field(None, ge=1)
+    projection: Literal["linear", "mlp"] = "linear"
+    lambda_align: float = Field(0.1, ge=0.0)
+    temperature_init: float = Field(0.07, gt=0.0)
+    learn_temperature: bool = True
+    feature_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    standardize_features: bool = Field(True, description="z-score readout inputs with training-set statistics")
+
+
+class StageConfig(_Section):
+    """One training stage. ``batch_size`` is the global batch (split across processes under torchrun)."""
+
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    unfreeze_last_n: int = Field(0, ge=0, description="backbone blocks trained (stage 2); 0 = heads only")
+    backbone_lr: float | None = Field(None, gt=0.0, description="lr of unfrozen backbone blocks; None = lr / 10")
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    step_every: int = Field(10, ge=1, description="step schedule: epochs between lr drops")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_accum: int = Field(1, ge=1)
+    early_stopping_patience: int | None = Field(5, ge=1, description="epochs without val improvement; None = off")
+    augment: bool = Field(False, description="random flips and shifts of the images (stage 2)")
+
+
+def _stage2_default() -> StageConfig:
+    return StageConfig(epochs=0, lr=1e-4, batch_size=32, unfreeze_last_n=2)
+
+
+class TrainConfig(_Section):
+    """Two-stage training: stage 1 trains the heads on cached features, stage 2 fine-tunes the last blocks."""
+
+    stage1: StageConfig = Field(default_factory=StageConfig)
+    stage2: StageConfig = Field(default_factory=_stage2_default)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = Field(0, ge=0, description="data-loading workers of the pipeline; the trainer itself "
+                             "keeps everything in memory")
+    deterministic: bool = True
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+
+
+class EvaluateConfig(_Section):
+    """Evaluation and baselines."""
+
+    ridge_alphas: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-2, 7)], min_length=1)
+    ridge_folds: int = Field(5, ge=2)
+    ridge_device: str = "auto"
+    bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples; 0 = off")
+    compare_lambdas: list[float] = Field(default_factory=list, description="also train at these lambda_align values")
+    baselines: list[Literal["ridge", "lambda0"]] = Field(default_factory=lambda: ["ridge", "lambda0"])
+
+
+class RunConfig(_Section):
+    """Everything that defines a run. Saved as ``config.yaml`` in every run folder."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    captions: CaptionsConfig = Field(default_factory=CaptionsConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    seed: int = 0
+    cache_dir: str = "~/.cache/llmvem"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys that exist at the parent of ``loc`` (for 'unknown key' messages)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def _validation_message(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        key = _format_loc(loc)
+        if err.get("type") == "extra_forbidden":
+            known = _expected_keys(RunConfig, loc)
+            hint = f"; expected one of: {', '.join(known)}" if known else ""
+            lines.append(f"{source}: {key}: unknown key{hint}")
+        else:
+            got = err.get("input")
+            got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{source}: {key}: {err.get('msg')}{got_txt}")
+    return "\n".join(lines)
+
+
+def _validate(data: Any, source: str) -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, train, ...), got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, source)) from exc
+
+
+def list_shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``llmvem/configs`` (load them with :func:`load_config`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def _resolve(path_or_name: str | Path) -> tuple[str, str]:
+    """(source label, YAML text) of a config file path or a shipped config name."""
+    path = Path(path_or_name)
+    if path.is_file():
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+    name = str(path_or_name)
+    if path.suffix == "" and "/" not in name and name in list_shipped_configs():
+        return f"llmvem/configs/{name}.yaml", (SHIPPED_CONFIGS / f"{name}.yaml").read_text(encoding="utf-8")
+    raise ConfigError(
+        f"{path_or_name}: no such config file, and not a shipped config name "
+        f"(shipped: {', '.join(list_shipped_configs())})")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML run config.
+
+    Parameters
+    ----------
+    path : str or Path
+        A YAML file, or the name of a shipped config (``"demo"``, ``"algonauts_eva02"``).
+
+    Returns
+    -------
+    RunConfig
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, invalid YAML, unknown key or wrong type; the message names the file and the key path
+        (``train.stage1.lr``) and what was expected.
+    """
+    source, text = _resolve(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML ({exc})") from exc
+    return _validate(data, source)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (every key, defaults included) so the run can be reproduced from the file."""
+    from llmvem.utils import atomic_write
+
+    with atomic_write(path) as fh:
+        yaml.safe_dump(config.model_dump(mode="json"), fh, sort_keys=False, default_flow_style=False)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A copy of ``config`` with ``key.path=value`` overrides applied and validated.
+
+    Values are parsed as YAML (``1e-3``, ``true``, ``[a, b]``, ``null``); a value that parses to the wrong type
+    for a text field is kept as text (so ``backbone.name=123`` is the string ``"123"``).
+
+    Raises
+    ------
+    ConfigError
+        Malformed override, unknown key (naming the keys that exist) or invalid value.
+    """
+    data = config.model_dump(mode="python")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.stage1.lr=1e-3")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        node: Any = data
+        cls: Any = RunConfig  # the pydantic model at this depth, or None inside a free-form dict field
+        for depth, part in enumerate(parts[:-1]):
+            if cls is None and isinstance(node, dict):  # e.g. data.loader_options.hemispheres=[lh]
+                node = node.setdefault(part, {})
+                continue
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                where = ".".join(parts[: depth + 1])
+                keys = sorted(node) if isinstance(node, dict) else []
+                raise ConfigError(f"override {item!r}: {where}: unknown section; expected one of: {', '.join(keys)}")
+            field = cls.model_fields[part]
+            ann = field.annotation
+            cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node and cls is not None:
+            raise ConfigError(f"override {item!r}: {key}: unknown key; expected one of: {', '.join(sorted(node))}")
+        node[leaf] = _parse_value(raw)
+        try:
+            RunConfig.model_validate(data)
+        except ValidationError:
+            node[leaf] = raw  # e.g. a numeric-looking name for a text field
+            try:
+                RunConfig.model_validate(data)
+            except ValidationError as exc:
+                node[leaf] = _parse_value(raw)
+                raise ConfigError(_validation_message(exc, f"override {item!r}")) from exc
+    return _validate(data, "overrides")
+
+
+def config_diff(a: RunConfig | dict, b: RunConfig | dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two configs, as ``(key.path, value_in_a, value_in_b)``.
+
+    ``ignore`` lists key paths or section prefixes (``"evaluate"``, ``"train.num_workers"``) to skip.
+    """
+    da = a.model_dump(mode="json") if isinstance(a, BaseModel) else a
+    db = b.model_dump(mode="json") if isinstance(b, BaseModel) else b
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if any(prefix == p or prefix.startswith(p + ".") for p in ignore):
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else str(k))
+        elif x != y:
+            out.append((prefix, x, y))
+
+    walk(da, db, "")
+    return out
