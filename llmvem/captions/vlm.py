@@ -8,7 +8,6 @@ bfloat16 on GPUs that support it.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -91,9 +90,6 @@ class TransformersCaptioner(Captioner):
 
     # ------------------------------------------------------------------ setup
     def _load(self) -> None:
-        # Importing llmvem.embed first lets torchvision (imported by transformers' image processors) load even
-        # when its wheel was built for another torch variant; see llmvem.embed._ensure_torchvision_importable.
-        importlib.import_module("llmvem.embed")
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:

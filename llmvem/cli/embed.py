@@ -1,1 +1,125 @@
-"""CLI commands (see llmvem.cli)."""
+"""``llmvem embed``: caption embeddings (``--text``) and image features into the feature cache (``--images``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from llmvem.cli.app import app
+
+logger = logging.getLogger(__name__)
+
+_EXAMPLES = """\b
+Examples:
+  llmvem embed virtual --images --text --text-out virtual_text.npz
+  llmvem embed data/algonauts_2023/subj01 --images --backbone timm:eva02_base_patch14_224.mim_in22k \\
+      --layers pooled,block9 --dtype float16 --device cuda --batch-size 128
+  llmvem embed data/algonauts_2023/subj01 --text --captions subj01.sqlite --text-encoder minilm \\
+      --text-out subj01_text.npz
+"""
+
+
+def _text_embeddings(ds, captions: Path | None, caption_config: str | None, encoder_name: str, long_policy: str,
+                     batch_size: int, device: str, out: Path) -> dict:
+    import numpy as np
+
+    from llmvem.embed.base import pool_caption_sets
+    from llmvem.embed.text import load_text_encoder
+    from llmvem.errors import DataValidationError
+    from llmvem.utils import atomic_write
+
+    images = ds.all_images()
+    split_of = [name for name in ("train", "val", "test") if name in ds.splits for _ in ds.splits[name].images.ids]
+    if captions is not None:
+        from llmvem.captions.store import CaptionStore
+
+        with CaptionStore(captions, readonly=True) as store:
+            caption_sets = store.get_for(images, caption_config, missing="error")
+        source = str(captions)
+    else:
+        caption_sets = [ds.captions.get(i, []) for i in images.ids]
+        absent = [i for i, caps in zip(images.ids, caption_sets, strict=True) if not caps]
+        if absent:
+            raise DataValidationError(
+                ds.source or ds.name, "captions",
+                f"{len(absent)} of {len(images)} images have no captions in the dataset (first ids: {absent[:5]}); "
+                "caption them with `llmvem caption` and pass --captions STORE")
+        source = f"dataset {ds.name}"
+    encoder = load_text_encoder(encoder_name, device=device, long_policy=long_policy)  # type: ignore[arg-type]
+    flat = [c for caps in caption_sets for c in caps]
+    result = encoder.encode(flat, batch_size=batch_size, show_progress=True)
+    counts = [len(c) for c in caption_sets]
+    per_image = pool_caption_sets(result.embeddings, counts)
+    owner = np.repeat(np.arange(len(caption_sets)), counts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as fh:
+        np.savez(fh, embeddings=per_image, image_ids=np.array(images.ids), splits=np.array(split_of),
+                 content_hashes=np.array(images.content_hashes()), n_captions=np.array([len(c) for c in caption_sets]),
+                 caption_image_index=owner, caption_n_tokens=result.n_tokens, caption_long=result.long,
+                 caption_truncated=result.truncated, model_id=np.array(encoder.model_id),
+                 long_policy=np.array(long_policy))
+    return {"images": len(caption_sets), "captions": len(flat), "long captions": int(result.long.sum()),
+            "truncated": int(result.truncated.sum()), "dim": encoder.dim, "model": encoder.model_id,
+            "captions from": source, "written": str(out)}
+
+
+@app.command("embed", epilog=_EXAMPLES)
+def embed(
+    dataset: str = typer.Argument(..., help="Dataset spec: 'virtual', an Algonauts subjNN folder, a generic folder, "
+                                  "'v4:ROOT:SESSION'. All its images (train, val, test) are embedded."),
+    text: bool = typer.Option(False, "--text", help="Embed each image's captions (mean of its captions)."),
+    images: bool = typer.Option(False, "--images", help="Compute backbone features into the feature cache."),
+    captions: Path | None = typer.Option(None, "--captions", help="--text: SQLite caption store written by "
+                                         "`llmvem caption` (default: the dataset's own captions)."),
+    caption_config: str | None = typer.Option(None, "--caption-config", help="--text: captioner config hash when "
+                                              "the store holds several."),
+    text_encoder: str = typer.Option("minilm", "--text-encoder", help="minilm (bundled, offline), st:<path-or-id> "
+                                     "or clip:<path-or-id>."),
+    long_policy: str = typer.Option("sentence_mean", "--long-policy", help="Captions over the encoder's context: "
+                                    "sentence_mean (embed sentences, average) or truncate."),
+    text_out: Path = typer.Option(Path("text_embeddings.npz"), "--text-out", help="--text: output .npz (per-image "
+                                  "embeddings, image ids, splits, per-caption token counts and long flags)."),
+    backbone_name: str = typer.Option("efficientnet_lite0", "--backbone", help="efficientnet_lite0 (offline), "
+                                      "timm:<name> or hf:<path-or-id>."),
+    pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="Pretrained backbone weights."),
+    weights: Path | None = typer.Option(None, "--weights", help="timm: local weights file (.safetensors/.pth)."),
+    layers: str = typer.Option("pooled", "--layers", help="Comma-separated layers, e.g. pooled,block9."),
+    cache: Path = typer.Option(Path("~/.cache/llmvem/features.h5"), "--cache", help="Feature cache (HDF5)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images (or caption pieces) per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", "--dtype", help="Feature storage: float32 or float16."),
+) -> None:
+    """Embed a dataset's captions (text encoder) and/or images (backbone features, cached on disk).
+
+    Without --text or --images, does both. Image features are keyed by image content and backbone settings, so
+    a rerun (or another command needing the same features) reads them from the cache; an interrupted run resumes
+    where it stopped.
+    """
+    from llmvem.data import load_dataset
+
+    if not text and not images:
+        text = images = True
+    ds = load_dataset(dataset)
+    summary: dict[str, object] = {"dataset": ds.name}
+    if images:
+        from llmvem.embed.cache import FeatureCache, compute_features
+        from llmvem.embed.image import load_backbone
+
+        layer_list = [name.strip() for name in layers.split(",") if name.strip()]
+        backbone = load_backbone(backbone_name, pretrained=pretrained, device="cpu", weights=weights)
+        feature_cache = FeatureCache(cache.expanduser())
+        result = compute_features(ds.all_images(), backbone, layers=layer_list, cache=feature_cache,
+                                  batch_size=batch_size, device=device, dtype=dtype,  # type: ignore[arg-type]
+                                  show_progress=True)
+        summary.update({
+            "backbone": backbone.model_id,
+            "feature layers": ", ".join(f"{k} {v.shape[1]}-d" for k, v in result.features.items()),
+            "images computed": result.n_computed, "images from cache": result.n_cached,
+            "feature cache": f"{feature_cache.path} (config {result.key})"})
+    if text:
+        summary.update(_text_embeddings(ds, captions, caption_config, text_encoder, long_policy, batch_size, device,
+                                        text_out))
+    for key, value in summary.items():
+        typer.echo(f"{key:>18}: {value}")

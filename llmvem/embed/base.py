@@ -6,7 +6,8 @@ only rely on what is declared here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,13 +58,30 @@ class TextEncoder:
         if any(len(caps) == 0 for caps in caption_sets):
             raise ValueError("every image needs at least one caption")
         emb = self.encode(flat, batch_size=batch_size, show_progress=show_progress).embeddings
-        out = np.zeros((len(caption_sets), emb.shape[1]), dtype=np.float32)
-        k = 0
-        for i, caps in enumerate(caption_sets):
-            out[i] = emb[k : k + len(caps)].mean(axis=0)
-            k += len(caps)
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return pool_caption_sets(emb, [len(caps) for caps in caption_sets])
+
+
+def pool_caption_sets(embeddings: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Per-image embeddings from consecutive caption embeddings: the re-normalised mean of each image's rows.
+
+    Parameters
+    ----------
+    embeddings : array of shape (n_captions, dim)
+        Captions of image 0, then of image 1, ...
+    counts : sequence of int, length n_images, summing to n_captions (each ≥ 1)
+
+    Returns
+    -------
+    array of shape (n_images, dim), float32, L2-normalised rows
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != len(embeddings) or (counts < 1).any():
+        raise ValueError(f"caption counts (sum {int(counts.sum())}) must be ≥ 1 each and sum to the "
+                         f"{len(embeddings)} caption embeddings")
+    out = np.zeros((len(counts), embeddings.shape[1]), dtype=np.float32)
+    np.add.at(out, np.repeat(np.arange(len(counts)), counts), embeddings)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 class ImageBackbone(nn.Module):
@@ -129,3 +147,20 @@ class ImageBackbone(nn.Module):
         """What identifies this backbone's features (model id, weights, image size, normalisation)."""
         return {"model_id": self.model_id, "image_size": self.image_size, "mean": list(self.mean),
                 "std": list(self.std)}
+
+
+@contextmanager
+def quiet_unused_weights() -> Iterator[None]:
+    """Silence transformers' load report while one tower of a two-tower checkpoint (CLIP) is loaded.
+
+    Loading the text (or vision) tower of a full CLIP checkpoint leaves the other tower's weights unused, which
+    transformers reports as a long table of "UNEXPECTED" keys. Missing or mismatched weights still raise.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
