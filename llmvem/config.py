@@ -1,9 +1,9 @@
 """Typed run configuration: one pydantic model per pipeline stage, loaded from YAML, saved beside every run.
 
-A :class:`RunConfig` holds the sections ``data``, ``captions``, ``text``, ``backbone``, ``model``, ``train`` and
-``evaluate`` plus the run-wide ``seed`` and ``cache_dir``. Every section forbids unknown keys, so a typo such as
-``train.stage1.learning_rate`` fails with a message naming the file, the key path and the keys that exist,
-instead of being silently ignored.
+A :class:`RunConfig` holds the sections ``data``, ``captions``, ``text``, ``backbone``, ``model``, ``train``,
+``evaluate`` and ``multisubject`` (used by ``llmvem train-multi``) plus the run-wide ``seed`` and ``cache_dir``.
+Every section forbids unknown keys, so a typo such as ``train.stage1.learning_rate`` fails with a message naming
+the file, the key path and the keys that exist, instead of being silently ignored.
 
 Examples
 --------
@@ -30,6 +30,7 @@ __all__ = [
     "DataConfig",
     "EvaluateConfig",
     "ModelConfig",
+    "MultiSubjectConfig",
     "RunConfig",
     "StageConfig",
     "TextConfig",
@@ -83,6 +84,8 @@ class CaptionsConfig(_Section):
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     store: str | None = Field(None, description="SQLite caption store; None = <cache_dir>/captions.sqlite")
+    shuffle: bool = Field(False, description="control: permute the caption sets across the images of each split")
+    shuffle_seed: int = Field(0, description="seed of the caption permutation (captions.shuffle)")
 
 
 class TextConfig(_Section):
@@ -193,6 +196,24 @@ class EvaluateConfig(_Section):
     bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples; 0 = off")
     compare_lambdas: list[float] = Field(default_factory=list, description="also train at these lambda_align values")
     baselines: list[Literal["ridge", "lambda0"]] = Field(default_factory=lambda: ["ridge", "lambda0"])
+    text_to_brain: bool = Field(True, description="fit text-to-brain readouts of the λ > 0 model and add the "
+                                "text-to-brain and voxel-description report sections (llmvem.explain)")
+
+
+class MultiSubjectConfig(_Section):
+    """Several subjects trained jointly (``llmvem train-multi``): a shared core between the frozen-backbone
+    features and one voxel readout per subject.
+
+    ``core`` is a linear bottleneck (or a Linear → GELU → Linear MLP) of ``core_dim`` units over the concatenated,
+    standardised layer features, shared by all subjects; the alignment head reads its output. With
+    ``loss_weighting = "variance"`` each subject's voxel MSE is divided by the mean variance of its training
+    responses, so subjects recorded in different units (spike counts, BOLD) pull on the core equally.
+    """
+
+    core: Literal["linear", "mlp"] = "linear"
+    core_dim: int = Field(256, ge=1, description="units of the shared core")
+    core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
+    loss_weighting: Literal["variance", "none"] = "variance"
 
 
 class RunConfig(_Section):
@@ -205,6 +226,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    multisubject: MultiSubjectConfig = Field(default_factory=MultiSubjectConfig)
     seed: int = 0
     cache_dir: str = "~/.cache/llmvem"
 
@@ -295,7 +317,10 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML ({exc})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from exc
     return _validate(data, source)
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from llmvem.captions.base import DEFAULT_PROMPT, Captioner, CaptionResult, clean_caption
+from llmvem.data.safe_load import WEIGHT_LOAD_ERRORS, weights_load_error
 from llmvem.errors import ModelLoadError
 from llmvem.utils import resolve_device
 
@@ -96,6 +97,8 @@ class TransformersCaptioner(Captioner):
             self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
                 self.model_id, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        except WEIGHT_LOAD_ERRORS as exc:  # e.g. a pytorch_model.bin that needs code to unpickle
+            raise weights_load_error(self.model_id, exc) from exc
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(
                 f"{self.model_id}: cannot load as an image-text-to-text model with AutoProcessor and "

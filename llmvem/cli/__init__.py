@@ -8,9 +8,11 @@ import typer
 from typer.exceptions import TyperException
 
 # Command modules register their commands on ``app`` when imported.
+from llmvem.cli import ablate as _ablate  # noqa: F401
 from llmvem.cli import caption as _caption  # noqa: F401
 from llmvem.cli import data as _data  # noqa: F401
 from llmvem.cli import embed as _embed  # noqa: F401
+from llmvem.cli import predict as _predict  # noqa: F401
 from llmvem.cli import report as _report  # noqa: F401
 from llmvem.cli import run as _run  # noqa: F401
 from llmvem.cli import train as _train  # noqa: F401
@@ -18,6 +20,9 @@ from llmvem.cli.app import app
 from llmvem.errors import LLMVEMError
 
 __all__ = ["app", "main"]
+
+_INTERRUPTED = ("llmvem: interrupted; finished work is saved. Run the same command again to resume "
+                "(add --resume for train, demo and sweep).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return int(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        print("llmvem: interrupted; finished work is saved. Run the same command again to resume.", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
         return 130
     except TyperException as exc:  # usage errors: unknown command or option, bad value
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"llmvem: error: {message}", file=sys.stderr)
         return 2
     if rc == 130:
-        print("llmvem: interrupted; finished work is saved. Run the same command again to resume.", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
     return rc if isinstance(rc, int) else 0
 
 

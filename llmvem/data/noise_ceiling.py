@@ -57,6 +57,11 @@ def ncsnr(repeats: np.ndarray) -> np.ndarray:
     out[has_noise] = np.sqrt(var_signal[has_noise] / var_noise[has_noise])
     no_noise = var_noise == 0
     out[no_noise] = np.where(var_signal[no_noise] > 0, np.inf, 0.0)
+    # A voxel with one value throughout has nothing to explain; without this, rounding in the means above
+    # (x·n/n ≠ x) leaves ~1e-33 "variances" whose ratio is arbitrary (a constant voxel got a ceiling of 1).
+    lo = np.where(finite, rep, np.inf).min(axis=(0, 1))
+    hi = np.where(finite, rep, -np.inf).max(axis=(0, 1))
+    out[lo == hi] = 0.0
     return out
 
 
@@ -125,7 +130,9 @@ def split_half_noise_ceiling(repeats: np.ndarray, n_splits: int = 20, seed: int 
         denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
         with np.errstate(invalid="ignore", divide="ignore"):
             rs[s] = np.where(denom > 0, (a * b).sum(axis=0) / denom, 0.0)
-    r_half = rs.mean(axis=0)
+    # Negative split-half agreement means no reliability: clip before stepping up, because Spearman-Brown with
+    # factor f > 2 (odd repeat counts) turns r < -1/(f-1) into a large positive value (r = -0.6, f = 3 -> 9).
+    r_half = np.maximum(rs.mean(axis=0), 0.0)
     # Each half averages h = n // 2 repeats; the averaged response has noise variance ∝ mean(1/n). Step up by
     # the ratio of the two (2 when every image has the same even count), so odd counts are not under-credited.
     n_used = counts[usable].astype(np.float64)

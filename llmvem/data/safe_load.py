@@ -5,6 +5,8 @@ the one pickled file the Algonauts 2023 release ships, ``roi_masks/mapping_<clas
 ``np.save``), is read through :class:`RestrictedUnpickler`, which only rebuilds ``dict``/``int``/``str``, NumPy
 integer scalars and the 0-d object array that wraps them, and raises :class:`~llmvem.errors.UnsafeFileError`
 for anything else *before* calling it. Text files are decoded as strict UTF-8 with an error naming the byte.
+Model weights load only from safetensors or ``torch.load(weights_only=True)``; :func:`weights_load_error` turns
+what those refuse into one-line user errors.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
-from llmvem.errors import DataValidationError, UnsafeFileError
+from llmvem.errors import DataValidationError, ModelLoadError, UnsafeFileError
 
 try:  # NumPy >= 2
     from numpy._core import multiarray as _multiarray
@@ -142,6 +145,31 @@ def load_label_mapping(path: str | Path) -> dict[int, str]:
                 path, "mapping", f"value of key {key!r} is a {type(value).__name__}; expected str")
         out[int(key)] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------ model weights
+#: What a loader of model weights may raise on a file it cannot read: ``pickle.UnpicklingError`` when
+#: ``torch.load(weights_only=True)`` (used by llmvem, timm, transformers and sentence-transformers alike) refuses a
+#: pickle that needs code, and ``SafetensorError`` for a damaged (or disguised) ``.safetensors`` file.
+WEIGHT_LOAD_ERRORS: tuple[type[BaseException], ...] = (pickle.UnpicklingError, SafetensorError)
+
+
+def weights_load_error(source: str | Path, exc: BaseException) -> Exception:
+    """The user-facing error for a model file that failed to load with one of :data:`WEIGHT_LOAD_ERRORS`.
+
+    Returns (does not raise) an :class:`~llmvem.errors.UnsafeFileError` for a refused pickle, naming the global
+    it would have called, or a :class:`~llmvem.errors.ModelLoadError` for an unreadable safetensors file; the
+    message is one line.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if isinstance(exc, pickle.UnpicklingError):
+        # torch's message is a page long; its "WeightsUnpickler error: Unsupported global: ..." line says why
+        why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else "")
+        why = why.split(" was not an allowed global")[0]  # not torch's advice on how to allow it
+        return UnsafeFileError(
+            f"{source}: weights: the file holds pickled Python objects and llmvem refuses to execute them ({why}); "
+            "use .safetensors files or a plain state dict of tensors")
+    return ModelLoadError(f"{source}: weights: not a readable safetensors file ({' '.join(lines)[:300]})")
 
 
 # ---------------------------------------------------------------------------------------- numeric arrays

@@ -164,3 +164,24 @@ def quiet_unused_weights() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+@contextmanager
+def quiet_loading_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bar when llmvem's bars are off (``LLMVEM_NO_PROGRESS=1``).
+
+    transformers draws it on stderr whenever a model loads, regardless of llmvem's setting, so a failing command
+    would otherwise print bar fragments before its one-line error.
+    """
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("LLMVEM_NO_PROGRESS", "") != "1" or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

@@ -28,7 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from llmvem.embed.base import TextEmbeddings, TextEncoder, quiet_unused_weights
+from llmvem.data.safe_load import WEIGHT_LOAD_ERRORS, weights_load_error
+from llmvem.embed.base import TextEmbeddings, TextEncoder, quiet_loading_bars, quiet_unused_weights
 from llmvem.errors import ConfigError, ModelLoadError
 from llmvem.utils import progress, resolve_device
 
@@ -200,11 +201,14 @@ class CLIPTextEncoder(_TokenizedEncoder):
             if config.model_type == "clip":  # a full CLIP checkpoint: its projection size lives in the top config
                 text_config = config.text_config
                 text_config.projection_dim = config.projection_dim
-                with quiet_unused_weights():
+                with quiet_unused_weights(), quiet_loading_bars():
                     model = CLIPTextModelWithProjection.from_pretrained(self.path, config=text_config)
             else:
-                model = CLIPTextModelWithProjection.from_pretrained(self.path)
+                with quiet_loading_bars():
+                    model = CLIPTextModelWithProjection.from_pretrained(self.path)
             self.model = model.to(self.device).eval()
+        except WEIGHT_LOAD_ERRORS as exc:  # e.g. a pytorch_model.bin that needs code to unpickle
+            raise weights_load_error(self.path, exc) from exc
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ModelLoadError(
                 f"{self.path}: cannot load a CLIP text model and tokenizer ({type(exc).__name__}: {exc}); "
@@ -258,7 +262,10 @@ class SentenceTransformerEncoder(_TokenizedEncoder):
             self.model_id = f"st:{self.path}"
         self.device = resolve_device(device)
         try:
-            self.model = SentenceTransformer(self.path, device=self.device)
+            with quiet_loading_bars():
+                self.model = SentenceTransformer(self.path, device=self.device)
+        except WEIGHT_LOAD_ERRORS as exc:
+            raise weights_load_error(self.path, exc) from exc
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ModelLoadError(
                 f"{self.path}: cannot load a sentence-transformers model ({type(exc).__name__}: {exc}); expected "
