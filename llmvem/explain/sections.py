@@ -1,0 +1,335 @@
+"""Report sections of the explain stage, and the one call the experiment pipeline makes.
+
+:func:`add_text_to_brain_section` picks the run's LLM-VEM model trained with λ > 0, fits and stores its
+text-to-brain readouts (:func:`~llmvem.explain.text_to_brain.fit_model_text_to_brain`), describes its voxels
+with a vocabulary, and writes two report sections into the run folder:
+
+* ``extra_sections/text_to_brain.json`` (+ ``text_to_brain_rois.png``): how the mapping is made, and per ROI the
+  test accuracy of text-only predictions (captions alone) next to the image-driven prediction;
+* ``extra_sections/voxel_descriptions.json`` (+ ``voxel_descriptions_categories.png`` on the virtual brain): the
+  top phrases of each ROI and of example voxels, and on the virtual brain the agreement of each semantic voxel's
+  top category phrase with its true preferred category.
+
+The per-voxel top phrases are kept in ``models/<name>/voxel_descriptions.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmvem.explain.text_to_brain import PREDICTORS, TextToBrain, fit_model_text_to_brain
+from llmvem.explain.voxel_descriptions import (
+    VoxelDescriptions,
+    category_agreement,
+    category_phrases,
+    default_vocabulary,
+    describe_voxels,
+)
+from llmvem.utils import write_json
+
+if TYPE_CHECKING:
+    from llmvem.config import RunConfig
+    from llmvem.data.dataset import EncodingDataset
+    from llmvem.embed.base import TextEncoder
+    from llmvem.pipeline import PreparedInputs
+
+__all__ = ["add_text_to_brain_section", "select_text_model", "write_text_to_brain_section",
+           "write_voxel_descriptions_section"]
+
+log = logging.getLogger(__name__)
+
+SECTION_DIR = "extra_sections"
+_BAR_PREDICTORS = ("image", "text_aligned", "text_readout")
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def select_text_model(run_dir: str | Path, config: RunConfig) -> Path | None:
+    """The run's model for text-to-brain: the one of ``config.model.lambda_align`` when it is > 0 and trained,
+    else the λ > 0 model with the best validation mean r; None when no model was trained with λ > 0."""
+    from llmvem.pipeline import model_name
+    from llmvem.train.load import is_model_folder, read_training_summary
+
+    models = Path(run_dir) / "models"
+    if not models.is_dir():
+        return None
+    lam = float(config.model.lambda_align)
+    if lam > 0 and is_model_folder(models / model_name(lam)):
+        return models / model_name(lam)
+    best: tuple[float, Path] | None = None
+    for d in sorted(p for p in models.iterdir() if is_model_folder(p)):
+        summary = read_training_summary(d)
+        if float(summary.get("lambda_align", 0.0)) <= 0:
+            continue
+        score = summary.get("metrics", {}).get("val_mean_r")
+        score = float(score) if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf
+        if best is None or score > best[0]:
+            best = (score, d)
+    return None if best is None else best[1]
+
+
+# ------------------------------------------------------------------------------------------- text-to-brain
+def _roi_rows(evaluation: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of the table rows: all voxels, then each ROI."""
+    first = next(iter(evaluation["predictors"].values()))["summary"]
+    return [("", "all voxels"), *[(roi, roi) for roi in first["per_roi"]]]
+
+
+def _cell(summary: Mapping[str, Any], roi: str) -> str:
+    s = summary if not roi else summary["per_roi"][roi]
+    acc = s.get("mean_accuracy")
+    return _fmt(s.get("mean_r")) + ("" if acc is None else f" ({_fmt(acc, 1)}%)")
+
+
+def _text_to_brain_figure(evaluation: Mapping[str, Any], roi_masks: Mapping[str, np.ndarray], path: Path) -> Path:
+    from llmvem.report.figures import BarSeries, bootstrap_mean_ci, plot_roi_bars
+
+    groups = ["all", *(name.replace("_", "\n") for name in roi_masks)]  # wrapped: long ROI names overlap
+    series = []
+    for name in _BAR_PREDICTORS:
+        if name not in evaluation["predictors"]:
+            continue
+        r = np.asarray(evaluation["predictors"][name]["r"], dtype=np.float64)
+        masks = [np.ones(r.shape, bool), *[np.asarray(m, bool) for m in roi_masks.values()]]
+        means = [float(np.nanmean(r[m])) if m.any() else float("nan") for m in masks]
+        series.append(BarSeries(PREDICTORS[name], means, [bootstrap_mean_ci(r[m]) for m in masks]))
+    return plot_roi_bars(groups, series, path, ylabel="mean Pearson r (test images)")
+
+
+def write_text_to_brain_section(folder: str | Path, t2b: TextToBrain, evaluation: Mapping[str, Any] | None,
+                                model_label: str) -> Path:
+    """Write ``text_to_brain.json`` (+ its ROI bar figure) into ``folder`` (a run's ``extra_sections``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    body = [f"<p>Predicted voxel responses to <em>text</em> with {_e(model_label)}. "
+            f"{_e(t2b.mapping_statement('aligned'))}</p>",
+            f"<p>{_e(t2b.mapping_statement('text'))}</p>"]
+    figures = []
+    if evaluation is None:
+        body.append('<p class="note">The test split has no responses, so the text-only predictions are not '
+                    "scored.</p>")
+    else:
+        body.append(f"<p>Honest test: each of the {evaluation['n_test']} held-out test images is predicted from its "
+                    "captions alone (their embedding, no pixels) and scored against the measured responses, next "
+                    "to the image-driven prediction of the same network. Cells: mean Pearson r"
+                    + (" (mean noise-normalised accuracy, % of the noise ceiling)"
+                       if evaluation["metric"] == "mean_accuracy" else "") + ".</p>")
+        names = [n for n in PREDICTORS if n in evaluation["predictors"]]
+        head = "".join(f"<th>{_e(PREDICTORS[n])}</th>" for n in names)
+        rows = []
+        for key, label in _roi_rows(evaluation):
+            n_vox = (evaluation["predictors"][names[0]]["summary"] if not key else
+                     evaluation["predictors"][names[0]]["summary"]["per_roi"][key])["n_voxels"]
+            cells = "".join(f"<td>{_cell(evaluation['predictors'][n]['summary'], key)}</td>" for n in names)
+            rows.append(f'<tr><td class="text">{_e(label)}</td><td>{n_vox}</td>{cells}</tr>')
+        body.append('<div class="scroll"><table><thead><tr><th class="text">ROI</th><th>voxels</th>'
+                    f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+        fig = _text_to_brain_figure(evaluation, t2b.roi_masks, folder / "text_to_brain_rois.png")
+        figures.append(fig.name)
+        body.append("<p>Figure: mean test r per ROI of the image-driven prediction and of the two text-only "
+                    "predictions (95% bootstrap intervals over voxels).</p>")
+    write_json(folder / "text_to_brain.json", {"title": "Text-to-brain predictions", "html": "".join(body),
+                                               "figures": figures})
+    return folder / "text_to_brain.json"
+
+
+# ------------------------------------------------------------------------------------- voxel descriptions
+def _phrase_list(items: Sequence[tuple[str, float]]) -> str:
+    return "; ".join(f"{_e(p)} <span class=\"note\">({s:+.2f})</span>" for p, s in items)
+
+
+def _category_figure(agreements: Mapping[str, Mapping[str, Any]], categories: Sequence[str], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(agreements), 3.8))
+    axes = fig.subplots(1, len(agreements), squeeze=False)[0]
+    for ax, (readout, agr) in zip(axes, agreements.items(), strict=True):
+        conf = np.asarray(agr["confusion"], dtype=np.float64)
+        frac = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
+        ax.imshow(frac, vmin=0, vmax=1, cmap="viridis")
+        for i in range(len(categories)):
+            for j in range(len(categories)):
+                ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=8,
+                        color="black" if frac[i, j] > 0.5 else "white")
+        ax.set_xticks(range(len(categories)), list(categories), rotation=45, ha="right")
+        ax.set_yticks(range(len(categories)), list(categories))
+        ax.set_xlabel("top-ranked category phrase")
+        ax.set_ylabel("true preferred category")
+        ax.set_title(f"{readout} readout: {100 * agr['fraction']:.0f}% agree", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_voxel_descriptions_section(folder: str | Path, t2b: TextToBrain, phrases: Sequence[str],
+                                     vocabulary_source: str, dataset: EncodingDataset | None = None,
+                                     encoder: TextEncoder | None = None, model_dir: str | Path | None = None,
+                                     top_k: int = 5, n_example_voxels: int = 6) -> dict[str, Any]:
+    """Rank ``phrases`` for every ROI and voxel; write ``voxel_descriptions.json`` (+ figure) into ``folder``.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The run's ``extra_sections`` folder.
+    t2b : TextToBrain
+    phrases : sequence of str
+    vocabulary_source : str
+        What the phrases are (shown in the report).
+    dataset : EncodingDataset, optional
+        When it is the virtual brain (``meta["ground_truth"]``), the category agreement is checked.
+    encoder : TextEncoder, optional
+        The loaded text encoder (loaded from ``t2b.text_encoder`` when absent).
+    model_dir : str or Path, optional
+        Where to keep the per-voxel top phrases (``voxel_descriptions.json``).
+    top_k, n_example_voxels : int
+
+    Returns
+    -------
+    dict
+        ``{"vocabulary", "n_phrases", "per_roi": {readout: {roi: [[phrase, score], ...]}},
+        "category_agreement": {readout: fraction} (virtual brain only)}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = encoder or t2b.load_encoder()
+    phrase_emb = t2b.encode(phrases, encoder)
+    descr: dict[str, VoxelDescriptions] = {r: describe_voxels(t2b, phrases, readout=r, embeddings=phrase_emb)
+                                           for r in ("aligned", "text")}
+    rois = {"all voxels": np.ones(t2b.n_voxels, bool), **{k: v for k, v in t2b.roi_masks.items() if v.any()}}
+    per_roi = {r: {roi: [[p, s] for p, s in d.top_for_roi(m, top_k)] for roi, m in rois.items()}
+               for r, d in descr.items()}
+    body = [f"<p>Each phrase of the vocabulary ({_e(vocabulary_source)}) is embedded with {_e(t2b.text_encoder)} "
+            "and passed through the text-to-brain readouts, giving a predicted response of every voxel to every "
+            "phrase. An ROI's phrases are ranked by the mean over its voxels of the predicted response z-scored "
+            "per voxel across the vocabulary (score in standard deviations), in the spirit of BrainSCUBA.</p>"]
+    rows = "".join(f'<tr><td class="text">{_e(roi)}</td><td class="text">{_phrase_list(per_roi["aligned"][roi])}'
+                   f'</td><td class="text">{_phrase_list(per_roi["text"][roi])}</td></tr>' for roi in rois)
+    body.append('<div class="scroll"><table><thead><tr><th class="text">ROI</th>'
+                f'<th class="text">top {top_k} phrases, aligned readout</th>'
+                f'<th class="text">top {top_k} phrases, text readout</th></tr></thead>'
+                f"<tbody>{rows}</tbody></table></div>")
+    result: dict[str, Any] = {"vocabulary": vocabulary_source, "n_phrases": len(phrases), "per_roi": per_roi}
+    figures: list[str] = []
+    truth = (dataset.meta.get("ground_truth") if dataset is not None else None) or {}
+    preferred = truth.get("preferred_category") if isinstance(truth, Mapping) else None
+    examples = _example_voxels(t2b, preferred, n_example_voxels)
+    if preferred is not None and "categories" in truth:
+        categories = list(truth["categories"])
+        cat_phr = category_phrases(categories)
+        cat_emb = t2b.encode(cat_phr, encoder)
+        agreements = {r: category_agreement(describe_voxels(t2b, cat_phr, readout=r, embeddings=cat_emb),  # type: ignore[arg-type]
+                                            np.asarray(preferred), categories) for r in ("aligned", "text")}
+        result["category_agreement"] = {r: a["fraction"] for r, a in agreements.items()}
+        n = agreements["aligned"]["n_voxels"]
+        body.append(
+            f"<p>Check against the virtual brain's ground truth: for each of the {n} semantic voxels the category "
+            f"phrases ({_e(', '.join(repr(p) for p in cat_phr))}) are ranked by predicted response; the top-ranked "
+            f"one names the voxel's true preferred category for <strong>{100 * agreements['aligned']['fraction']:.0f}"
+            f"%</strong> of them with the aligned readout and {100 * agreements['text']['fraction']:.0f}% with the "
+            f"text readout (chance {100 * agreements['aligned']['chance']:.0f}%).</p>")
+        fig = _category_figure(agreements, categories, folder / "voxel_descriptions_categories.png")
+        figures.append(fig.name)
+    if examples:
+        colours = truth.get("colours") if isinstance(truth, Mapping) else None
+        ex_rows = []
+        for v in examples:
+            roi = ", ".join(k for k, m in t2b.roi_masks.items() if m[v]) or "–"
+            true = ""
+            if preferred is not None and int(preferred[v]) >= 0:
+                true = str(truth["categories"][int(preferred[v])])
+                pc = truth.get("preferred_colour")
+                if colours is not None and pc is not None and int(pc[v]) >= 0:
+                    true = f"{colours[int(pc[v])]} {true}"
+            ex_rows.append(f'<tr><td>{v}</td><td class="text">{_e(roi)}</td>'
+                           + (f'<td class="text">{_e(true or "–")}</td>' if preferred is not None else "")
+                           + f'<td class="text">{_phrase_list(descr["aligned"].top_for_voxel(v, 3))}</td></tr>')
+        body.append('<p>Example voxels (predicted response to each phrase, aligned readout):</p>'
+                    '<div class="scroll"><table><thead><tr><th>voxel</th><th class="text">ROIs</th>'
+                    + ('<th class="text">true preference</th>' if preferred is not None else "")
+                    + f'<th class="text">top 3 phrases</th></tr></thead><tbody>{"".join(ex_rows)}</tbody></table>'
+                    "</div>")
+    if model_dir is not None:  # phrase indices, not strings: 40k voxels × long captions would be large
+        write_json(Path(model_dir) / "voxel_descriptions.json", {
+            **result, "phrases": list(phrases),
+            "per_voxel_top_index": {r: d.top_indices(top_k) for r, d in descr.items()}})
+        body.append(f"<p>Top {top_k} phrases of every voxel: <code>{_e(Path(model_dir).name)}/"
+                    "voxel_descriptions.json</code> in the run's models folder.</p>")
+    write_json(folder / "voxel_descriptions.json", {"title": "Voxel descriptions", "html": "".join(body),
+                                                    "figures": figures})
+    return result
+
+
+def _example_voxels(t2b: TextToBrain, preferred: Any, n: int) -> list[int]:
+    """A few voxels spread over the ROIs (over the preferred categories on the virtual brain)."""
+    if n <= 0 or t2b.n_voxels == 0:
+        return []
+    if preferred is not None:
+        pref = np.asarray(preferred)
+        picks = [int(np.flatnonzero(pref == c)[0]) for c in np.unique(pref[pref >= 0])][: n - 1]
+        early = np.flatnonzero(pref < 0)
+        return picks + ([int(early[0])] if early.size else [])
+    return [int(i) for i in np.linspace(0, t2b.n_voxels - 1, min(n, t2b.n_voxels)).astype(int)]
+
+
+# ------------------------------------------------------------------------------------------- pipeline hook
+def add_text_to_brain_section(run_dir: str | Path, config: RunConfig, inputs: PreparedInputs,
+                              vocabulary: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Fit the text-to-brain readouts of the run's λ > 0 model and write both report sections.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        Experiment run folder with ``models/`` (as :func:`llmvem.pipeline.run_experiment` writes it).
+    config : RunConfig
+    inputs : PreparedInputs
+        What the models were trained on.
+    vocabulary : sequence of str, optional
+        Phrases for the voxel descriptions; default :func:`~llmvem.explain.voxel_descriptions.default_vocabulary`.
+
+    Returns
+    -------
+    dict or None
+        ``{"model", "evaluation" (per-ROI summaries, no per-voxel arrays), "voxel_descriptions"}``; None (and a
+        note section) when the run has no model trained with λ > 0.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / SECTION_DIR
+    model_dir = select_text_model(run_dir, config)
+    if model_dir is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        note = ('<p class="note">Text-to-brain predictions need an LLM-VEM model trained with λ &gt; 0 (its '
+                "alignment head defines the aligned space); this run has none.</p>")
+        write_json(folder / "text_to_brain.json", {"title": "Text-to-brain predictions", "html": note, "figures": []})
+        return None
+    t2b, evaluation = fit_model_text_to_brain(model_dir, inputs, device=config.train.device)
+    label = f"LLM-VEM λ={t2b.info['lambda']:g} ({model_dir.name})"
+    write_text_to_brain_section(folder, t2b, evaluation, label)
+    ds = inputs.dataset
+    if vocabulary is None:
+        phrases, source = default_vocabulary(ds.meta, inputs.captions.get("train"))
+    else:
+        phrases, source = list(vocabulary), f"{len(vocabulary)} user phrases"
+    encoder = t2b.load_encoder(config.text.device)
+    descr = write_voxel_descriptions_section(folder, t2b, phrases, source, ds, encoder, model_dir)
+    slim = None
+    if evaluation is not None:
+        slim = {**{k: v for k, v in evaluation.items() if k != "predictors"},
+                "predictors": {n: {"label": p["label"], "mean_r": p["summary"]["mean_r"],
+                                   "mean_accuracy": p["summary"].get("mean_accuracy"),
+                                   "per_roi": {roi: {"mean_r": s["mean_r"], "mean_accuracy": s.get("mean_accuracy")}
+                                               for roi, s in p["summary"]["per_roi"].items()}}
+                               for n, p in evaluation["predictors"].items()}}
+    return {"model": model_dir.name, "evaluation": slim, "voxel_descriptions": descr}
