@@ -214,6 +214,10 @@ class MultiSubjectConfig(_Section):
     core_dim: int = Field(256, ge=1, description="units of the shared core")
     core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
     loss_weighting: Literal["variance", "none"] = "variance"
+    selection: Literal["per_subject", "mean"] = Field(
+        "per_subject", description="model selection on the validation split: each subject's own best epoch "
+        "(training stops when no subject improved for early_stopping_patience epochs), or the best epoch of the "
+        "mean over subjects")
 
 
 class RunConfig(_Section):

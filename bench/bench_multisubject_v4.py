@@ -1,0 +1,116 @@
+"""Several subjects trained jointly vs separately, on the macaque V4 sessions (each session = one "subject").
+
+Data: macaque V4 spike counts to natural images (Cowley, Stan, Pillow & Smith 2023, cowleygroup/V4_compact_models),
+``../shared/data/v4_cowley2023`` relative to the repository (``--data`` to point elsewhere). Each session records
+its own neurons to its own images, which is exactly the multi-subject setting of NSD (8 subjects, mostly different
+images): the readouts cannot be shared, the image representation can.
+
+Both arms use :func:`llmvem.train.multisubject.run_multisubject` with the same architecture and settings —
+frozen EfficientNet-Lite0 features (block8 + block12 + pooled, from the HDF5 feature cache), a shared linear core
+of ``multisubject.core_dim`` units, one PCA voxel readout per session — and differ only in the data the core sees:
+
+* **joint** — one network, the batches of all sessions interleaved;
+* **separate** — one network per session, trained on that session alone.
+
+Stage 1 only by default (heads on cached features; ``--set train.stage2.epochs=1`` adds fine-tuning of the shared
+backbone's last blocks). λ = 0 by default: the V4 sessions have no captions (``--lambda 0.1`` uses the offline
+ImageNet-label captioner). Per session: mean test r over neurons for both arms (noise-normalised accuracy where
+raw repeats exist, session 210325), the paired bootstrap of joint − separate over test images, and the mean
+over sessions. Writes ``summary.json`` / ``summary.md`` in ``--out``.
+
+Usage::
+
+    python bench/bench_multisubject_v4.py                          # all 9 sessions (~15 min on 2 CPU cores)
+    python bench/bench_multisubject_v4.py --sessions 210305,210325 # a subset
+    python bench/bench_multisubject_v4.py --set multisubject.core_dim=64
+
+Exits 0 with a message when the data folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("LLMVEM_NO_PROGRESS", "1")
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "v4_cowley2023"
+
+#: On top of the shipped ``demo`` config (the layers and stage-1 settings of bench/bench_v4.py).
+BENCH_OVERRIDES = [
+    "backbone.layers=[block8, block12, pooled]",
+    "model.readout_l2=0.1",
+    "model.feature_dropout=0.1",
+    "train.stage1.epochs=60",
+    "train.stage1.lr=0.001",
+    "train.stage1.batch_size=64",
+    "train.stage1.weight_decay=0.01",
+    "train.stage1.early_stopping_patience=10",
+    "train.stage2.epochs=0",
+    "multisubject.core_dim=128",
+    "evaluate.bootstrap=1000",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="V4 data folder")
+    ap.add_argument("--sessions", default=None, help="comma-separated session ids (default: all in --data)")
+    ap.add_argument("--lambda", dest="lam", type=float, default=0.0,
+                    help="alignment weight; > 0 captions the images with the offline label captioner")
+    ap.add_argument("--cache-dir", default="/tmp/llmvem_bench_multi_cache", help="feature / caption cache")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_multisubject_v4"), help="output folder")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="reuse finished trainings in --out")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.data.is_dir():
+        print(f"V4 data folder {args.data} is absent; nothing to benchmark (pass --data)")
+        return 0
+    import torch
+
+    from llmvem.config import apply_overrides, load_config
+    from llmvem.data.v4 import list_v4_sessions
+    from llmvem.train.multisubject import run_multisubject, summary_table
+
+    sessions = args.sessions.split(",") if args.sessions else list_v4_sessions(args.data)
+    overrides = [*BENCH_OVERRIDES, f"cache_dir={args.cache_dir}", f"model.lambda_align={args.lam}"]
+    if args.lam > 0:
+        overrides.append("captions.backend=labels")
+    cfg = apply_overrides(load_config("demo"), [*overrides, *args.overrides])
+    print(f"# joint vs separate training, V4 sessions {', '.join(sessions)}")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; overrides: {' '.join([*overrides, *args.overrides])}")
+    t0 = time.perf_counter()
+    summary = run_multisubject(cfg, [f"v4:{args.data}:{s}" for s in sessions], args.out, separate=True,
+                               resume=args.resume, overwrite=not args.resume, show_progress=False,
+                               on_stage=lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}",
+                                                          file=sys.stderr, flush=True))
+    wall = time.perf_counter() - t0
+    print()
+    print(summary_table(summary))
+    acc = {n: e for n, e in summary["subjects"].items() if e["joint"].get("mean_accuracy") is not None}
+    for name, e in acc.items():
+        print(f"{name}: noise-normalised accuracy joint {e['joint']['mean_accuracy']:.1f}% vs separate "
+              f"{e['separate']['mean_accuracy']:.1f}%")
+    n_better = sum(e["joint"]["mean_r"] > e["separate"]["mean_r"] for e in summary["subjects"].values())
+    n_sig = sum(1 for e in summary["subjects"].values()
+                if e.get("joint_vs_separate") and e["joint_vs_separate"]["p_value"] < 0.05)
+    print(f"joint better in {n_better}/{len(summary['subjects'])} sessions ({n_sig} with p < 0.05, paired bootstrap "
+          f"over test images, uncorrected)")
+    secs = summary["seconds"]
+    print(f"training: joint {secs['joint']:.0f} s, separate {secs['separate']:.0f} s (all sessions); "
+          f"wall time {wall:.0f} s including feature extraction")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Smoke tests of the real-data benchmarks (bench/bench_v4.py, bench/bench_rsa92.py) and of their statistics.
+
+The V4 and RSA runs use a tiny subset (one session, 60 images, quick training) and are skipped when
+``../shared/data`` is absent; the statistics and table helpers are checked on synthetic numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, needs_shared
+
+BENCH = REPO_ROOT / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # bench_rsa92 imports bench_v4
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_v4():
+    return _load("bench_v4")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One caption / feature cache shared by the two real-data runs (the RSA run reuses the V4 captions)."""
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+@pytest.mark.slow  # ~40 s on an idle 2-core machine: captions, MiniLM, features and 4 short trainings
+def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
+    data = needs_shared("v4_cowley2023")
+    out = tmp_path / "v4.json"
+    res = bench_v4.main(["--data", str(data), "--sessions", "210325", "--max-images", "60", "--quick",
+                         "--bootstrap", "50", "--cache-dir", str(cache_dir), "--out", str(out),
+                         "--set", "train.stage1.epochs=5"])
+    printed = capsys.readouterr().out
+    s = res["sessions"]["210325"]
+    # 640 images -> 60 kept: 45 train, 5 val, 10 test (proportions of 481 / 53 / 106)
+    assert (s["n_neurons"], s["n_train"], s["n_val"], s["n_test"]) == (50, 45, 5, 10)
+    assert set(s["models"]) == {"ridge", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned"}
+    for m in s["models"].values():
+        assert len(m["r"]) == 50
+        assert -1.0 <= m["mean_r"] <= 1.0 and -1.0 <= m["median_r"] <= 1.0
+        assert 0.0 <= m["mean_accuracy"] <= 100.0  # 210325 has raw repeats: noise-normalised accuracy
+    # the frozen features predict V4: even 45 training images give a clearly positive mean test r
+    assert s["models"]["ridge"]["mean_r"] > 0.1
+    assert s["ridge_layers"] in (["block10"], ["block8", "block12", "pooled"])  # the --quick candidates
+    assert 0.0 < s["noise_ceiling_mean"] < 1.0
+    assert s["captions_example"].startswith("A photo that looks like")  # the label captioner
+    assert set(res["pooled"]) == {f"{b}_vs_{a}" for a, b in bench_v4.COMPARISONS}
+    pooled = res["pooled"]["lambda_finetuned_vs_lambda0_finetuned"]
+    assert pooled["bootstrap_all_neurons"]["n_neurons"] == 50
+    assert pooled["over_sessions"]["n_sessions"] == 1
+    b = pooled["bootstrap_all_neurons"]
+    assert b["ci_low"] <= b["diff"] <= b["ci_high"] and 0.0 < b["p_value"] <= 1.0
+    # the printed table has the session row and the pooled lines; the JSON on disk is strict and equal
+    assert any(line.split()[:2] == ["210325", "50"] for line in printed.splitlines() if line.strip())
+    assert "210325: noise-normalised accuracy" in printed
+    assert "lambda_finetuned_vs_ridge: Δ mean r over 50 neurons" in printed
+    on_disk = json.loads(out.read_text(encoding="utf-8"))
+    assert on_disk["sessions"]["210325"]["models"]["ridge"]["mean_r"] == pytest.approx(s["models"]["ridge"]["mean_r"])
+
+
+@pytest.mark.slow  # ~40 s: features of 92 images at two sizes, captions, 3 short trainings
+def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
+    data = needs_shared("kriegeskorte92")
+    v4 = needs_shared("v4_cowley2023")
+    bench_rsa = _load("bench_rsa92")
+    res = bench_rsa.main(["--data", str(data), "--v4-data", str(v4), "--v4-session", "210325", "--max-images", "60",
+                          "--quick", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "rsa.json"),
+                          "--set", "train.stage1.epochs=5"])
+    printed = capsys.readouterr().out
+    models = res["models"]
+    assert res["subjects"] == ["BE", "KO", "SN", "TI"]
+    # properties of the data set, measured once: LOSO ceiling of the 4 per-subject human IT RDMs, mIT vs hIT
+    assert res["noise_ceiling"]["lower"] == pytest.approx(0.379, abs=0.002)
+    assert res["noise_ceiling"]["upper"] == pytest.approx(0.661, abs=0.002)
+    assert res["monkey_vs_human"] == pytest.approx(0.439, abs=0.002)
+    assert models["reference: animacy"]["human_it_mean"] == pytest.approx(0.588, abs=0.002)
+    # EfficientNet-Lite0: block12 is the most IT-like layer (measured r = 0.40 with the mean human RDM, 0.44 with
+    # monkey IT), far above its early block2 (0.20)
+    b12, b2 = models["EfficientNet-Lite0@224 block12"], models["EfficientNet-Lite0@224 block2"]
+    assert b12["human_it_mean"] == pytest.approx(0.400, abs=0.02)
+    assert b12["monkey_it"] > 0.35 and b12["human_it_mean"] > b2["human_it_mean"] + 0.1
+    expected = {"LLM-VEM λ=0.1 frozen: aligned embedding", "LLM-VEM λ=0.1 finetuned: aligned embedding",
+                "LLM-VEM λ=0.1 finetuned: pooled", "LLM-VEM λ=0 finetuned: pooled", "captions (labels) → minilm"}
+    assert expected <= set(models)
+    assert models["LLM-VEM λ=0.1 frozen: aligned embedding"]["dim"] == 384  # MiniLM's embedding size
+    for row in models.values():
+        assert -1.0 <= row["human_it_mean"] <= 1.0 and len(row["human_it_subjects"]) == 4
+        assert row["human_it_subject_mean"] == pytest.approx(np.mean(list(row["human_it_subjects"].values())))
+    assert res["llmvem"]["v4_session"] == "210325" and res["llmvem"]["image_size"] == 112
+    assert "human IT noise ceiling (leave one subject out" in printed
+    assert "EfficientNet-Lite0@112 pooled" in printed
+
+
+def test_benchmarks_exit_cleanly_without_data(bench_v4, tmp_path, capsys):
+    bench_rsa = _load("bench_rsa92")
+    assert bench_v4.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "v4.json")]) is None
+    assert bench_rsa.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r.json")]) is None
+    printed = capsys.readouterr().out
+    assert "bench_v4: data folder" in printed and "bench_rsa92: data folder" in printed
+    assert not (tmp_path / "v4.json").exists()
+
+
+def test_pooled_statistics(bench_v4):
+    rng = np.random.default_rng(0)
+    sessions = []
+    for n_img, n_neur in ((30, 4), (50, 6)):
+        y = rng.normal(size=(n_img, n_neur))
+        a = y + rng.normal(scale=2.0, size=y.shape)  # weak model
+        b = y + rng.normal(scale=0.5, size=y.shape)  # strong model
+        sessions.append((y, a, b))
+    res = bench_v4.pooled_bootstrap(sessions, n_boot=200, seed=0)
+    assert res["n_neurons"] == 10 and res["fraction_improved"] == 1.0
+    assert 0.3 < res["diff"] < 0.7 and 0.0 < res["ci_low"] < res["diff"] < res["ci_high"]
+    assert res["p_value"] == pytest.approx(2 / 201)  # no resample crosses 0
+    same = bench_v4.pooled_bootstrap([(y, a, a) for y, a, _ in sessions], n_boot=50, seed=0)
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0
+    t = bench_v4.session_tests([0.02, 0.05, -0.01, 0.03, 0.04])
+    assert (t["n_improved"], t["n_worse"]) == (4, 1)
+    assert t["sign_test_p"] == pytest.approx(0.375)  # 2 * P(X >= 4), X ~ Bin(5, 1/2) = 2 * 6/32
+    assert t["wilcoxon_p"] == pytest.approx(0.125)  # exact: ranks of the negative difference sum to 1
+    assert bench_v4.bootstrap_p(0.1, np.array([0.2, 0.1, -0.1])) == pytest.approx(1.0)
+
+
+def test_demo_stage_table():
+    bench_demo = _load("bench_demo")
+    timing = {"total_s": 100.0, "stages": {"data": 1.0, "captions": 9.0, "ridge": 10.0, "llmvem_lambda0": 80.0}}
+    rows = bench_demo.stage_table(timing, wall_s=120.0)
+    assert rows[-3:] == [("pipeline total (metrics.json)", 100.0), ("start-up, imports, report, other", 20.0),
+                         ("wall time (subprocess)", 120.0)]
+    table = bench_demo.format_table(rows, 120.0)
+    assert "llmvem_lambda0" in table and "66.7%" in table
+    cmd = bench_demo.demo_command(Path("r"), Path("c"), ["train.stage2.epochs=0"])
+    assert cmd[3:] == ["demo", "--out", "r", "--no-progress", "--set", "cache_dir=c", "--set", "train.stage2.epochs=0"]
