@@ -8,7 +8,7 @@ imports and model loading).
 
 Usage::
 
-    python bench/bench_demo.py                               # ~3-10 min on 2 shared cores
+    python bench/bench_demo.py                               # ~70 s idle, up to ~13 min on a loaded box
     python bench/bench_demo.py --set train.stage2.epochs=0   # any `llmvem demo --set` override
 
 Writes ``bench/results/demo.json`` (``--out``).

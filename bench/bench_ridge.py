@@ -69,7 +69,7 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(method: str, size: str, out_dir: str) -> None:
+def worker(method: str, size: str, out_dir: str, device: str = "cpu") -> None:
     import torch
 
     n, v, p = parse_size(size)
@@ -79,16 +79,18 @@ def worker(method: str, size: str, out_dir: str) -> None:
     if method == "llmvem":
         from llmvem.evaluate.ridge import RidgeCV
 
-        model = RidgeCV(alphas=ALPHAS, cv=5, fit_intercept=True, device="cpu", progress_bar=False).fit(X, Y)
+        model = RidgeCV(alphas=ALPHAS, cv=5, fit_intercept=True, device=device, progress_bar=False).fit(X, Y)
         pred = model.predict(X_test)
         best = model.best_alphas_
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     else:
         from himalaya.backend import set_backend
         from himalaya.ridge import RidgeCV as HimalayaRidgeCV
         from himalaya.scoring import r2_score
 
         try:
-            backend = set_backend("torch", on_error="raise")
+            backend = set_backend("torch_cuda" if device.startswith("cuda") else "torch", on_error="raise")
         except Exception:  # noqa: BLE001 - fall back to numpy when himalaya has no torch backend here
             backend = set_backend("numpy")
         model = HimalayaRidgeCV(alphas=ALPHAS, cv=5, fit_intercept=True,
@@ -104,8 +106,8 @@ def worker(method: str, size: str, out_dir: str) -> None:
     (Path(out_dir) / f"{method}.json").write_text(json.dumps(info))
 
 
-def run_one(method: str, size: str, out_dir: str, timeout: float) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", method, "--size", size, "--out", out_dir]
+def run_one(method: str, size: str, out_dir: str, timeout: float, device: str = "cpu") -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", method, "--size", size, "--out", out_dir, "--device", device]
     try:
         subprocess.run(cmd, check=True, timeout=timeout, env={**os.environ, "LLMVEM_NO_PROGRESS": "1"})
     except subprocess.TimeoutExpired:
@@ -119,12 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nsd", action="store_true", help=f"also run NSD size {NSD_SIZE} (llmvem only)")
     ap.add_argument("--nsd-himalaya", action="store_true", help="with --nsd, run himalaya at NSD size too")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and size")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both libraries run on it; GPU timings)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.size, args.out)
+        worker(args.worker, args.size, args.out, args.device)
         return
 
     sizes = list(args.sizes or DEFAULT_SIZES)
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         if size == NSD_SIZE and not args.nsd_himalaya:
             methods = ["llmvem"]
         with tempfile.TemporaryDirectory() as tmp:
-            res = {m: run_one(m, size, tmp, args.timeout) for m in methods}
+            res = {m: run_one(m, size, tmp, args.timeout, args.device) for m in methods}
             ours = res["llmvem"]
             for m in methods:
                 r = res[m]

@@ -22,9 +22,9 @@ sessions) and with the monkey IT RDM. The leave-one-subject-out noise ceiling
 
 Usage::
 
-    python bench/bench_rsa92.py                     # ~5-10 min on 2 cores (trains 3 LLM-VEM models)
+    python bench/bench_rsa92.py                     # 1-2 min with warm caches (trains 3 LLM-VEM models)
     python bench/bench_rsa92.py --quick             # short training
-    python bench/bench_rsa92.py --no-llmvem         # backbone and caption RDMs only (~1 min)
+    python bench/bench_rsa92.py --no-llmvem         # backbone and caption RDMs only (< 1 min)
 
 Writes ``bench/results/rsa92.json`` (``--out``) and prints the table. Exits 0 with a message when the data
 folder is absent.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shlex
 import sys
@@ -140,17 +139,23 @@ def llmvem_patterns(args: argparse.Namespace, images_uint8: np.ndarray, work: Pa
     prep = config.model_copy(deep=True)
     prep.backbone.layers = list(bench_v4.CANDIDATE_LAYERS)
     inputs = prepare_inputs(prep, show_progress=args.progress, dataset=ds)
+    layers = list(config.backbone.layers)
+    if vargs.llmvem_layers == "ridge":  # as in bench_v4: the ridge baseline's validation choice of layers
+        sets = bench_v4.QUICK_RIDGE_LAYER_SETS if vargs.quick else bench_v4.RIDGE_LAYER_SETS
+        layers = list(bench_v4.select_ridge_layers(config, inputs, sets)[0])
     x = torch.from_numpy(images_uint8)
     epochs2 = config.train.stage2.epochs
     variants = [("frozen", args.lam, 0), ("finetuned", args.lam, epochs2), ("finetuned", 0.0, epochs2)]
     patterns: dict[str, np.ndarray] = {}
-    info: dict[str, Any] = {"v4_session": args.v4_session, "n_train": len(ds.train), "models": {}}
+    info: dict[str, Any] = {"v4_session": args.v4_session, "n_train": len(ds.train), "readout_layers": layers,
+                            "models": {}}
     for kind, lam, stage2 in variants:
         if kind == "finetuned" and stage2 == 0:
             continue
         cfg = config.model_copy(deep=True)
         cfg.model.lambda_align = lam
         cfg.train.stage2.epochs = stage2
+        cfg.backbone.layers = layers
         backbone = copy.deepcopy(inputs.backbone) if stage2 > 0 else inputs.backbone
         name = f"LLM-VEM λ={lam:g} {kind}"
         t = time.perf_counter()
@@ -264,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "captions_examples": {rset.images.ids[i]: captions[i] for i in (0, 20, 45, 70)},
         "seconds_total": time.perf_counter() - t0,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(bench_v4.finite(results), indent=1, allow_nan=False, ensure_ascii=False) + "\n",
-                        encoding="utf-8")
+    bench_v4.write_results(args.out, results)
     print(format_table(results))
     print(f"results: {args.out}  ({results['seconds_total'] / 60:.1f} min)")
     return results
