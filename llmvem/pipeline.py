@@ -25,8 +25,8 @@ from llmvem.config import RunConfig, save_config
 from llmvem.data import load_dataset
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
+from llmvem.utils import floored_std, seed_everything, stable_hash, write_json
 from llmvem.utils import prepare_run_folder as _prepare_folder
-from llmvem.utils import seed_everything, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def fit_ridge_baseline(config: RunConfig, inputs: PreparedInputs, layers: Sequen
     fit_splits = [s for s in ("train", "val") if s in ds.splits]
     X = np.concatenate([concat_features(inputs.features[s], layers) for s in fit_splits])
     Y = np.concatenate([ds.splits[s].responses for s in fit_splits])
-    mu, sd = X.mean(axis=0), X.std(axis=0) + 1e-6
+    mu, sd = X.mean(axis=0), floored_std(X.std(axis=0)).astype(np.float32)
     ridge = RidgeCV(alphas=config.evaluate.ridge_alphas, cv=config.evaluate.ridge_folds,
                     device=config.evaluate.ridge_device).fit((X - mu) / sd, Y)
     return {s: ridge.predict((concat_features(inputs.features[s], layers) - mu) / sd) for s in ds.splits}

@@ -153,3 +153,21 @@ def prepare_run_folder(out_dir: str | Path, resume: bool, overwrite: bool,
                 "--overwrite to start it again, or choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
+
+
+#: Floor of feature standard deviations when standardising, as a fraction of their median.
+STD_FLOOR = 0.1
+
+
+def floored_std(std: np.ndarray) -> np.ndarray:
+    """Standard deviations safe to divide by when z-scoring features, shape unchanged.
+
+    A feature (almost) silent on the training images but active on a test image (a sparse ReLU unit of a pooled
+    embedding) would be blown up by its tiny std (|z| ~ 1e5 was seen with 90 training images). Each std is
+    floored at ``STD_FLOOR`` × the median of the positive stds; all ones when every feature is constant.
+    """
+    std = np.asarray(std, dtype=np.float64)
+    positive = std[std > 0]
+    if positive.size == 0:
+        return np.ones_like(std)
+    return np.maximum(std, STD_FLOOR * float(np.median(positive)))

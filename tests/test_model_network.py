@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -150,3 +151,22 @@ def test_missing_layers_and_missing_head_are_clear_errors():
         net(features={"block1": torch.randn(2, 16)}, with_embedding=True)
     with pytest.raises(RuntimeError, match="no backbone"):
         net(images=torch.zeros(1, 16, 16, 3, dtype=torch.uint8))
+
+
+def test_standardisation_floors_tiny_stds_so_test_features_stay_bounded():
+    """A feature almost silent in training must not be blown up on a test image (sparse pooled ReLU units)."""
+    from llmvem.utils import STD_FLOOR
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((50, 8)).astype(np.float32)
+    feats[:, 0] = 0.0
+    feats[3, 0] = 1e-4  # nearly silent unit
+    net = LLMVEM({"pooled": 8}, n_voxels=5, n_train=50, readout="linear", alignment=False)
+    net.initialize(torch.from_numpy(rng.standard_normal((50, 5)).astype(np.float32)), torch.from_numpy(feats))
+    stds = feats.astype(np.float64).std(axis=0, ddof=1)
+    median = float(np.median(stds[stds > 0]))
+    assert float(net.feature_std[0]) >= STD_FLOOR * median * 0.99
+    test = torch.zeros(1, 8)
+    test[0, 0] = 1.0  # the unit fires on a test image
+    z = (test - net.feature_mean) / net.feature_std
+    assert float(z.abs().max()) < 1.0 / (STD_FLOOR * median) + 1.0

@@ -25,6 +25,7 @@ from torch import nn
 
 from llmvem.embed.base import ImageBackbone
 from llmvem.model.readout import LinearVoxelReadout, PCAVoxelReadout, Readout, default_pca_components
+from llmvem.utils import floored_std
 
 if TYPE_CHECKING:
     from llmvem.config import ModelConfig
@@ -201,8 +202,8 @@ class LLMVEM(nn.Module):
                 raise ValueError("standardize_features needs the training features")
             x = train_features.detach().to(torch.float64)
             self.feature_mean.copy_(x.mean(dim=0).float())
-            std = x.std(dim=0).float()
-            self.feature_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+            std = floored_std(x.std(dim=0).cpu().numpy())  # tiny stds would blow up test features
+            self.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def required_layers(self, with_embedding: bool) -> list[str]:
         """Backbone layers a forward pass needs: the readout layers, plus ``"pooled"`` for the embedding."""

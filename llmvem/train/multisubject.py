@@ -66,6 +66,7 @@ from llmvem.train.schedule import lr_factor
 from llmvem.train.trainer import config_fingerprint
 from llmvem.utils import (
     atomic_write,
+    floored_std,
     prepare_run_folder,
     progress_bar,
     resolve_device,
@@ -89,8 +90,6 @@ CURVE_FIELDS = ("stage", "epoch", "step", "train_loss", "train_voxel_loss", "tra
 
 Callback = Callable[[str, dict[str, Any]], None]
 
-#: Floor of the feature standard deviations, as a fraction of their median (see ``initialize``).
-STD_FLOOR = 0.1
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -296,13 +295,8 @@ class MultiSubjectLLMVEM(nn.Module):
                 raise ValueError("standardize_features needs the training features")
             x = train_features.detach().to(torch.float64)
             self.feature_mean.copy_(x.mean(dim=0).float())
-            std = x.std(dim=0).float()
-            # A feature (almost) silent on the training images but active on a test image (sparse ReLU units of
-            # a pooled embedding) would be blown up by its tiny std (|z| ~ 1e5 seen on the virtual brain): the
-            # std is floored at STD_FLOOR × the median std of the features.
-            positive = std[std > 0]
-            floor = STD_FLOOR * float(positive.median()) if positive.numel() else 1.0
-            self.feature_std.copy_(std.clamp(min=floor) if floor > 0 else torch.ones_like(std))
+            std = floored_std(x.std(dim=0).cpu().numpy())  # see llmvem.utils.floored_std
+            self.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def concat(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate the readout layers' features (B, d_layer) → (B, n_features)."""

@@ -74,7 +74,7 @@ OUTPUT_NAMES = ("config.yaml", "versions.json", "curves.csv", "training.json", "
 NON_SEMANTIC_KEYS = ("evaluate", "cache_dir", "train.num_workers", "train.device", "train.compile",
                      "train.checkpoint_every", "captions.base_urls", "captions.api_key_env",
                      "captions.max_in_flight", "captions.batch_size", "captions.device", "captions.store",
-                     "text.batch_size", "text.device", "backbone.batch_size", "backbone.device")
+                     "text.batch_size", "text.device", "backbone.batch_size", "backbone.device", "multisubject")
 
 CURVE_FIELDS = ("stage", "epoch", "step", "train_loss", "train_voxel_loss", "train_align_loss", "val_mean_r",
                 "val_loss", "lr", "temperature", "images_per_s", "seconds")
