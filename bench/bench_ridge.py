@@ -106,12 +106,14 @@ def worker(method: str, size: str, out_dir: str, device: str = "cpu") -> None:
     (Path(out_dir) / f"{method}.json").write_text(json.dumps(info))
 
 
-def run_one(method: str, size: str, out_dir: str, timeout: float, device: str = "cpu") -> dict | None:
+def run_one(method: str, size: str, out_dir: str, timeout: float, device: str = "cpu") -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--size", size, "--out", out_dir, "--device", device]
     try:
         subprocess.run(cmd, check=True, timeout=timeout, env={**os.environ, "LLMVEM_NO_PROGRESS": "1"})
     except subprocess.TimeoutExpired:
-        return None
+        return {"failed": "timeout"}
+    except subprocess.CalledProcessError as exc:  # e.g. killed for memory: report it, keep the other rows
+        return {"failed": f"exit {exc.returncode}"}
     return json.loads((Path(out_dir) / f"{method}.json").read_text())
 
 
@@ -145,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             methods = ["llmvem"]
         with tempfile.TemporaryDirectory() as tmp:
             res = {m: run_one(m, size, tmp, args.timeout, args.device) for m in methods}
-            ours = res["llmvem"]
+            ours = res["llmvem"] if "failed" not in res["llmvem"] else None
             for m in methods:
                 r = res[m]
-                if r is None:
-                    print(f"{size:<24}{m:<10}{'timeout':>9}")
+                if "failed" in r:
+                    print(f"{size:<24}{m:<10}{r['failed']:>9}", flush=True)
                     continue
                 ratio = diff = same = diff_same = ""
                 if m == "himalaya" and ours is not None:

@@ -185,3 +185,30 @@ def test_fine_tuning_one_model_leaves_the_shared_backbone_frozen(tmp_path):
     saved = load_weights(tmp_path / "run" / "model.safetensors")
     tuned = [k for k in saved if k.startswith("backbone.") and not torch.equal(saved[k], before[k[len("backbone."):]])]
     assert tuned  # the unfrozen blocks moved
+
+
+def test_ridge_benchmark_reports_a_failed_worker_and_keeps_the_other_rows(tmp_path):
+    """A worker that dies (here: a malformed size; in practice killed for memory) becomes a 'failed' row."""
+    bench_ridge = _load("bench_ridge")
+    failed = bench_ridge.run_one("llmvem", "not-a-size", str(tmp_path), timeout=120)
+    assert failed == {"failed": "exit 1"}
+    ok = bench_ridge.run_one("llmvem", "60x7x5", str(tmp_path), timeout=120)
+    assert ok["y_bytes"] == 60 * 7 * 4 and ok["seconds"] > 0 and ok["peak_rss"] >= ok["rss_before_fit"]
+    assert np.load(tmp_path / "llmvem_pred.npy").shape == (bench_ridge.N_TEST, 7)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
+    """bench/gpu_checks.sh is what a short GPU lease runs; its tiny mode runs the same four steps on a CPU."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "LLMVEM_GPU_CHECKS_TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "gpu_checks.log").read_text()
+    for step in ("versions", "cuda-tests", "train", "ridge"):
+        assert f"== {step}: exit 0 after" in log
+    assert log.count("eager fp32 timm loop") == 2 and "speed-up x" in log  # frozen and fine-tuned rows
+    assert "500x2000x128            himalaya" in log and "== all steps done, status 0" in log

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU checks of the benchmark issue as one prepared script, for a short lease of one GPU machine.
+#
+# It runs, in this order, each step's output into one log:
+#   1. nvidia-smi and the torch / CUDA versions;
+#   2. the CUDA tests of the suite (tests/test_ridge.py::test_cuda_matches_cpu: GPU ridge == CPU ridge);
+#   3. bench/bench_train.py --gpu: trainer images/s for the paper-style EVA02-B config (bf16, channels_last,
+#      fused AdamW), frozen and fine-tuned, against a plain eager fp32 timm loop in the same run;
+#   4. bench/bench_ridge.py --device cuda at 5000x20000x1024 and one NSD subject (9841x39548x2048), llmvem
+#      against himalaya's torch_cuda backend, each in its own process.
+#
+# The GPU machine has torch, timm, transformers, h5py, safetensors and tqdm, but not pydantic or himalaya, and
+# it cannot reach a registry. Fetch their wheels here first (into .whl/, which git ignores):
+#
+#     bash bench/gpu_checks.sh --fetch-wheels
+#
+# then run the script there with .whl carried (device tool: command "bash bench/gpu_checks.sh",
+# carry [".whl"]). The log lands in $OUT/gpu_checks.log when $OUT is set, else in bench/results/.
+# On a CPU, `LLMVEM_GPU_CHECKS_TINY=1 bash bench/gpu_checks.sh` runs the same steps on tiny sizes
+# (checks the script, not the numbers).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  # The versions the CI install resolves to here (pydantic-core must match pydantic exactly; pydantic-core
+  # needs a newer typing-extensions than some images have, so that travels too).
+  py=${PYTHON:-python3}
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+    typing-extensions==4.16.0 \
+    himalaya==0.4.11
+  exit $?
+fi
+
+log_dir=${OUT:-bench/results}
+mkdir -p "$log_dir"
+log="$log_dir/gpu_checks.log"
+export PYTHONUNBUFFERED=1 LLMVEM_NO_PROGRESS=1 HF_HUB_OFFLINE=1
+py=${PYTHON:-python3}
+
+# the carried wheels only where this Python lacks what they hold (a dev venv already has them)
+if ! "$py" -c "import pydantic, himalaya" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/llmvem_site \
+    .whl/*.whl || { echo "installing the carried wheels failed" | tee -a "$log"; exit 1; }
+  export PYTHONPATH="/tmp/llmvem_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+status=0
+step() {  # step NAME COMMAND...: run one step, log it, remember a failure and go on with the next
+  local name=$1; shift
+  echo "== $name: $* ($(date -u +%H:%M:%S))" | tee -a "$log"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+if [ -n "${LLMVEM_GPU_CHECKS_TINY:-}" ]; then
+  step versions "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  step cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_ridge.py -k "cuda or matches"
+  step train "$py" bench/bench_train.py --gpu --tiny --device cpu
+  step ridge "$py" bench/bench_ridge.py --sizes 500x2000x128 --device cpu
+else
+  step versions nvidia-smi
+  step torch "$py" -c "import torch, timm, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+torch.cuda.get_device_name(), '| timm', timm.__version__, '| transformers', transformers.__version__)"
+  step cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_ridge.py -k cuda
+  step train "$py" bench/bench_train.py --gpu
+  step ridge "$py" bench/bench_ridge.py --sizes 5000x20000x1024 --nsd --nsd-himalaya --device cuda --timeout 300
+fi
+echo "== all steps done, status $status; log: $log" | tee -a "$log"
+exit "$status"
