@@ -22,14 +22,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  # The versions the CI install resolves to here (pydantic-core must match pydantic exactly; pydantic-core
-  # needs a newer typing-extensions than some images have, so that travels too).
+  # The versions installed in this environment (the ones the tests ran with), so there is no second list of
+  # pins to keep in step; pydantic-core needs a newer typing-extensions than some images have, so it travels too.
   py=${PYTHON:-python3}
+  pins=$("$py" -c "from importlib.metadata import version as v
+print(' '.join(f'{n}=={v(n)}' for n in ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection',
+                                       'typing-extensions', 'himalaya')))") || {
+    echo "--fetch-wheels: run it with the project's environment (PYTHON=.venv/bin/python)" >&2; exit 1; }
+  # shellcheck disable=SC2086  # $pins is a list of name==version words
   "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    typing-extensions==4.16.0 \
-    himalaya==0.4.11
+    -d .whl $pins
   exit $?
 fi
 
