@@ -206,6 +206,10 @@ class LLMVEM(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)),
                                             requires_grad=learn_temperature)
         self.learn_temperature = learn_temperature
+        # single-subject file format: the one "main" readout is saved as ``readout.*`` (as before keyed readouts),
+        # so run folders and loaders of single-subject models keep working
+        self.register_state_dict_post_hook(_single_key_names)
+        self.register_load_state_dict_pre_hook(_keyed_names)
 
     @classmethod
     def from_config(cls, config: ModelConfig, layer_dims: Mapping[str, int], n_voxels: int | None = None,
@@ -246,17 +250,18 @@ class LLMVEM(nn.Module):
         keys: dict[str, tuple[int, int]] = {}
         n_components = None
         for name in state:
-            m = re.fullmatch(r"readouts\.([A-Za-z0-9_-]+)\.(basis|linear\.weight)", name)
+            m = re.fullmatch(r"(?:readouts\.([A-Za-z0-9_-]+)|readout)\.(basis|linear\.weight)", name)
             if m is None:
                 continue
             if m.group(2) == "basis":
                 n_components, n_vox = (int(x) for x in state[name].shape)
             else:
                 n_vox = int(state[name].shape[0])
-            keys[m.group(1)] = (n_vox, int(n_train or n_components or 1))
-        want = "readouts.<key>.basis" if config.readout == "pca" else "readouts.<key>.linear.weight"
+            keys[m.group(1) or DEFAULT_KEY] = (n_vox, int(n_train or n_components or 1))
+        want = "basis" if config.readout == "pca" else "linear.weight"
         if not keys or (config.readout == "pca") != (n_components is not None):
-            raise ValueError(f"no {config.readout} readout ({want}) in the saved weights")
+            raise ValueError(f"no {config.readout} readout (readout.{want} or readouts.<key>.{want}) in the saved "
+                             "weights")
         core_dim = int(state["core.weight" if "core.weight" in state else "core.0.weight"].shape[0]) \
             if config.core is not None else config.core_dim
         head = _head_dims(state, config.projection)
@@ -400,6 +405,29 @@ class LLMVEM(nn.Module):
         if out.voxels is None:
             raise ValueError("this output has no voxel predictions (with_voxels=False)")
         return self._readout(key).loss(out.voxels, targets, out.latent)
+
+
+_SINGLE, _KEYED = "readout.", f"readouts.{DEFAULT_KEY}."
+
+
+def _single_key_names(module: LLMVEM, state: dict[str, torch.Tensor], prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: ``readouts.main.*`` → ``readout.*`` when ``"main"`` is the only key, in place, order kept."""
+    keyed = prefix + _KEYED
+    if module.keys != [DEFAULT_KEY] or not any(k.startswith(keyed) for k in state):
+        return
+    items = list(state.items())
+    state.clear()
+    for k, v in items:
+        state[prefix + _SINGLE + k[len(keyed):] if k.startswith(keyed) else k] = v
+
+
+def _keyed_names(module: LLMVEM, state: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+    """Load pre-hook: ``readout.*`` (single-subject format) → ``readouts.<only key>.*``, in place."""
+    single = prefix + _SINGLE
+    if len(module.keys) != 1:
+        return
+    for k in [k for k in state if k.startswith(single)]:
+        state[f"{prefix}readouts.{module.keys[0]}.{k[len(single):]}"] = state.pop(k)
 
 
 def _make_readout(kind: str, n_features: int, n_voxels: int, n_train: int, n_components: int | None,

@@ -255,7 +255,7 @@ class Engine:
         ``selected`` by the parameters of the key's own best epoch (``train.selection = "per_key"``)."""
         snapshot = self.key_best.get(key.name, (None, None, None))[2] if selected and self.per_key else None
         if snapshot is not None:
-            current = {k: v.detach().clone() for k, v in self.network.state_dict().items() if k in snapshot}
+            current = {k: p.detach().clone() for k, p in self.network.named_parameters() if k in snapshot}
             self.network.load_state_dict(snapshot, strict=False)
             try:
                 return self.predict(key, split, stage)
