@@ -176,6 +176,27 @@ def engine_config(config: RunConfig) -> RunConfig:
     return cfg
 
 
+def _load_finished(out_dir: Path, identity: str, subjects: Sequence[SubjectData]) -> MultiSubjectResult | None:
+    """The result of a finished training folder made by the same configuration and subjects, else None."""
+    import json
+
+    path = out_dir / "training.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("identity") != identity:
+        return None
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    for s in subjects:
+        preds[s.name] = {}
+        for split in ("val", "test"):
+            p = out_dir / "predictions" / f"{s.name}_{split}.npy"
+            if not p.is_file():
+                return None
+            preds[s.name][split] = np.load(p, allow_pickle=False)
+    return MultiSubjectResult(out_dir, None, preds, info["metrics"], [], info.get("stages", {}))
+
+
 def train_multisubject(config: RunConfig, subjects: Sequence[SubjectData], backbone: ImageBackbone | None = None,
                        out_dir: str | Path = "run_multi", resume: bool = False, overwrite: bool = False,
                        show_progress: bool = True, callback: Callback | None = None) -> MultiSubjectResult:
@@ -193,7 +214,7 @@ def train_multisubject(config: RunConfig, subjects: Sequence[SubjectData], backb
         Training folder; refused if it is used unless ``resume`` or ``overwrite``.
     resume : bool
         Continue from the newest checkpoint in ``out_dir`` (same configuration and subjects required); a
-        finished folder is read back (its predictions are recomputed from the saved weights).
+        finished folder made by them is read back (its saved predictions and metrics; ``network`` is None).
     overwrite : bool
     show_progress : bool
     callback : callable(event, info), optional
@@ -225,6 +246,10 @@ def train_multisubject(config: RunConfig, subjects: Sequence[SubjectData], backb
                    **{f"n_{k}": len(v) for k, v in s.dataset.splits.items()}, "n_voxels": s.dataset.n_voxels}
                   for s in subjects]
         identity = stable_hash({"config": config_fingerprint(cfg), "subjects": shapes})
+        done = _load_finished(out_dir, identity, subjects) if resume else None
+        if done is not None:
+            log.info("reusing the finished training in %s", out_dir)
+            return done
         if info.is_main:
             write_json(out_dir / "subjects.json", shapes)
         fit = fit_keys(cfg, subjects, backbone, out_dir, info, resume=resume, fingerprint=identity,
