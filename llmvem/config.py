@@ -147,6 +147,10 @@ class ModelConfig(_Section):
     learn_temperature: bool = True
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     standardize_features: bool = Field(True, description="z-score readout inputs with training-set statistics")
+    core: Literal["linear", "mlp"] | None = Field(None, description="shared core between the standardised "
+                                                  "features and the readouts; None = read the features directly")
+    core_dim: int = Field(256, ge=1, description="units of the core (with model.core)")
+    core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
 
 
 class StageConfig(_Section):
@@ -185,6 +189,9 @@ class TrainConfig(_Section):
                              "keeps everything in memory")
     deterministic: bool = True
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    selection: Literal["global", "per_key"] = Field(
+        "global", description="model selection on validation mean r: one best epoch for the mean over data keys, "
+        "or each key's own best epoch (training stops when no key improved for early_stopping_patience epochs)")
 
 
 class EvaluateConfig(_Section):

@@ -440,8 +440,8 @@ def aligned_image_outputs(encoder: LLMVEMEncoder, *, features: Mapping[str, np.n
     responses : array of shape (n_images, n_voxels), float32
     embeddings : array of shape (n_images, dim), float32, L2-normalised rows
     """
-    from llmvem.train.inputs import autocast, load_image_tensor, resolve_precision
     from llmvem.train.load import has_finetuned_backbone
+    from llmvem.train.tensors import autocast, load_image_tensor, resolve_precision
 
     net = encoder.network_
     if net is None:

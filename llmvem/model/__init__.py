@@ -9,7 +9,7 @@ from llmvem.model.losses import (
     info_nce,
     total_loss,
 )
-from llmvem.model.network import EMBED_LAYER, LLMVEM, AlignmentHead, ModelOutput
+from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM, AlignmentHead, ModelOutput
 from llmvem.model.readout import (
     LinearVoxelReadout,
     PCAVoxelReadout,
@@ -19,6 +19,7 @@ from llmvem.model.readout import (
 )
 
 __all__ = [
+    "DEFAULT_KEY",
     "EMBED_LAYER",
     "LLMVEM",
     "AlignmentHead",

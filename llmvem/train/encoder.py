@@ -25,7 +25,7 @@ from llmvem.data.images import ImageCollection
 from llmvem.embed.base import ImageBackbone
 from llmvem.evaluate.metrics import pearson_r
 from llmvem.model.network import LLMVEM
-from llmvem.train.inputs import load_image_tensor, predict_network, resolve_precision
+from llmvem.train.tensors import load_image_tensor, predict_network, resolve_precision
 from llmvem.train.trainer import TrainResult, train_encoding_model
 
 __all__ = ["LLMVEMEncoder"]
