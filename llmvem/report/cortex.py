@@ -206,7 +206,9 @@ def plot_surface_maps(maps: SurfaceMaps, path: Path, title: str, cmap: str = "vi
                 symmetric_cbar=False, axes=ax, figure=fig)
             for sides, color in zip(outlines.values(), _OUTLINE_COLORS, strict=False):
                 region = sides[0] if hemi == "left" else sides[1]
-                if region.sum() >= 3:
+                faces = np.asarray(mesh.parts[hemi].faces)
+                # nilearn refuses vertex sets that share no face edge (sparse voxels): draw no outline then
+                if (region[faces].sum(axis=1) >= 2).any():
                     plotting.plot_surf_contours(mesh, roi_map=region.astype(int), hemi=hemi, levels=[1],
                                                 colors=[color], axes=ax, figure=fig)
             ax.set_box_aspect(None, zoom=1.4)

@@ -161,7 +161,7 @@ def roi_facet_figure(bars: Sequence[FacetBar], xlabel: str, column_titles: Mappi
     width = min(4.0 + 3.2 * len(cols) + 0.06 * longest, 14.0)
     legend_in = 0.2 * math.ceil(n_s / 3)
     fig = Figure(figsize=(width, sum(heights) + 0.6 + legend_in), layout="constrained")
-    fig.get_layout_engine().set(h_pad=0.02, hspace=0.0, wspace=0.02)
+    fig.get_layout_engine().set(h_pad=0.02, hspace=0.0, wspace=0.08)
     grid = fig.add_gridspec(len(rows), len(cols), height_ratios=heights)
     finite = [v for b in bars for v in (b.mean, *(b.ci or ())) if math.isfinite(v)]
     lo, hi = (min(finite + [0.0]), max(finite + [0.0])) if finite else (0.0, 1.0)
