@@ -91,3 +91,43 @@ def make_scaled_run(root: Path, n_rois: int = 31, n_models: int = 3, n_per_hemi:
 if __name__ == "__main__":  # python tests/fake_runs.py OUT_DIR N_ROIS
     out = Path(sys.argv[1])
     make_scaled_run(out, n_rois=int(sys.argv[2]) if len(sys.argv) > 2 else 31, name=f"run{sys.argv[2]}")
+
+
+def make_subject_run(root: Path, subject_dir: Path, models: tuple[str, ...] = ("ridge", "llmvem_lambda0"),
+                     n_test: int = 12, seed: int = 0, challenge: bool = True) -> Path:
+    """A run folder for an Algonauts subject folder: its voxels, ROIs, noise ceiling, fsaverage indices, test
+    predictions, and (``challenge``) predictions for the challenge test images listed in shuffled order."""
+    from llmvem.data.algonauts import load_algonauts
+    from llmvem.evaluate.metrics import evaluate_predictions
+
+    rng = np.random.default_rng(seed)
+    ds = load_algonauts(subject_dir, val_fraction=0)
+    run = root / f"run_{subject_dir.name}"
+    (run / "models").mkdir(parents=True)
+    y = rng.standard_normal((n_test, ds.n_voxels)).astype(np.float32)
+    np.save(run / "test_responses.npy", y)
+    arrays: dict[str, np.ndarray] = {}
+    entries = {}
+    test_ids = [p.stem for p in sorted((subject_dir / "test_split" / "test_images").iterdir())]
+    shuffled = [test_ids[i] for i in rng.permutation(len(test_ids))]
+    for i, m in enumerate(models):
+        pred = (0.5 * (i + 1) * y + rng.standard_normal(y.shape)).astype(np.float32)
+        (run / "models" / m).mkdir()
+        np.save(run / "models" / m / "predictions_test.npy", pred)
+        if challenge:
+            # row k holds the prediction for image shuffled[k]; its value encodes the image's challenge position
+            rows = np.array([[test_ids.index(t) + 0.001 * i] * ds.n_voxels for t in shuffled], dtype=np.float32)
+            np.save(run / "models" / m / "predictions_challenge_test.npy", rows)
+        ev = evaluate_predictions(y, pred, ds.noise_ceiling, ds.roi_masks, ds.hemisphere)
+        label, kind, lam = MODELS[m]
+        entries[m] = {"label": label, "kind": kind, "lambda": lam, "val_mean_r": 0.1 * (i + 1), **ev["summary"]}
+        arrays[f"r__{m}"], arrays[f"accuracy__{m}"] = ev["r"], ev["accuracy"]
+    if challenge:
+        write_json(run / "challenge_test_ids.json", [f"{t}.png" for t in shuffled])
+    arrays |= {f"roi__{k}": v for k, v in ds.roi_masks.items()}
+    arrays |= {"noise_ceiling": ds.noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
+    np.savez(run / "voxel_metrics.npz", **arrays)
+    write_json(run / "metrics.json", {"dataset": {"name": ds.name, "n_voxels": ds.n_voxels,
+                                                  "roi_classes": ds.meta["roi_classes"]},
+                                      "models": entries})
+    return run
