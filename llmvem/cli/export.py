@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 from llmvem.errors import ConfigError
 
 
@@ -19,6 +19,7 @@ def export(
     out: Path = typer.Option(Path("export"), "--out", "-o", help="Export folder."),
     model: str | None = typer.Option(None, "--model", help="Model to submit (default: best validation mean r)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (over test images) of the intervals."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Write challenge submission files (lh/rh_pred_test.npy per subject), per-vertex r/accuracy maps and a tidy
     per-ROI table (results.csv, results.parquet with pyarrow).
@@ -26,6 +27,8 @@ def export(
     Example: llmvem export runs/subj01 runs/subj02 --subject-dir data/subj01 --subject-dir data/subj02 --out sub
     """
     from llmvem.export import export_algonauts
+
+    use_progress(progress)
 
     if fmt != "algonauts":
         raise ConfigError(f"--format {fmt!r}; expected 'algonauts'")

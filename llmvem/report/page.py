@@ -257,7 +257,7 @@ def _section_roi(ctx: _Context) -> str:
             continue
         metric = values[0].metric
         labels = {e.model.name: e.label for e in ctx.entries if e.run is run}
-        order = {c: i for i, c in enumerate(["all", *class_order(v.roi_class for v in values)])}
+        order = {c: i for i, c in enumerate(["all", *class_order(v.roi_class for v in values if v.roi_class != "all")])}
         bars = [figures.FacetBar(series=labels[v.model], roi=v.roi, row=v.roi_class, column=v.hemisphere,
                                  mean=v.mean, ci=v.ci)
                 for v in sorted(values, key=lambda v: order[v.roi_class])]
