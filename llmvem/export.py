@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmvem.data.algonauts import FSAVERAGE_N_VERTICES, HEMISPHERES
 from llmvem.errors import DataValidationError
 from llmvem.report.roi import roi_values
 from llmvem.report.runfolder import RunResults, load_run
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 RESULT_COLUMNS = ("model", "subject", "roi", "roi_class", "hemisphere", "metric", "value", "ci_low", "ci_high")
 CHALLENGE_IDS = "challenge_test_ids.json"
 CHALLENGE_PREDICTIONS = "predictions_challenge_test.npy"
-HEMISPHERES = ("lh", "rh")
-FSAVERAGE_N_VERTICES = 163_842
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 

@@ -86,7 +86,7 @@ def test_text_file_and_the_text_readout(run_dir, tmp_path, capsys):  # noqa: F81
             "--readout", "text", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
-    assert "How the mapping" not in stdout and "text readout" in stdout
+    assert "How the mapping is made: Text readout" in stdout and "text readout" in stdout
     saved = read_predictions_h5(out)
     assert saved["texts"] == ["a green triangle", "a cross"] and saved["attrs"]["readout"] == "text"
     t2b = TextToBrain.load(run_dir / "models" / MODEL)

@@ -116,3 +116,4 @@ def test_report_at_31_rois_is_one_file_with_chosen_model(tmp_path):
     assert 'src="data:image/png;base64,' in html and 'src="roi' not in html
     assert "Outlines: prf-visualrois, floc-bodies, floc-faces, floc-places, floc-words" in html
     assert "val mean r" in html and "test mean r" in html
+    assert "dashed: per ROI class (mean of its ROIs" in html  # 31 per-ROI λ lines would be unreadable

@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -344,11 +344,17 @@ def _section_lambda(ctx: _Context) -> str:
             out.append(_note("no λ curve: the run has no lambda_curve.json and fewer than two λ values"))
             continue
         points, source = found
+        per = "ROI"
+        if len({r for p in points for r in p.per_roi}) > MAX_ROI_COLUMNS:  # 31 dashed lines are unreadable
+            classes = roi_classes({r for p in points for r in p.per_roi}, run.dataset.get("roi_classes"))
+            points = [replace(p, per_roi={c: float(np.nanmean([v for r, v in p.per_roi.items() if classes[r] == c]))
+                                          for c in class_order(classes.values())}) for p in points]
+            per = "ROI class (mean of its ROIs' mean r)"
         path = figures.plot_lambda_curve(points, ctx.fig_path("lambda_curve", run))
         has_ci = any(p.mean_r_ci is not None for p in points)
         caption = (f"Mean test r against the alignment weight λ (from {source}); x axis linear from 0 to the "
                    f"smallest positive λ and logarithmic above. Black: all voxels"
-                   f"{' with 95% CIs' if has_ci else ' (no CIs recorded)'}; dashed: per ROI.")
+                   f"{' with 95% CIs' if has_ci else ' (no CIs recorded)'}; dashed: per {per}.")
         out.append(_figure(path, "lambda curve", _e(caption)))
     return "".join(out)
 
