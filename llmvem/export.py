@@ -204,11 +204,10 @@ def result_rows(run: RunResults, subject: str, n_boot: int = 1000, seed: int = 0
     """
     metrics = ["r"] + (["accuracy"] if run.voxels is not None and run.voxels.accuracy else [])
     rows = []
-    for metric in metrics:
-        for v in roi_values(run, metric=metric, n_boot=n_boot, seed=seed):  # type: ignore[arg-type]
-            rows.append({"model": v.model, "subject": subject, "roi": v.roi, "roi_class": v.roi_class,
-                         "hemisphere": v.hemisphere, "metric": metric, "value": v.mean,
-                         "ci_low": v.ci[0] if v.ci else math.nan, "ci_high": v.ci[1] if v.ci else math.nan})
+    for v in roi_values(run, metrics=metrics, n_boot=n_boot, seed=seed):  # type: ignore[arg-type]
+        rows.append({"model": v.model, "subject": subject, "roi": v.roi, "roi_class": v.roi_class,
+                     "hemisphere": v.hemisphere, "metric": v.metric, "value": v.mean,
+                     "ci_low": v.ci[0] if v.ci else math.nan, "ci_high": v.ci[1] if v.ci else math.nan})
     return rows
 
 

@@ -74,6 +74,13 @@ def test_roi_values_bootstrap_over_images_and_choose_on_validation(tmp_path):
     assert v1v_lh.mean == pytest.approx(acc[mask].mean(), rel=1e-5)
     assert v1v_lh.ci[0] < v1v_lh.mean < v1v_lh.ci[1] and v1v_lh.roi_class == "prf-visualrois"
     assert v1v_lh.n_voxels == int(mask.sum())
+    both = roi_values(run, metrics=["r", "accuracy"], n_boot=200)  # one bootstrap per model serves both metrics
+    assert len(both) == 2 * len(values)
+    r_v1v = next(v for v in both if v.model == "llmvem_lambda0.1" and v.roi == "V1v" and v.hemisphere == "lh"
+                 and v.metric == "r")
+    assert r_v1v.mean == pytest.approx(pearson_r(y, pred)[mask].mean(), rel=1e-5)
+    assert r_v1v.ci[0] < r_v1v.mean < r_v1v.ci[1]
+    assert next(v for v in both if v == v1v_lh) == v1v_lh  # same seed, same accuracy interval
     # validation picks λ = 0.1 (val 0.35) although λ = 1 is not in this 3-model run; test r plays no part
     assert selection_basis(run) == "validation"
     base, chosen = baseline_and_aligned(run)

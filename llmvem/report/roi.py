@@ -138,16 +138,16 @@ def _recorded(model: ModelResult, roi: str | None, metric: Metric) -> tuple[floa
     return mean, (region.mean_r_ci if metric == "r" else None)
 
 
-def roi_values(run: RunResults, metric: Metric | None = None, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
-               show_progress: bool = False) -> list[RoiValue]:
+def roi_values(run: RunResults, metrics: Sequence[Metric] | None = None, n_boot: int = N_BOOT,
+               seed: int = BOOT_SEED, show_progress: bool = False) -> list[RoiValue]:
     """Every (model, ROI, hemisphere) value of a run, with intervals over test images where they can be had.
 
     Parameters
     ----------
     run : RunResults
         A parsed run folder.
-    metric : {"accuracy", "r"}, optional
-        Default :func:`run_metric`.
+    metrics : sequence of {"accuracy", "r"}, optional
+        Default: the one of :func:`run_metric`. All come from one bootstrap per model.
     n_boot, seed : int
         Image bootstrap (only when the run folder has ``test_responses.npy`` and the models' test predictions).
     show_progress : bool
@@ -156,13 +156,13 @@ def roi_values(run: RunResults, metric: Metric | None = None, n_boot: int = N_BO
     Returns
     -------
     list of RoiValue
-        Per model: ``"all voxels"`` then every ROI, per hemisphere ("lh", "rh") when the voxels carry one, else
-        pooled ("both").
+        Per model and metric: ``"all voxels"`` then every ROI, per hemisphere ("lh", "rh") when the voxels carry
+        one, else pooled ("both").
     """
     from llmvem.evaluate.stats import bootstrap_ci
     from llmvem.utils import progress
 
-    metric = metric or run_metric(run)
+    metrics = list(metrics or [run_metric(run)])
     vox = run.voxels
     rois = list(dict.fromkeys([r for m in run.models.values() for r in m.per_roi]
                               + (list(vox.roi_masks) if vox else [])))
@@ -170,12 +170,13 @@ def roi_values(run: RunResults, metric: Metric | None = None, n_boot: int = N_BO
     out: list[RoiValue] = []
     if vox is None:  # only metrics.json: pooled hemispheres, recorded intervals
         for model in run.models.values():
-            for roi in [None, *rois]:
-                mean, ci = _recorded(model, roi, metric)
-                region = model.overall if roi is None else model.per_roi.get(roi)
-                out.append(RoiValue(model.name, roi or ALL_VOXELS, "all" if roi is None else classes[roi], "both",
-                                    metric, mean, ci, "run" if ci else "none",
-                                    (region.n_voxels or 0) if region else 0))
+            for metric in metrics:
+                for roi in [None, *rois]:
+                    mean, ci = _recorded(model, roi, metric)
+                    region = model.overall if roi is None else model.per_roi.get(roi)
+                    out.append(RoiValue(model.name, roi or ALL_VOXELS, "all" if roi is None else classes[roi],
+                                        "both", metric, mean, ci, "run" if ci else "none",
+                                        (region.n_voxels or 0) if region else 0))
         return out
 
     hemis = sorted(set(vox.hemisphere.tolist())) if vox.hemisphere is not None else ["both"]
@@ -191,24 +192,25 @@ def roi_values(run: RunResults, metric: Metric | None = None, n_boot: int = N_BO
     y = _test_responses(run)
     nc = vox.noise_ceiling
     for model in progress(run.models.values(), desc="ROI intervals", unit="model", disable=not show_progress):
-        per_voxel = vox.accuracy[model.name] if metric == "accuracy" else vox.r[model.name]
         boot = None
         pred = _predictions(run, model.name, y.shape) if y is not None else None
         if y is not None and pred is not None:
             boot = bootstrap_ci(np.asarray(y), np.asarray(pred), n_boot=n_boot, seed=seed,
-                                noise_ceiling=nc if metric == "accuracy" else None,
+                                noise_ceiling=nc if "accuracy" in metrics else None,
                                 groups={f"{r}|{h}": m for (r, h), m in groups.items()})["per_group"]
-        for (roi, h), mask in groups.items():
-            mean = float(np.nanmean(per_voxel[mask]))
-            ci, src = None, "none"
-            if boot is not None:
-                g = boot[f"{roi}|{h}"][metric]
-                ci, src = (g["ci_low"], g["ci_high"]), "images"
-            elif h == "both" or len(hemis) == 1:
-                _, ci = _recorded(model, None if roi == ALL_VOXELS else roi, metric)
-                src = "run" if ci else "none"
-            out.append(RoiValue(model.name, roi, "all" if roi == ALL_VOXELS else classes[roi], h, metric, mean,
-                                ci, src, int(mask.sum())))
+        for metric in metrics:
+            per_voxel = vox.accuracy[model.name] if metric == "accuracy" else vox.r[model.name]
+            for (roi, h), mask in groups.items():
+                mean = float(np.nanmean(per_voxel[mask]))
+                ci, src = None, "none"
+                if boot is not None:
+                    g = boot[f"{roi}|{h}"][metric]
+                    ci, src = (g["ci_low"], g["ci_high"]), "images"
+                elif h == "both" or len(hemis) == 1:
+                    _, ci = _recorded(model, None if roi == ALL_VOXELS else roi, metric)
+                    src = "run" if ci else "none"
+                out.append(RoiValue(model.name, roi, "all" if roi == ALL_VOXELS else classes[roi], h, metric,
+                                    mean, ci, src, int(mask.sum())))
     return out
 
 
