@@ -362,22 +362,22 @@ def _train_config(path: Path, lr: float) -> Path:
 def test_resuming_with_another_config_or_its_checkpoints_is_refused(tmp_path, capsys, tiny_inputs):
     cfg_a, cfg_b = _train_config(tmp_path / "a.yaml", 0.01), _train_config(tmp_path / "b.yaml", 0.02)
     run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
-    assert main(["train", "--config", str(cfg_a), "--out", str(run_a), "--quiet"]) == 0
-    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--quiet"]) == 0
+    assert main(["train", "--config", str(cfg_a), "--out", str(run_a), "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--no-progress"]) == 0
     capsys.readouterr()
     # 1. the same folder resumed under another config: both values are named
-    line = user_error(capsys, ["train", "--config", str(cfg_b), "--out", str(run_a), "--quiet", "--resume"])
+    line = user_error(capsys, ["train", "--config", str(cfg_b), "--out", str(run_a), "--no-progress", "--resume"])
     assert str(run_a / "config.yaml") in line and "train.stage1.lr: 0.01 in the checkpoint vs 0.02 now" in line
     # 2. checkpoints copied in from a run of another config (config.yaml still matches)
     shutil.rmtree(run_a / "checkpoints")
     shutil.copytree(run_b / "checkpoints", run_a / "checkpoints")
-    line = user_error(capsys, ["train", "--config", str(cfg_a), "--out", str(run_a), "--quiet", "--resume"])
+    line = user_error(capsys, ["train", "--config", str(cfg_a), "--out", str(run_a), "--no-progress", "--resume"])
     assert "checkpoint was written by configuration" in line and str(run_a / "checkpoints") in line
     assert "start a new run folder or pass overwrite" in line
     # and a resume with the matching config still works
     shutil.rmtree(run_a / "checkpoints")
     shutil.copytree(run_b / "checkpoints", run_a / "checkpoints")
-    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--quiet", "--resume"]) == 0
+    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--no-progress", "--resume"]) == 0
 
 
 # ----------------------------------------------------------------------------------- images that are not RGB

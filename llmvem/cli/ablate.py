@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 
 _ABLATE_EXAMPLES = """\b
 Examples:
@@ -44,7 +44,7 @@ def ablate(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the finished models in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the ablation's outputs in --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train the same LLM-VEM model with captions from different sources and compare them.
 
@@ -54,6 +54,7 @@ def ablate(
     ablation.json, ablation.md, a run folder the report reads, and report/index.html with a
     "Caption-source ablation" section.
     """
+    progress = use_progress(progress)
     from llmvem.ablation import ablation_table, parse_sources, run_ablation
     from llmvem.config import apply_overrides, load_config
 
@@ -84,13 +85,14 @@ def train_multi(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished trainings in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs in --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train several subjects jointly: shared backbone and core, one voxel readout per subject.
 
     Each subject is evaluated on its own test split; with --separate each is also trained alone with the same
     architecture and the two are compared. Prints one row per subject and writes summary.json / summary.md.
     """
+    progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
     from llmvem.train.multisubject import run_multisubject

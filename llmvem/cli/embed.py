@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def embed(
     batch_size: int = typer.Option(32, "--batch-size", help="Images (or caption pieces) per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="Feature storage: float32 or float16."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Embed a dataset's captions (text encoder) and/or images (backbone features, cached on disk).
 
@@ -99,6 +100,7 @@ def embed(
     """
     from llmvem.data import load_dataset
 
+    use_progress(progress)
     if not text and not images:
         text = images = True
     ds = load_dataset(dataset)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 
 _PREDICT_EXAMPLES = """\b
 Examples:
@@ -83,7 +83,7 @@ def predict(
                                       "model on its training data (captions and features from the cache) first."),
     device: str = typer.Option("auto", "--device", help="Device of the model and the text encoder."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars, no mapping statement."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Predict voxel responses of a trained LLM-VEM to texts or images (in-silico experiments).
 
@@ -91,6 +91,7 @@ def predict(
     command prints how the mapping is made and the mean predicted response per ROI. Images go through the
     network itself.
     """
+    show = use_progress(progress)
     from llmvem.errors import ConfigError
     from llmvem.explain.predictions import (
         model_attributes,
@@ -121,7 +122,7 @@ def predict(
 
         cfg = load_config(model_dir / "config.yaml")
         typer.echo(f"[llmvem] fitting the text-to-brain readouts of {model_dir}", err=True)
-        inputs = prepare_inputs(cfg, show_progress=not quiet)
+        inputs = prepare_inputs(cfg, show_progress=show)
         _, evaluation = fit_model_text_to_brain(model_dir, inputs, device=device)
         _echo_fit(evaluation)
         typer.echo(f"readouts: {model_dir / 'text_to_brain.safetensors'}")
@@ -139,8 +140,7 @@ def predict(
     t2b = TextToBrain.load(model_dir)
     responses = t2b.predict_texts(texts, readout=readout, encoder=t2b.load_encoder(device))  # type: ignore[arg-type]
     statement = t2b.mapping_statement(readout)  # type: ignore[arg-type]
-    if not quiet:
-        typer.echo(f"How the mapping is made: {statement}\n")
+    typer.echo(f"How the mapping is made: {statement}\n")
     rois = {"all voxels": None, **t2b.roi_masks}
     rows = [[_short(t), *[f"{(r if m is None else r[m]).mean():+.3f}" for m in rois.values()]]
             for t, r in zip(texts[:20], responses[:20], strict=False)]
@@ -169,12 +169,14 @@ def describe(
     voxel: list[int] = typer.Option([], "--voxel", help="Also describe this voxel (index; repeatable)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the rankings to this JSON file."),
     device: str = typer.Option("auto", "--device", help="Device of the text encoder."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Describe ROIs and voxels by the phrases of a vocabulary with the highest predicted response.
 
     Each phrase is embedded with the model's text encoder and passed through its text-to-brain readout; an ROI's
     phrases are ranked by the mean z-scored predicted response of its voxels (score in standard deviations).
     """
+    use_progress(progress)
     from llmvem.errors import ConfigError, DataValidationError
     from llmvem.explain.predictions import resolve_model_dir
     from llmvem.explain.text_to_brain import READOUTS, TextToBrain

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -45,7 +45,7 @@ def demo(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.stage1.epochs=5."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Run the whole pipeline offline on CPU on the built-in virtual brain.
 
@@ -55,6 +55,7 @@ def demo(
 
     Example: llmvem demo --out runs/demo
     """
+    progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
     from llmvem.pipeline import run_experiment
 
@@ -81,7 +82,7 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder; one run folder per grid point."),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished models in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train LLM-VEM over λ values (and other config keys), reusing cached captions and features.
 
@@ -89,6 +90,7 @@ def sweep(
 
     Example: llmvem sweep --config demo --lambda 0,0.01,0.1,1 --grid model.feature_dropout=0,0.2 --out runs/sweep
     """
+    progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
     from llmvem.pipeline import prepare_inputs, prepare_run_folder, run_experiment

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 
 _EXAMPLES = """\b
 Examples:
@@ -28,7 +28,7 @@ def train(
                                    "start again."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value, e.g. "
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train the LLM-VEM network (stage 1: heads on cached features; stage 2: last backbone blocks).
 
@@ -40,17 +40,18 @@ def train(
     from llmvem.train import prepare_run_folder, train_encoding_model
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
+    show = use_progress(progress)
     cfg = apply_overrides(load_config(config), overrides)
     info = setup_distributed(cfg.train.device)
     try:
         if info.is_main:  # refuse a used folder before the (slow) input preparation
             prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        inputs = prepare_inputs(cfg, show_progress=not quiet and info.is_main)
+        inputs = prepare_inputs(cfg, show_progress=show and info.is_main)
         lam = cfg.model.lambda_align
         result = train_encoding_model(cfg, inputs.dataset,
                                       text_embeddings=inputs.text_embeddings if lam > 0 else None,
                                       backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                      resume=resume, overwrite=overwrite, show_progress=not quiet)
+                                      resume=resume, overwrite=overwrite, show_progress=show)
     finally:
         cleanup_distributed(info)
     if info.is_main:

@@ -15,12 +15,13 @@ from llmvem.evaluate.rsa import (
     rdm,
     upper,
 )
-from llmvem.evaluate.stats import paired_bootstrap
+from llmvem.evaluate.stats import bootstrap_ci, paired_bootstrap
 
 __all__ = [
     "DEFAULT_ALPHAS",
     "RidgeCV",
     "algonauts2019_score",
+    "bootstrap_ci",
     "compare_rdms",
     "evaluate_predictions",
     "explained_variance",
