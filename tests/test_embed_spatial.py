@@ -149,3 +149,29 @@ def test_cache_stores_maps_keyed_by_spec_and_float16(tmp_path):
     assert grid4.key != first.key and grid4.n_computed == 5  # the choice is part of the key
     with pytest.raises(ConfigError, match="unknown layer"):
         compute_features(images, net, layers=["pooled", "layer9@grid2"], cache=cache, show_progress=False)
+
+
+def test_cli_embed_grids_and_bad_specs(tmp_path, capsys):
+    from llmvem.cli import main
+
+    spec = "virtual:n_train=6,n_test=2,image_size=48,n_early=4,n_semantic=4"
+    args = ["embed", spec, "--images", "--backbone", "timm:test_resnet", "--random-init", "--layers",
+            "pooled,layer2@grid2,layer2@proj16", "--cache", str(tmp_path / "f.h5"), "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "layer2@grid2 48×2×2" in out and "layer2@proj16 16-d" in out and "images computed: 8" in out
+    assert main(args[:7] + ["pooled,layer2@grid", *args[8:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layer2@grid" in err and "size" in err
+
+
+def test_backbone_config_spatial_layers_are_maps():
+    from pydantic import ValidationError
+
+    from llmvem.config import BackboneConfig
+
+    cfg = BackboneConfig(layers=["pooled", "block8@grid4"], spatial_layers=["block8@grid7", "block12@map"])
+    assert cfg.spatial_layers == ["block8@grid7", "block12@map"] and BackboneConfig().spatial_layers == []
+    for bad in (["block8"], ["block8@proj64"], ["block8@grid0"], ["block8@map", "block8@map"]):
+        with pytest.raises(ValidationError, match="spatial_layers"):
+            BackboneConfig(spatial_layers=bad)
