@@ -57,8 +57,11 @@ def _fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, alpha
 
 
 def spatial_ridge_v4(root: Path, session: str, grids: Sequence[int] = (2, 4), image_size: int = 112,
-                     n_boot: int = 1000) -> dict[str, Any]:
+                     n_boot: int = 1000, max_images: int | None = None) -> dict[str, Any]:
     """Ridge on pooled vs grid-pooled block features of one V4 session; layer sets chosen on validation.
+
+    ``max_images`` keeps the first images of each split, about that many in total (split proportions kept; for
+    smoke tests).
 
     Returns
     -------
@@ -75,13 +78,18 @@ def spatial_ridge_v4(root: Path, session: str, grids: Sequence[int] = (2, 4), im
 
     t0 = time.perf_counter()
     ds = load_v4(root, session)
+    splits = {name: ds.splits[name] for name in ("train", "val", "test")}
+    total = sum(len(sp) for sp in splits.values())
+    if max_images and max_images < total:
+        splits = {name: sp.subset(np.arange(min(len(sp), max(8, round(max_images * len(sp) / total)))))
+                  for name, sp in splits.items()}
     families = {"pooled": ""} | {f"grid{g}": f"@grid{g}" for g in grids}
     specs = sorted({spec for mode in families.values() for s in layer_sets(mode) for spec in s})
     backbone = load_backbone("efficientnet_lite0", image_size=image_size)
-    feats = {split: extract_features(ds.splits[split].images, backbone, layers=specs, cache=None, batch_size=64,
+    feats = {split: extract_features(splits[split].images, backbone, layers=specs, cache=None, batch_size=64,
                                      device="cpu", show_progress=False) for split in ("train", "val", "test")}
     t_feat = time.perf_counter() - t0
-    y = {split: ds.splits[split].responses for split in ("train", "val", "test")}
+    y = {split: splits[split].responses for split in ("train", "val", "test")}
     alphas = np.logspace(-1, 6, 8)
     out: dict[str, Any] = {"session": session, "image_size": image_size, "n_neurons": int(y["train"].shape[1]),
                            "n_images": {k: int(len(v)) for k, v in y.items()}, "families": {}}
@@ -129,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--grids", type=int, nargs="+", default=[2, 4], help="grid sides G (default: 2 4)")
     ap.add_argument("--image-size", type=int, default=112, help="backbone input px (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--max-images", type=int, default=None, help="about N images in all (smoke tests)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"bench_spatial_v4: data folder {args.data} is absent; nothing to benchmark (use --data)")
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         import torch
 
         torch.set_num_threads(args.threads)
-    res = spatial_ridge_v4(args.data, args.session, args.grids, args.image_size)
+    res = spatial_ridge_v4(args.data, args.session, args.grids, args.image_size, args.n_boot, args.max_images)
     print(format_table(res))
     return res
 
