@@ -41,19 +41,21 @@ def test_factorized_matches_neuralpredictors_full_factorized2d():
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_gaussian_matches_neuralpredictors_full_gaussian2d(training):
+@pytest.mark.parametrize("shape", [(5, 6, 8), (64, 3, 4)])  # H·W ≥ C: sample, then weight; H·W < C: the reverse
+def test_gaussian_matches_neuralpredictors_full_gaussian2d(training, shape):
     readouts = pytest.importorskip("neuralpredictors.layers.readouts")
-    x = _maps(3, 5, 6, 8)
-    ours = GaussianReadout((5, 6, 8), 11, init_mu_range=0.9, init_sigma=0.2, feature_l1=0.5, seed=2)
+    c = shape[0]
+    x = _maps(3, *shape)
+    ours = GaussianReadout(shape, 11, init_mu_range=0.9, init_sigma=0.2, feature_l1=0.5, seed=2)
     with torch.no_grad():
-        ours.features["map"].copy_(torch.randn(11, 5))
+        ours.features["map"].copy_(torch.randn(11, c))
         ours.bias.copy_(torch.randn(11))
-    ref = readouts.FullGaussian2d((5, 6, 8), 11, bias=True, gauss_type="isotropic", init_sigma=0.2,
+    ref = readouts.FullGaussian2d(shape, 11, bias=True, gauss_type="isotropic", init_sigma=0.2,
                                   feature_reg_weight=0.5, mean_activity=torch.zeros(11))
     with torch.no_grad():
         ref._mu.copy_(ours.mu.view(1, 11, 1, 2))
         ref.sigma.copy_(ours.sigma.view(1, 11, 1, 1))
-        ref._features.copy_(ours.features["map"].t().reshape(1, 5, 1, 11))
+        ref._features.copy_(ours.features["map"].t().reshape(1, c, 1, 11))
         ref.bias.copy_(ours.bias)
     ours.train(training)
     ref.train(training)
