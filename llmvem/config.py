@@ -108,7 +108,11 @@ class BackboneConfig(_Section):
     """The image backbone: ``"efficientnet_lite0"``, ``"timm:<name>"`` or ``"hf:<path>"``.
 
     ``layers`` are the backbone layers whose (spatially pooled) features are concatenated into the readout input;
-    ``"pooled"`` is the final embedding, which also feeds the alignment head.
+    ``"pooled"`` is the final embedding, which also feeds the alignment head. A layer may carry a spatial mode
+    (:mod:`llmvem.embed.spatial`): ``"block5@grid4"`` (4×4 grid, flattened into the flat readout's input),
+    ``"block5@proj512"`` (fixed random projection of the map), ``"block11@cls"`` (a ViT's class token).
+    ``spatial_layers`` are maps for a spatial readout (``"block5@grid7"``, ``"block5@map"``), read beside the flat
+    readout's ``layers``; empty means no spatial readout.
     """
 
     name: str = "efficientnet_lite0"
@@ -119,12 +123,24 @@ class BackboneConfig(_Section):
     feature_dtype: Literal["float16", "float32"] = "float32"
     batch_size: int = Field(32, ge=1, description="batch size of feature extraction")
     device: str = "auto"
+    spatial_layers: list[str] = Field(default_factory=list, description="maps for a spatial readout, e.g. "
+                                      "['block8@grid7', 'block12@map'] (layer@grid<G> or layer@map)")
 
     @field_validator("layers")
     @classmethod
     def _unique_layers(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"layers must be unique, got {v}")
+        return v
+
+    @field_validator("spatial_layers")
+    @classmethod
+    def _spatial_maps(cls, v: list[str]) -> list[str]:
+        from llmvem.embed.spatial import parse_layer_spec
+
+        flat = [name for name in v if not parse_layer_spec(name).spatial]
+        if flat or len(set(v)) != len(v):
+            raise ValueError(f"expected unique '<layer>@grid<G>' or '<layer>@map' specs, got {v}")
         return v
 
 

@@ -104,6 +104,10 @@ def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
     assert res["llmvem"]["readout_layers"] in (["block10"], ["block8", "block12", "pooled"])  # ridge's choice
     assert "human IT noise ceiling (leave one subject out" in printed
     assert "EfficientNet-Lite0@112 pooled" in printed
+    # spatial rows at 224 px: grids and full maps beside the pooled rows (block12: 192 channels on a 7×7 map)
+    assert models["EfficientNet-Lite0@224 block12@grid2"]["dim"] == 192 * 4
+    assert models["EfficientNet-Lite0@224 block12@map"]["dim"] == 192 * 49
+    assert "EfficientNet-Lite0@224 block2@map" in printed
 
 
 def test_benchmarks_exit_cleanly_without_data(bench_v4, tmp_path, capsys):
@@ -212,3 +216,22 @@ def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
         assert f"== {step}: exit 0 after" in log
     assert log.count("eager fp32 timm loop") == 2 and "speed-up x" in log  # frozen and fine-tuned rows
     assert "500x2000x128            himalaya" in log and "== all steps done, status 0" in log
+
+
+@pytest.mark.shared_data
+def test_spatial_v4_ridge_on_a_tiny_subset(capsys):
+    data = needs_shared("v4_cowley2023")
+    bench = _load("bench_spatial_v4")
+    assert bench.main(["--data", "/nonexistent/v4"]) is None  # no data: a message, exit 0
+    res = bench.main(["--data", str(data), "--session", "210325", "--max-images", "80", "--grids", "2",
+                      "--n-boot", "50"])
+    fam = res["families"]
+    assert set(fam) == {"pooled", "grid2"} and res["n_neurons"] == 50 and 76 <= sum(res["n_images"].values()) <= 84
+    dims = {"block5": 80, "block8": 112, "block10": 112, "block12": 192, "block15": 320}
+    for name, f in fam.items():
+        assert f["dim"] == sum(dims[spec.split("@")[0]] * (4 if name == "grid2" else 1) for spec in f["layers"])
+        assert len(f["val_r"]) == 6 and max(f["val_r"].values()) == f["val_r"]["+".join(f["layers"])]
+        assert -1.0 < f["test_mean_r"] < 1.0
+    assert fam["grid2"]["vs_pooled"]["diff"] == pytest.approx(fam["grid2"]["test_mean_r"] - fam["pooled"]["test_mean_r"],
+                                                               abs=1e-6)
+    assert "| grid2 |" in capsys.readouterr().out
