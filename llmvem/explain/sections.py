@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from llmvem.config import RunConfig
     from llmvem.data.dataset import EncodingDataset
     from llmvem.embed.base import TextEncoder
-    from llmvem.pipeline import PreparedInputs
+    from llmvem.inputs import PreparedInputs
 
 __all__ = ["add_text_to_brain_section", "select_text_model", "write_text_to_brain_section",
            "write_voxel_descriptions_section"]
@@ -60,7 +60,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def select_text_model(run_dir: str | Path, config: RunConfig) -> Path | None:
     """The run's model for text-to-brain: the one of ``config.model.lambda_align`` when it is > 0 and trained,
     else the λ > 0 model with the best validation mean r; None when no model was trained with λ > 0."""
-    from llmvem.pipeline import model_name
+    from llmvem.estimators import model_name
     from llmvem.train.load import is_model_folder, read_training_summary
 
     models = Path(run_dir) / "models"

@@ -1,8 +1,9 @@
-"""Two-stage training of the LLM-VEM network: trainer, checkpoints, distributed setup, notebook wrapper."""
+"""Two-stage training of the LLM-VEM network: trainer, checkpoints, distributed setup.
+
+The scikit-learn-style wrapper ``LLMVEMEncoder`` lives in :mod:`llmvem.estimators`."""
 
 from llmvem.train.checkpoint import CheckpointManager, load_weights, save_weights
 from llmvem.train.distributed import DistInfo, setup_distributed
-from llmvem.train.encoder import LLMVEMEncoder
 from llmvem.train.schedule import lr_factor
 from llmvem.train.trainer import (
     OUTPUT_NAMES,
@@ -16,7 +17,6 @@ __all__ = [
     "OUTPUT_NAMES",
     "CheckpointManager",
     "DistInfo",
-    "LLMVEMEncoder",
     "TrainResult",
     "config_fingerprint",
     "load_weights",
