@@ -14,6 +14,9 @@ Besides ``fit(X, Y)``/``fit(dataset, ...)``, both estimators implement the two m
 ``fit_splits_`` (attribute)
     The splits ``fit_inputs`` fitted on (so a validation score of a model fitted on ``val`` is flagged).
 
+:class:`MultiSubjectEncoder` (one model over several subjects) is fitted on a list of subjects instead
+(:func:`llmvem.multisubject.run_multisubject`).
+
 Examples
 --------
 >>> from llmvem.estimators import RidgeEncoder
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
     from llmvem.inputs import PreparedInputs
     from llmvem.model.network import LLMVEM
 
-__all__ = ["LLMVEMEncoder", "RidgeEncoder", "model_name"]
+__all__ = ["LLMVEMEncoder", "MultiSubjectEncoder", "RidgeEncoder", "model_name"]
 
 #: Splits whose predictions ``predict_inputs`` returns.
 PREDICT_SPLITS = ("val", "test")
@@ -313,3 +316,50 @@ class LLMVEMEncoder(BaseEstimator):
               y: np.ndarray) -> np.ndarray:
         """Pearson r between ``y`` (n, n_voxels) and the predictions for ``X``, per voxel, shape (n_voxels,)."""
         return pearson_r(y, self.predict(X))
+
+
+# ------------------------------------------------------------------------------------------ multi-subject
+class MultiSubjectEncoder(BaseEstimator):
+    """Several subjects trained as one model (:func:`~llmvem.train.multisubject.train_multisubject`): a shared
+    backbone and core, one readout per subject; one subject is "separate" training.
+
+    Parameters
+    ----------
+    config : RunConfig
+    out_dir : path, optional
+        Training folder (default: a temporary folder deleted after training).
+    resume, overwrite, show_progress : bool
+        As for :class:`LLMVEMEncoder`.
+
+    Attributes
+    ----------
+    result_ : MultiSubjectResult
+    predictions_ : dict of subject to dict of split to array of shape (n_images, n_voxels_subject)
+        ``"val"`` and ``"test"`` predictions of every subject.
+    """
+
+    def __init__(self, config: RunConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False, show_progress: bool = False):
+        self.config = config
+        self.out_dir = out_dir
+        self.resume = resume
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+
+    def fit(self, subjects: Sequence[Any], backbone: ImageBackbone | None = None) -> MultiSubjectEncoder:
+        """Train on ``subjects`` (sequence of :class:`~llmvem.train.multisubject.SubjectData`); ``backbone`` is
+        needed for stage 2 (it is deep-copied, never changed)."""
+        from llmvem.config import RunConfig
+        from llmvem.train.multisubject import train_multisubject
+
+        if not subjects:
+            raise DataValidationError(None, "subjects", "expected at least one subject to train on")
+        config = self.config if self.config is not None else RunConfig()
+        kwargs: dict[str, Any] = dict(resume=self.resume, overwrite=self.overwrite, show_progress=self.show_progress)
+        if self.out_dir is None:
+            with tempfile.TemporaryDirectory(prefix="llmvem-multi-") as tmp:
+                self.result_ = train_multisubject(config, list(subjects), backbone, Path(tmp) / "run", **kwargs)
+        else:
+            self.result_ = train_multisubject(config, list(subjects), backbone, self.out_dir, **kwargs)
+        self.predictions_ = self.result_.predictions
+        return self

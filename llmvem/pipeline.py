@@ -22,8 +22,8 @@ from llmvem.estimators import LLMVEMEncoder, RidgeEncoder, model_name
 from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, run_models
 from llmvem.inputs import PreparedInputs, prepare_inputs
 
-__all__ = ["EXPERIMENT_OUTPUTS", "PreparedInputs", "experiment_lambdas", "experiment_models", "prepare_inputs",
-           "run_experiment"]
+__all__ = ["EXPERIMENT_OUTPUTS", "PreparedInputs", "experiment_lambdas", "experiment_models", "llmvem_spec",
+           "prepare_inputs", "ridge_spec", "run_experiment"]
 
 log = logging.getLogger(__name__)
 

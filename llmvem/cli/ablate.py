@@ -84,7 +84,7 @@ def train_multi(
     """
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
-    from llmvem.train.multisubject import run_multisubject
+    from llmvem.multisubject import run_multisubject
 
     cfg = apply_overrides(load_config(config), set_)
     specs = [s.strip() for s in subjects.split(",") if s.strip()]
