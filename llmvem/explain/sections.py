@@ -32,6 +32,7 @@ from llmvem.explain.voxel_descriptions import (
     default_vocabulary,
     describe_voxels,
 )
+from llmvem.report.tables import fmt_number
 from llmvem.utils import write_json
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def _e(text: object) -> str:
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+    return fmt_number(x, digits, missing="–")
 
 
 def select_text_model(run_dir: str | Path, config: RunConfig) -> Path | None:
