@@ -9,7 +9,9 @@ ablation (:func:`llmvem.ablation.run_ablation`) and the benchmarks call. It take
 
 ``metrics.json`` holds, per model, the test summary (mean/median r, accuracy, per ROI) and the **validation**
 mean r (``val_mean_r``, with ``val_in_fit`` true when the model was fitted on the validation split, as the ridge
-baseline is), and the paired bootstrap comparisons (λ = 0 against every LLM-VEM model, ridge against all).
+baseline is), the paired bootstrap comparisons (λ = 0 against every LLM-VEM model, ridge against all), the model
+chosen on validation (``selection``, :func:`llmvem.evaluate.selection.select_on_validation`) and, in ``dataset``,
+where the noise ceiling came from (``noise_ceiling_source``: the held-out test images' repeats when known).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import numpy as np
 
 from llmvem.config import RunConfig, save_config
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
+from llmvem.data.noise_ceiling import held_out_noise_ceiling
 from llmvem.estimators import model_name
+from llmvem.evaluate.selection import select_on_validation
 from llmvem.inputs import PreparedInputs
 from llmvem.utils import prepare_run_folder, seed_everything, write_json
 
@@ -118,9 +122,11 @@ def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def dataset_summary(ds: EncodingDataset) -> dict[str, Any]:
-    """The ``dataset`` record of ``metrics.json``: name, split sizes, voxels and ROI sizes."""
+    """The ``dataset`` record of ``metrics.json``: name, split sizes, voxels, ROI sizes and where the noise ceiling
+    of the evaluation came from (``noise_ceiling_source``, see :func:`~llmvem.data.noise_ceiling.held_out_noise_ceiling`)."""
     return {"name": ds.name, **{f"n_{s}": len(ds.splits[s]) for s in SPLIT_NAMES if s in ds.splits},
-            "n_voxels": ds.n_voxels, "rois": {k: int(v.sum()) for k, v in ds.roi_masks.items()}}
+            "n_voxels": ds.n_voxels, "rois": {k: int(v.sum()) for k, v in ds.roi_masks.items()},
+            "noise_ceiling_source": held_out_noise_ceiling(ds)[1]}
 
 
 def write_gallery(out_dir: Path, inputs: PreparedInputs, caption_columns: Mapping[str, list[list[str]]] | None = None,
@@ -181,8 +187,8 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
 
 
 def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions: dict[str, dict[str, np.ndarray]],
-              fitted: Mapping[str, Any], pairs: Sequence[tuple[str, str]], n_boot: int, seed: int
-              ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[dict[str, Any]]]:
+              fitted: Mapping[str, Any], pairs: Sequence[tuple[str, str]], n_boot: int, seed: int,
+              noise_ceiling: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray], list[dict[str, Any]]]:
     from llmvem.evaluate.metrics import evaluate_predictions, pearson_r
     from llmvem.evaluate.stats import paired_bootstrap
 
@@ -190,7 +196,7 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
     records: dict[str, Any] = {}
     voxel: dict[str, np.ndarray] = {}
     for name, preds in predictions.items():
-        ev = evaluate_predictions(y, preds["test"], ds.noise_ceiling, ds.roi_masks, ds.hemisphere)
+        ev = evaluate_predictions(y, preds["test"], noise_ceiling, ds.roi_masks, ds.hemisphere)
         spec = models[name]
         val = None
         if "val" in preds and ds.val is not None and ds.val.responses is not None:
@@ -203,7 +209,7 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
     comparisons = []
     for a, b in pairs if n_boot > 0 else ():
         res = paired_bootstrap(y, predictions[a]["test"], predictions[b]["test"], n_boot=n_boot, seed=seed,
-                               noise_ceiling=ds.noise_ceiling, roi_masks=ds.roi_masks)
+                               noise_ceiling=noise_ceiling, roi_masks=ds.roi_masks)
         comparisons.append({"a": a, "b": b, **flatten_comparison(res)})
     return records, voxel, comparisons
 
@@ -264,10 +270,11 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
     say("evaluating on the test split")
     t = time.perf_counter()
     pairs = default_pairs(list(models)) if pairs is None else pairs
+    noise_ceiling = held_out_noise_ceiling(ds)[0]
     records, voxel, comparisons = _evaluate(ds, models, predictions, fitted, pairs, config.evaluate.bootstrap,
-                                            config.seed)
+                                            config.seed, noise_ceiling)
     timing["evaluate"] = time.perf_counter() - t
-    optional = {"noise_ceiling": ds.noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
+    optional = {"noise_ceiling": noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
     np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel, **{k: v for k, v in optional.items() if v is not None},
                         **{f"roi__{k}": v for k, v in ds.roi_masks.items()})
     for name, preds in predictions.items():
@@ -291,6 +298,7 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
         "dataset": dataset_summary(ds),
         "models": records,
         "comparisons": comparisons,
+        "selection": select_on_validation(records),
         "captions": inputs.caption_info if caption_info is None else
         caption_info() if callable(caption_info) else caption_info,
         "timing": {"total_s": time.perf_counter() - t0, "stages": timing},

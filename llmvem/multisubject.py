@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from llmvem.config import RunConfig, save_config
+from llmvem.data.noise_ceiling import held_out_noise_ceiling
+from llmvem.data.splits import split_by_image_key
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.estimators import MultiSubjectEncoder
@@ -51,6 +53,11 @@ def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: boo
     """Load each subject's dataset (``config.data`` with ``spec`` replaced), its cached backbone features and,
     when ``model.lambda_align > 0``, its caption embeddings; all subjects share one backbone.
 
+    Every subject is re-split by image key (:func:`llmvem.data.splits.split_by_image_key`, seed
+    ``data.seed``, validation share ``data.val_fraction``, one test share for all subjects: the pooled share of
+    test images rounded to 0.01), so an image that several subjects saw (same NSD id or same content) is on the
+    same side - train, val or test - for each of them.
+
     Parameters
     ----------
     config : RunConfig
@@ -67,15 +74,20 @@ def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: boo
         raise ConfigError("--subjects: expected at least one dataset spec, e.g. v4:DATA:210325,v4:DATA:210322")
     say = on_stage or log.info
     backbone = load_config_backbone(config)
-    out: list[SubjectData] = []
+    configs, datasets = [], []
     for spec in specs:
         cfg = config.model_copy(deep=True)
         cfg.data.spec = spec
+        configs.append(cfg)
+        datasets.append(load_config_dataset(cfg))
+    # One test share for every subject, so that an image two subjects saw lands on the same side for both.
+    n_test = sum(len(d.test) for d in datasets)
+    test_fraction = min(max(round(n_test / sum(len(d.all_images()) for d in datasets), 2), 0.01), 0.99)
+    out: list[SubjectData] = []
+    for spec, cfg, ds in zip(specs, configs, datasets, strict=True):
         say(f"preparing subject {spec}: dataset, image features" + (", captions" if cfg.model.lambda_align > 0
                                                                      else ""))
-        ds = load_config_dataset(cfg)
-        if ds.val is None:
-            ds = ds.with_validation_split(cfg.data.val_fraction, cfg.data.seed)
+        ds = split_by_image_key(ds, cfg.data.val_fraction, test_fraction, cfg.data.seed)
         feats = extract_split_features(cfg, ds, backbone, show_progress=show_progress)
         text = None
         if cfg.model.lambda_align > 0:
@@ -93,7 +105,7 @@ def _summary(s: SubjectData, pred: np.ndarray) -> tuple[dict[str, Any], np.ndarr
     from llmvem.evaluate.metrics import evaluate_predictions
 
     ds = s.dataset
-    ev = evaluate_predictions(ds.test.responses, pred, ds.noise_ceiling, ds.roi_masks, ds.hemisphere)
+    ev = evaluate_predictions(ds.test.responses, pred, held_out_noise_ceiling(ds)[0], ds.roi_masks, ds.hemisphere)
     keys = ("mean_r", "median_r", "mean_accuracy", "median_accuracy")
     return {**{k: ev["summary"][k] for k in keys if k in ev["summary"]}, "per_roi": ev["summary"]["per_roi"]}, ev["r"]
 
@@ -165,8 +177,9 @@ def run_multisubject(config: RunConfig, subjects: Sequence[str] | Sequence[Subje
     per: dict[str, Any] = {}
     for s in prepared:
         ds = s.dataset
+        noise_ceiling, nc_source = held_out_noise_ceiling(ds)
         entry: dict[str, Any] = {"spec": s.spec, "dataset": ds.name, "n_train": len(ds.train), "n_val": len(ds.val),
-                                 "n_test": len(ds.test), "n_voxels": ds.n_voxels}
+                                 "n_test": len(ds.test), "n_voxels": ds.n_voxels, "noise_ceiling_source": nc_source}
         entry["joint"], r_joint = _summary(s, joint[s.name]["test"])
         voxel = {"r__joint": r_joint}
         if separate:
@@ -174,7 +187,7 @@ def run_multisubject(config: RunConfig, subjects: Sequence[str] | Sequence[Subje
             if config.evaluate.bootstrap > 0:
                 res = paired_bootstrap(ds.test.responses, sep[s.name]["test"], joint[s.name]["test"],
                                        n_boot=config.evaluate.bootstrap, seed=config.seed,
-                                       noise_ceiling=ds.noise_ceiling, roi_masks=ds.roi_masks)
+                                       noise_ceiling=noise_ceiling, roi_masks=ds.roi_masks)
                 entry["joint_vs_separate"] = flatten_comparison(res)
         per[s.name] = entry
         write_json(out_dir / "subjects" / f"{s.name}.json", entry)

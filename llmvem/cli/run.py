@@ -21,17 +21,42 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 
 def _print_summary(metrics: dict) -> None:
+    from llmvem.evaluate.selection import select_on_validation, selection_line
     from llmvem.report.tables import fmt_number, text_table
 
-    rows = [[m.get("label", name), fmt_number(m["mean_r"]), fmt_number(m["median_r"]),
+    def val_cell(m: dict) -> str:
+        return fmt_number(m.get("val_mean_r")) + (" (in fit)" if m.get("val_in_fit") else "")
+
+    rows = [[m.get("label", name), val_cell(m), fmt_number(m["mean_r"]), fmt_number(m["median_r"]),
              fmt_number(m.get("mean_accuracy"), 1), fmt_number(m.get("median_accuracy"), 1)]
             for name, m in metrics["models"].items()]
-    typer.echo(text_table(["model", "mean r", "median r", "mean acc %", "median acc %"], rows))
+    typer.echo(text_table(["model", "val mean r", "test mean r", "test median r", "test mean acc %",
+                           "test median acc %"], rows))
     for c in metrics.get("comparisons", []):
-        typer.echo(f"{c['b']} vs {c['a']}: Δ mean r = {fmt_number(c['diff'], 4, True)} "
+        typer.echo(f"test: {c['b']} vs {c['a']}: Δ mean r = {fmt_number(c['diff'], 4, True)} "
                    f"[95% CI {fmt_number(c['ci_low'], 4, True)}, {fmt_number(c['ci_high'], 4, True)}], "
                    f"p = {c['p_value']:.3g}, "
                    f"{100 * c['fraction_improved']:.0f}% of voxels improved")
+    if any(m.get("val_in_fit") for m in metrics["models"].values()):
+        typer.echo("(in fit): the model was fitted on train + val, so its val r is in-sample and not a selection "
+                   "criterion")
+    typer.echo(selection_line(select_on_validation(metrics["models"])))
+
+
+def _print_sweep_selection(points: dict[str, dict]) -> None:
+    """All (sweep point, λ) models with validation and **test** mean r, then the one validation chose."""
+    from llmvem.evaluate.selection import select_on_validation, selection_line
+    from llmvem.report.tables import fmt_number, text_table
+
+    flat = {f"{point}/{name}": {**m, "point": point} for point, metrics in points.items()
+            for name, m in metrics["models"].items()}
+    rows = [[m["point"], m.get("label", key), fmt_number(m.get("val_mean_r")) + (" (in fit)" if m.get("val_in_fit")
+                                                                                  else ""),
+             fmt_number(m["mean_r"])] for key, m in flat.items()]
+    typer.echo("\n== all sweep points (test mean r shown for every model; selection uses val mean r only) ==")
+    typer.echo(text_table(["sweep point", "model", "val mean r", "test mean r"], rows, n_left=2))
+    sel = select_on_validation(flat)
+    typer.echo(selection_line(sel, setting=None if sel is None else flat[sel["model"]]["point"]))
 
 
 @app.command("demo")
@@ -46,8 +71,9 @@ def demo(
     """Run the whole pipeline offline on CPU on the built-in virtual brain.
 
     Scene captions → MiniLM caption embeddings → EfficientNet-Lite0 features → ridge baseline, LLM-VEM with
-    λ = 0 and with λ > 0 → evaluation with paired statistics → HTML report. Prints a summary table and the
-    report path; writes metrics.json in the run folder.
+    λ = 0 and with λ > 0 → evaluation with paired statistics → HTML report. Prints a summary table (validation
+    and test mean r of every model), which λ the validation split chose and its test mean r, and the report
+    path; writes metrics.json in the run folder.
 
     Example: llmvem demo --out runs/demo
     """
@@ -82,7 +108,9 @@ def sweep(
 ) -> None:
     """Train LLM-VEM over λ values (and other config keys), reusing cached captions and features.
 
-    Each grid point is a run folder under --out with its own metrics.json; one report compares them all.
+    Each grid point is a run folder under --out with its own metrics.json; one report compares them all. The
+    last table lists every (grid point, λ) with its validation and test mean r; the setting and λ are chosen
+    on validation only, and the test mean r of that choice is what the final line reports.
 
     Example: llmvem sweep --config demo --lambda 0,0.01,0.1,1 --grid model.feature_dropout=0,0.2 --out runs/sweep
     """
@@ -108,6 +136,7 @@ def sweep(
     touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
     shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
     run_dirs = []
+    points: dict[str, dict] = {}
     for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
         cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
         name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
@@ -117,8 +146,10 @@ def sweep(
                                  report=False, inputs=shared,
                                  on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
         run_dirs.append(run_dir)
+        points[name] = metrics
         typer.echo(f"\n== {name} ==")
         _print_summary(metrics)
+    _print_sweep_selection(points)
     from llmvem.report import write_report
 
     report = write_report(run_dirs, out / "report")

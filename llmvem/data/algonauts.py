@@ -46,6 +46,7 @@ import numpy as np
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.folder import holdout_indices
 from llmvem.data.images import FileImages, list_image_files
+from llmvem.data.noise_ceiling import SOURCE_KEY as NC_SOURCE_KEY
 from llmvem.data.safe_load import check_finite, check_nonempty_files, load_array, load_label_mapping
 from llmvem.errors import DataValidationError
 
@@ -249,6 +250,9 @@ def load_algonauts(subject_dir: str | Path, val_fraction: float = 0.1, seed: int
         "fsaverage_n_vertices": {h: p.fsaverage_size for h, p in zip(hemis, parts, strict=True)},
         "nsd_id": nsd if len(nsd) == len(ids) else {},
     }
+    if noise_ceiling is not None:
+        meta[NC_SOURCE_KEY] = ("whole set: the NSD noise ceiling shipped in the challenge folder (all of the subject's"
+                               " images), not computed for the held-out test images")
     ds = EncodingDataset(
         name=f"algonauts_{subject.name}", splits=splits, roi_masks=roi_masks, hemisphere=hemisphere,
         noise_ceiling=noise_ceiling, fsaverage_index=fsaverage_index, source=str(subject), meta=meta)

@@ -40,6 +40,7 @@ import numpy as np
 
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import FileImages, list_image_files
+from llmvem.data.noise_ceiling import SOURCE_KEY as NC_SOURCE_KEY
 from llmvem.data.noise_ceiling import algonauts_noise_ceiling
 from llmvem.data.safe_load import (
     check_finite,
@@ -294,7 +295,9 @@ def load_folder(path: str | Path, test_fraction: float = 0.2, val_fraction: floa
     ds = EncodingDataset(
         name=name or root.name, splits=splits, roi_masks=rois, hemisphere=hemi, noise_ceiling=noise_ceiling,
         captions=captions, source=str(root),
-        meta={"format": "folder", "test_fraction": None if split_of is not None else test_fraction, "seed": seed},
+        meta={"format": "folder", "test_fraction": None if split_of is not None else test_fraction, "seed": seed,
+              **({NC_SOURCE_KEY: f"given: {nc_path.name} (not computed for the held-out test images)"}
+                 if nc_path.is_file() else {})},
     )
     if val_fraction and "val" not in ds.splits:
         ds = ds.with_validation_split(val_fraction, seed)

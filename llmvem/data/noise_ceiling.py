@@ -6,9 +6,14 @@ repeats, which is what :func:`llmvem.evaluate.metrics.noise_normalized_accuracy`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from llmvem.errors import DataValidationError
+
+if TYPE_CHECKING:
+    from llmvem.data.dataset import EncodingDataset
 
 
 def _check_repeats(repeats: np.ndarray) -> np.ndarray:
@@ -138,3 +143,50 @@ def split_half_noise_ceiling(repeats: np.ndarray, n_splits: int = 20, seed: int 
     n_used = counts[usable].astype(np.float64)
     factor = float(np.mean(1.0 / np.floor(n_used / 2)) / np.mean(1.0 / n_used))
     return np.clip(spearman_brown(r_half, factor), 0.0, 1.0)
+
+
+#: ``EncodingDataset.meta`` keys read by :func:`held_out_noise_ceiling`: the estimator a loader uses for its
+#: repeats (``"algonauts"`` default, ``"split_half"`` for spike data), and where a ceiling that is not computed
+#: from held-out repeats came from (a sentence for the report).
+METHOD_KEY, SOURCE_KEY = "noise_ceiling_method", "noise_ceiling_source"
+
+
+def held_out_noise_ceiling(dataset: EncodingDataset) -> tuple[np.ndarray | None, str]:
+    """The noise ceiling of the images actually held out for evaluation, and a sentence saying where it came from.
+
+    When the test split has single-trial repeats (at least two for some image), the ceiling is computed from
+    those repeats only (:func:`algonauts_noise_ceiling`, or :func:`split_half_noise_ceiling` when
+    ``meta["noise_ceiling_method"] == "split_half"``), so it describes the test images and not the whole set.
+    Otherwise the dataset's own ``noise_ceiling`` is used and the sentence says it is a whole-set ceiling (or
+    repeats its ``meta["noise_ceiling_source"]``), e.g. the NSD ceilings shipped with the Algonauts challenge
+    folders. A ceiling given in a file (``meta["noise_ceiling_source"]`` set by the loader) wins over repeats.
+
+    Parameters
+    ----------
+    dataset : EncodingDataset
+
+    Returns
+    -------
+    noise_ceiling : array of shape (n_voxels,), fraction of variance (0-1), or None
+    source : str
+        E.g. ``"held-out repeats: 40 test images, Algonauts 2023 formula"`` or ``"none: ..."``.
+    """
+    given = dataset.meta.get(SOURCE_KEY)
+    rep = dataset.test.repeats
+    if rep is not None and not given:
+        n_rep = np.isfinite(rep).all(axis=2).sum(axis=1)  # repeats present for every voxel, per image
+        method = dataset.meta.get(METHOD_KEY, "algonauts")
+        enough = (n_rep >= 2).sum() >= 3 if method == "split_half" else (n_rep >= 2).any()
+        if enough:
+            if method == "split_half":
+                nc = split_half_noise_ceiling(rep, seed=int(dataset.meta.get("seed", 0)))
+                name = "split-half reliability, Spearman-Brown corrected"
+            else:
+                nc = algonauts_noise_ceiling(rep)
+                name = "Algonauts 2023 formula"
+            if np.isfinite(nc).all():
+                return np.clip(nc, 0.0, 1.0), f"held-out repeats: {len(rep)} test images, {name}"
+    if dataset.noise_ceiling is None:
+        return None, "none: the data have no repeats of the test images and no noise ceiling"
+    return dataset.noise_ceiling, given or ("whole set: the ceiling supplied with the data, not computed for the "
+                                            "held-out test images")

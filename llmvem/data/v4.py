@@ -27,6 +27,7 @@ import numpy as np
 
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import ZipImages
+from llmvem.data.noise_ceiling import METHOD_KEY as NC_METHOD_KEY
 from llmvem.data.noise_ceiling import split_half_noise_ceiling
 from llmvem.data.safe_load import check_finite, load_array
 from llmvem.errors import DataValidationError
@@ -130,7 +131,7 @@ def load_v4(root: str | Path, session: str, test_every: int = 6, val_fraction: f
     ds = EncodingDataset(
         name=f"v4_{session}", splits=splits, noise_ceiling=noise_ceiling, source=str(root),
         meta={"format": "v4_cowley2023", "session": session, "test_every": test_every, "seed": seed,
-              "units": "spike counts per 100 ms bin, averaged over repeats"},
+              "units": "spike counts per 100 ms bin, averaged over repeats", NC_METHOD_KEY: "split_half"},
     )
     if val_fraction:
         ds = ds.with_validation_split(val_fraction, seed)

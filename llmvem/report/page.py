@@ -179,6 +179,8 @@ def _dataset_line(run: RunResults) -> str:
     rois = d.get("rois") or {}
     if rois:
         parts.append("ROIs: " + ", ".join(f"{_e(k)} ({_e(v)})" for k, v in rois.items()))
+    if d.get("noise_ceiling_source"):
+        parts.append(f"noise ceiling: {_e(d['noise_ceiling_source'])}")
     cap = run.captions_info
     if cap:
         parts.append("captions: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in cap.items()))
