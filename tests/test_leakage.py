@@ -83,9 +83,11 @@ def test_llmvem_pca_standardiser_weights_and_best_epoch_ignore_the_test_split(in
     # the PCA basis/mean of the readout and the standardiser's statistics are buffers of the state dict
     guarded = [k for k in a if k.endswith((".mean", ".basis")) or k.startswith("feature_")]
     assert any(k.endswith(".basis") for k in guarded) and "feature_mean" in guarded, sorted(a)
-    for k in a:
+    for k in guarded:  # PCA mean/basis and standardiser statistics: fitted before training
         assert _same(a[k], b[k]), k
-    for stage, summary in clean.result_.stages.items():
+    for stage, summary in clean.result_.stages.items():  # early stopping: the same best epoch and score
         assert summary["best_epoch"] == leaky.result_.stages[stage]["best_epoch"], stage
         assert summary["best_val_mean_r"] == leaky.result_.stages[stage]["best_val_mean_r"], stage
+    for k in a:  # and every trained weight
+        assert _same(a[k], b[k]), k
     assert _same(clean.result_.predictions["val"], leaky.result_.predictions["val"])
