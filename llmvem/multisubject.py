@@ -20,7 +20,7 @@ import numpy as np
 
 from llmvem.config import RunConfig, save_config
 from llmvem.data.noise_ceiling import held_out_noise_ceiling
-from llmvem.data.splits import split_by_image_key
+from llmvem.data.splits import shared_test_fraction, split_by_image_key
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.estimators import MultiSubjectEncoder
@@ -81,8 +81,7 @@ def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: boo
         configs.append(cfg)
         datasets.append(load_config_dataset(cfg))
     # One test share for every subject, so that an image two subjects saw lands on the same side for both.
-    n_test = sum(len(d.test) for d in datasets)
-    test_fraction = min(max(round(n_test / sum(len(d.all_images()) for d in datasets), 2), 0.01), 0.99)
+    test_fraction = shared_test_fraction(datasets)
     out: list[SubjectData] = []
     for spec, cfg, ds in zip(specs, configs, datasets, strict=True):
         say(f"preparing subject {spec}: dataset, image features" + (", captions" if cfg.model.lambda_align > 0

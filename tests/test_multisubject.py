@@ -20,6 +20,7 @@ from llmvem.config import RunConfig, apply_overrides
 from llmvem.data import load_dataset
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import ArrayImages
+from llmvem.data.splits import shared_test_fraction, split_by_image_key
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.evaluate.metrics import pearson_r
 from llmvem.model import LLMVEM
@@ -411,9 +412,12 @@ def test_train_multi_command_on_v4_sessions_joint_and_separate(tmp_path, v4_root
     stdout = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["subjects"]) == ["v4_s1", "v4_s2"]
+    # every subject is re-split by image key with one test share, so shared images agree across subjects
+    loaded = {s: load_dataset(f"v4:{v4_root}:{s}", val_fraction=0.2, seed=0) for s in ("s1", "s2")}
+    test_fraction = shared_test_fraction(list(loaded.values()))
     for name, entry in summary["subjects"].items():
         session = name.split("_")[1]
-        ds = load_dataset(f"v4:{v4_root}:{session}", val_fraction=0.2, seed=0)
+        ds = split_by_image_key(loaded[session], 0.2, test_fraction, 0)
         assert (entry["n_train"], entry["n_test"], entry["n_voxels"]) == (len(ds.train), len(ds.test), ds.n_voxels)
         joint = np.load(out / "joint" / "predictions" / f"{name}_test.npy")
         alone = np.load(out / "separate" / name / "predictions" / f"{name}_test.npy")

@@ -29,7 +29,7 @@ from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset, Split
 from llmvem.data.images import ConcatImages, ImageCollection
 from llmvem.errors import DataValidationError
 
-__all__ = ["image_keys", "key_positions", "split_by_image_key"]
+__all__ = ["image_keys", "key_positions", "shared_test_fraction", "split_by_image_key"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,13 @@ def key_positions(keys: Sequence[str], seed: int) -> np.ndarray:
         digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
         out[i] = int.from_bytes(digest[:8], "big") / 2.0**64
     return out
+
+
+def shared_test_fraction(datasets: Sequence[EncodingDataset]) -> float:
+    """One test share for several subjects: their pooled share of test images, rounded to 0.01 (in [0.01, 0.99])."""
+    n_test = sum(len(d.test) for d in datasets)
+    n_all = sum(len(d.splits[s]) for d in datasets for s in d.splits)
+    return min(max(round(n_test / max(n_all, 1), 2), 0.01), 0.99)
 
 
 def split_by_image_key(dataset: EncodingDataset, val_fraction: float, test_fraction: float, seed: int
