@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmvem.errors import ConfigError
 
 __all__ = [
+    "AlignDataConfig",
     "BackboneConfig",
     "CaptionsConfig",
     "DataConfig",
@@ -227,6 +228,24 @@ class MultiSubjectConfig(_Section):
         "mean over subjects")
 
 
+class AlignDataConfig(_Section):
+    """Captioned images without brain data (the alignment stream): they add only the contrastive loss.
+
+    ``spec`` is a folder with ``images/`` and a caption file (``captions_file``, default the folder's
+    ``captions.csv``/``.json``/``.jsonl``/``.tsv``) as :func:`llmvem.captions.existing.read_caption_file` reads
+    it, or ``"virtual-scenes:n=2000,seed=7"``: extra virtual-brain scenes with their exact descriptions (at
+    ``data.image_size``). None = no stream. The stream's batches are interleaved with the brain batches in both
+    stages; its contrastive loss is multiplied by ``weight`` (and ``model.lambda_align``), so ``weight`` = 0 or
+    ``lambda_align`` = 0 leaves training exactly as without it.
+    """
+
+    spec: str | None = None
+    captions_file: str | None = Field(None, description="caption file of a folder spec (default: found in it)")
+    weight: float = Field(1.0, ge=0.0, description="factor on the stream's contrastive loss")
+    batch_size: int | None = Field(None, ge=2, description="batch of the stream; None = the stage's batch size")
+    max_images: int | None = Field(None, ge=2, description="use at most this many images (the first ones)")
+
+
 class RunConfig(_Section):
     """Everything that defines a run. Saved as ``config.yaml`` in every run folder."""
 
@@ -238,6 +257,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     multisubject: MultiSubjectConfig = Field(default_factory=MultiSubjectConfig)
+    align_data: AlignDataConfig = Field(default_factory=AlignDataConfig)
     seed: int = 0
     cache_dir: str = "~/.cache/llmvem"
 
