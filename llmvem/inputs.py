@@ -23,8 +23,8 @@ from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
 from llmvem.utils import stable_hash
 
-__all__ = ["PreparedInputs", "build_captioner", "cache_root", "caption_dataset", "embed_captions",
-           "extract_split_features", "load_config_backbone", "load_config_dataset", "prepare_inputs",
+__all__ = ["PreparedInputs", "build_captioner", "cache_root", "caption_dataset", "challenge_images",
+           "embed_captions", "extract_image_features", "extract_split_features", "feature_layers", "load_config_backbone", "load_config_dataset", "prepare_inputs",
            "shuffle_caption_sets"]
 
 
@@ -45,6 +45,9 @@ class PreparedInputs:
     backbone : ImageBackbone
     features : dict of split to dict of layer to array of shape (n_images, d_layer)
     timing : dict of stage to seconds
+    challenge_features : dict of layer to array of shape (n_challenge_images, d_layer), optional
+        Features of the dataset's challenge test images (``dataset.meta["challenge_test_images"]``, responses
+        withheld), when it has some.
     """
 
     dataset: EncodingDataset
@@ -54,6 +57,7 @@ class PreparedInputs:
     backbone: ImageBackbone
     features: dict[str, dict[str, np.ndarray]]
     timing: dict[str, float] = field(default_factory=dict)
+    challenge_features: dict[str, np.ndarray] | None = None
 
 
 def cache_root(config: RunConfig) -> Path:
@@ -156,22 +160,40 @@ def load_config_backbone(config: RunConfig) -> ImageBackbone:
     return load_backbone(b.name, pretrained=b.pretrained, weights=b.weights, image_size=b.image_size)
 
 
+def feature_layers(config: RunConfig, layers: Sequence[str] | None = None) -> list[str]:
+    """The layers features are extracted for: ``layers`` (default ``config.backbone.layers``) plus ``pooled``
+    (the alignment head reads it)."""
+    out = list(layers or config.backbone.layers)
+    if "pooled" not in out:
+        out.append("pooled")
+    return out
+
+
+def extract_image_features(config: RunConfig, images: Any, backbone: ImageBackbone,
+                           layers: Sequence[str] | None = None, show_progress: bool = True) -> dict[str, np.ndarray]:
+    """Frozen backbone features of ``images`` (n images) with ``config``'s cache, batch size, device and storage
+    dtype: dict of layer (:func:`feature_layers`) to array of shape (n, d_layer). What ``train``, ``embed
+    --config`` and the challenge predictions share, so each reads what the other computed."""
+    from llmvem.embed.cache import FeatureCache, extract_features
+
+    cache = FeatureCache(cache_root(config) / "features.h5")
+    return extract_features(images, backbone, layers=feature_layers(config, layers), cache=cache,
+                            batch_size=config.backbone.batch_size, device=config.backbone.device,
+                            dtype=config.backbone.feature_dtype, show_progress=show_progress)
+
+
 def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone: ImageBackbone,
                            layers: Sequence[str] | None = None, show_progress: bool = True
                            ) -> dict[str, dict[str, np.ndarray]]:
     """Frozen backbone features of every split (from the HDF5 feature cache when already computed)."""
-    from llmvem.embed.cache import FeatureCache, extract_features
+    return {split: extract_image_features(config, dataset.splits[split].images, backbone, layers, show_progress)
+            for split in dataset.splits}
 
-    layers = list(layers or config.backbone.layers)
-    if "pooled" not in layers:  # the alignment head reads the pooled embedding
-        layers.append("pooled")
-    cache = FeatureCache(cache_root(config) / "features.h5")
-    return {
-        split: extract_features(dataset.splits[split].images, backbone, layers=layers, cache=cache,
-                                batch_size=config.backbone.batch_size, device=config.backbone.device,
-                                dtype=config.backbone.feature_dtype, show_progress=show_progress)
-        for split in dataset.splits
-    }
+
+def challenge_images(dataset: EncodingDataset) -> Any:
+    """The dataset's challenge test images (responses withheld; ``meta["challenge_test_images"]``), or None."""
+    images = dataset.meta.get("challenge_test_images")
+    return images if images is not None and len(images) else None
 
 
 def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: EncodingDataset | None = None,
@@ -192,5 +214,9 @@ def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: Encod
     t = time.perf_counter()
     backbone = load_config_backbone(config)
     features = extract_split_features(config, dataset, backbone, show_progress=show_progress)
+    challenge = challenge_images(dataset)
+    challenge_features = (extract_image_features(config, challenge, backbone, show_progress=show_progress)
+                          if challenge is not None else None)
     timing["image_features"] = time.perf_counter() - t
-    return PreparedInputs(dataset, captions, caption_info, text_embeddings, backbone, features, timing)
+    return PreparedInputs(dataset, captions, caption_info, text_embeddings, backbone, features, timing,
+                          challenge_features)
