@@ -23,7 +23,8 @@ from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
 from llmvem.utils import stable_hash
 
-__all__ = ["PreparedInputs", "build_captioner", "cache_root", "caption_dataset", "challenge_images",
+__all__ = ["OTHER_CAPTIONS", "PreparedInputs", "build_captioner", "cache_root", "caption_dataset",
+           "caption_store_path", "challenge_images",
            "embed_captions", "extract_image_features", "extract_split_features", "feature_layers", "load_config_backbone", "load_config_dataset", "prepare_inputs",
            "shuffle_caption_sets"]
 
@@ -87,23 +88,74 @@ def build_captioner(config: RunConfig, dataset: EncodingDataset):
                           captions_file=c.captions_file, device=c.device)
 
 
+#: What :func:`caption_dataset` does when the store holds captions of the same model under another
+#: configuration (prompt, token limit...): ``stop`` (raise, the default), ``accept`` (use them), ``recaption``.
+OTHER_CAPTIONS = ("stop", "accept", "recaption")
+
+
+def caption_store_path(config: RunConfig) -> Path:
+    """The caption store of ``config``: ``captions.store``, default ``<cache_dir>/captions.sqlite``."""
+    return Path(config.captions.store).expanduser() if config.captions.store else cache_root(config) / "captions.sqlite"
+
+
+def _identity_difference(record: Any, captioner: Any) -> str:
+    """``prompt``/settings keys in which a stored configuration differs from ``captioner`` (for messages)."""
+    mine = {"prompt": captioner.prompt, **captioner.settings()}
+    theirs = {"prompt": record.prompt, **record.settings}
+    return ", ".join(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)) or "settings"
+
+
+def _other_configuration(store: Any, images: Any, captioner: Any) -> Any:
+    """A stored configuration of the same backend and model that covers more of ``images`` than ``captioner``'s
+    own (so captioning now would describe them a second time), or None."""
+    coverage = store.coverage(images.content_hashes())
+    own = coverage.get(captioner.config_hash, 0)
+    others = [r for r in store.configs() if r.config_hash != captioner.config_hash and r.backend == captioner.backend
+              and r.model_id == captioner.model_id and coverage.get(r.config_hash, 0) > own]
+    return max(others, key=lambda r: coverage[r.config_hash]) if others else None
+
+
 def caption_dataset(config: RunConfig, dataset: EncodingDataset, show_progress: bool = True,
-                    captioner: Any = None) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
-    """Caption every image of ``dataset`` into the store (skipping what is done) and read the captions back."""
+                    captioner: Any = None, other_captions: str = "stop"
+                    ) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+    """Caption every image of ``dataset`` into the store (skipping what is done) and read the captions back.
+
+    ``llmvem caption --config``, ``embed --config`` and ``train`` all call this, so they share one store and one
+    captioner configuration hash. When the store already holds captions of the same backend and model under
+    another configuration, ``other_captions`` (:data:`OTHER_CAPTIONS`) decides: ``stop`` raises
+    :class:`~llmvem.errors.CaptionError` (one line naming the difference), ``accept`` reads those captions
+    instead, ``recaption`` captions under this configuration.
+    """
     from llmvem.captions.run import run_captioning
     from llmvem.captions.store import CaptionStore
+    from llmvem.errors import CaptionError, ConfigError
 
+    if other_captions not in OTHER_CAPTIONS:
+        raise ConfigError(f"other_captions {other_captions!r}: expected one of {', '.join(OTHER_CAPTIONS)}")
     captioner = captioner or build_captioner(config, dataset)
-    store_path = Path(config.captions.store).expanduser() if config.captions.store else cache_root(config) / "captions.sqlite"
+    store_path = caption_store_path(config)
+    images = dataset.all_images()
     with CaptionStore(store_path) as store:
-        summary = run_captioning(dataset.all_images(), captioner, store, batch_size=config.captions.batch_size,
-                                 show_progress=show_progress)
-        if summary.failed:
-            from llmvem.errors import CaptionError
-
-            raise CaptionError(f"{summary.failed} images could not be captioned (first: {summary.failed_ids[:5]});"
-                               f" finished captions are kept in {store_path}; rerun to retry")
         config_hash = captioner.config_hash
+        other = _other_configuration(store, images, captioner)
+        if other is not None and other_captions == "stop":
+            raise CaptionError(
+                f"{store_path}: holds captions of {captioner.model_id} for {other.n_images} images under another "
+                f"configuration {other.config_hash} ({_identity_difference(other, captioner)} differ from "
+                f"{config_hash}); pass --other-captions accept to use them or --other-captions recaption")
+        if other is not None and other_captions == "accept":
+            config_hash = other.config_hash
+            missing = len(images) - store.coverage(images.content_hashes()).get(config_hash, 0)
+            if missing:
+                raise CaptionError(f"{store_path}: configuration {config_hash} lacks captions of {missing} of "
+                                   f"{len(images)} images; caption them with that configuration or recaption")
+        else:
+            summary = run_captioning(images, captioner, store, batch_size=config.captions.batch_size,
+                                     show_progress=show_progress)
+            if summary.failed:
+                raise CaptionError(f"{summary.failed} images could not be captioned (first: "
+                                   f"{summary.failed_ids[:5]}); finished captions are kept in {store_path}; rerun "
+                                   "to retry")
         captions = {s: store.get_for(dataset.splits[s].images, config_hash) for s in dataset.splits}
     info = {"backend": captioner.backend, "model_id": captioner.model_id, "config_hash": config_hash,
             "store": str(store_path)}
@@ -197,8 +249,9 @@ def challenge_images(dataset: EncodingDataset) -> Any:
 
 
 def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: EncodingDataset | None = None,
-                   ) -> PreparedInputs:
-    """Dataset → captions → caption embeddings → backbone features, each stage cached."""
+                   other_captions: str = "stop") -> PreparedInputs:
+    """Dataset → captions → caption embeddings → backbone features, each stage cached (``other_captions``: see
+    :func:`caption_dataset`)."""
     timing: dict[str, float] = {}
     t = time.perf_counter()
     dataset = dataset if dataset is not None else load_config_dataset(config)
@@ -206,7 +259,7 @@ def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: Encod
         dataset = dataset.with_validation_split(config.data.val_fraction, config.data.seed)
     timing["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    captions, caption_info = caption_dataset(config, dataset, show_progress)
+    captions, caption_info = caption_dataset(config, dataset, show_progress, other_captions=other_captions)
     timing["captions"] = time.perf_counter() - t
     t = time.perf_counter()
     text_embeddings = embed_captions(config, captions, show_progress)

@@ -18,7 +18,7 @@ def fake_inputs(monkeypatch):
     """Replace the (slow, captioning + embedding) input preparation by the tiny test dataset."""
     calls = []
 
-    def prepare_inputs(config, show_progress=True, dataset=None):
+    def prepare_inputs(config, show_progress=True, dataset=None, other_captions="stop"):
         calls.append(config)
         ds, text = make_dataset()
         captions = {s: [["an image"]] * len(ds.splits[s]) for s in ds.splits}

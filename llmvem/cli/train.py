@@ -32,6 +32,9 @@ def train(
                                    "start again."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value, e.g. "
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
+    other_captions: str = typer.Option("stop", "--other-captions", help="When the caption store holds captions "
+                                       "of the same model under another prompt/token limit: stop (say so and exit), "
+                                       "accept (use them) or recaption."),
     progress: bool | None = progress_option(),
 ) -> None:
     """Train LLM-VEM (and the ridge baseline of evaluate.baselines) into a complete run folder.
@@ -51,15 +54,16 @@ def train(
     info = setup_distributed(cfg.train.device)
     if info.world_size > 1:
         try:
-            _train_distributed(cfg, out, resume, overwrite, show, info.is_main)
+            _train_distributed(cfg, out, resume, overwrite, show, info.is_main, other_captions)
         finally:
             cleanup_distributed(info)
         return
     cleanup_distributed(info)
-    _train_experiment(cfg, out, resume, overwrite, show)
+    _train_experiment(cfg, out, resume, overwrite, show, other_captions)
 
 
-def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool) -> None:
+def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool,
+                      other_captions: str) -> None:
     import llmvem.inputs
     from llmvem.experiment import run_models
     from llmvem.pipeline import experiment_models
@@ -68,7 +72,7 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
 
     def prepare():
         typer.echo("[llmvem] preparing inputs: dataset, captions, caption embeddings, image features", err=True)
-        return llmvem.inputs.prepare_inputs(cfg, show_progress=show)
+        return llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
 
     result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
                         say=lambda m: typer.echo(f"[llmvem] {m}", err=True))
@@ -85,13 +89,14 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
     typer.echo(f"run folder: {out}  (llmvem report {out})")
 
 
-def _train_distributed(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool, is_main: bool) -> None:
+def _train_distributed(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool, is_main: bool,
+                       other_captions: str) -> None:
     import llmvem.inputs
     from llmvem.train import prepare_run_folder, train_encoding_model
 
     if is_main:  # refuse a used folder before the (slow) input preparation
         prepare_run_folder(out, resume=resume, overwrite=overwrite)
-    inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show and is_main)
+    inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show and is_main, other_captions=other_captions)
     lam = cfg.model.lambda_align
     result = train_encoding_model(cfg, inputs.dataset, text_embeddings=inputs.text_embeddings if lam > 0 else None,
                                   backbone=inputs.backbone, features=inputs.features, out_dir=out,
