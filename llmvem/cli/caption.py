@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 # "\b" keeps click from re-wrapping the example block.
 _EXAMPLES = """\b
 Examples:
+  llmvem caption --config algonauts_eva02 --set data.spec=data/algonauts_2023/subj01 \\
+      --set captions.store=captions/subj01.sqlite        (exactly what `llmvem train` with that config reuses)
   llmvem caption virtual --store captions.sqlite --backend dataset
   llmvem caption data/algonauts_2023/subj01 --store subj01.sqlite --backend openai \\
       --model Qwen/Qwen2.5-VL-7B-Instruct --base-url http://localhost:8000/v1 --max-in-flight 64
@@ -29,8 +31,16 @@ def caption(
         "All its images (train, val, test) are captioned. Leave out when using --images."),
     images_dir: Path | None = typer.Option(None, "--images", help="Caption the image files in this folder instead "
                                            "of a dataset (ids are the file names without suffix)."),
-    store_path: Path = typer.Option(..., "--store", help="SQLite caption store to write (created if absent; a "
-                                    "rerun skips images already captioned with the same settings)."),
+    config: str | None = typer.Option(None, "--config", help="Caption as this YAML/shipped config says (data.spec, "
+                                      "captions.*: store, backend, model, prompt, token limit), exactly what `llmvem "
+                                      "embed/train --config` reuse; the other options are then not used."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="--config: override a config value "
+                                        "(repeatable; values are YAML)."),
+    other_captions: str = typer.Option("stop", "--other-captions", help="--config: when the store holds captions "
+                                       "of the same model under another prompt/token limit: stop, accept or "
+                                       "recaption."),
+    store_path: Path | None = typer.Option(None, "--store", help="SQLite caption store to write (created if absent; "
+                                           "a rerun skips images already captioned with the same settings)."),
     backend: str = typer.Option("labels", "--backend", help="labels (offline ImageNet labels, weak), dataset (the "
                                 "dataset's own captions), file (--captions-file), transformers (local VLM), "
                                 "openai (OpenAI-compatible server: vLLM, SGLang, Ollama, ...)."),
@@ -67,8 +77,16 @@ def caption(
     from llmvem.captions import CaptionStore, make_captioner, run_captioning
     from llmvem.errors import ConfigError
 
+    if config is not None:
+        if dataset is not None or images_dir is not None or store_path is not None:
+            raise ConfigError("--config takes the dataset and the store from the config (data.spec, captions.store);"
+                              " leave out DATASET, --images and --store, or change them with --set")
+        _caption_from_config(config, overrides, other_captions, show)
+        return
     if (dataset is None) == (images_dir is None):
         raise ConfigError("give either a dataset spec or --images DIR (not both)")
+    if store_path is None:
+        raise ConfigError("--store FILE is required (or --config)")
     ds = None
     if images_dir is not None:
         from llmvem.data.images import FileImages, list_image_files
@@ -116,3 +134,16 @@ def caption(
             typer.echo(f"... and {summary.failed - 20} more failed images", err=True)
         typer.echo("run the same command again to retry the failed images", err=True)
         raise typer.Exit(code=1)
+
+
+def _caption_from_config(config: str, overrides: list[str], other_captions: str, show: bool) -> None:
+    """``caption --config``: :func:`llmvem.inputs.caption_dataset`, the one captioning ``train`` reuses."""
+    from llmvem.config import apply_overrides, load_config
+    from llmvem.inputs import caption_dataset, load_config_dataset
+
+    cfg = apply_overrides(load_config(config), overrides)
+    ds = load_config_dataset(cfg)
+    captions, info = caption_dataset(cfg, ds, show, other_captions=other_captions)
+    n = sum(len(c) for c in captions.values())
+    typer.echo(f"captions of {n} images of {ds.name}: {info['backend']} {info['model_id']}, captioner config "
+               f"{info['config_hash']}, store {info['store']} (llmvem embed/train with this config reuse them)")
