@@ -9,6 +9,7 @@ the benchmarks and the CLI. This module imports nothing from ``train``, ``explai
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from llmvem.data import load_dataset
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
 from llmvem.utils import stable_hash
+
+log = logging.getLogger(__name__)
 
 __all__ = ["OTHER_CAPTIONS", "PreparedInputs", "build_captioner", "cache_root", "caption_dataset",
            "caption_store_path", "challenge_images",
@@ -229,7 +232,16 @@ def extract_image_features(config: RunConfig, images: Any, backbone: ImageBackbo
     from llmvem.embed.cache import FeatureCache, extract_features
 
     cache = FeatureCache(cache_root(config) / "features.h5")
-    return extract_features(images, backbone, layers=feature_layers(config, layers), cache=cache,
+    layers = feature_layers(config, layers)
+    key, _ = FeatureCache.config_key(backbone, layers, config.backbone.feature_dtype)
+    stored = cache.info()
+    same_model = [e for e in stored if e["model_id"] == backbone.model_id]
+    if same_model and not any(e["key"] == key for e in stored):  # fine to compute, but say it is a new set
+        e = same_model[0]
+        log.warning("feature cache %s holds %s features of layers %s (%s); computing layers %s (%s) as a new "
+                    "configuration", cache.path, backbone.model_id, ",".join(e["layers"]), e["dtype"],
+                    ",".join(layers), config.backbone.feature_dtype)
+    return extract_features(images, backbone, layers=layers, cache=cache,
                             batch_size=config.backbone.batch_size, device=config.backbone.device,
                             dtype=config.backbone.feature_dtype, show_progress=show_progress)
 
