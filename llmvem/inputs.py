@@ -105,7 +105,8 @@ def _identity_difference(record: Any, captioner: Any) -> str:
     """``prompt``/settings keys in which a stored configuration differs from ``captioner`` (for messages)."""
     mine = {"prompt": captioner.prompt, **captioner.settings()}
     theirs = {"prompt": record.prompt, **record.settings}
-    return ", ".join(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)) or "settings"
+    diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)] or ["settings"]
+    return ", ".join(diff) + (" differs" if len(diff) == 1 else " differ")
 
 
 def _other_configuration(store: Any, images: Any, captioner: Any) -> Any:
@@ -144,7 +145,7 @@ def caption_dataset(config: RunConfig, dataset: EncodingDataset, show_progress: 
         if other is not None and other_captions == "stop":
             raise CaptionError(
                 f"{store_path}: holds captions of {captioner.model_id} for {other.n_images} images under another "
-                f"configuration {other.config_hash} ({_identity_difference(other, captioner)} differ from "
+                f"configuration {other.config_hash} ({_identity_difference(other, captioner)} from "
                 f"{config_hash}); pass --other-captions accept to use them or --other-captions recaption")
         if other is not None and other_captions == "accept":
             config_hash = other.config_hash

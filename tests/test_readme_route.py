@@ -160,6 +160,7 @@ def test_readme_real_data_route_computes_each_stage_once(tmp_path, monkeypatch, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "another configuration" in err[0] and "prompt" in err[0]
         assert srv.n_requests == n_requests  # stopped before captioning again
+        assert not (tmp_path / "runs" / "x").exists()  # and left no half-made run folder
     assert main(["export", str(run1), "--subject-dir", str(subjects[1]), "--out", str(tmp_path / "e2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vertices" in err[0]

@@ -64,18 +64,28 @@ def train(
 
 def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool,
                       other_captions: str) -> None:
+    import shutil
+
     import llmvem.inputs
+    from llmvem.errors import LLMVEMError
     from llmvem.experiment import run_models
     from llmvem.pipeline import experiment_models
 
     models = experiment_models(cfg, [cfg.model.lambda_align], show_progress=show)
 
     def prepare():
-        typer.echo("[llmvem] preparing inputs: dataset, captions, caption embeddings, image features", err=True)
+        if show:
+            typer.echo("[llmvem] preparing inputs: dataset, captions, caption embeddings, image features", err=True)
         return llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
 
-    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
-                        say=lambda m: typer.echo(f"[llmvem] {m}", err=True))
+    existed = out.exists()
+    try:
+        result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
+                            say=(lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None))
+    except LLMVEMError:
+        if not existed and out.is_dir():  # refused inputs (another captioner...): leave no half-made folder
+            shutil.rmtree(out)
+        raise
     m = result.metrics
     for name, rec in m["models"].items():
         val = rec.get("val_mean_r")
