@@ -27,6 +27,13 @@ def progress_option() -> Any:
                         help="Show progress bars (default on; off when LLMVEM_NO_PROGRESS=1).")
 
 
+def other_captions_option() -> Any:
+    """The ``--other-captions`` option of ``caption``/``embed``/``train --config`` (see
+    :func:`llmvem.inputs.caption_dataset`)."""
+    return typer.Option("stop", "--other-captions", help="When the caption store holds captions of the same model "
+                        "under another prompt/token limit: stop (say so and exit 2), accept (use them) or recaption.")
+
+
 def use_progress(flag: bool | None) -> bool:
     """Apply a command's ``--progress/--no-progress`` to every bar (llmvem's and the weight-loading bars of
     transformers) and return whether bars are on."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, other_captions_option, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ def caption(
                                       "embed/train --config` reuse; the other options are then not used."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="--config: override a config value "
                                         "(repeatable; values are YAML)."),
-    other_captions: str = typer.Option("stop", "--other-captions", help="--config: when the store holds captions "
-                                       "of the same model under another prompt/token limit: stop, accept or "
-                                       "recaption."),
+    other_captions: str = other_captions_option(),
     store_path: Path | None = typer.Option(None, "--store", help="SQLite caption store to write (created if absent; "
                                            "a rerun skips images already captioned with the same settings)."),
     backend: str = typer.Option("labels", "--backend", help="labels (offline ImageNet labels, weak), dataset (the "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, other_captions_option, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def embed(
                                       "other options are then not used."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="--config: override a config value "
                                         "(repeatable; values are YAML)."),
-    other_captions: str = typer.Option("stop", "--other-captions", help="--config: as in `llmvem train`."),
+    other_captions: str = other_captions_option(),
     text: bool = typer.Option(False, "--text", help="Embed each image's captions (mean of its captions)."),
     images: bool = typer.Option(False, "--images", help="Compute backbone features into the feature cache."),
     captions: Path | None = typer.Option(None, "--captions", help="--text: SQLite caption store written by "

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, other_captions_option, progress_option, use_progress
 
 if TYPE_CHECKING:
     from llmvem.config import RunConfig
@@ -25,16 +25,14 @@ Examples:
 def train(
     config: str = typer.Option(..., "--config", help="YAML config file, or a shipped config name (demo, "
                                "algonauts_eva02)."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (config.yaml, curves.csv, checkpoints, "
-                             "predictions)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (config.yaml, metrics.json, "
+                             "voxel_metrics.npz, models/<name>/ with checkpoints and predictions)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the trainer's previous outputs in --out and "
                                    "start again."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value, e.g. "
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
-    other_captions: str = typer.Option("stop", "--other-captions", help="When the caption store holds captions "
-                                       "of the same model under another prompt/token limit: stop (say so and exit), "
-                                       "accept (use them) or recaption."),
+    other_captions: str = other_captions_option(),
     progress: bool | None = progress_option(),
 ) -> None:
     """Train LLM-VEM (and the ridge baseline of evaluate.baselines) into a complete run folder.
