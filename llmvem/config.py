@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmvem.errors import ConfigError
+from llmvem.errors import ConfigError, quote, shorten
 
 __all__ = [
     "BackboneConfig",
@@ -252,19 +252,23 @@ def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _validation_message(exc: ValidationError, source: str) -> str:
+    """One line per pydantic error, joined with "; "; every quoted value bounded (:func:`llmvem.errors.quote`)."""
     lines = []
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
-        key = _format_loc(loc)
+        key = shorten(_format_loc(loc))
         if err.get("type") == "extra_forbidden":
             known = _expected_keys(RunConfig, loc)
             hint = f"; expected one of: {', '.join(known)}" if known else ""
             lines.append(f"{source}: {key}: unknown key{hint}")
         else:
             got = err.get("input")
-            got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
-            lines.append(f"{source}: {key}: {err.get('msg')}{got_txt}")
-    return "\n".join(lines)
+            got_txt = f" (got {quote(got)})" if not isinstance(got, dict) else ""
+            lines.append(f"{source}: {key}: {shorten(str(err.get('msg')))}{got_txt}")
+        if len(lines) == 3 and len(exc.errors()) > 3:
+            lines.append(f"and {len(exc.errors()) - 3} more errors")
+            break
+    return "; ".join(lines)
 
 
 def _validate(data: Any, source: str) -> RunConfig:
@@ -318,14 +322,80 @@ def load_config(path: str | Path) -> RunConfig:
         (``train.stage1.lr``) and what was expected.
     """
     source, text = _resolve(path)
+    return _validate(parse_yaml(text, source), source)
+
+
+#: Most YAML nodes a config may expand to through aliases (``*name``); a real config has a few hundred.
+MAX_YAML_NODES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys (which plain YAML resolves silently, last one wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {quote(key)} (first at line {seen[key].start_mark.line + 1}); "
+                    "each key may appear once", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node, bound: int) -> int:
+    """Nodes of the document with every alias expanded, counted on the shared node graph (stops past ``bound``)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+            continue
+        sizes[id(node)] = min(bound + 1, 1 + sum(sizes.get(id(k), 1) for k in kids))
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse config YAML safely: no tags that build objects, no duplicate keys, no alias bombs.
+
+    Raises
+    ------
+    ConfigError
+        Invalid YAML (with line and column), a key given twice in one mapping, or aliases that expand past
+        :data:`MAX_YAML_NODES` nodes (the "billion laughs" document).
+    """
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: aliases (*name) expand to more than {MAX_YAML_NODES} values; a config "
+                              "needs no more than a few hundred (an alias bomb?)")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from exc
-    return _validate(data, source)
+        raise ConfigError(f"{source}: invalid YAML{where}: {shorten(problem)}") from exc
+    finally:
+        loader.dispose()
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
@@ -338,8 +408,8 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return parse_yaml(text, "override")
+    except ConfigError:
         return text
 
 
@@ -357,7 +427,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
     data = config.model_dump(mode="python")
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.stage1.lr=1e-3")
+            raise ConfigError(f"--set {quote(item)}: expected KEY=VALUE, e.g. train.stage1.lr=1e-3")
         key, raw = item.split("=", 1)
         key = key.strip()
         parts = key.split(".")
@@ -370,14 +440,14 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
             if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
                 where = ".".join(parts[: depth + 1])
                 keys = sorted(node) if isinstance(node, dict) else []
-                raise ConfigError(f"override {item!r}: {where}: unknown section; expected one of: {', '.join(keys)}")
+                raise ConfigError(f"--set {quote(item)}: {shorten(where)}: unknown section; expected one of: {', '.join(keys)}")
             field = cls.model_fields[part]
             ann = field.annotation
             cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
             node = node[part]
         leaf = parts[-1]
         if leaf not in node and cls is not None:
-            raise ConfigError(f"override {item!r}: {key}: unknown key; expected one of: {', '.join(sorted(node))}")
+            raise ConfigError(f"--set {quote(item)}: {shorten(key)}: unknown key; expected one of: {', '.join(sorted(node))}")
         node[leaf] = _parse_value(raw)
         try:
             RunConfig.model_validate(data)
@@ -387,7 +457,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
                 RunConfig.model_validate(data)
             except ValidationError as exc:
                 node[leaf] = _parse_value(raw)
-                raise ConfigError(_validation_message(exc, f"override {item!r}")) from exc
+                raise ConfigError(_validation_message(exc, f"--set {quote(item)}")) from exc
     return _validate(data, "overrides")
 
 

@@ -187,6 +187,8 @@ class OpenAICaptioner(Captioner):
         self._load = dict.fromkeys(self._endpoints, 0)
         self._turn = 0
         self.requests_sent = dict.fromkeys(self._endpoints, 0)
+        self._answered: set[str] = set()  # endpoints that answered at least once
+        self._refused: set[str] = set()  # endpoints that refused a connection before ever answering
 
     # ----------------------------------------------------------------- identity
     def settings(self) -> dict[str, Any]:
@@ -240,8 +242,19 @@ class OpenAICaptioner(Captioner):
             resp = await client.post(url, json=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise _Retryable(f"timeout after {self.timeout_s:g} s ({type(exc).__name__})") from None
-        except httpx.RequestError as exc:  # connection refused/reset/dropped, protocol and decoding errors
+        except httpx.ConnectError as exc:
+            if url not in self._answered:
+                self._refused.add(url)
+                if not self._answered and self._refused >= set(self._endpoints):
+                    # every server refused before answering once: a wrong URL or no server; retrying all images
+                    # with backoff would only take minutes to say the same
+                    raise _Fatal(f"cannot connect to {', '.join(sorted(self._refused))} ({type(exc).__name__}: "
+                                 f"{self._redact(str(exc))}); is the server running, and is --base-url right?"
+                                 ) from None
             raise _Retryable(f"connection error ({type(exc).__name__}: {self._redact(str(exc))})") from None
+        except httpx.RequestError as exc:  # connection reset/dropped, protocol and decoding errors
+            raise _Retryable(f"connection error ({type(exc).__name__}: {self._redact(str(exc))})") from None
+        self._answered.add(url)
         if resp.status_code in FATAL_STATUS:
             hint = {401: f"the server refused the API key; set ${self.api_key_env}",
                     403: f"the server refused the API key; check ${self.api_key_env}",

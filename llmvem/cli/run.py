@@ -56,9 +56,10 @@ def demo(
     Example: llmvem demo --out runs/demo
     """
     from llmvem.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config(config), set_)  # bad input fails here, before torch is imported
     from llmvem.pipeline import run_experiment
 
-    cfg = apply_overrides(load_config(config), set_)
     if out is None:
         out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
@@ -90,17 +91,30 @@ def sweep(
     Example: llmvem sweep --config demo --lambda 0,0.01,0.1,1 --grid model.feature_dropout=0,0.2 --out runs/sweep
     """
     from llmvem.config import apply_overrides, load_config
-    from llmvem.errors import ConfigError
-    from llmvem.pipeline import prepare_inputs, prepare_run_folder, run_experiment
+    from llmvem.errors import ConfigError, quote
 
     base = apply_overrides(load_config(config), set_)
     lam_values = _parse_floats(lambdas, "--lambda")
+    if not lam_values:
+        raise ConfigError(f"--lambda {quote(lambdas)}: expected at least one value, e.g. 0,0.1")
+    for lam in lam_values:  # every grid point is checked before the sweep folder is made
+        try:
+            apply_overrides(base, [f"model.lambda_align={lam}"])
+        except ConfigError:
+            raise ConfigError(f"--lambda {quote(lambdas)}: {lam:g} is not a valid lambda_align; expected numbers "
+                              ">= 0") from None
     axes: list[tuple[str, list[str]]] = []
     for item in grid:
         if "=" not in item:
-            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2")
+            raise ConfigError(f"--grid {quote(item)}: expected KEY=V1,V2")
         key, values = item.split("=", 1)
         axes.append((key, [v for v in values.split(",") if v]))
+        if not axes[-1][1]:
+            raise ConfigError(f"--grid {quote(item)}: no values; expected KEY=V1,V2")
+    for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
+        apply_overrides(base, [f"{k}={v}" for k, v in combo])
+    from llmvem.pipeline import prepare_inputs, prepare_run_folder, run_experiment
+
     prepare_run_folder(out, resume, overwrite)
     # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
     # once unless the grid changes one of those sections (they are cached on disk either way).

@@ -36,11 +36,12 @@ def train(
     cache_dir). Under torchrun every process runs this command; only rank 0 writes and prints.
     """
     from llmvem.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
     from llmvem.pipeline import prepare_inputs
     from llmvem.train import prepare_run_folder, train_encoding_model
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
-    cfg = apply_overrides(load_config(config), overrides)
     info = setup_distributed(cfg.train.device)
     try:
         if info.is_main:  # refuse a used folder before the (slow) input preparation

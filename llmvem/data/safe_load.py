@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError
 
-from llmvem.errors import DataValidationError, ModelLoadError, UnsafeFileError
+from llmvem.errors import DataValidationError, ModelLoadError, UnsafeFileError, quote
 
 try:  # NumPy >= 2
     from numpy._core import multiarray as _multiarray
@@ -139,10 +139,10 @@ def load_label_mapping(path: str | Path) -> dict[int, str]:
     out: dict[int, str] = {}
     for key, value in obj.items():
         if not isinstance(key, (int, np.integer)) or isinstance(key, bool):
-            raise DataValidationError(path, "mapping", f"key {key!r} is a {type(key).__name__}; expected int")
+            raise DataValidationError(path, "mapping", f"key {quote(key)} is a {type(key).__name__}; expected int")
         if not isinstance(value, str):
             raise DataValidationError(
-                path, "mapping", f"value of key {key!r} is a {type(value).__name__}; expected str")
+                path, "mapping", f"value of key {quote(key)} is a {type(value).__name__}; expected str")
         out[int(key)] = value
     return out
 
@@ -173,6 +173,19 @@ def weights_load_error(source: str | Path, exc: BaseException) -> Exception:
 
 
 # ---------------------------------------------------------------------------------------- numeric arrays
+def _check_npy_magic(path: Path, field: str) -> None:
+    """Refuse a ``.npy`` file that does not start with the NumPy magic (text, CSV, another format) by name."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise DataValidationError(path, field, f"cannot read file ({exc.strerror or exc})") from exc
+    if head != b"\x93NUMPY":
+        kind = "empty" if not head else ("text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary")
+        raise DataValidationError(
+            path, field, f"not a .npy file ({kind} content starting {head!r}); save the array with numpy.save")
+
+
 def load_array(path: str | Path, field: str, dataset: str | None = None, ndim: int | None = None,
                mmap: bool = False) -> np.ndarray:
     """Load a numeric array from ``.npy`` (never unpickling) or an HDF5 dataset.
@@ -200,6 +213,7 @@ def load_array(path: str | Path, field: str, dataset: str | None = None, ndim: i
         raise DataValidationError(path, field, "file not found")
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        _check_npy_magic(path, field)
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
         except ValueError as exc:
