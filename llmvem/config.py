@@ -292,9 +292,14 @@ def _resolve(path_or_name: str | Path) -> tuple[str, str]:
     path = Path(path_or_name)
     if path.is_file():
         try:
-            return str(path), path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+        try:
+            return str(path), data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save "
+                              "the config as UTF-8") from exc
     name = str(path_or_name)
     if path.suffix == "" and "/" not in name and name in list_shipped_configs():
         return f"llmvem/configs/{name}.yaml", (SHIPPED_CONFIGS / f"{name}.yaml").read_text(encoding="utf-8")
@@ -351,8 +356,10 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _expanded_size(root: yaml.Node, bound: int) -> int:
-    """Nodes of the document with every alias expanded, counted on the shared node graph (stops past ``bound``)."""
+    """Nodes of the document with every alias expanded, counted on the shared node graph (capped at
+    ``bound + 1``). A recursive alias (``&a [*a]``) expands without end and counts as over the bound."""
     sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
@@ -364,9 +371,13 @@ def _expanded_size(root: yaml.Node, bound: int) -> int:
         elif isinstance(node, yaml.MappingNode):
             kids = [n for pair in node.value for n in pair]
         if not children_done:
+            if id(node) in open_nodes:  # reached itself through its own children
+                return bound + 1
+            open_nodes.add(id(node))
             stack.append((node, True))
             stack.extend((k, False) for k in kids if id(k) not in sizes)
             continue
+        open_nodes.discard(id(node))
         sizes[id(node)] = min(bound + 1, 1 + sum(sizes.get(id(k), 1) for k in kids))
     return sizes[id(root)]
 
@@ -382,7 +393,10 @@ def parse_yaml(text: str, source: str) -> Any:
     """
     loader = _StrictLoader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested nodes recursively
+            raise ConfigError(f"{source}: nesting deeper than Python can parse; a config needs a few levels") from None
         if node is None:
             return None
         if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
@@ -406,11 +420,15 @@ def save_config(config: RunConfig, path: str | Path) -> None:
         yaml.safe_dump(config.model_dump(mode="json"), fh, sort_keys=False, default_flow_style=False)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str) -> Any:
+    """The YAML value of an override; text that is not valid YAML stays text, but a YAML bomb or a duplicate key
+    is an error."""
     try:
-        return parse_yaml(text, "override")
-    except ConfigError:
-        return text
+        return parse_yaml(text, f"--set {quote(item)}")
+    except ConfigError as exc:
+        if "invalid YAML" in str(exc) and "duplicate key" not in str(exc):
+            return text
+        raise
 
 
 def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
@@ -448,7 +466,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
         leaf = parts[-1]
         if leaf not in node and cls is not None:
             raise ConfigError(f"--set {quote(item)}: {shorten(key)}: unknown key; expected one of: {', '.join(sorted(node))}")
-        node[leaf] = _parse_value(raw)
+        node[leaf] = _parse_value(raw, item)
         try:
             RunConfig.model_validate(data)
         except ValidationError:
@@ -456,7 +474,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
             try:
                 RunConfig.model_validate(data)
             except ValidationError as exc:
-                node[leaf] = _parse_value(raw)
+                node[leaf] = _parse_value(raw, item)
                 raise ConfigError(_validation_message(exc, f"--set {quote(item)}")) from exc
     return _validate(data, "overrides")
 

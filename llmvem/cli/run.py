@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, new_output_folder
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -63,8 +63,9 @@ def demo(
     if out is None:
         out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
-    metrics = run_experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
-                             on_stage=lambda msg: typer.echo(f"[llmvem] {msg}", err=True))
+    with new_output_folder(out):
+        metrics = run_experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
+                                 on_stage=lambda msg: typer.echo(f"[llmvem] {msg}", err=True))
     typer.echo("")
     _print_summary(metrics)
     typer.echo(f"\nrun folder: {out}\nmetrics:    {out / 'metrics.json'}")
@@ -115,23 +116,24 @@ def sweep(
         apply_overrides(base, [f"{k}={v}" for k, v in combo])
     from llmvem.pipeline import prepare_inputs, prepare_run_folder, run_experiment
 
-    prepare_run_folder(out, resume, overwrite)
-    # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
-    # once unless the grid changes one of those sections (they are cached on disk either way).
-    touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
-    shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
-    run_dirs = []
-    for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
-        cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
-        name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
-        run_dir = out / name
-        typer.echo(f"[llmvem] sweep point {name}: lambda = {lam_values}", err=True)
-        metrics = run_experiment(cfg, run_dir, lambdas=lam_values, resume=resume, show_progress=progress,
-                                 report=False, inputs=shared,
-                                 on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
-        run_dirs.append(run_dir)
-        typer.echo(f"\n== {name} ==")
-        _print_summary(metrics)
+    with new_output_folder(out):
+        prepare_run_folder(out, resume, overwrite)
+        # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
+        # once unless the grid changes one of those sections (they are cached on disk either way).
+        touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
+        shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
+        run_dirs = []
+        for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
+            cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
+            name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
+            run_dir = out / name
+            typer.echo(f"[llmvem] sweep point {name}: lambda = {lam_values}", err=True)
+            metrics = run_experiment(cfg, run_dir, lambdas=lam_values, resume=resume, show_progress=progress,
+                                     report=False, inputs=shared,
+                                     on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
+            run_dirs.append(run_dir)
+            typer.echo(f"\n== {name} ==")
+            _print_summary(metrics)
     from llmvem.report import write_report
 
     report = write_report(run_dirs, out / "report")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, new_output_folder
+from llmvem.errors import DiskFullError, is_disk_full
 
 _EXAMPLES = """\b
 Examples:
@@ -44,14 +45,19 @@ def train(
 
     info = setup_distributed(cfg.train.device)
     try:
-        if info.is_main:  # refuse a used folder before the (slow) input preparation
-            prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        inputs = prepare_inputs(cfg, show_progress=not quiet and info.is_main)
-        lam = cfg.model.lambda_align
-        result = train_encoding_model(cfg, inputs.dataset,
-                                      text_embeddings=inputs.text_embeddings if lam > 0 else None,
-                                      backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                      resume=resume, overwrite=overwrite, show_progress=not quiet)
+        with new_output_folder(out):
+            if info.is_main:  # refuse a used folder before the (slow) input preparation
+                prepare_run_folder(out, resume=resume, overwrite=overwrite)
+            inputs = prepare_inputs(cfg, show_progress=not quiet and info.is_main)
+            lam = cfg.model.lambda_align
+            result = train_encoding_model(cfg, inputs.dataset,
+                                          text_embeddings=inputs.text_embeddings if lam > 0 else None,
+                                          backbone=inputs.backbone, features=inputs.features, out_dir=out,
+                                          resume=resume, overwrite=overwrite, show_progress=not quiet)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, "the run folder (checkpoints, predictions)") from exc
+        raise
     finally:
         cleanup_distributed(info)
     if info.is_main:

@@ -47,7 +47,7 @@ from llmvem.data.safe_load import (
     load_array,
     read_utf8_text,
 )
-from llmvem.errors import DataValidationError
+from llmvem.errors import DataValidationError, quote
 
 SPLIT_VALUES = ("train", "val", "test")
 
@@ -118,7 +118,14 @@ def _read_stimuli_csv(csv_path: Path, images_dir: Path, allow_symlinks: bool = F
     seen: dict[str, Path] = {}
     splits: dict[str, str] = {}
     captions: dict[str, list[str]] = {}
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # NUL bytes, a field over the CSV size limit, ...
+            raise DataValidationError(csv_path, f"line {reader.line_num}", f"not valid CSV ({exc})") from exc
         line = reader.line_num
         name = (row.get("image") or "").strip()
         if not name:
@@ -128,11 +135,15 @@ def _read_stimuli_csv(csv_path: Path, images_dir: Path, allow_symlinks: bool = F
                 csv_path, f"image (line {line})", f"{name[:150]!r} leaves the images folder; expected a file name "
                 "inside images/")
         path = images_dir / name
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # e.g. a name longer than the file system allows
+            found = False
+        if not found:
             candidates = by_stem.get(name, []) if not Path(name).suffix else []
             if len(candidates) != 1:
                 raise DataValidationError(
-                    csv_path, f"image (line {line})", f"{name!r} not found in {images_dir}; expected an existing "
+                    csv_path, f"image (line {line})", f"{quote(name)} not found in {images_dir}; expected an existing "
                     "image file name")
             path = candidates[0]
         confine(path, images_dir, csv_path, f"image (line {line})", allow_symlinks)
