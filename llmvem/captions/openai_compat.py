@@ -205,6 +205,28 @@ class OpenAICaptioner(Captioner):
         key = self._api_key.reveal()
         return text.replace(key, "***") if key else text
 
+    def check_servers(self, timeout_s: float = 5.0) -> None:
+        """Fail at once, with one line, when no server accepts a TCP connection (wrong URL, server not started).
+
+        Raises
+        ------
+        CaptionError
+            Naming every URL and why it could not be reached. One reachable server is enough.
+        """
+        import socket
+        from urllib.parse import urlsplit
+
+        reasons = []
+        for url in self.base_urls:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout_s):
+                    return
+            except OSError as exc:
+                reasons.append(f"{url} ({exc.strerror or type(exc).__name__})")
+        raise CaptionError(f"cannot connect to {', '.join(reasons)}; is the server running, and is --base-url right?")
+
     # ---------------------------------------------------------------- requests
     def _body(self, data_url: str) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -157,7 +157,7 @@ def run_captioning(images: ImageCollection, captioner: Captioner, store: Caption
         except Exception:  # noqa: BLE001 - the claims expire anyway; keep the original error
             logger.debug("could not release the caption claims of this worker", exc_info=True)
     elapsed = time.perf_counter() - t0
-    others = store.claimed_by_others(config_hash)
+    others = min(store.claimed_by_others(config_hash), n - done - len(failures))
     summary = CaptionSummary(
         n_images=n, done=done, skipped=n - done - len(failures) - others, failed=len(failures),
         failed_ids=[r.image_id for r in failures], errors={r.image_id: r.error or "no caption" for r in failures},

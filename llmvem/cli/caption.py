@@ -93,7 +93,10 @@ def caption(
         backend, model=model, prompt=prompt, max_new_tokens=max_new_tokens, base_urls=base_urls,
         api_key_env=api_key_env, max_in_flight=max_in_flight, captions_file=captions_file, dataset=ds,
         device=device, dtype=dtype, timeout_s=timeout, max_retries=max_retries)
+    check_servers = getattr(captioner, "check_servers", None)
     try:
+        if check_servers is not None:  # an unreachable server fails before the store is made
+            check_servers()
         with CaptionStore(store_path) as store:
             typer.echo(f"captioning {len(images)} images of {label} with {captioner.model_id} ({captioner.backend} "
                        f"backend, config {captioner.config_hash}) into {store_path}", err=True)

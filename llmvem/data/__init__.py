@@ -56,12 +56,16 @@ def _call_loader(loader: Callable[..., EncodingDataset], spec: str, options: dic
         ok = kind is None or (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))) \
             or (kind is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
-            raise DataValidationError(spec, f"option {key}", f"got {quote(value)}; expected a {kind.__name__}"
-                                      f" such as {default!r}")
+            what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise DataValidationError(spec, f"option {key}", f"got {quote(value)}; expected {what} such as {default!r}")
     try:
         return loader(**options)
     except TypeError as exc:
         raise DataValidationError(spec, "dataset options", str(exc)) from exc
+    except DataValidationError as exc:
+        if exc.source != "<in memory>":
+            raise
+        raise DataValidationError(spec, f"option {exc.field}", exc.problem) from exc  # name what was given
 
 
 def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **kwargs: Any) -> EncodingDataset:

@@ -122,7 +122,7 @@ def _read_npy_header(fh: io.BufferedIOBase, path: Path) -> tuple[tuple[int, ...]
             shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, SyntaxError, TypeError, EOFError) as exc:  # NumPy parses the header with ast
+    except Exception as exc:  # NumPy parses the header with ast: ValueError, SyntaxError, tokenize.TokenError...
         raise DataValidationError(path, "file", f"not a readable .npy file ({type(exc).__name__}: {exc})") from exc
     return shape, dtype
 
