@@ -30,6 +30,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,9 @@ from bench_caption_client import start_server  # noqa: E402
 
 def make_images(folder: Path, n: int) -> None:
     folder.mkdir(parents=True)
-    for i in range(n):
-        Image.new("RGB", (8, 8), ((i * 37) % 256, (i * 11) % 256, (i * 3) % 256)).save(folder / f"im{i:05d}.png")
+    rng = np.random.default_rng(0)
+    for i in range(n):  # random pixels: every image has its own content hash
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"im{i:05d}.png")
 
 
 def run(n_workers: int, images: Path, n_images: int, delay: float, in_flight: int, work: Path) -> dict:
