@@ -26,8 +26,9 @@ import pytest
 from fake_openai_server import FakeOpenAIServer, colour_caption
 from PIL import Image
 from test_adapters import make_subject
-from test_hostile_inputs import BOMB, _pickled_mapping, _tuple_tower
+from test_hostile_inputs import BOMB, _pickled_mapping, _png_header, _tuple_tower
 from test_reliability_cli import dataset_folder, embed_images
+from test_text_to_brain import run_dir  # noqa: F401  (a fixture: the shared tiny trained run)
 
 from llmvem.captions.store import CaptionStore, worker_id
 from llmvem.cli import main
@@ -78,6 +79,20 @@ def test_pickled_tuple_tower_mapping_fails_in_under_2_s_and_500_mb(tmp_path):
     assert result["rc"] == 2 and len(err) == 1 and "mapping_floc-faces.npy" in err[0], err
     assert len(err[0]) < 1100
     assert result["seconds"] < 2.0 and result["peak_mb"] < 500, result
+
+
+@pytest.mark.slow
+def test_predict_on_a_decompression_bomb_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):  # noqa: F811
+    folder = tmp_path / "stimuli"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(_png_header(30000, 30000))  # 900 MP declared in ~100 bytes
+    out = tmp_path / "preds.h5"
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run_dir), "--images", str(folder), "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and f"{folder / 'b.png'}: image: declares too many pixels" in err[0], err
+    assert not out.exists()
 
 
 # ============================================================================================ full disks
