@@ -383,3 +383,16 @@ def test_summary_counts_what_this_worker_did(tmp_path, capsys):
     assert main(args) == 0
     assert "done: 3, skipped (already stored): 7, failed: 0 of 10 images" in capsys.readouterr().out
     assert np.array_equal(np.sort(np.unique(hashes)), np.sort(np.unique(hashes)))
+
+
+@pytest.mark.slow
+def test_caption_workers_benchmark_runs_and_checks_every_image_once(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_caption_workers.py"), "--images", "24",
+                           "--delay", "0.05", "--workers", "1", "--workers", "2"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
+    assert len(rows) == 2
+    for row in rows:
+        per_worker = row.rstrip(" |").split("|")[-1]
+        assert sum(int(x) for x in per_worker.split(",")) == 24
