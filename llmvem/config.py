@@ -108,7 +108,11 @@ class BackboneConfig(_Section):
     """The image backbone: ``"efficientnet_lite0"``, ``"timm:<name>"`` or ``"hf:<path>"``.
 
     ``layers`` are the backbone layers whose (spatially pooled) features are concatenated into the readout input;
-    ``"pooled"`` is the final embedding, which also feeds the alignment head.
+    ``"pooled"`` is the final embedding, which also feeds the alignment head. A layer may carry a spatial mode
+    (:mod:`llmvem.embed.spatial`): ``"block5@grid4"`` (4×4 grid, flattened into the flat readout's input),
+    ``"block5@proj512"`` (fixed random projection of the map), ``"block11@cls"`` (a ViT's class token).
+    ``spatial_layers`` are maps for a spatial readout (``"block5@grid7"``, ``"block5@map"``), read beside the flat
+    readout's ``layers``; empty means no spatial readout.
     """
 
     name: str = "efficientnet_lite0"
@@ -119,12 +123,24 @@ class BackboneConfig(_Section):
     feature_dtype: Literal["float16", "float32"] = "float32"
     batch_size: int = Field(32, ge=1, description="batch size of feature extraction")
     device: str = "auto"
+    spatial_layers: list[str] = Field(default_factory=list, description="maps for a spatial readout, e.g. "
+                                      "['block8@grid7', 'block12@map'] (layer@grid<G> or layer@map)")
 
     @field_validator("layers")
     @classmethod
     def _unique_layers(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"layers must be unique, got {v}")
+        return v
+
+    @field_validator("spatial_layers")
+    @classmethod
+    def _spatial_maps(cls, v: list[str]) -> list[str]:
+        from llmvem.embed.spatial import parse_layer_spec
+
+        flat = [name for name in v if not parse_layer_spec(name).spatial]
+        if flat or len(set(v)) != len(v):
+            raise ValueError(f"expected unique '<layer>@grid<G>' or '<layer>@map' specs, got {v}")
         return v
 
 
@@ -147,6 +163,10 @@ class ModelConfig(_Section):
     learn_temperature: bool = True
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     standardize_features: bool = Field(True, description="z-score readout inputs with training-set statistics")
+    core: Literal["linear", "mlp"] | None = Field(None, description="shared core between the standardised "
+                                                  "features and the readouts; None = read the features directly")
+    core_dim: int = Field(256, ge=1, description="units of the core (with model.core)")
+    core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
 
 
 class StageConfig(_Section):
@@ -185,6 +205,9 @@ class TrainConfig(_Section):
                              "keeps everything in memory")
     deterministic: bool = True
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    selection: Literal["global", "per_key"] = Field(
+        "global", description="model selection on validation mean r: one best epoch for the mean over data keys, "
+        "or each key's own best epoch (training stops when no key improved for early_stopping_patience epochs)")
 
 
 class EvaluateConfig(_Section):

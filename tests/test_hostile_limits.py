@@ -224,14 +224,14 @@ def test_caption_store_write_hitting_a_full_disk_is_one_line_exit_1(tmp_path, ca
 def test_train_hitting_a_full_disk_is_one_line_exit_1_naming_the_run_folder(tmp_path, capsys, monkeypatch):
     from safetensors import SafetensorError
 
-    import llmvem.pipeline
+    import llmvem.inputs
     import llmvem.train
 
     def no_space(*args, **kwargs):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
                               'space left on device" })')
 
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", lambda cfg, show_progress=True: type(
+    monkeypatch.setattr(llmvem.inputs, "prepare_inputs", lambda cfg, show_progress=True: type(
         "Inputs", (), {"dataset": None, "text_embeddings": None, "backbone": None, "features": None})())
     monkeypatch.setattr(llmvem.train, "train_encoding_model", no_space)
     out = tmp_path / "run"

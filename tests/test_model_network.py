@@ -122,7 +122,7 @@ def test_standardisation_uses_training_statistics():
     net.eval()
     z = net(features=feats).readout_input
     assert torch.allclose(z.mean(0), torch.zeros(24), atol=1e-5)
-    assert torch.allclose(z.std(0), torch.ones(24), atol=1e-4)
+    assert torch.allclose(z.std(0, correction=0), torch.ones(24), atol=1e-4)  # population std (ddof 0)
 
 
 def test_image_mode_equals_feature_mode_on_the_same_backbone_features():
@@ -163,10 +163,47 @@ def test_standardisation_floors_tiny_stds_so_test_features_stay_bounded():
     feats[3, 0] = 1e-4  # nearly silent unit
     net = LLMVEM({"pooled": 8}, n_voxels=5, n_train=50, readout="linear", alignment=False)
     net.initialize(torch.from_numpy(rng.standard_normal((50, 5)).astype(np.float32)), torch.from_numpy(feats))
-    stds = feats.astype(np.float64).std(axis=0, ddof=1)
+    stds = feats.astype(np.float64).std(axis=0)
     median = float(np.median(stds[stds > 0]))
     assert float(net.feature_std[0]) >= STD_FLOOR * median * 0.99
     test = torch.zeros(1, 8)
     test[0, 0] = 1.0  # the unit fires on a test image
     z = (test - net.feature_mean) / net.feature_std
     assert float(z.abs().max()) < 1.0 / (STD_FLOOR * median) + 1.0
+
+
+@pytest.mark.parametrize(("core", "keys", "readout", "projection"),
+                         [(None, None, "pca", "linear"), ("mlp", {"s1": (7, 30), "s-2": (4, 20)}, "linear", "mlp")])
+def test_saved_state_rebuilds_the_same_network(core, keys, readout, projection):
+    from llmvem.config import ModelConfig
+
+    cfg = ModelConfig(core=core, core_dim=5, readout=readout, projection=projection)
+    torch.manual_seed(0)
+    kw = {"keys": keys} if keys else {"n_voxels": 12, "n_train": 40}
+    net = LLMVEM.from_config(cfg, {"block0": 8, "pooled": 16}, text_dim=10, **kw)
+    feats = _features()
+    names = list(keys) if keys else [None]
+    net.initialize({k or "main": torch.randn(40, (keys or {"main": (12, 0)})[k or "main"][0]) for k in names},
+                   net.concat(feats))
+    back = LLMVEM.from_state_dict(cfg, net.state_dict(), {"block0": 8, "pooled": 16}, n_train=40)
+    assert back.keys == net.keys and back.core_dim == net.core_dim and back.head is not None
+    net.eval(), back.eval()
+    with torch.no_grad():
+        for k in names:
+            a, b = net(features=feats, with_embedding=True, key=k), back(features=feats, with_embedding=True, key=k)
+            assert torch.equal(a.voxels, b.voxels) and torch.equal(a.embedding, b.embedding)
+    with pytest.raises(ValueError, match="readout"):
+        LLMVEM.from_state_dict(ModelConfig(readout="linear" if readout == "pca" else "pca"), net.state_dict(),
+                               {"block0": 8, "pooled": 16})
+
+
+def test_a_core_feeds_the_readouts_and_the_head_and_the_only_key_is_the_default():
+    torch.manual_seed(0)
+    net = LLMVEM({"block0": 8}, n_voxels=6, n_train=30, core="linear", core_dim=5, text_dim=4)
+    net.eval()
+    x = {"block0": torch.randn(3, 8)}
+    out = net(features=x, with_embedding=True)  # no 'pooled' needed: the head reads the core
+    assert net.keys == ["main"] and out.readout_input.shape == (3, 5) and out.embedding.shape == (3, 4)
+    assert out.voxels.shape == (3, 6) and torch.equal(out.voxels, net(features=x, key="main").voxels)
+    assert torch.equal(out.readout_input, net.core(x["block0"]))  # standardiser is identity before initialize
+    assert net.required_layers(with_embedding=True) == ["block0"]

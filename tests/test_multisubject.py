@@ -22,13 +22,13 @@ from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import ArrayImages
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.evaluate.metrics import pearson_r
-from llmvem.train.inputs import predict_network
+from llmvem.model import LLMVEM
 from llmvem.train.multisubject import (
-    MultiSubjectLLMVEM,
     SubjectData,
-    _MultiTrainer,
     train_multisubject,
 )
+from llmvem.train.task import EncodingTask
+from llmvem.train.tensors import predict_network
 from llmvem.utils import STD_FLOOR
 
 CPU = torch.device("cpu")
@@ -75,30 +75,32 @@ def _one_thread():
 # --------------------------------------------------------------------------------------------- network
 def test_network_routes_each_subject_to_its_readout_through_the_shared_core():
     torch.manual_seed(0)
-    net = MultiSubjectLLMVEM({"block0": 8, "pooled": 16}, {"a": (12, 40), "b": (30, 20)}, core_dim=6, text_dim=10)
+    net = LLMVEM({"block0": 8, "pooled": 16}, keys={"a": (12, 40), "b": (30, 20)}, core="linear", core_dim=6,
+                 text_dim=10)
     feats = {"block0": torch.randn(5, 8), "pooled": torch.randn(5, 16)}
-    out_a = net("a", features=feats, with_embedding=True)
-    out_b = net("b", features=feats)
+    out_a = net(features=feats, with_embedding=True, key="a")
+    out_b = net(features=feats, key="b")
     assert out_a.voxels.shape == (5, 12) and out_b.voxels.shape == (5, 30)
     assert out_a.readout_input.shape == (5, 6) and torch.equal(out_a.readout_input, out_b.readout_input)
     assert out_a.embedding.shape == (5, 10)
     np.testing.assert_allclose(out_a.embedding.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
     assert net.readouts["a"].n_components == 12 and net.readouts["b"].n_components == 20  # min(n_train, n_vox)
-    view = net.subject("b")
-    pred = predict_network(view, 5, CPU, features=feats, batch_size=2)
+    pred = predict_network(net, 5, CPU, features=feats, batch_size=2, key="b")
     np.testing.assert_allclose(pred, out_b.voxels.detach().numpy(), rtol=1e-6)
-    assert net.training  # predicting through the view restores the network's mode
-    with pytest.raises(KeyError, match="unknown subject 'c'"):
-        net.subject("c")
+    assert net.training  # predicting restores the network's mode
+    with pytest.raises(KeyError, match="unknown data key 'c'"):
+        net(features=feats, key="c")
+    with pytest.raises(KeyError, match="2 data keys"):
+        net(features=feats)  # no fallback with several keys
     with pytest.raises(ValueError, match="letters, digits"):
-        MultiSubjectLLMVEM({"pooled": 4}, {"v4.1": (3, 10)})
+        LLMVEM({"pooled": 4}, keys={"v4.1": (3, 10)})
 
 
 def test_alignment_head_does_not_change_the_rest_of_the_network():
     torch.manual_seed(3)
-    with_head = MultiSubjectLLMVEM({"pooled": 16}, {"a": (12, 40)}, text_dim=10)
+    with_head = LLMVEM({"pooled": 16}, keys={"a": (12, 40)}, core="linear", text_dim=10)
     torch.manual_seed(3)
-    without = MultiSubjectLLMVEM({"pooled": 16}, {"a": (12, 40)}, alignment=False)
+    without = LLMVEM({"pooled": 16}, keys={"a": (12, 40)}, core="linear", alignment=False)
     assert with_head.head is not None and without.head is None
     shared = without.state_dict()
     for k, v in shared.items():
@@ -106,12 +108,12 @@ def test_alignment_head_does_not_change_the_rest_of_the_network():
 
 
 def test_feature_std_is_floored_so_a_unit_silent_in_training_cannot_explode():
-    net = MultiSubjectLLMVEM({"pooled": 4}, {"a": (3, 50)}, alignment=False)
+    net = LLMVEM({"pooled": 4}, keys={"a": (3, 50)}, core="linear", alignment=False)
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     x[:, 3] = 0.0
     x[7, 3] = 1e-4  # active on one training image only: std ~1.4e-5
     net.initialize({"a": torch.randn(50, 3)}, x)
-    stds = x.double().std(dim=0).float()
+    stds = x.double().std(dim=0, correction=0).float()  # FeatureStandardizer: population std
     floor = STD_FLOOR * float(np.median(stds[stds > 0].numpy()))  # numpy median (mean of the middle two)
     assert float(net.feature_std[3]) == pytest.approx(floor)
     torch.testing.assert_close(net.feature_std[:3], stds[:3])
@@ -149,13 +151,13 @@ def test_joint_training_beats_separate_training_when_subjects_share_structure(tm
 def test_batches_of_all_subjects_are_interleaved_and_all_visited(tmp_path, monkeypatch):
     subjects = shared_subjects(n_train=40)  # 3 batches of 16 per subject and epoch
     seen: list[tuple[str, int]] = []
-    original = _MultiTrainer._loss
+    original = EncodingTask.training_forward
 
-    def spy(self, name, idx, stage, aug):
-        seen.append((name, len(idx)))
-        return original(self, name, idx, stage, aug)
+    def spy(self, key, batch):
+        seen.append((key, len(batch.responses)))
+        return original(self, key, batch)
 
-    monkeypatch.setattr(_MultiTrainer, "_loss", spy)
+    monkeypatch.setattr(EncodingTask, "training_forward", spy)
     res = train_multisubject(stage1_config("train.stage1.epochs=2"), subjects, out_dir=tmp_path / "j",
                              show_progress=False)
     epoch1 = seen[:9]
@@ -172,24 +174,26 @@ def test_each_subject_is_predicted_by_its_own_best_epoch(tmp_path):
     subjects = shared_subjects(n_train=60)
     subjects[2].dataset.splits["train"] = subjects[2].dataset.train.subset(np.arange(12))  # fits fastest, overfits
     subjects[2].features["train"] = {k: v[:12] for k, v in subjects[2].features["train"].items()}
-    cfg = stage1_config("train.stage1.epochs=30", "train.stage1.lr=0.01")
+    cfg = stage1_config("train.stage1.epochs=30")
     res = train_multisubject(cfg, subjects, out_dir=tmp_path / "ps", show_progress=False)
     st = res.stages["stage1"]
-    best = st["best_epoch_per_subject"]
+    best = st["best_epoch_per_key"]
     assert len(set(best.values())) > 1, best  # the subjects peak at different epochs
+    for s in subjects:  # each key keeps the epoch of its own best validation r
+        assert best[s.name] == 1 + int(np.argmax([r[f"val_r__{s.name}"] for r in res.curves]))
     for s in subjects:
         y = s.dataset.val.responses
         # the selected model reproduces the subject's best validation r of the whole run
         assert float(np.mean(pearson_r(y, res.predictions[s.name]["val"]))) == pytest.approx(
-            st["best_val_r_per_subject"][s.name], abs=1e-6)
-        assert st["best_val_r_per_subject"][s.name] == pytest.approx(
+            st["best_val_r_per_key"][s.name], abs=1e-6)
+        assert st["best_val_r_per_key"][s.name] == pytest.approx(
             max(r[f"val_r__{s.name}"] for r in res.curves), abs=1e-12)
         feats = {k: torch.as_tensor(v) for k, v in s.features["test"].items()}
         np.testing.assert_allclose(predict_network(res.network_for(s.name), len(s.dataset.test), CPU,
-                                                   features=feats), res.predictions[s.name]["test"], rtol=1e-5)
-    mean = train_multisubject(stage1_config("train.stage1.epochs=30", "train.stage1.lr=0.01",
-                                            "multisubject.selection=mean"), subjects, out_dir=tmp_path / "m",
-                              show_progress=False)
+                                                   features=feats, key=s.name), res.predictions[s.name]["test"],
+                                   rtol=1e-5)
+    mean = train_multisubject(stage1_config("train.stage1.epochs=30", "multisubject.selection=mean"), subjects,
+                              out_dir=tmp_path / "m", show_progress=False)
     row = mean.curves[mean.stages["stage1"]["best_epoch"] - 1]
     for s in subjects:  # one epoch for all: the one with the best mean
         assert mean.metrics["per_subject"][s.name]["val_mean_r"] == pytest.approx(row[f"val_r__{s.name}"], abs=1e-6)
@@ -231,13 +235,11 @@ def test_alignment_loss_trains_the_shared_head_on_each_subjects_captions(tmp_pat
     assert not np.allclose(plain.predictions["sub0"]["test"], res.predictions["sub0"]["test"])
 
 
-def test_stage2_fine_tunes_a_copy_of_the_shared_backbone(tmp_path):
-    torch.manual_seed(1234)
-    backbone = TinyBackbone()
-    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+def tiny_backbone_subjects(backbone):
+    """Two subjects of tiny images with the features of ``backbone`` (stage 2 runs the images through it)."""
     subjects = []
     for seed in (0, 1):
-        ds, _ = make_dataset(seed=seed)
+        ds, text = make_dataset(seed=seed)
         with torch.no_grad():
             feats = {s: {k: v.numpy() for k, v in backbone.eval()(backbone.preprocess(
                 torch.from_numpy(ds.splits[s].images.array)), ["block0", "pooled"]).items()}
@@ -245,7 +247,15 @@ def test_stage2_fine_tunes_a_copy_of_the_shared_backbone(tmp_path):
         ids = {s: [f"x{seed}_{i}" for i in ds.splits[s].images.ids] for s in ds.splits}
         ds = EncodingDataset(f"tiny{seed}", {s: Split(ArrayImages(ds.splits[s].images.array, ids[s]),
                                                       ds.splits[s].responses) for s in ds.splits})
-        subjects.append(SubjectData(f"tiny{seed}", ds, feats))
+        subjects.append(SubjectData(f"tiny{seed}", ds, feats, text))
+    return subjects
+
+
+def test_stage2_fine_tunes_a_copy_of_the_shared_backbone(tmp_path):
+    torch.manual_seed(1234)
+    backbone = TinyBackbone()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    subjects = tiny_backbone_subjects(backbone)
     cfg = stage1_config("train.stage1.epochs=3", "train.stage2.epochs=2", "train.stage2.unfreeze_last_n=1",
                         "train.stage2.batch_size=16", "train.stage2.lr=0.003", "train.stage2.augment=true")
     res = train_multisubject(cfg, subjects, backbone=backbone, out_dir=tmp_path / "s2", show_progress=False)
@@ -257,10 +267,83 @@ def test_stage2_fine_tunes_a_copy_of_the_shared_backbone(tmp_path):
     assert torch.equal(tuned.b0[0].weight, before["b0.0.weight"])  # the first was not
     # final predictions run the images through the fine-tuned backbone
     imgs = torch.from_numpy(subjects[1].dataset.test.images.array)
-    pred = predict_network(res.network_for("tiny1"), len(imgs), CPU, images=imgs)
+    pred = predict_network(res.network_for("tiny1"), len(imgs), CPU, images=imgs, key="tiny1")
     np.testing.assert_allclose(pred, res.predictions["tiny1"]["test"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="needs|pass backbone"):
         train_multisubject(cfg, subjects, out_dir=tmp_path / "nobb", show_progress=False)
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("event", "stage", "epoch"), [("stage_end", 1, None), ("epoch_end", 2, 1)])
+def test_two_subject_run_killed_and_resumed_equals_uninterrupted(tmp_path, event, stage, epoch):
+    torch.manual_seed(1234)
+    backbone = TinyBackbone()
+    subjects = tiny_backbone_subjects(backbone)
+    cfg = stage1_config("train.stage1.epochs=3", "train.stage2.epochs=2", "train.stage2.unfreeze_last_n=1",
+                        "train.stage2.batch_size=16", "train.stage2.lr=0.003", "train.stage2.augment=true")
+    full = train_multisubject(cfg, subjects, backbone=backbone, out_dir=tmp_path / "full", show_progress=False)
+
+    def kill(ev, info):
+        if ev == event and info["stage"] == stage and (epoch is None or info["epoch"] == epoch):
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train_multisubject(cfg, subjects, backbone=backbone, out_dir=tmp_path / "cut", show_progress=False,
+                           callback=kill)
+    assert not (tmp_path / "cut" / "training.json").exists()
+    torch.manual_seed(999)  # the resumed run must not depend on the process's random state
+    resumed = train_multisubject(cfg, subjects, backbone=backbone, out_dir=tmp_path / "cut", resume=True,
+                                 show_progress=False)
+    assert resumed.metrics == full.metrics
+    assert [r["val_mean_r"] for r in resumed.curves] == [r["val_mean_r"] for r in full.curves]
+    for name in ("tiny0", "tiny1"):
+        for split in ("val", "test"):
+            np.testing.assert_array_equal(resumed.predictions[name][split], full.predictions[name][split])
+    assert resumed.stages["stage2"]["best_epoch_per_key"] == full.stages["stage2"]["best_epoch_per_key"]
+
+
+def test_key_schedule_visits_every_batch_once_in_a_seeded_order():
+    from llmvem.train.engine import key_schedule
+
+    batches = {"a": list(torch.arange(6).split(2)), "b": list(torch.arange(4).split(2))}
+    order = key_schedule(batches, seed=3)
+    assert sorted((k, tuple(b.tolist())) for k, b in order) == sorted(
+        (k, tuple(b.tolist())) for k, bs in batches.items() for b in bs)
+    assert [(k, b.tolist()) for k, b in key_schedule(batches, seed=3)] == [(k, b.tolist()) for k, b in order]
+    assert any([(k, b.tolist()) for k, b in key_schedule(batches, seed=s)] != [(k, b.tolist()) for k, b in order]
+               for s in range(4, 10))
+    one = key_schedule({"a": batches["a"]}, seed=3)  # one key: its own (sampler) order, no extra shuffle
+    assert [b.tolist() for _, b in one] == [b.tolist() for b in batches["a"]]
+
+
+def test_a_captions_only_key_trains_only_the_contrastive_term():
+    from llmvem.train.task import Batch
+
+    torch.manual_seed(0)
+    net = LLMVEM({"block0": 8}, keys={"brain": (5, 20)}, core="linear", core_dim=6, text_dim=4)
+    task = EncodingTask(net, lambda_align=0.5)
+    task.set_stage1_trainable(learn_temperature=True)
+    feats = {"block0": torch.randn(6, 8)}
+    text = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    parts = task.training_forward("captions", Batch(features=feats, text=text, text_ids=torch.arange(6)))
+    assert parts.voxel.item() == 0.0 and parts.align.item() > 0
+    assert parts.total.item() == pytest.approx(0.5 * parts.align.item())
+    parts.total.backward()
+    assert net.head.proj.weight.grad is not None and net.core.weight.grad is not None
+    assert all(p.grad is None for p in net.readouts.parameters())  # no readout for a key without responses
+    with pytest.raises(ValueError, match="responses or"):
+        task.training_forward("captions", Batch(features=feats))
+    # a key with responses and captions: voxel loss (× its weight) + λ · InfoNCE
+    weighted = EncodingTask(net, lambda_align=0.5, key_weights={"brain": 2.0})
+    y = torch.randn(6, 5)
+    both = weighted.training_forward("brain", Batch(features=feats, responses=y, text=text,
+                                                    text_ids=torch.arange(6)))
+    plain = EncodingTask(net, lambda_align=0.0).training_forward("brain", Batch(features=feats, responses=y))
+    assert float(both.voxel) == pytest.approx(2.0 * float(plain.voxel), rel=1e-6)
+    assert float(both.total) == pytest.approx(float(both.voxel) + 0.5 * float(both.align), rel=1e-6)
 
 
 def test_inconsistent_subjects_and_settings_are_refused(tmp_path):
@@ -269,9 +352,6 @@ def test_inconsistent_subjects_and_settings_are_refused(tmp_path):
     odd.features = {k: {"block0": f["block0"][:, :5], "pooled": f["pooled"]} for k, f in odd.features.items()}
     with pytest.raises(DataValidationError, match="differ from the other subjects"):
         train_multisubject(stage1_config(), subjects, out_dir=tmp_path / "a", show_progress=False)
-    with pytest.raises(ConfigError, match="grad_accum"):
-        train_multisubject(stage1_config("train.stage1.grad_accum=2"), shared_subjects(), out_dir=tmp_path / "b",
-                           show_progress=False)
     twins = shared_subjects()[:1] * 2
     with pytest.raises(ConfigError, match="unique"):
         train_multisubject(stage1_config(), twins, out_dir=tmp_path / "c", show_progress=False)

@@ -9,7 +9,7 @@ import yaml
 from test_train_trainer import backbone, make_dataset
 
 import llmvem.cli.train  # noqa: F401  (registers the command until llmvem/cli/__init__.py imports it)
-import llmvem.pipeline
+import llmvem.inputs
 from llmvem.cli import main
 
 
@@ -21,10 +21,10 @@ def fake_inputs(monkeypatch):
     def prepare_inputs(config, show_progress=True, dataset=None):
         calls.append(config)
         ds, text = make_dataset()
-        return llmvem.pipeline.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
+        return llmvem.inputs.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
                                               backbone=backbone(), features=frozen_features(ds))
 
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", prepare_inputs)
+    monkeypatch.setattr(llmvem.inputs, "prepare_inputs", prepare_inputs)
     return calls
 
 
@@ -52,7 +52,7 @@ def _config(tmp_path):
 
 def test_train_command_writes_a_run_folder_with_overrides(tmp_path, fake_inputs, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--config", str(_config(tmp_path)), "--out", str(out), "--quiet",
+    code = main(["train", "--config", str(_config(tmp_path)), "--out", str(out), "--no-progress",
                  "--set", "train.stage1.epochs=3", "--set", "model.lambda_align=0.25"])
     assert code == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -67,14 +67,14 @@ def test_train_command_writes_a_run_folder_with_overrides(tmp_path, fake_inputs,
 def test_used_folder_is_refused_before_preparing_inputs_then_resumed(tmp_path, fake_inputs, capsys):
     out = tmp_path / "run"
     cfg = str(_config(tmp_path))
-    assert main(["train", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 0
     n_calls = len(fake_inputs)
-    assert main(["train", "--config", cfg, "--out", str(out), "--quiet"]) == 2
+    assert main(["train", "--config", cfg, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "--resume" in err
     assert len(fake_inputs) == n_calls  # refused before the slow preparation
-    assert main(["train", "--config", cfg, "--out", str(out), "--quiet", "--resume"]) == 0
-    assert main(["train", "--config", cfg, "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert main(["train", "--config", cfg, "--out", str(out), "--no-progress", "--resume"]) == 0
+    assert main(["train", "--config", cfg, "--out", str(out), "--no-progress", "--overwrite"]) == 0
 
 
 def test_bad_config_and_bad_override_exit_with_code_2(tmp_path, fake_inputs, capsys):

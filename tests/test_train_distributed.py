@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo): gathered-negatives loss equals the single-process loss on the same
-global batch, and DDP training reproduces single-process training with the same global batch."""
+global batch, and DDP training reproduces single-process training with the same global batch, for one data key
+(one subject) and for several (joint multi-subject training with the alignment loss, stages 1 and 2)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,24 @@ WORKER = textwrap.dedent('''
     ds, text = make_dataset()
     train_encoding_model(tiny_config(*OVERRIDES), ds, text, backbone(), out_dir=os.path.join(out, "run"),
                          show_progress=False)
+
+    # 3. joint training of two subjects (two data keys, a shared core, lambda > 0)
+    from test_train_distributed import multi_config
+    from test_multisubject import tiny_backbone_subjects
+    from llmvem.train.multisubject import train_multisubject
+    bb = backbone()
+    train_multisubject(multi_config(), tiny_backbone_subjects(bb), bb, out_dir=os.path.join(out, "multi"),
+                       show_progress=False)
     dist.destroy_process_group()
 ''')
+
+
+def multi_config():
+    from test_multisubject import stage1_config
+
+    return stage1_config("model.lambda_align=0.3", "train.stage1.epochs=3", "train.stage2.epochs=1",
+                         "train.stage2.unfreeze_last_n=1", "train.stage2.batch_size=16", "train.stage2.lr=0.003",
+                         *OVERRIDES)
 
 
 def global_batch():
@@ -106,3 +123,27 @@ def test_ddp_training_matches_single_process_training(torchrun_out, tmp_path):
     np.testing.assert_allclose(ddp_pred, single.predictions["test"], atol=2e-5, rtol=1e-4)
     ddp_curves = (run / "curves.csv").read_text().splitlines()
     assert len(ddp_curves) == len(single.curves) + 1
+
+
+def test_ddp_joint_training_of_two_subjects_matches_single_process(torchrun_out, tmp_path):
+    from test_multisubject import tiny_backbone_subjects
+
+    from llmvem.train.multisubject import train_multisubject
+
+    run = torchrun_out / "multi"
+    info = json.loads((run / "training.json").read_text())
+    assert info["world_size"] == 2 and info["subjects"] == ["tiny0", "tiny1"]
+    bb = backbone()
+    single = train_multisubject(multi_config(), tiny_backbone_subjects(bb), bb, out_dir=tmp_path / "single",
+                                show_progress=False)
+    for name in ("tiny0", "tiny1"):
+        np.testing.assert_allclose(np.load(run / "predictions" / f"{name}_test.npy"),
+                                   single.predictions[name]["test"], atol=5e-5, rtol=1e-4)
+    import csv
+
+    with open(run / "curves.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(single.curves) == 4
+    for row, ref in zip(rows, single.curves, strict=True):  # the InfoNCE is over the global batch on each rank
+        assert float(row["val_mean_r"]) == pytest.approx(ref["val_mean_r"], abs=1e-4)
+        assert float(row["train_align_loss"]) == pytest.approx(ref["train_align_loss"], rel=1e-4)

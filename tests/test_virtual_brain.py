@@ -90,3 +90,34 @@ def test_spec_string_and_bad_options():
         make_virtual_brain(image_size=50)
     with pytest.raises(DataValidationError, match="virtual brain options"):
         load_dataset("virtual:n_pixels=3")
+
+
+def test_relational_voxels_are_an_added_population_that_changes_nothing_else():
+    from llmvem.data.virtual_brain import RELATIONAL_NAMES
+
+    base = make_virtual_brain(n_train=40, n_test=10, n_early=6, n_semantic=6, seed=5)
+    ds = make_virtual_brain(n_train=40, n_test=10, n_early=6, n_semantic=6, seed=5, n_relational=8)
+    assert ds.n_voxels == 20 and int(ds.roi_masks["relational"].sum()) == 8
+    assert not (ds.roi_masks["relational"] & (ds.roi_masks["semantic"] | ds.roi_masks["early_visual"])).any()
+    for s in ("train", "test"):  # the other voxels, their hemispheres and ceilings are untouched
+        np.testing.assert_array_equal(ds.splits[s].responses[:, :12], base.splits[s].responses)
+    np.testing.assert_array_equal(ds.hemisphere[:12], base.hemisphere)
+    np.testing.assert_array_equal(ds.noise_ceiling[:12], base.noise_ceiling)
+    gt = ds.meta["ground_truth"]
+    assert gt["relational"].shape == (50, len(RELATIONAL_NAMES)) == (50, 17)
+    # the noise-free signal of a relational voxel is its weights applied to the relational vector (z-scored)
+    raw = gt["relational"] @ gt["relational_weights"].T
+    z = (raw - raw.mean(0)) / raw.std(0)
+    np.testing.assert_allclose(gt["signal"][:, 12:], z, atol=1e-5)
+    assert ((gt["relational_weights"] == 1.0).sum(axis=1) == 2).all()
+
+
+def test_relational_vector_reads_the_scene():
+    from llmvem.data.virtual_brain import Scene, SceneObject
+
+    scene = Scene([SceneObject("circle", "red", "small", 0.1, 0.9), SceneObject("circle", "blue", "large", 0.5, 0.5)],
+                  "plain", "green", 0.0, 4.0)
+    v = scene.relational_vector()
+    assert v[0] == 2 and v[1] == 1 and v[2] == 0 and v[3] == 0 and v[4] == 1 and v[5] == 1 and v[6] == 1
+    assert v[7:].sum() == 0  # one category only: no pair
+    assert "lower left" in scene.description() and "centre" in scene.description()

@@ -10,8 +10,10 @@ from typer.exceptions import TyperException
 # Command modules register their commands on ``app`` when imported.
 from llmvem.cli import ablate as _ablate  # noqa: F401
 from llmvem.cli import caption as _caption  # noqa: F401
+from llmvem.cli import config_cmd as _config_cmd  # noqa: F401
 from llmvem.cli import data as _data  # noqa: F401
 from llmvem.cli import embed as _embed  # noqa: F401
+from llmvem.cli import export as _export  # noqa: F401
 from llmvem.cli import predict as _predict  # noqa: F401
 from llmvem.cli import report as _report  # noqa: F401
 from llmvem.cli import run as _run  # noqa: F401

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -73,3 +75,41 @@ def new_output_folder(path: Path) -> Iterator[None]:
             if all(p.name in _SETUP_FILES for p in files):
                 shutil.rmtree(path, ignore_errors=True)
         raise
+
+def progress_option() -> Any:
+    """The one ``--progress/--no-progress`` option every command takes (default: on, off when
+    ``LLMVEM_NO_PROGRESS=1``)."""
+    return typer.Option(None, "--progress/--no-progress",
+                        help="Show progress bars (default on; off when LLMVEM_NO_PROGRESS=1).")
+
+
+def use_progress(flag: bool | None) -> bool:
+    """Apply a command's ``--progress/--no-progress`` to every bar (llmvem's and the weight-loading bars of
+    transformers) and return whether bars are on."""
+    from llmvem.utils import set_progress
+
+    enabled = flag if flag is not None else os.environ.get("LLMVEM_NO_PROGRESS", "") != "1"
+    set_progress(enabled)
+    return enabled
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"llmvem {version('llmvem')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+            typer.echo("llmvem (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the llmvem version and exit."),
+) -> None:
+    """LLM-aligned visual encoding models: caption stimuli, embed, train, evaluate and report.
+
+    Example: llmvem demo --out runs/demo
+    """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, check_output_file
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def caption(
     dtype: str = typer.Option("auto", "--dtype", help="transformers: auto (bfloat16 on GPU), float16, float32."),
     export: Path | None = typer.Option(None, "--export", help="Also write this configuration's captions to a "
                                        ".csv or .json file."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Caption stimulus images into a crash-safe SQLite caption store.
 
@@ -64,6 +65,7 @@ def caption(
     (done by this process, skipped, failed); exits with code 1 when some images could not be captioned (their ids
     are listed), 2 on bad input.
     """
+    show = use_progress(progress)
     from llmvem.captions import CaptionStore, make_captioner, run_captioning
     from llmvem.errors import ConfigError
 
@@ -100,7 +102,7 @@ def caption(
         with CaptionStore(store_path) as store:
             typer.echo(f"captioning {len(images)} images of {label} with {captioner.model_id} ({captioner.backend} "
                        f"backend, config {captioner.config_hash}) into {store_path}", err=True)
-            summary = run_captioning(images, captioner, store, batch_size=batch_size, show_progress=True)
+            summary = run_captioning(images, captioner, store, batch_size=batch_size, show_progress=show)
             if export is not None:
                 store.export(export, summary.config_hash)
     finally:

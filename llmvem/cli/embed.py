@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, check_output_file
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +18,7 @@ Examples:
       --layers pooled,block9 --dtype float16 --device cuda --batch-size 128
   llmvem embed data/algonauts_2023/subj01 --text --captions subj01.sqlite --text-encoder minilm \\
       --text-out subj01_text.npz
+  llmvem embed v4:data/v4_cowley2023:210322 --images --layers pooled,block8@grid4,block12@map --dtype float16
 """
 
 
@@ -85,11 +86,15 @@ def embed(
                                       "timm:<name> or hf:<path-or-id>."),
     pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="Pretrained backbone weights."),
     weights: Path | None = typer.Option(None, "--weights", help="timm: local weights file (.safetensors/.pth)."),
-    layers: str = typer.Option("pooled", "--layers", help="Comma-separated layers, e.g. pooled,block9."),
+    layers: str = typer.Option("pooled", "--layers", help="Comma-separated layers, e.g. pooled,block9 (spatially "
+                               "averaged). Keep space with a mode: block9@grid4 (4x4 grid), block9@map (full map; "
+                               "ViT patch tokens as a map), block9@proj512 (fixed random projection of the map), "
+                               "block9@cls (ViT class token)."),
     cache: Path = typer.Option(Path("~/.cache/llmvem/features.h5"), "--cache", help="Feature cache (HDF5)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images (or caption pieces) per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="Feature storage: float32 or float16."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Embed a dataset's captions (text encoder) and/or images (backbone features, cached on disk).
 
@@ -99,6 +104,7 @@ def embed(
     """
     from llmvem.data import load_dataset
 
+    use_progress(progress)
     if not text and not images:
         text = images = True
     if text:
@@ -119,7 +125,8 @@ def embed(
                                   show_progress=True)
         summary.update({
             "backbone": backbone.model_id,
-            "feature layers": ", ".join(f"{k} {v.shape[1]}-d" for k, v in result.features.items()),
+            "feature layers": ", ".join(f"{k} {v.shape[1]}-d" if v.ndim == 2 else f"{k} {'×'.join(map(str, v.shape[1:]))}"
+                                        for k, v in result.features.items()),
             "images computed": result.n_computed, "images from cache": result.n_cached,
             "feature cache": f"{feature_cache.path} (config {result.key})"})
     if text:

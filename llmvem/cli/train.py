@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, new_output_folder
+from llmvem.cli.app import app, new_output_folder, progress_option, use_progress
 from llmvem.errors import DiskFullError, is_disk_full
 
 _EXAMPLES = """\b
@@ -29,7 +29,7 @@ def train(
                                    "start again."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value, e.g. "
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train the LLM-VEM network (stage 1: heads on cached features; stage 2: last backbone blocks).
 
@@ -38,8 +38,9 @@ def train(
     """
     from llmvem.config import apply_overrides, load_config
 
+    show = use_progress(progress)
     cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
-    from llmvem.pipeline import prepare_inputs
+    from llmvem.inputs import prepare_inputs
     from llmvem.train import prepare_run_folder, train_encoding_model
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
@@ -48,12 +49,12 @@ def train(
         with new_output_folder(out):
             if info.is_main:  # refuse a used folder before the (slow) input preparation
                 prepare_run_folder(out, resume=resume, overwrite=overwrite)
-            inputs = prepare_inputs(cfg, show_progress=not quiet and info.is_main)
+            inputs = prepare_inputs(cfg, show_progress=show and info.is_main)
             lam = cfg.model.lambda_align
             result = train_encoding_model(cfg, inputs.dataset,
                                           text_embeddings=inputs.text_embeddings if lam > 0 else None,
                                           backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                          resume=resume, overwrite=overwrite, show_progress=not quiet)
+                                          resume=resume, overwrite=overwrite, show_progress=show)
     except Exception as exc:
         if is_disk_full(exc):
             raise DiskFullError(out, "the run folder (checkpoints, predictions)") from exc

@@ -1,6 +1,10 @@
-"""The LLM-VEM network: image backbone → selected layer features → dropout → voxel readout, and the pooled
-image embedding → alignment head (projection to the caption-embedding space) with a learnable CLIP-style
-temperature.
+"""The LLM-VEM network: image backbone → selected layer features → standardiser → dropout → optional shared
+core → **voxel readouts keyed by data source** (one per subject / session), and an alignment head (projection
+to the caption-embedding space, with a learnable CLIP-style temperature) that reads the pooled image embedding,
+or the core output when there is a core.
+
+One subject is the one-key case (key ``"main"``); several subjects are several keys sharing everything but
+their readout (as neuralpredictors' ``MultiReadoutBase``). ``forward(key=None)`` uses the only key.
 
 The network runs in two modes:
 
@@ -15,6 +19,7 @@ Nothing here knows about files or datasets.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,15 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmvem.embed.base import ImageBackbone
+from llmvem.model.features import FeatureStandardizer
 from llmvem.model.readout import LinearVoxelReadout, PCAVoxelReadout, Readout, default_pca_components
-from llmvem.utils import floored_std
 
 if TYPE_CHECKING:
     from llmvem.config import ModelConfig
 
-__all__ = ["EMBED_LAYER", "AlignmentHead", "LLMVEM", "ModelOutput"]
+__all__ = ["DEFAULT_KEY", "EMBED_LAYER", "AlignmentHead", "LLMVEM", "ModelOutput"]
 
 EMBED_LAYER = "pooled"
+DEFAULT_KEY = "main"  #: the data key of a single-subject network
 _HEAD_SEED_OFFSET = 7919  # the alignment head draws its init from its own stream (see LLMVEM.__init__)
 
 
@@ -42,10 +48,10 @@ class ModelOutput:
 
     Attributes
     ----------
-    voxels : tensor of shape (B, n_voxels)
-        Predicted responses.
-    readout_input : tensor of shape (B, n_features)
-        Concatenated, standardised, dropped-out features fed to the readout.
+    voxels : tensor of shape (B, n_voxels) or None
+        Predicted responses of the key's readout (None with ``with_voxels=False``).
+    readout_input : tensor of shape (B, n_features) or (B, core_dim)
+        Concatenated, standardised, dropped-out features; the core output when there is a core.
     latent : tensor of shape (B, n_components) or None
         Predicted PCA scores (PCA readout).
     embedding : tensor of shape (B, align_dim) or None
@@ -54,7 +60,7 @@ class ModelOutput:
         The clamped inverse temperature (with the embedding; computed inside ``forward`` so DDP sees it used).
     """
 
-    voxels: torch.Tensor
+    voxels: torch.Tensor | None
     readout_input: torch.Tensor
     latent: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
@@ -88,25 +94,33 @@ class AlignmentHead(nn.Module):
 
 
 class LLMVEM(nn.Module):
-    """Visual encoding model with an LLM-caption alignment head.
+    """Visual encoding model with an LLM-caption alignment head and one voxel readout per data key.
 
     Parameters
     ----------
     layer_dims : mapping of str to int
         Readout layers in concatenation order and their feature sizes, e.g. ``{"block5": 80, "pooled": 1280}``.
-    n_voxels : int
-    n_train : int
-        Training images (sets the default number of PCA components).
+    n_voxels, n_train : int, optional
+        Voxels and training images of the single data key ``"main"`` (shorthand for ``keys``).
+    keys : mapping of str to (n_voxels, n_train), optional
+        One readout per data key (letters, digits, ``_``, ``-``); ``n_train`` sets its default PCA components.
     readout : {"pca", "linear"}
     n_components : int or None
-        PCA components; None → ``min(2048, n_train, n_voxels)``.
+        PCA components; None → ``min(2048, n_train, n_voxels)`` (always capped at ``min(n_train, n_voxels)``).
     voxel_loss : {"voxel", "pca"}
     readout_l2 : float
+    core : {None, "linear", "mlp"}
+        Optional shared core over the standardised features: a linear bottleneck or Linear → GELU → Linear of
+        ``core_dim`` units. None reads out the features directly (the single-subject model of the paper).
+    core_dim : int
+    core_dropout : float
+        Dropout on the core output fed to the readouts.
     text_dim : int or None
         Size of the caption embeddings; the projection's output size unless ``align_dim`` is given.
     align_dim : int or None
     embed_dim : int or None
-        Size of the pooled image embedding; None → ``layer_dims["pooled"]`` or ``backbone.feature_dim``.
+        Size of the pooled image embedding; None → ``layer_dims["pooled"]`` or ``backbone.feature_dim``
+        (with a core the head reads the core output, of ``core_dim``).
     projection : {"linear", "mlp"}
     temperature_init : float
         Initial softmax temperature τ; the learnable logit scale starts at 1/τ and is clamped at 100.
@@ -125,35 +139,55 @@ class LLMVEM(nn.Module):
         Seed of the alignment head's own random stream.
     """
 
-    def __init__(self, layer_dims: Mapping[str, int], n_voxels: int, n_train: int, *,
-                 readout: str = "pca", n_components: int | None = None, voxel_loss: str = "voxel",
-                 readout_l2: float = 0.0, text_dim: int | None = None, align_dim: int | None = None,
-                 embed_dim: int | None = None, projection: str = "linear", temperature_init: float = 0.07,
-                 learn_temperature: bool = True, feature_dropout: float = 0.0, standardize_features: bool = True,
+    def __init__(self, layer_dims: Mapping[str, int], n_voxels: int | None = None, n_train: int | None = None, *,
+                 keys: Mapping[str, tuple[int, int]] | None = None, readout: str = "pca",
+                 n_components: int | None = None, voxel_loss: str = "voxel", readout_l2: float = 0.0,
+                 core: str | None = None, core_dim: int = 256, core_dropout: float = 0.0,
+                 text_dim: int | None = None, align_dim: int | None = None, embed_dim: int | None = None,
+                 projection: str = "linear", temperature_init: float = 0.07, learn_temperature: bool = True,
+                 feature_dropout: float = 0.0, standardize_features: bool = True,
                  backbone: ImageBackbone | None = None, alignment: bool = True, head_seed: int = 0):
         super().__init__()
         if not layer_dims:
             raise ValueError("layer_dims: expected at least one readout layer")
+        if keys is None:
+            if n_voxels is None or n_train is None:
+                raise ValueError("pass n_voxels and n_train (one data key) or keys={key: (n_voxels, n_train)}")
+            keys = {DEFAULT_KEY: (int(n_voxels), int(n_train))}
+        if not keys:
+            raise ValueError("keys: expected at least one data key")
+        bad = [k for k in keys if not re.fullmatch(r"[A-Za-z0-9_-]+", k)]
+        if bad:
+            raise ValueError(f"data keys {bad}: expected letters, digits, '_' and '-' only")
         self.layers: list[str] = list(layer_dims)
         self.layer_dims = {k: int(v) for k, v in layer_dims.items()}
-        self.n_voxels, self.n_train = int(n_voxels), int(n_train)
         self.n_features = sum(self.layer_dims.values())
+        self.keys: list[str] = list(keys)
         self.backbone = backbone
         self.standardize_features = standardize_features
         self.register_buffer("feature_mean", torch.zeros(self.n_features))
         self.register_buffer("feature_std", torch.ones(self.n_features))
         self.dropout: nn.Module = nn.Dropout(feature_dropout) if feature_dropout > 0 else nn.Identity()
-        if readout == "pca":
-            k = n_components if n_components is not None else default_pca_components(n_train, n_voxels)
-            k = min(k, n_train, n_voxels)
-            self.readout: Readout = PCAVoxelReadout(self.n_features, n_voxels, k, voxel_loss=voxel_loss,
-                                                    l2=readout_l2)
-        elif readout == "linear":
-            self.readout = LinearVoxelReadout(self.n_features, n_voxels, l2=readout_l2)
-        else:
-            raise ValueError(f"readout: expected 'pca' or 'linear', got {readout!r}")
-
-        if embed_dim is None:
+        self.core: nn.Module | None = None
+        self.core_dim: int | None = None
+        self.core_dropout: nn.Module = nn.Identity()
+        readout_dim = self.n_features
+        if core is not None:
+            if core == "linear":
+                self.core = nn.Linear(self.n_features, core_dim)
+            elif core == "mlp":
+                self.core = nn.Sequential(nn.Linear(self.n_features, core_dim), nn.GELU(),
+                                          nn.Linear(core_dim, core_dim))
+            else:
+                raise ValueError(f"core: expected None, 'linear' or 'mlp', got {core!r}")
+            self.core_dim = readout_dim = int(core_dim)
+            if core_dropout > 0:
+                self.core_dropout = nn.Dropout(core_dropout)
+        self.readouts = nn.ModuleDict({k: _make_readout(readout, readout_dim, nv, nt, n_components, voxel_loss,
+                                                        readout_l2) for k, (nv, nt) in keys.items()})
+        if self.core is not None:
+            embed_dim = self.core_dim
+        elif embed_dim is None:
             if EMBED_LAYER in self.layer_dims:
                 embed_dim = self.layer_dims[EMBED_LAYER]
             elif backbone is not None:
@@ -172,43 +206,134 @@ class LLMVEM(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)),
                                             requires_grad=learn_temperature)
         self.learn_temperature = learn_temperature
+        # single-subject file format: the one "main" readout is saved as ``readout.*`` (as before keyed readouts),
+        # so run folders and loaders of single-subject models keep working
+        self.register_state_dict_post_hook(_single_key_names)
+        self.register_load_state_dict_pre_hook(_keyed_names)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, layer_dims: Mapping[str, int], n_voxels: int, n_train: int,
-                    text_dim: int | None, backbone: ImageBackbone | None = None, alignment: bool = True,
-                    seed: int = 0, embed_dim: int | None = None) -> LLMVEM:
-        """Build the network described by a :class:`llmvem.config.ModelConfig` section."""
-        return cls(layer_dims, n_voxels, n_train, readout=config.readout, n_components=config.pca_components,
-                   voxel_loss=config.voxel_loss, readout_l2=config.readout_l2, text_dim=text_dim,
-                   align_dim=config.align_dim, embed_dim=embed_dim, projection=config.projection,
+    def from_config(cls, config: ModelConfig, layer_dims: Mapping[str, int], n_voxels: int | None = None,
+                    n_train: int | None = None, text_dim: int | None = None, backbone: ImageBackbone | None = None,
+                    alignment: bool = True, seed: int = 0, embed_dim: int | None = None,
+                    keys: Mapping[str, tuple[int, int]] | None = None) -> LLMVEM:
+        """Build the network described by a :class:`llmvem.config.ModelConfig` section (``core`` included)."""
+        return cls(layer_dims, n_voxels, n_train, keys=keys, readout=config.readout,
+                   n_components=config.pca_components, voxel_loss=config.voxel_loss, readout_l2=config.readout_l2,
+                   core=config.core, core_dim=config.core_dim, core_dropout=config.core_dropout,
+                   text_dim=text_dim, align_dim=config.align_dim, embed_dim=embed_dim, projection=config.projection,
                    temperature_init=config.temperature_init, learn_temperature=config.learn_temperature,
                    feature_dropout=config.feature_dropout, standardize_features=config.standardize_features,
                    backbone=backbone, alignment=alignment, head_seed=seed)
 
-    # ----------------------------------------------------------------------------------------- setup
-    @torch.no_grad()
-    def initialize(self, train_responses: torch.Tensor, train_features: torch.Tensor | None = None) -> None:
-        """Fit the closed-form parts from training data: the readout (PCA basis, mean) and the feature statistics.
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: Mapping[str, torch.Tensor], layer_dims: Mapping[str, int],
+                        n_train: int | None = None, backbone: ImageBackbone | None = None,
+                        seed: int = 0) -> LLMVEM:
+        """Rebuild a saved network: keys, voxels, PCA components, core and head sizes are read from ``state``.
 
         Parameters
         ----------
-        train_responses : tensor of shape (n_train, n_voxels)
-        train_features : tensor of shape (n_train, n_features), optional
-            Concatenated readout features (see :meth:`concat`); needed when ``standardize_features``.
+        config : ModelConfig
+            The run's ``model`` section (readout kind, projection, core kind...).
+        state : mapping of str to tensor
+            A saved ``state_dict`` (e.g. ``model.safetensors``); the weights are loaded into the new network.
+        layer_dims : mapping of str to int
+            Readout layers and sizes (from the backbone).
+        n_train : int, optional
+            Training images (only recorded; the PCA size comes from the state).
+
+        Raises
+        ------
+        ValueError
+            ``state`` does not describe a network of this ``config`` (the message names the missing weight).
         """
-        self.readout.initialize(train_responses)
+        keys: dict[str, tuple[int, int]] = {}
+        n_components = None
+        for name in state:
+            m = re.fullmatch(r"(?:readouts\.([A-Za-z0-9_-]+)|readout)\.(basis|linear\.weight)", name)
+            if m is None:
+                continue
+            if m.group(2) == "basis":
+                n_components, n_vox = (int(x) for x in state[name].shape)
+            else:
+                n_vox = int(state[name].shape[0])
+            keys[m.group(1) or DEFAULT_KEY] = (n_vox, int(n_train or n_components or 1))
+        want = "basis" if config.readout == "pca" else "linear.weight"
+        if not keys or (config.readout == "pca") != (n_components is not None):
+            raise ValueError(f"no {config.readout} readout (readout.{want} or readouts.<key>.{want}) in the saved "
+                             "weights")
+        core_dim = int(state["core.weight" if "core.weight" in state else "core.0.weight"].shape[0]) \
+            if config.core is not None else config.core_dim
+        head = _head_dims(state, config.projection)
+        net = cls(layer_dims, keys=keys, readout=config.readout, n_components=n_components,
+                  voxel_loss=config.voxel_loss, readout_l2=config.readout_l2, core=config.core, core_dim=core_dim,
+                  core_dropout=config.core_dropout, text_dim=head[1] if head else None,
+                  embed_dim=head[0] if head else None, projection=config.projection,
+                  temperature_init=config.temperature_init, learn_temperature=config.learn_temperature,
+                  feature_dropout=config.feature_dropout, standardize_features=config.standardize_features,
+                  backbone=backbone, alignment=head is not None, head_seed=seed)
+        missing, unexpected = net.load_state_dict(dict(state), strict=False)
+        bad_missing = [k for k in missing if not k.startswith("backbone.")]
+        if bad_missing or unexpected:
+            raise ValueError(f"weights do not fit the network of the config (missing {bad_missing[:5]}, "
+                             f"unexpected {list(unexpected)[:5]})")
+        return net
+
+    # ----------------------------------------------------------------------------------------- setup
+    @torch.no_grad()
+    def initialize(self, train_responses: torch.Tensor | Mapping[str, torch.Tensor],
+                   train_features: torch.Tensor | None = None) -> None:
+        """Fit the closed-form parts from training data: the readouts (PCA basis, mean) and the feature statistics.
+
+        Parameters
+        ----------
+        train_responses : tensor of shape (n_train, n_voxels), or mapping of key to such tensors
+            A tensor initialises the only key; keys missing from a mapping (e.g. a captions-only key) keep
+            their initial readout.
+        train_features : tensor of shape (n_train, n_features), optional
+            Concatenated readout features (see :meth:`concat`) of every key's training rows; needed when
+            ``standardize_features``. The statistics are :class:`~llmvem.model.features.FeatureStandardizer`'s.
+        """
+        responses = train_responses if isinstance(train_responses, Mapping) else {self._key(None): train_responses}
+        for key, y in responses.items():
+            self._readout(key).initialize(y)
         if self.standardize_features:
             if train_features is None:
                 raise ValueError("standardize_features needs the training features")
-            x = train_features.detach().to(torch.float64)
-            self.feature_mean.copy_(x.mean(dim=0).float())
-            std = floored_std(x.std(dim=0).cpu().numpy())  # tiny stds would blow up test features
-            self.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+            fitted = FeatureStandardizer().fit(train_features.detach().cpu().double().numpy())
+            self.feature_mean.copy_(torch.from_numpy(fitted.mean_))
+            self.feature_std.copy_(torch.from_numpy(fitted.std_))
+
+    def n_voxels_of(self, key: str | None = None) -> int:
+        """Number of voxels of ``key``'s readout (None: the only key)."""
+        return int(self._readout(key).n_voxels)
+
+    @property
+    def n_voxels(self) -> int:
+        """Voxels of the only key (a one-key network; see :meth:`n_voxels_of`)."""
+        return self.n_voxels_of(None)
+
+    @property
+    def readout(self) -> Readout:
+        """The only key's readout (a one-key network)."""
+        return self._readout(None)
+
+    def _key(self, key: str | None) -> str:
+        if key is None:
+            if len(self.keys) != 1:
+                raise KeyError(f"this network has {len(self.keys)} data keys {self.keys}; pass key=...")
+            return self.keys[0]
+        if key not in self.readouts:
+            raise KeyError(f"unknown data key {key!r}; the network has {self.keys}")
+        return key
+
+    def _readout(self, key: str | None) -> Readout:
+        return self.readouts[self._key(key)]  # type: ignore[return-value]
 
     def required_layers(self, with_embedding: bool) -> list[str]:
         """Backbone layers a forward pass needs: the readout layers, plus ``"pooled"`` for the embedding."""
         layers = list(self.layers)
-        if with_embedding and EMBED_LAYER not in layers:
+        if with_embedding and self.core is None and EMBED_LAYER not in layers:
             layers.append(EMBED_LAYER)
         return layers
 
@@ -235,8 +360,9 @@ class LLMVEM(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor | None = None, features: Mapping[str, torch.Tensor] | None = None,
-                with_embedding: bool = False, channels_last: bool = False) -> ModelOutput:
-        """Predict responses (and optionally the projected image embedding).
+                with_embedding: bool = False, channels_last: bool = False, key: str | None = None,
+                with_voxels: bool = True) -> ModelOutput:
+        """Predict the responses of data key ``key`` (and optionally the projected image embedding).
 
         Parameters
         ----------
@@ -246,6 +372,10 @@ class LLMVEM(nn.Module):
             Feature mode: precomputed backbone features.
         with_embedding : bool
             Also return the alignment head's projected embedding.
+        key : str, optional
+            Whose readout predicts; None: the only key.
+        with_voxels : bool
+            Run the readout (False for a data key with captions and no responses).
         """
         if features is None:
             if images is None:
@@ -255,26 +385,65 @@ class LLMVEM(nn.Module):
         if self.standardize_features:
             x = (x - self.feature_mean) / self.feature_std
         x = self.dropout(x)
-        voxels, latent = self.readout.forward_latent(x)
+        z = self.core(x) if self.core is not None else x
+        voxels = latent = None
+        if with_voxels:
+            voxels, latent = self._readout(key).forward_latent(self.core_dropout(z))
         embedding = logit_scale = None
         if with_embedding:
             if self.head is None:
                 raise RuntimeError("this network was built without an alignment head")
-            if EMBED_LAYER not in features:
+            if self.core is None and EMBED_LAYER not in features:
                 raise KeyError(f"the alignment head needs the {EMBED_LAYER!r} layer among the features")
-            embedding = self.head(features[EMBED_LAYER])
+            embedding = self.head(z if self.core is not None else features[EMBED_LAYER])
             logit_scale = self.logit_scale()
-        return ModelOutput(voxels=voxels, readout_input=x, latent=latent, embedding=embedding,
+        return ModelOutput(voxels=voxels, readout_input=z, latent=latent, embedding=embedding,
                            logit_scale=logit_scale)
 
-    def voxel_loss(self, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+    def voxel_loss(self, out: ModelOutput, targets: torch.Tensor, key: str | None = None) -> torch.Tensor:
         """The readout's MSE (voxel or PCA space) of ``out`` against targets (B, n_voxels)."""
-        return self.readout.loss(out.voxels, targets, out.latent)
+        if out.voxels is None:
+            raise ValueError("this output has no voxel predictions (with_voxels=False)")
+        return self._readout(key).loss(out.voxels, targets, out.latent)
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the readout, the alignment head and the temperature (what stage 1 trains)."""
-        params = list(self.readout.parameters())
-        if self.head is not None:
-            params += list(self.head.parameters())
-        params.append(self.log_logit_scale)
-        return params
+
+_SINGLE, _KEYED = "readout.", f"readouts.{DEFAULT_KEY}."
+
+
+def _single_key_names(module: LLMVEM, state: dict[str, torch.Tensor], prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: ``readouts.main.*`` → ``readout.*`` when ``"main"`` is the only key, in place, order kept."""
+    keyed = prefix + _KEYED
+    if module.keys != [DEFAULT_KEY] or not any(k.startswith(keyed) for k in state):
+        return
+    items = list(state.items())
+    state.clear()
+    for k, v in items:
+        state[prefix + _SINGLE + k[len(keyed):] if k.startswith(keyed) else k] = v
+
+
+def _keyed_names(module: LLMVEM, state: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+    """Load pre-hook: ``readout.*`` (single-subject format) → ``readouts.<only key>.*``, in place."""
+    single = prefix + _SINGLE
+    if len(module.keys) != 1:
+        return
+    for k in [k for k in state if k.startswith(single)]:
+        state[f"{prefix}readouts.{module.keys[0]}.{k[len(single):]}"] = state.pop(k)
+
+
+def _make_readout(kind: str, n_features: int, n_voxels: int, n_train: int, n_components: int | None,
+                  voxel_loss: str, l2: float) -> Readout:
+    if kind == "pca":
+        k = n_components if n_components is not None else default_pca_components(n_train, n_voxels)
+        return PCAVoxelReadout(n_features, n_voxels, min(k, n_train, n_voxels), voxel_loss=voxel_loss, l2=l2)
+    if kind == "linear":
+        return LinearVoxelReadout(n_features, n_voxels, l2=l2)
+    raise ValueError(f"readout: expected 'pca' or 'linear', got {kind!r}")
+
+
+def _head_dims(state: Mapping[str, torch.Tensor], projection: str) -> tuple[int, int] | None:
+    """(input, output) sizes of a saved alignment head, or None when the state has none."""
+    first = "head.proj.weight" if projection == "linear" else "head.proj.0.weight"
+    last = "head.proj.weight" if projection == "linear" else "head.proj.2.weight"
+    if first not in state or last not in state:
+        return None
+    return int(state[first].shape[1]), int(state[last].shape[0])

@@ -1,11 +1,16 @@
-"""Two-stage training of the LLM-VEM network: trainer, checkpoints, distributed setup, notebook wrapper."""
+"""Two-stage training of the LLM-VEM network: one engine over data keys (one subject or several), the task
+(network + losses), checkpoints, distributed setup.
+
+The scikit-learn-style wrapper ``LLMVEMEncoder`` lives in :mod:`llmvem.estimators`."""
 
 from llmvem.train.checkpoint import CheckpointManager, load_weights, save_weights
 from llmvem.train.distributed import DistInfo, setup_distributed
-from llmvem.train.encoder import LLMVEMEncoder
+from llmvem.train.engine import Engine
 from llmvem.train.schedule import lr_factor
+from llmvem.train.task import EncodingTask
 from llmvem.train.trainer import (
     OUTPUT_NAMES,
+    SubjectData,
     TrainResult,
     config_fingerprint,
     prepare_run_folder,
@@ -16,7 +21,9 @@ __all__ = [
     "OUTPUT_NAMES",
     "CheckpointManager",
     "DistInfo",
-    "LLMVEMEncoder",
+    "EncodingTask",
+    "Engine",
+    "SubjectData",
     "TrainResult",
     "config_fingerprint",
     "load_weights",

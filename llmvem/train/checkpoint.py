@@ -221,10 +221,12 @@ class CheckpointManager:
                               self.info.device)
         return model_state, opt_state, state
 
-    def best_path(self, stage: int) -> Path:
-        return self.folder / f"best_stage{stage}.safetensors"
+    def best_path(self, stage: int, key: str | None = None) -> Path:
+        """File of the best weights of ``stage`` (of data key ``key`` with per-key selection)."""
+        return self.folder / (f"best_stage{stage}.safetensors" if key is None
+                              else f"best_stage{stage}_key_{key}.safetensors")
 
-    def save_best(self, stage: int, model_state: dict[str, torch.Tensor]) -> None:
-        """Write the best weights of ``stage`` (rank 0 only)."""
+    def save_best(self, stage: int, model_state: dict[str, torch.Tensor], key: str | None = None) -> None:
+        """Write the best weights of ``stage`` (of data key ``key``) (rank 0 only)."""
         if self.info.is_main:
-            save_weights(self.best_path(stage), model_state, {"config_hash": self.config_hash})
+            save_weights(self.best_path(stage, key), model_state, {"config_hash": self.config_hash})

@@ -1,4 +1,4 @@
-"""In-memory inputs of training and prediction: decoded images, backbone features, batched prediction.
+"""In-memory tensors of training and prediction: decoded images, backbone features, batched prediction.
 
 Stage 2 keeps the training images as decoded, resized uint8 tensors in memory, so no step decodes a JPEG; the
 same decoded tensors feed the frozen backbone when stage-1 features are computed here, so stage 1 and stage 2
@@ -100,13 +100,16 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, max_shift: 
 @torch.no_grad()
 def predict_network(network: torch.nn.Module, n: int, device: torch.device, *,
                     features: Mapping[str, torch.Tensor] | None = None, images: torch.Tensor | None = None,
-                    batch_size: int = 64, precision: str = "fp32", channels_last: bool = False) -> np.ndarray:
+                    batch_size: int = 64, precision: str = "fp32", channels_last: bool = False,
+                    key: str | None = None) -> np.ndarray:
     """Predicted responses of ``network`` (an :class:`~llmvem.model.LLMVEM`) in eval mode.
 
     Parameters
     ----------
     n : int
         Number of samples.
+    key : str, optional
+        Data key whose readout predicts (see :class:`~llmvem.model.LLMVEM`); None: the network's only key.
     features : mapping of layer to tensor (n, d_layer), optional
     images : uint8 tensor (n, H, W, 3), optional
 
@@ -117,14 +120,19 @@ def predict_network(network: torch.nn.Module, n: int, device: torch.device, *,
     was = network.training
     network.eval()
     out = []
+    extra = {} if key is None else {"key": key}
     for s in range(0, n, batch_size):
         with autocast(device, precision):
             if features is not None:
                 batch = {k: v[s : s + batch_size].to(device) for k, v in features.items()}
-                res = network(features=batch)
+                res = network(features=batch, **extra)
             else:
                 assert images is not None
-                res = network(images=images[s : s + batch_size].to(device), channels_last=channels_last)
+                res = network(images=images[s : s + batch_size].to(device), channels_last=channels_last,
+                              **extra)
         out.append(res.voxels.float().cpu())
     network.train(was)
-    return torch.cat(out).numpy() if out else np.zeros((0, network.n_voxels), dtype=np.float32)
+    if out:
+        return torch.cat(out).numpy()
+    n_vox = network.n_voxels if key is None else network.n_voxels_of(key)  # type: ignore[operator]
+    return np.zeros((0, n_vox), dtype=np.float32)
