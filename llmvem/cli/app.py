@@ -86,10 +86,18 @@ def progress_option() -> Any:
 def use_progress(flag: bool | None) -> bool:
     """Apply a command's ``--progress/--no-progress`` to every bar (llmvem's and the weight-loading bars of
     transformers) and return whether bars are on."""
-    from llmvem.utils import set_progress
+    import sys
+
+    from llmvem.utils import PROGRESS_ENV, set_progress
 
     enabled = flag if flag is not None else os.environ.get("LLMVEM_NO_PROGRESS", "") != "1"
-    set_progress(enabled)
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:
+        set_progress(enabled)
+    else:  # importing transformers takes seconds; it reads the switch from the environment when it is imported,
+        # so a command that fails on bad input stays fast
+        os.environ[PROGRESS_ENV] = "0" if enabled else "1"
+        if not enabled:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     return enabled
 
 

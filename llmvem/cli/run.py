@@ -108,6 +108,8 @@ def sweep(
             raise ConfigError(f"--grid {quote(item)}: expected KEY=V1,V2")
         key, values = item.split("=", 1)
         axes.append((key, [v for v in values.split(",") if v]))
+        if not axes[-1][1]:
+            raise ConfigError(f"--grid {quote(item)}: no values; expected KEY=V1,V2")
     from llmvem.errors import ConfigError, quote
     for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
         apply_overrides(base, [f"{k}={v}" for k, v in combo])
