@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, other_captions_option, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, other_captions_option, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,10 @@ def embed(
         raise ConfigError("give a dataset spec (or --config)")
     if not text and not images:
         text = images = True
+    if text:
+        check_output_file(text_out, "--text-out", (".npz",))
+    if images:
+        check_output_file(cache.expanduser(), "--cache")
     ds = load_dataset(dataset)
     summary: dict[str, object] = {"dataset": ds.name}
     if images:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 _PREDICT_EXAMPLES = """\b
 Examples:
@@ -114,6 +114,10 @@ def predict(
                           "(or --fit-readouts)")
     if images is not None and out is None:
         raise ConfigError("--images needs --out FILE.h5 for the predicted responses")
+    blank = [k for k, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ConfigError(f"--text: text {blank[0] + 1} is empty; expected words to predict responses to")
+    check_output_file(out, "--out")
     model_dir = resolve_model_dir(run, model)
     if (model_dir / RIDGE_FILE).is_file() and (texts or fit_readouts):
         raise ConfigError(f"--model {model_dir.name}: a ridge on image features predicts from --images only "

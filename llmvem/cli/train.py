@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from llmvem.cli.app import app, other_captions_option, progress_option, use_progress
+from llmvem.cli.app import app, new_output_folder, other_captions_option, progress_option, use_progress
+from llmvem.errors import DiskFullError, is_disk_full
 
 if TYPE_CHECKING:
     from llmvem.config import RunConfig
@@ -45,27 +46,29 @@ def train(
     only the LLM-VEM model is trained, into --out itself; only rank 0 writes and prints.
     """
     from llmvem.config import apply_overrides, load_config
-    from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
     show = use_progress(progress)
-    cfg = apply_overrides(load_config(config), overrides)
+    cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
+    from llmvem.train.distributed import cleanup_distributed, setup_distributed
+
     info = setup_distributed(cfg.train.device)
-    if info.world_size > 1:
-        try:
-            _train_distributed(cfg, out, resume, overwrite, show, info.is_main, other_captions)
-        finally:
-            cleanup_distributed(info)
-        return
-    cleanup_distributed(info)
-    _train_experiment(cfg, out, resume, overwrite, show, other_captions)
+    try:
+        with new_output_folder(out):  # refused inputs (another captioner...) leave no half-made folder
+            if info.world_size > 1:
+                _train_distributed(cfg, out, resume, overwrite, show, info.is_main, other_captions)
+            else:
+                _train_experiment(cfg, out, resume, overwrite, show, other_captions)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, "the run folder (checkpoints, predictions)") from exc
+        raise
+    finally:
+        cleanup_distributed(info)
 
 
 def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool,
                       other_captions: str) -> None:
-    import shutil
-
     import llmvem.inputs
-    from llmvem.errors import LLMVEMError
     from llmvem.experiment import run_models
     from llmvem.pipeline import experiment_models
 
@@ -76,14 +79,8 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
             typer.echo("[llmvem] preparing inputs: dataset, captions, caption embeddings, image features", err=True)
         return llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
 
-    existed = out.exists()
-    try:
-        result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
-                            say=(lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None))
-    except LLMVEMError:
-        if not existed and out.is_dir():  # refused inputs (another captioner...): leave no half-made folder
-            shutil.rmtree(out)
-        raise
+    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
+                        say=(lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None))
     m = result.metrics
     for name, rec in m["models"].items():
         val = rec.get("val_mean_r")
