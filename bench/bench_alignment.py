@@ -43,20 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmvem import pipeline
+from llmvem import inputs
 from llmvem.config import RunConfig, apply_overrides
 from llmvem.data import load_dataset
 from llmvem.data.dataset import EncodingDataset
 from llmvem.evaluate.metrics import pearson_r
 from llmvem.evaluate.stats import paired_bootstrap
+from llmvem.model.ridge import RidgeCV
 from llmvem.train import train_encoding_model
 from llmvem.train.stream import CaptionStream, load_align_stream
 from llmvem.utils import floored_std
-
-try:  # the ridge estimator may move to llmvem.model.ridge
-    from llmvem.model.ridge import RidgeCV  # type: ignore[import-not-found]
-except ImportError:
-    from llmvem.evaluate.ridge import RidgeCV
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "alignment.json"
@@ -216,10 +212,10 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
     ds_all = make_brain(n_max, mode["n_val"], mode["n_test"], mode["image_size"], seed)
     runner = Runner(mode, cache_dir, work, seed)
     cfg = runner.config
-    backbone = pipeline.load_config_backbone(cfg)
-    features = pipeline.extract_split_features(cfg, ds_all, backbone, show_progress=False)
+    backbone = inputs.load_config_backbone(cfg)
+    features = inputs.extract_split_features(cfg, ds_all, backbone, show_progress=False)
     captions = {s: ds_all.captions_for(s) for s in SPLITS}
-    text = pipeline.embed_captions(cfg, captions, show_progress=False)
+    text = inputs.embed_captions(cfg, captions, show_progress=False)
     text_shuf = shuffled(text, seed + 1)
     stream_cfg = apply_overrides(cfg, [f"align_data.spec=virtual-scenes:n={mode['n_extra']},seed={seed + 7}"])
     stream = load_align_stream(stream_cfg, backbone, show_progress=False)

@@ -12,10 +12,18 @@ batch):
 Images: the first ``--n-images`` Flickr8k photos of ``../shared/data/flickr8k_1000`` (~200×150 JPEGs), or random
 images when that folder is absent. Threads: ``torch.get_num_threads()`` (2 on the dev box).
 
+A second table (``--memory``) gives the size of the feature cache per 1,000 images for each spatial option of
+EfficientNet-Lite0 at 224 px (:mod:`llmvem.embed.spatial`): pooled blocks, 2×2 / 4×4 / 7×7 grids, full maps and
+512-d random projections of the maps, in float32 and float16. It is measured on ``--memory-images`` images
+written to a real cache file (uncompressed HDF5, as llmvem writes it) and scaled to 1,000; the last column is the
+file's storage of each dataset over its rows' bytes on the sample (the overhead is at most one partly filled
+chunk of ≤ 1,024 rows and ≤ ~4 MB, so it vanishes at scale).
+
 Usage::
 
     python bench/bench_features.py                           # lite0, resnet18, vit_tiny; 128 images (~1.5 min)
     python bench/bench_features.py --model timm:convnext_atto --n-images 256
+    python bench/bench_features.py --memory-only             # the cache-memory table alone (~1 min)
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmvem.data.images import ArrayImages, FileImages, ImageCollection  # noqa: E402
-from llmvem.embed import FeatureCache, extract_features, load_backbone  # noqa: E402
+from llmvem.embed import FeatureCache, compute_features, extract_features, load_backbone  # noqa: E402
 
 
 def bench_images(n: int) -> tuple[Callable[[], ImageCollection], str]:
@@ -86,6 +94,53 @@ def bench_one(name: str, fresh: Callable[[], ImageCollection], n: int, bs: int, 
     return f"| {backbone.model_id} | {n_params:.1f} M | {s}² | {fwd:.1f} | {e2e:.1f} | {cached:.0f} |"
 
 
+MEMORY_BLOCKS = ("block2", "block5", "block8", "block12", "block15")
+MEMORY_MODES = ("", "@grid2", "@grid4", "@grid7", "@map", "@proj512")
+
+
+def cache_memory(fresh: Callable[[], ImageCollection], n: int, bs: int) -> list[dict]:
+    """Feature-cache size per 1,000 images of each layer spec of EfficientNet-Lite0 at 224 px.
+
+    Returns one dict per spec: ``spec``, ``shape`` (per image), ``mb_float32`` and ``mb_float16`` (MB per 1,000
+    images: the rows' bytes measured on ``n`` images, scaled), ``storage_ratio_<dtype>`` (HDF5 storage of the
+    dataset in the cache file / its rows' bytes, on the ``n`` images; > 1 by at most one partly filled chunk),
+    ``seconds`` (float32 extraction of all specs at once, CPU).
+    """
+    import h5py
+
+    backbone = load_backbone("efficientnet_lite0", device="cpu").eval()
+    specs = ["pooled"] + [b + m for b in MEMORY_BLOCKS for m in MEMORY_MODES]
+    rows: dict[str, dict] = {}
+    for dtype in ("float32", "float16"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = FeatureCache(Path(tmp) / "f.h5")
+            t0 = time.perf_counter()
+            images = fresh()
+            result = compute_features(images, backbone, layers=specs, cache=cache, batch_size=bs, device="cpu",
+                                      dtype=dtype, show_progress=False)  # type: ignore[arg-type]
+            seconds = time.perf_counter() - t0
+            with h5py.File(cache.path, "r") as f:
+                grp = f[result.key]
+                for spec in specs:
+                    row = rows.setdefault(spec, {"spec": spec, "shape": tuple(grp[spec].shape[1:]),
+                                                 "seconds": seconds})
+                    raw = result.features[spec].nbytes
+                    row[f"mb_{dtype}"] = raw / len(images) * 1000 / 1e6
+                    # uncompressed HDF5: storage = raw + the unfilled rest of the last chunk (≤ 1 chunk, ≤ ~4 MB)
+                    row[f"storage_ratio_{dtype}"] = grp[spec].id.get_storage_size() / raw
+    return list(rows.values())
+
+
+def format_memory(rows: list[dict]) -> str:
+    lines = ["| layer spec | per image | values | MB / 1,000 images (float32) | (float16) | HDF5 file / rows, "
+             "float32 (on the sample) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = "×".join(str(v) for v in r["shape"])
+        lines.append(f"| {r['spec']} | {shape} | {int(np.prod(r['shape'])):,} | {r['mb_float32']:.2f} | "
+                     f"{r['mb_float16']:.2f} | {r['storage_ratio_float32']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=None,
@@ -94,6 +149,9 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="also print the cache-memory table")
+    parser.add_argument("--memory-only", action="store_true", help="only the cache-memory table")
+    parser.add_argument("--memory-images", type=int, default=64, help="images the memory table is measured on")
     args = parser.parse_args()
     os.environ.setdefault("LLMVEM_NO_PROGRESS", "1")
     models = args.model or ["efficientnet_lite0", "timm:resnet18", "timm:vit_tiny_patch16_224"]
@@ -101,10 +159,19 @@ def main() -> None:
     n, bs = len(fresh()), args.batch_size
     print(f"{what}, batch {bs}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print()
-    print("| backbone | params | input | forward img/s | end-to-end img/s | cached rerun img/s |")
-    print("|---|---|---|---|---|---|")
-    for name in models:
-        print(bench_one(name, fresh, n, bs, args.repeats), flush=True)
+    if not args.memory_only:
+        print("| backbone | params | input | forward img/s | end-to-end img/s | cached rerun img/s |")
+        print("|---|---|---|---|---|---|")
+        for name in models:
+            print(bench_one(name, fresh, n, bs, args.repeats), flush=True)
+        print()
+    if args.memory or args.memory_only:
+        mem_fresh, mem_what = bench_images(args.memory_images)
+        rows = cache_memory(mem_fresh, args.memory_images, bs)
+        print(f"Feature cache per 1,000 images, EfficientNet-Lite0 at 224 px (measured on {mem_what}, "
+              f"{rows[0]['seconds']:.0f} s for all specs in float32):")
+        print(format_memory(rows))
+
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,8 @@ recordings) of Kriegeskorte et al. (2008, Neuron), as shipped in the rsatoolbox 
 Model RDMs (correlation distance, :func:`llmvem.evaluate.rsa.rdm`) of the 92 images from:
 
 * EfficientNet-Lite0 (ImageNet weights) blocks and the pooled embedding, at 224 px (its training size) and at
-  112 px (the size the V4 benchmark uses);
+  112 px (the size the V4 benchmark uses); at 224 px also each block's map pooled to 2×2 and 4×4 grids and the
+  full map (``block12@grid4``, ``block12@map``: :mod:`llmvem.embed.spatial`), whose RDMs keep where things are;
 * the caption text embeddings: offline ImageNet-label captioner → MiniLM (the captions LLM-VEM is aligned to
   in the offline benchmarks);
 * LLM-VEM networks trained on a V4 session through the pipeline with the V4 benchmark's settings
@@ -52,6 +53,9 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kriegeskorte92"
 DEFAULT_OUT = ROOT / "bench" / "results" / "rsa92.json"
 BACKBONE_LAYERS = ["block2", "block5", "block8", "block10", "block12", "block14", "block15", "pooled"]
 BACKBONE_SIZES = (224, 112)
+# Spatial rows (224 px only): each block's map pooled to a 2×2 and a 4×4 grid, and the full map (no pooling).
+SPATIAL_LAYERS = [f"{b}@{mode}" for b in ("block2", "block5", "block8", "block10", "block12", "block14", "block15")
+                  for mode in ("grid2", "grid4", "map")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,13 +94,14 @@ def v4_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ representations
-def backbone_patterns(images, size: int) -> dict[str, np.ndarray]:
-    """Frozen EfficientNet-Lite0 features of the images at ``size`` px: layer → (n_images, d_layer)."""
+def backbone_patterns(images, size: int, layers: list[str] = BACKBONE_LAYERS) -> dict[str, np.ndarray]:
+    """Frozen EfficientNet-Lite0 features of the images at ``size`` px: layer spec → (n_images, d_layer), or
+    (n_images, C, H, W) for grids and maps (``"block12@grid4"``, ``"block12@map"``)."""
     from llmvem.embed.cache import extract_features
     from llmvem.embed.image import load_backbone
 
     backbone = load_backbone("efficientnet_lite0", image_size=size)
-    feats = extract_features(images, backbone, layers=BACKBONE_LAYERS, cache=None, batch_size=32,
+    feats = extract_features(images, backbone, layers=layers, cache=None, batch_size=32,
                              show_progress=False)
     return {f"EfficientNet-Lite0@{size} {layer}": np.asarray(v, dtype=np.float64) for layer, v in feats.items()}
 
@@ -105,7 +110,7 @@ def caption_patterns(config, images) -> tuple[dict[str, np.ndarray], list[list[s
     """Caption text embeddings of the images (the config's captioner and text encoder, both cached)."""
     from llmvem.captions.run import run_captioning
     from llmvem.captions.store import CaptionStore
-    from llmvem.pipeline import build_captioner, cache_root, embed_captions
+    from llmvem.inputs import build_captioner, cache_root, embed_captions
 
     captioner = build_captioner(config, None)
     with CaptionStore(cache_root(config) / "captions.sqlite") as store:
@@ -128,7 +133,7 @@ def llmvem_patterns(args: argparse.Namespace, images_uint8: np.ndarray, work: Pa
     """
     import torch
 
-    from llmvem.pipeline import load_config_dataset, prepare_inputs
+    from llmvem.inputs import load_config_dataset, prepare_inputs
     from llmvem.train import train_encoding_model
 
     vargs = v4_args(args)
@@ -181,13 +186,13 @@ def llmvem_patterns(args: argparse.Namespace, images_uint8: np.ndarray, work: Pa
 def score_rdms(patterns: dict[str, np.ndarray], rset, reference: bool = True) -> dict[str, dict[str, Any]]:
     """Spearman r of each model RDM with human IT (mean and per subject) and monkey IT.
 
-    ``patterns`` maps a row name to features of shape (92, dim); with ``reference`` the reference model RDMs
+    ``patterns`` maps a row name to features of shape (92, dim) or (92, C, H, W) (flattened); with ``reference`` the reference model RDMs
     shipped with the set (animacy, category, HMAX, V1...) are added as ``"reference: <name>"`` rows (dim 0).
     """
     from llmvem.evaluate.rsa import compare_rdms, rdm
 
     per_subject = rset.human_it_per_subject
-    rdms = {name: (rdm(x), int(x.shape[1])) for name, x in patterns.items()}
+    rdms = {name: (rdm(x), int(np.prod(x.shape[1:]))) for name, x in patterns.items()}
     if reference:
         rdms.update({f"reference: {name}": (m, 0) for name, m in rset.model_rdms.items() if name != "monkeyIT"})
     out: dict[str, dict[str, Any]] = {}
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     pixels = np.stack([images.load_array(i) for i in range(len(images))])  # uint8 (92, 175, 175, 3)
     patterns: dict[str, np.ndarray] = {}
     for size in BACKBONE_SIZES:
-        patterns.update(backbone_patterns(images, size))
+        patterns.update(backbone_patterns(images, size, BACKBONE_LAYERS + (SPATIAL_LAYERS if size == 224 else [])))
     config = bench_v4.session_config(v4_args(args), args.v4_session)
     text, captions = caption_patterns(config, images)
     patterns.update(text)

@@ -40,25 +40,49 @@ def sha256_bytes(data: bytes, length: int = 32) -> str:
     return hashlib.sha256(data).hexdigest()[:length]
 
 
+#: Environment variable that switches llmvem's progress bars: "0" on, "1" off; unset: off (quiet library).
+PROGRESS_ENV = "LLMVEM_NO_PROGRESS"
+
+
+def progress_enabled() -> bool:
+    """Whether llmvem draws progress bars: only when turned on (``LLMVEM_NO_PROGRESS=0``, which the ``llmvem``
+    command sets unless ``--no-progress``), so library code called from Python is quiet by default."""
+    return os.environ.get(PROGRESS_ENV, "1") == "0"
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn every progress bar of llmvem on or off for this process and the processes it starts.
+
+    Also switches the weight-loading bars of transformers and huggingface_hub when they are installed.
+    """
+    os.environ[PROGRESS_ENV] = "0" if enabled else "1"
+    try:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    (enable_progress_bars if enabled else disable_progress_bars)()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
              disable: bool | None = None) -> Iterator[T]:
     """Wrap an iterable in a tqdm progress bar with a description, a rate and an ETA.
 
-    Progress bars go to stderr and are disabled when ``LLMVEM_NO_PROGRESS=1``.
+    Progress bars go to stderr; ``disable=None`` follows :func:`progress_enabled` (off unless turned on).
     """
     from tqdm.auto import tqdm
 
     if disable is None:
-        disable = os.environ.get("LLMVEM_NO_PROGRESS", "") == "1"
+        disable = not progress_enabled()
     return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True))
 
 
 def progress_bar(total: int, desc: str, unit: str = "it"):
-    """A manual tqdm bar (call ``.update(n)``), honouring ``LLMVEM_NO_PROGRESS``."""
+    """A manual tqdm bar (call ``.update(n)``), drawn only when :func:`progress_enabled`."""
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("LLMVEM_NO_PROGRESS", "") == "1"
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress_enabled(), dynamic_ncols=True)
 
 
 @contextmanager

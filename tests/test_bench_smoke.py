@@ -104,6 +104,10 @@ def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
     assert res["llmvem"]["readout_layers"] in (["block10"], ["block8", "block12", "pooled"])  # ridge's choice
     assert "human IT noise ceiling (leave one subject out" in printed
     assert "EfficientNet-Lite0@112 pooled" in printed
+    # spatial rows at 224 px: grids and full maps beside the pooled rows (block12: 192 channels on a 7×7 map)
+    assert models["EfficientNet-Lite0@224 block12@grid2"]["dim"] == 192 * 4
+    assert models["EfficientNet-Lite0@224 block12@map"]["dim"] == 192 * 49
+    assert "EfficientNet-Lite0@224 block2@map" in printed
 
 
 def test_benchmarks_exit_cleanly_without_data(bench_v4, tmp_path, capsys):
@@ -150,16 +154,17 @@ def test_demo_stage_table():
 
 def test_fine_tuning_one_model_leaves_the_shared_backbone_frozen(tmp_path):
     """bench_v4 trains λ = 0 and λ > 0 fine-tuned models from one PreparedInputs: each must start from the same
-    frozen backbone (the one the cached features describe), so train_llmvem must not fine-tune it in place."""
+    frozen backbone (the one the cached features describe), so LLMVEMEncoder.fit_inputs must not fine-tune it in
+    place."""
     import torch
 
     from llmvem.config import apply_overrides, load_config
-    from llmvem.pipeline import (
+    from llmvem.estimators import LLMVEMEncoder
+    from llmvem.inputs import (
         PreparedInputs,
         extract_split_features,
         load_config_backbone,
         load_config_dataset,
-        train_llmvem,
     )
 
     cfg = apply_overrides(load_config("demo"), [
@@ -175,7 +180,8 @@ def test_fine_tuning_one_model_leaves_the_shared_backbone_frozen(tmp_path):
     text = {s: t / np.linalg.norm(t, axis=1, keepdims=True) for s, t in text.items()}
     inputs = PreparedInputs(ds, {}, {}, text, backbone, feats)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    preds = train_llmvem(cfg, inputs, 0.1, tmp_path / "run", show_progress=False)
+    cfg.model.lambda_align = 0.1
+    preds = LLMVEMEncoder(cfg, out_dir=tmp_path / "run").fit_inputs(inputs).predict_inputs(inputs)
     assert preds["test"].shape == (10, ds.n_voxels)
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -234,3 +240,22 @@ def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
     assert saved["diagnostics"]["description_embeddings"]["attribute_r"]["n_objects"] > 0.8
     assert res["settings"]["lambda_chosen"] == 1.0
     assert "Positive control" in capsys.readouterr().out
+
+
+@pytest.mark.shared_data
+def test_spatial_v4_ridge_on_a_tiny_subset(capsys):
+    data = needs_shared("v4_cowley2023")
+    bench = _load("bench_spatial_v4")
+    assert bench.main(["--data", "/nonexistent/v4"]) is None  # no data: a message, exit 0
+    res = bench.main(["--data", str(data), "--session", "210325", "--max-images", "80", "--grids", "2",
+                      "--n-boot", "50"])
+    fam = res["families"]
+    assert set(fam) == {"pooled", "grid2"} and res["n_neurons"] == 50 and 76 <= sum(res["n_images"].values()) <= 84
+    dims = {"block5": 80, "block8": 112, "block10": 112, "block12": 192, "block15": 320}
+    for name, f in fam.items():
+        assert f["dim"] == sum(dims[spec.split("@")[0]] * (4 if name == "grid2" else 1) for spec in f["layers"])
+        assert len(f["val_r"]) == 6 and max(f["val_r"].values()) == f["val_r"]["+".join(f["layers"])]
+        assert -1.0 < f["test_mean_r"] < 1.0
+    assert fam["grid2"]["vs_pooled"]["diff"] == pytest.approx(fam["grid2"]["test_mean_r"] - fam["pooled"]["test_mean_r"],
+                                                               abs=1e-6)
+    assert "| grid2 |" in capsys.readouterr().out

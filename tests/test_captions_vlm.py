@@ -121,3 +121,15 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"no_model: cannot load as an image-text-to-text model"):
         TransformersCaptioner(str(tmp_path / "no_model"), device="cpu")
+
+
+def test_dtype_keyword_follows_the_transformers_version():
+    import torch
+
+    from llmvem.captions.vlm import dtype_kwarg
+
+    assert dtype_kwarg(torch.float16, "4.46.3") == {"torch_dtype": torch.float16}
+    assert dtype_kwarg(torch.float16, "4.55.4") == {"torch_dtype": torch.float16}
+    assert dtype_kwarg(torch.bfloat16, "4.56.0") == {"dtype": torch.bfloat16}
+    assert dtype_kwarg(torch.bfloat16, "5.0.0rc1") == {"dtype": torch.bfloat16}
+    assert list(dtype_kwarg(torch.float32)) == ["dtype"]  # the installed transformers is >= 4.56

@@ -83,10 +83,10 @@ def test_text_file_and_the_text_readout(run_dir, tmp_path, capsys):  # noqa: F81
     (tmp_path / "t.txt").write_text("# sentences\na green triangle\n\na cross\n", encoding="utf-8")
     out = tmp_path / "t.h5"
     argv = ["predict", "--run", str(run_dir), "--model", MODEL, "--text-file", str(tmp_path / "t.txt"),
-            "--readout", "text", "--out", str(out), "--quiet"]
+            "--readout", "text", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
-    assert "How the mapping" not in stdout and "text readout" in stdout
+    assert "How the mapping is made: Text readout" in stdout and "text readout" in stdout
     saved = read_predictions_h5(out)
     assert saved["texts"] == ["a green triangle", "a cross"] and saved["attrs"]["readout"] == "text"
     t2b = TextToBrain.load(run_dir / "models" / MODEL)
@@ -97,11 +97,11 @@ def test_text_file_and_the_text_readout(run_dir, tmp_path, capsys):  # noqa: F81
 
 @pytest.mark.slow
 def test_predict_images_matches_the_trained_predictions(run_dir, tmp_path, capsys):  # noqa: F811
-    import llmvem.pipeline
+    import llmvem.inputs
     from llmvem.config import load_config
 
     model_dir = run_dir / "models" / MODEL
-    ds = llmvem.pipeline.load_config_dataset(load_config(model_dir / "config.yaml"))
+    ds = llmvem.inputs.load_config_dataset(load_config(model_dir / "config.yaml"))
     folder = tmp_path / "stimuli"
     folder.mkdir()
     for i in range(5):  # lossless PNGs of the first test images
@@ -111,7 +111,7 @@ def test_predict_images_matches_the_trained_predictions(run_dir, tmp_path, capsy
     assert main(["predict", "--run", str(run_dir), "--images", str(folder), "--out", str(out)]) == 0
     assert f"predicted responses of 5 images × 100 voxels ({MODEL})" in capsys.readouterr().out
     saved = read_predictions_h5(out)
-    assert saved["image_ids"] == [f"img{i}.png" for i in range(5)] and saved["attrs"]["kind"] == "images"
+    assert saved["image_ids"] == [f"img{i}" for i in range(5)] and saved["attrs"]["kind"] == "images"
     np.testing.assert_allclose(saved["responses"], np.load(model_dir / "predictions_test.npy")[:5], atol=1e-5)
     assert saved["roi"]["semantic"].sum() == 60 and saved["attrs"]["backbone"] == "efficientnet_lite0"
     empty = tmp_path / "empty"
@@ -130,7 +130,7 @@ def test_fit_readouts_for_a_model_folder_without_them(run_dir, tmp_path, capsys)
                                                                 "vocabulary.txt"))
     assert main(["predict", "--run", str(bare), "--text", "a circle"]) == 2
     assert "--fit-readouts" in capsys.readouterr().err
-    assert main(["predict", "--run", str(bare), "--fit-readouts", "--quiet"]) == 0
+    assert main(["predict", "--run", str(bare), "--fit-readouts", "--no-progress"]) == 0
     stdout = capsys.readouterr().out
     assert "captions alone" in stdout and "semantic" in stdout
     fitted, original = TextToBrain.load(bare), TextToBrain.load(source)

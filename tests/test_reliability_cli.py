@@ -29,6 +29,7 @@ from PIL import Image
 from test_train_cli import frozen_features
 from test_train_trainer import backbone, make_dataset
 
+import llmvem.inputs
 import llmvem.pipeline
 from llmvem.cli import main
 from llmvem.data.images import FileImages
@@ -334,7 +335,8 @@ def test_an_existing_run_folder_is_refused_before_any_work(command, tmp_path, ca
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", lambda *a, **k: pytest.fail("prepared inputs"))
+    for module in (llmvem.inputs, llmvem.pipeline):
+        monkeypatch.setattr(module, "prepare_inputs", lambda *a, **k: pytest.fail("prepared inputs"))
     line = user_error(capsys, [command, "--config", "demo", "--out", str(out)])
     assert f"{out}: run folder already exists" in line and "--resume" in line and "--overwrite" in line
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
@@ -347,10 +349,10 @@ def tiny_inputs(monkeypatch):
 
     def prepare_inputs(config, show_progress=True, dataset=None):
         ds, text = make_dataset()
-        return llmvem.pipeline.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
+        return llmvem.inputs.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
                                               backbone=backbone(), features=frozen_features(ds))
 
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", prepare_inputs)
+    monkeypatch.setattr(llmvem.inputs, "prepare_inputs", prepare_inputs)
 
 
 def _train_config(path: Path, lr: float) -> Path:
@@ -362,22 +364,22 @@ def _train_config(path: Path, lr: float) -> Path:
 def test_resuming_with_another_config_or_its_checkpoints_is_refused(tmp_path, capsys, tiny_inputs):
     cfg_a, cfg_b = _train_config(tmp_path / "a.yaml", 0.01), _train_config(tmp_path / "b.yaml", 0.02)
     run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
-    assert main(["train", "--config", str(cfg_a), "--out", str(run_a), "--quiet"]) == 0
-    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--quiet"]) == 0
+    assert main(["train", "--config", str(cfg_a), "--out", str(run_a), "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--no-progress"]) == 0
     capsys.readouterr()
     # 1. the same folder resumed under another config: both values are named
-    line = user_error(capsys, ["train", "--config", str(cfg_b), "--out", str(run_a), "--quiet", "--resume"])
+    line = user_error(capsys, ["train", "--config", str(cfg_b), "--out", str(run_a), "--no-progress", "--resume"])
     assert str(run_a / "config.yaml") in line and "train.stage1.lr: 0.01 in the checkpoint vs 0.02 now" in line
     # 2. checkpoints copied in from a run of another config (config.yaml still matches)
     shutil.rmtree(run_a / "checkpoints")
     shutil.copytree(run_b / "checkpoints", run_a / "checkpoints")
-    line = user_error(capsys, ["train", "--config", str(cfg_a), "--out", str(run_a), "--quiet", "--resume"])
+    line = user_error(capsys, ["train", "--config", str(cfg_a), "--out", str(run_a), "--no-progress", "--resume"])
     assert "checkpoint was written by configuration" in line and str(run_a / "checkpoints") in line
     assert "start a new run folder or pass overwrite" in line
     # and a resume with the matching config still works
     shutil.rmtree(run_a / "checkpoints")
     shutil.copytree(run_b / "checkpoints", run_a / "checkpoints")
-    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--quiet", "--resume"]) == 0
+    assert main(["train", "--config", str(cfg_b), "--out", str(run_b), "--no-progress", "--resume"]) == 0
 
 
 # ----------------------------------------------------------------------------------- images that are not RGB

@@ -286,7 +286,7 @@ def test_train_killed_while_captioning_then_ctrl_c_mid_epoch_resumes_to_the_unin
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path, cache)
     out = tmp_path / "run"
-    args = ["train", "--config", str(cfg), "--out", str(out), "--resume", "--quiet"]
+    args = ["train", "--config", str(cfg), "--out", str(out), "--resume", "--no-progress"]
 
     # 1. SIGKILL in the middle of captioning (inside the pipeline's input preparation)
     commit = rng.randrange(2, CAPTION_COMMITS)

@@ -72,7 +72,7 @@ def interrupted_run(tmp_path, tiny_inputs, monkeypatch):  # noqa: F811 - the fix
         return path
 
     monkeypatch.setattr(llmvem.train.checkpoint.CheckpointManager, "save", save_then_stop)
-    assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 130
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 130
     monkeypatch.setattr(llmvem.train.checkpoint.CheckpointManager, "save", save)
     return cfg, out
 
@@ -86,7 +86,7 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(planted, inte
     marker = tmp_path / "PWNED"
     plant(target, marker, kind="pickle" if "rng" in planted else "torch")
     capsys.readouterr()
-    line = user_error(capsys, ["train", "--config", str(cfg), "--out", str(out), "--quiet", "--resume"])
+    line = user_error(capsys, ["train", "--config", str(cfg), "--out", str(out), "--no-progress", "--resume"])
     assert f"{target}: not a readable safetensors file" in line
     assert not marker.exists()
 
@@ -97,7 +97,7 @@ def test_torch_pickles_beside_the_checkpoints_are_never_read(interrupted_run, tm
     for name in ("checkpoints/stage1_epoch0002/model.pt", "checkpoints/stage1_epoch0002/optimizer.pt",
                  "checkpoints/last.ckpt", "model.pth", "checkpoint.pt"):
         plant(out / name, marker)
-    assert main(["train", "--config", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress", "--resume"]) == 0
     assert "stage1: 4 epochs" in capsys.readouterr().out
     assert not marker.exists()
 
@@ -110,7 +110,7 @@ def test_backbone_weights_from_the_config_refuse_a_pickle(tmp_path, capsys):
         "data": {"spec": "virtual", "n_train": 12, "n_test": 4, "image_size": 48},
         "backbone": {"name": "timm:test_resnet", "pretrained": False, "weights": str(weights), "device": "cpu"},
         "text": {"device": "cpu"}, "train": {"device": "cpu"}, "cache_dir": str(tmp_path / "cache")})
-    line = user_error(capsys, ["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"])
+    line = user_error(capsys, ["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
     assert f"{weights}: weights: the file holds pickled Python objects and llmvem refuses to execute them" in line
     assert not marker.exists()
 

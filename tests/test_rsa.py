@@ -32,6 +32,16 @@ def test_rdm_hand_values():
     np.testing.assert_allclose(rdm(x), [[0, 0, 2], [0, 0, 2], [2, 2, 0]], atol=1e-12)
 
 
+def test_rdm_of_feature_maps_keeps_where_things_are():
+    rng = np.random.default_rng(3)
+    maps = rng.standard_normal((4, 3, 5, 5))
+    maps[1] = maps[0][:, ::-1, :]  # the same features, mirrored top to bottom
+    d = rdm(maps)
+    np.testing.assert_allclose(d, squareform(pdist(maps.reshape(4, -1), metric="correlation")), atol=1e-12)
+    assert d[0, 1] > 0.5  # the map tells the mirrored image apart ...
+    assert rdm(maps.mean(axis=(2, 3)))[0, 1] == pytest.approx(0.0, abs=1e-12)  # ... the pooled vector cannot
+
+
 def test_rdm_rejects_constant_rows_and_bad_shapes():
     with pytest.raises(DataValidationError, match=r"stimulus rows \[1\] are constant"):
         rdm(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))

@@ -102,3 +102,27 @@ def test_validation_errors():
         paired_bootstrap(y + np.arange(10)[:, None], y, y, roi_masks={"x": np.zeros(3, dtype=bool)})
     with pytest.raises(DataValidationError, match="divide it by 100"):
         paired_bootstrap(y, y, y, noise_ceiling=np.full(3, 40.0))
+
+
+def test_bootstrap_ci_over_images_brackets_the_mean_and_matches_paired_resamples(responses):
+    from llmvem.evaluate.stats import bootstrap_ci
+
+    rng, y = responses
+    pred = y + rng.standard_normal(y.shape)
+    rois = {"first": np.arange(40) < 10}
+    out = bootstrap_ci(y, pred, n_boot=300, seed=2, noise_ceiling=np.full(40, 0.8), groups=rois)
+    r = pearson_r(y, pred)
+    o = out["overall"]
+    assert o["r"]["mean"] == pytest.approx(r.mean())
+    assert o["r"]["ci_low"] < o["r"]["mean"] < o["r"]["ci_high"]
+    # 60 images: the standard error of a mean r near 0.7 is a few hundredths, not the voxel spread
+    assert 0.01 < o["r"]["ci_high"] - o["r"]["ci_low"] < 0.2
+    g = out["per_group"]["first"]
+    assert g["n_voxels"] == 10 and g["r"]["mean"] == pytest.approx(r[:10].mean())
+    assert g["accuracy"]["mean"] == pytest.approx(noise_normalized_accuracy(r, np.full(40, 0.8))[:10].mean())
+    # same seed, same resamples: the paired comparison against a constant-offset copy has zero-width intervals
+    # and the single-model bootstrap of either model agrees with the paired one's resampled means
+    paired = paired_bootstrap(y, pred, pred + 1.0, n_boot=300, seed=2)
+    assert paired["overall"]["r"]["ci_low"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(DataValidationError, match="confidence"):
+        bootstrap_ci(y, pred, confidence=1.5)

@@ -9,6 +9,7 @@ bfloat16 on GPUs that support it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,22 @@ from llmvem.utils import resolve_device
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: First transformers release whose ``from_pretrained`` takes ``dtype=`` (huggingface/transformers#39782); older
+#: releases (pyproject allows >= 4.46) only know ``torch_dtype=``, which newer ones still accept with a warning.
+DTYPE_KWARG_SINCE = (4, 56)
+
+
+def dtype_kwarg(dtype: torch.dtype, transformers_version: str | None = None) -> dict[str, torch.dtype]:
+    """``{"dtype": dtype}`` for transformers >= 4.56, ``{"torch_dtype": dtype}`` before (installed version unless
+    ``transformers_version`` is given)."""
+    if transformers_version is None:
+        from importlib.metadata import version
+
+        transformers_version = version("transformers")
+    parts = tuple(int(p) for p in re.findall(r"\d+", transformers_version)[:2])
+    return {"dtype": dtype} if parts >= DTYPE_KWARG_SINCE else {"torch_dtype": dtype}
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -96,7 +113,7 @@ class TransformersCaptioner(Captioner):
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
-                self.model_id, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+                self.model_id, trust_remote_code=self.trust_remote_code, **dtype_kwarg(self.dtype))
         except WEIGHT_LOAD_ERRORS as exc:  # e.g. a pytorch_model.bin that needs code to unpickle
             raise weights_load_error(self.model_id, exc) from exc
         except (OSError, ValueError, KeyError) as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, progress_option, use_progress
 
 _ABLATE_EXAMPLES = """\b
 Examples:
@@ -24,15 +24,6 @@ Examples:
 """
 
 
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for k, row in enumerate([header, *rows]):
-        typer.echo("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                            strict=True))))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
-
-
 @app.command("ablate", epilog=_ABLATE_EXAMPLES)
 def ablate(
     config: str = typer.Option("demo", "--config", help="Config file or shipped config name."),
@@ -44,7 +35,7 @@ def ablate(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the finished models in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the ablation's outputs in --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train the same LLM-VEM model with captions from different sources and compare them.
 
@@ -54,6 +45,7 @@ def ablate(
     ablation.json, ablation.md, a run folder the report reads, and report/index.html with a
     "Caption-source ablation" section.
     """
+    progress = use_progress(progress)
     from llmvem.ablation import ablation_table, parse_sources, run_ablation
     from llmvem.config import apply_overrides, load_config
 
@@ -84,16 +76,17 @@ def train_multi(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished trainings in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs in --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train several subjects jointly: shared backbone and core, one voxel readout per subject.
 
     Each subject is evaluated on its own test split; with --separate each is also trained alone with the same
     architecture and the two are compared. Prints one row per subject and writes summary.json / summary.md.
     """
+    progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
-    from llmvem.train.multisubject import run_multisubject
+    from llmvem.multisubject import run_multisubject
 
     cfg = apply_overrides(load_config(config), set_)
     specs = [s.strip() for s in subjects.split(",") if s.strip()]
@@ -118,5 +111,7 @@ def train_multi(
         row += [f"{mean['separate']['mean_r']:.4f}", f"{mean['joint']['mean_r'] - mean['separate']['mean_r']:+.4f}",
                 ""]
     rows.append(row)
-    _table(header, rows)
+    from llmvem.report.tables import text_table
+
+    typer.echo(text_table(header, rows, n_left=2))
     typer.echo(f"\nsummary: {out / 'summary.json'}\nwall time: {time.perf_counter() - t0:.0f} s")

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 _PREDICT_EXAMPLES = """\b
 Examples:
   llmvem predict --run runs/demo --text "a red car on a street" --text "a face"
   llmvem predict --run runs/demo --text-file sentences.txt --out text_preds.h5
   llmvem predict --run runs/demo --images stimuli/ --out preds.h5
+  llmvem predict --run runs/subj01 --model ridge --images stimuli/ --out ridge_preds.h5
   llmvem predict --run runs/demo --model llmvem_lambda0.5 --readout text --text "a dog"
   llmvem predict --run runs/train01 --fit-readouts        (a folder of llmvem train: fit the text readouts)
 \b
-HDF5 output: dataset `responses` (n, n_voxels) float32, `image_ids` or `texts`, `roi/<name>` masks,
+HDF5 output: dataset `responses` (n, n_voxels) float32, `image_ids` (no extension) or `texts`, `roi/<name>`
+masks, `hemisphere` and `fsaverage_index` per voxel when known,
 attributes with the model (name, folder, lambda, backbone, text encoder) and, for text, the mapping.
 """
 
@@ -39,12 +41,9 @@ def _read_texts(texts: list[str], text_file: Path | None) -> list[str]:
 
 
 def _echo_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for k, row in enumerate([header, *rows]):
-        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                               strict=True))))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    from llmvem.report.tables import text_table
+
+    typer.echo(text_table(header, rows))
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -83,7 +82,7 @@ def predict(
                                       "model on its training data (captions and features from the cache) first."),
     device: str = typer.Option("auto", "--device", help="Device of the model and the text encoder."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars, no mapping statement."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Predict voxel responses of a trained LLM-VEM to texts or images (in-silico experiments).
 
@@ -91,12 +90,15 @@ def predict(
     command prints how the mapping is made and the mean predicted response per ROI. Images go through the
     network itself.
     """
+    show = use_progress(progress)
     from llmvem.errors import ConfigError
+    from llmvem.estimators import RIDGE_FILE
     from llmvem.explain.predictions import (
         model_attributes,
         predict_image_folder,
         resolve_model_dir,
         roi_masks_of,
+        voxel_layout_of,
         write_predictions_h5,
     )
     from llmvem.explain.text_to_brain import READOUTS, TextToBrain
@@ -112,16 +114,23 @@ def predict(
                           "(or --fit-readouts)")
     if images is not None and out is None:
         raise ConfigError("--images needs --out FILE.h5 for the predicted responses")
+    blank = [k for k, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ConfigError(f"--text: text {blank[0] + 1} is empty; expected words to predict responses to")
+    check_output_file(out, "--out")
     model_dir = resolve_model_dir(run, model)
+    if (model_dir / RIDGE_FILE).is_file() and (texts or fit_readouts):
+        raise ConfigError(f"--model {model_dir.name}: a ridge on image features predicts from --images only "
+                          "(texts need an LLM-VEM model with text-to-brain readouts)")
 
     if fit_readouts:
         from llmvem.config import load_config
         from llmvem.explain.text_to_brain import fit_model_text_to_brain
-        from llmvem.pipeline import prepare_inputs
+        from llmvem.inputs import prepare_inputs
 
         cfg = load_config(model_dir / "config.yaml")
         typer.echo(f"[llmvem] fitting the text-to-brain readouts of {model_dir}", err=True)
-        inputs = prepare_inputs(cfg, show_progress=not quiet)
+        inputs = prepare_inputs(cfg, show_progress=show)
         _, evaluation = fit_model_text_to_brain(model_dir, inputs, device=device)
         _echo_fit(evaluation)
         typer.echo(f"readouts: {model_dir / 'text_to_brain.safetensors'}")
@@ -130,7 +139,8 @@ def predict(
     if images is not None:
         assert out is not None
         responses, ids = predict_image_folder(model_dir, images, device=device, batch_size=batch_size)
-        write_predictions_h5(out, responses, image_ids=ids, attrs=attrs, roi_masks=roi_masks_of(model_dir))
+        write_predictions_h5(out, responses, image_ids=ids, attrs=attrs, roi_masks=roi_masks_of(model_dir),
+                             voxel_layout=voxel_layout_of(model_dir))
         typer.echo(f"predicted responses of {len(ids)} images × {responses.shape[1]} voxels ({model_dir.name}) → "
                    f"{out}")
         return
@@ -139,8 +149,7 @@ def predict(
     t2b = TextToBrain.load(model_dir)
     responses = t2b.predict_texts(texts, readout=readout, encoder=t2b.load_encoder(device))  # type: ignore[arg-type]
     statement = t2b.mapping_statement(readout)  # type: ignore[arg-type]
-    if not quiet:
-        typer.echo(f"How the mapping is made: {statement}\n")
+    typer.echo(f"How the mapping is made: {statement}\n")
     rois = {"all voxels": None, **t2b.roi_masks}
     rows = [[_short(t), *[f"{(r if m is None else r[m]).mean():+.3f}" for m in rois.values()]]
             for t, r in zip(texts[:20], responses[:20], strict=False)]
@@ -169,12 +178,14 @@ def describe(
     voxel: list[int] = typer.Option([], "--voxel", help="Also describe this voxel (index; repeatable)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the rankings to this JSON file."),
     device: str = typer.Option("auto", "--device", help="Device of the text encoder."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Describe ROIs and voxels by the phrases of a vocabulary with the highest predicted response.
 
     Each phrase is embedded with the model's text encoder and passed through its text-to-brain readout; an ROI's
     phrases are ranked by the mean z-scored predicted response of its voxels (score in standard deviations).
     """
+    use_progress(progress)
     from llmvem.errors import ConfigError, DataValidationError
     from llmvem.explain.predictions import resolve_model_dir
     from llmvem.explain.text_to_brain import READOUTS, TextToBrain

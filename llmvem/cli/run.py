@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app
+from llmvem.cli.app import app, new_output_folder, progress_option, use_progress
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -21,20 +21,16 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 
 def _print_summary(metrics: dict) -> None:
-    rows = [("model", "mean r", "median r", "mean acc %", "median acc %")]
-    for name, m in metrics["models"].items():
-        acc = m.get("mean_accuracy")
-        med = m.get("median_accuracy")
-        rows.append((m.get("label", name), f"{m['mean_r']:.3f}", f"{m['median_r']:.3f}",
-                     "-" if acc is None else f"{acc:.1f}", "-" if med is None else f"{med:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        typer.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False))))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    from llmvem.report.tables import fmt_number, text_table
+
+    rows = [[m.get("label", name), fmt_number(m["mean_r"]), fmt_number(m["median_r"]),
+             fmt_number(m.get("mean_accuracy"), 1), fmt_number(m.get("median_accuracy"), 1)]
+            for name, m in metrics["models"].items()]
+    typer.echo(text_table(["model", "mean r", "median r", "mean acc %", "median acc %"], rows))
     for c in metrics.get("comparisons", []):
-        typer.echo(f"{c['b']} vs {c['a']}: Δ mean r = {c['diff']:+.4f} "
-                   f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}], p = {c['p_value']:.3g}, "
+        typer.echo(f"{c['b']} vs {c['a']}: Δ mean r = {fmt_number(c['diff'], 4, True)} "
+                   f"[95% CI {fmt_number(c['ci_low'], 4, True)}, {fmt_number(c['ci_high'], 4, True)}], "
+                   f"p = {c['p_value']:.3g}, "
                    f"{100 * c['fraction_improved']:.0f}% of voxels improved")
 
 
@@ -45,7 +41,7 @@ def demo(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.stage1.epochs=5."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Run the whole pipeline offline on CPU on the built-in virtual brain.
 
@@ -55,15 +51,18 @@ def demo(
 
     Example: llmvem demo --out runs/demo
     """
+    progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config(config), set_)  # bad input fails here, before torch is imported
     from llmvem.pipeline import run_experiment
 
-    cfg = apply_overrides(load_config(config), set_)
     if out is None:
         out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
-    metrics = run_experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
-                             on_stage=lambda msg: typer.echo(f"[llmvem] {msg}", err=True))
+    with new_output_folder(out):
+        metrics = run_experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
+                                 on_stage=lambda msg: typer.echo(f"[llmvem] {msg}", err=True))
     typer.echo("")
     _print_summary(metrics)
     typer.echo(f"\nrun folder: {out}\nmetrics:    {out / 'metrics.json'}")
@@ -81,7 +80,7 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder; one run folder per grid point."),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished models in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Train LLM-VEM over λ values (and other config keys), reusing cached captions and features.
 
@@ -89,35 +88,54 @@ def sweep(
 
     Example: llmvem sweep --config demo --lambda 0,0.01,0.1,1 --grid model.feature_dropout=0,0.2 --out runs/sweep
     """
+    progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
-    from llmvem.errors import ConfigError
-    from llmvem.pipeline import prepare_inputs, prepare_run_folder, run_experiment
+    from llmvem.errors import ConfigError, quote
 
     base = apply_overrides(load_config(config), set_)
     lam_values = _parse_floats(lambdas, "--lambda")
+    if not lam_values:
+        raise ConfigError(f"--lambda {quote(lambdas)}: expected at least one value, e.g. 0,0.1")
+    for lam in lam_values:  # every grid point is checked before the sweep folder is made
+        try:
+            apply_overrides(base, [f"model.lambda_align={lam}"])
+        except ConfigError:
+            raise ConfigError(f"--lambda {quote(lambdas)}: {lam:g} is not a valid lambda_align; expected numbers "
+                              ">= 0") from None
     axes: list[tuple[str, list[str]]] = []
     for item in grid:
         if "=" not in item:
-            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2")
+            raise ConfigError(f"--grid {quote(item)}: expected KEY=V1,V2")
         key, values = item.split("=", 1)
         axes.append((key, [v for v in values.split(",") if v]))
-    prepare_run_folder(out, resume, overwrite)
-    # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
-    # once unless the grid changes one of those sections (they are cached on disk either way).
-    touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
-    shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
-    run_dirs = []
+        if not axes[-1][1]:
+            raise ConfigError(f"--grid {quote(item)}: no values; expected KEY=V1,V2")
+    from llmvem.errors import ConfigError, quote
     for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
-        cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
-        name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
-        run_dir = out / name
-        typer.echo(f"[llmvem] sweep point {name}: lambda = {lam_values}", err=True)
-        metrics = run_experiment(cfg, run_dir, lambdas=lam_values, resume=resume, show_progress=progress,
-                                 report=False, inputs=shared,
-                                 on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
-        run_dirs.append(run_dir)
-        typer.echo(f"\n== {name} ==")
-        _print_summary(metrics)
+        apply_overrides(base, [f"{k}={v}" for k, v in combo])
+    from llmvem.experiment import EXPERIMENT_OUTPUTS
+    from llmvem.inputs import prepare_inputs
+    from llmvem.pipeline import run_experiment
+    from llmvem.utils import prepare_run_folder
+
+    with new_output_folder(out):
+        prepare_run_folder(out, resume, overwrite, outputs=EXPERIMENT_OUTPUTS)
+        # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
+        # once unless the grid changes one of those sections (they are cached on disk either way).
+        touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
+        shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
+        run_dirs = []
+        for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
+            cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
+            name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
+            run_dir = out / name
+            typer.echo(f"[llmvem] sweep point {name}: lambda = {lam_values}", err=True)
+            metrics = run_experiment(cfg, run_dir, lambdas=lam_values, resume=resume, show_progress=progress,
+                                     report=False, inputs=shared,
+                                     on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
+            run_dirs.append(run_dir)
+            typer.echo(f"\n== {name} ==")
+            _print_summary(metrics)
     from llmvem.report import write_report
 
     report = write_report(run_dirs, out / "report")

@@ -13,6 +13,7 @@ from llmvem.embed.image import (
     load_backbone,
     load_efficientnet_lite0_model,
 )
+from llmvem.embed.spatial import LayerSpec, parse_layer_spec
 from llmvem.embed.text import CLIPTextEncoder, SentenceTransformerEncoder, load_text_encoder, split_sentences
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "FeatureResult",
     "HFVisionBackbone",
     "ImageBackbone",
+    "LayerSpec",
     "SentenceTransformerEncoder",
     "TextEmbeddings",
     "TextEncoder",
@@ -31,6 +33,7 @@ __all__ = [
     "load_backbone",
     "load_efficientnet_lite0_model",
     "load_text_encoder",
+    "parse_layer_spec",
     "pool_caption_sets",
     "split_sentences",
 ]

@@ -117,27 +117,35 @@ class ImageBackbone(nn.Module):
     def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """Preprocessed batch (B, 3, S, S) → ``{"pooled": (B, feature_dim), layer: (B, d_layer), ...}``.
 
-        Intermediate layers are spatially pooled (global average for conv maps, mean of patch tokens for ViTs).
+        Plain layer names are spatially pooled (global average for conv maps, mean of patch tokens for ViTs);
+        layer specs ``"<layer>@<mode>"`` give grids (B, C, G, G), full maps (B, C, H, W), class tokens or
+        projections (:mod:`llmvem.embed.spatial`), keyed by the spec string.
         """
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         return self.features(x, layers)
 
-    def layer_dim(self, layer: str) -> int:
-        """Feature size of ``layer`` (``"pooled"`` → ``feature_dim``), found by a dry run if needed."""
+    def layer_shape(self, layer: str) -> tuple[int, ...]:
+        """Per-image feature shape of a layer spec, found by a dry run if needed: ``(d,)`` for pooled layers,
+        ``(C, G, G)`` for ``"<layer>@grid<G>"``, ``(C, H, W)`` for ``"<layer>@map"`` (see
+        :mod:`llmvem.embed.spatial`)."""
         if layer == "pooled":
-            return self.feature_dim
-        dims = self.__dict__.setdefault("_layer_dims", {})
-        if layer not in dims:
+            return (self.feature_dim,)
+        shapes = self.__dict__.setdefault("_layer_shapes", {})
+        if layer not in shapes:
             p = next(self.parameters())
             with torch.no_grad():
                 was = self.training
                 self.eval()
                 x = torch.zeros(1, 3, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
-                dims[layer] = int(self.features(x, [layer])[layer].shape[1])
+                shapes[layer] = tuple(int(n) for n in self.features(x, [layer])[layer].shape[1:])
                 self.train(was)
-        return dims[layer]
+        return shapes[layer]
+
+    def layer_dim(self, layer: str) -> int:
+        """Flattened feature size of ``layer`` (``"pooled"`` → ``feature_dim``; a grid → C·G·G)."""
+        return int(np.prod(self.layer_shape(layer)))
 
     def blocks(self) -> list[nn.Module]:
         """Ordered list of the backbone's stages/blocks, input to output (``unfreeze_last_n`` counts from the end)."""

@@ -10,7 +10,8 @@ left inconsistent and the whole file unreadable), so the cache never writes into
 work:
 
 * ``<cache>.h5`` — the consolidated store: group ``/<config key>`` with attributes ``config`` (JSON), ``layers``,
-  ``dtype`` and datasets ``hashes`` (n,) ``S32`` and one (n, d) dataset per layer.
+  ``dtype`` and datasets ``hashes`` (n,) ``S32`` and one dataset per layer spec, named by the spec: (n, d)
+  for pooled layers, (n, C, G, G) for ``@grid<G>``, (n, C, H, W) for ``@map`` (:mod:`llmvem.embed.spatial`).
 * ``<cache>.h5.parts/<config key>/part-*.h5`` — one small file per finished chunk, written to a temporary name,
   flushed, fsync'ed and renamed into place (atomic), so a chunk is either complete or absent.
 * At the end of an extraction the parts are merged into a new copy of the store, which replaces the old one by
@@ -45,7 +46,8 @@ import torch
 
 from llmvem.data.images import ImageCollection
 from llmvem.embed.base import ImageBackbone
-from llmvem.errors import ConfigError
+from llmvem.embed.spatial import validate_layer_specs
+from llmvem.errors import ConfigError, DiskFullError, is_disk_full
 from llmvem.utils import progress_bar, resolve_device, stable_hash
 
 logger = logging.getLogger(__name__)
@@ -154,8 +156,8 @@ class FeatureCache:
         arrays = {}
         for layer in layers:
             arr = grp[layer][()]
-            if arr.ndim != 2 or arr.shape[0] != len(hashes):
-                raise OSError(f"{source}: dataset {layer!r} has shape {arr.shape}, expected ({len(hashes)}, d)")
+            if arr.ndim < 2 or arr.shape[0] != len(hashes):
+                raise OSError(f"{source}: dataset {layer!r} has shape {arr.shape}, expected ({len(hashes)}, ...)")
             arrays[layer] = arr
         return hashes, arrays
 
@@ -195,7 +197,7 @@ class FeatureCache:
         Returns
         -------
         found : bool array of shape (n,)
-        arrays : dict of layer → array of shape (n_found, d), the rows of the found hashes in input order
+        arrays : dict of layer → array of shape (n_found, *feature_shape), the rows of the found hashes in input order
         """
         with self._lock(exclusive=False):
             rows = self._read_all(key, layers)
@@ -220,22 +222,29 @@ class FeatureCache:
         Parameters
         ----------
         hashes : sequence of str, length n_rows
-        arrays : dict of layer → array of shape (n_rows, d)
+        arrays : dict of layer → array of shape (n_rows, *feature_shape)
         """
         folder = self.parts_dir / key
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final = folder / f"{stem}.h5"
         tmp = folder / f".{stem}.h5.tmp-{os.getpid()}"
+        f = None
         try:
-            with h5py.File(tmp, "w") as f:
-                self._write_group(f, key, config, list(hashes), arrays)
-                f.flush()
+            f = h5py.File(tmp, "w")
+            self._write_group(f, key, config, list(hashes), arrays)
+            f.flush()
+            f.close()
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                if f is not None and f.id.valid:
+                    f.close()
             tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise DiskFullError(folder, f"features for the feature cache {self.path.name}") from exc
             raise
         _fsync_dir(folder)
         return final
@@ -248,8 +257,9 @@ class FeatureCache:
         grp.attrs["dtype"] = config.get("dtype", "")
         grp.create_dataset("hashes", data=np.array(hashes, dtype=_HASH_DTYPE))
         for layer, arr in arrays.items():
-            grp.create_dataset(layer, data=arr, chunks=(min(max(len(arr), 1), 1024), arr.shape[1])
-                               if len(arr) else None)
+            # ≤ 1024 rows and ≤ ~4 MB per chunk, so full maps (10⁵ values a row) stay readable row by row
+            rows = max(1, min(len(arr), 1024, (4 << 20) // max(arr[0].nbytes, 1))) if len(arr) else 0
+            grp.create_dataset(layer, data=arr, chunks=(rows, *arr.shape[1:]) if len(arr) else None)
 
     def consolidate(self) -> int:
         """Merge finished parts into the store (atomic replace) and delete them. Returns rows merged."""
@@ -262,29 +272,38 @@ class FeatureCache:
             merged_parts: list[Path] = []
             n_new = 0
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            old = out = None
             try:
-                old = None
                 if self.path.exists():
                     try:
                         old = h5py.File(self.path, "r")
                     except OSError as exc:
                         self._quarantine(self.path, exc)
-                with h5py.File(tmp, "w") as out:
-                    if old is not None:
-                        for name in old:
-                            if name not in keys:
-                                old.copy(old[name], out, name=name)
-                    for key in keys:
-                        n_new += self._merge_key(out, old, key, merged_parts)
-                    out.flush()
+                out = h5py.File(tmp, "w")
+                if old is not None:
+                    for name in old:
+                        if name not in keys:
+                            old.copy(old[name], out, name=name)
+                for key in keys:
+                    n_new += self._merge_key(out, old, key, merged_parts)
+                out.flush()
+                out.close()
                 if old is not None:
                     old.close()
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.path)
                 _fsync_dir(self.path.parent)
-            except BaseException:
+            except BaseException as exc:
+                # Close both files before anything else: HDF5 left holding a half-written file after a failed
+                # write (disk full) crashes the interpreter at exit. The parts and the old store stay untouched.
+                for handle in (out, old):
+                    with contextlib.suppress(Exception):
+                        if handle is not None and handle.id.valid:
+                            handle.close()
                 tmp.unlink(missing_ok=True)
+                if is_disk_full(exc):
+                    raise DiskFullError(self.path.parent, f"the feature cache {self.path.name}") from exc
                 raise
             for part in merged_parts:
                 part.unlink(missing_ok=True)
@@ -352,7 +371,7 @@ class FeatureResult:
 
     Attributes
     ----------
-    features : dict of layer → array of shape (n_images, d), in the storage dtype
+    features : dict of layer → array of shape (n_images, d) (grids and maps: (n_images, C, H, W)), storage dtype
     n_computed : int
         Distinct images whose features were computed in this call.
     n_cached : int
@@ -379,10 +398,7 @@ def _check_layers(backbone: ImageBackbone, layers: Sequence[str]) -> list[str]:
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise ConfigError("features: layers: empty; expected at least 'pooled'")
-    unknown = [name for name in layers if name != "pooled" and name not in backbone.layer_names]
-    if unknown:
-        raise ConfigError(f"features: layers: unknown {unknown} for {backbone.model_id}; expected 'pooled' or one "
-                          f"of {backbone.layer_names}")
+    validate_layer_specs(layers, backbone.layer_names, backbone.model_id)
     return layers
 
 
@@ -470,8 +486,8 @@ def compute_features(images: ImageCollection, backbone: ImageBackbone, layers: S
 
     out = {}
     for layer in layers:
-        d = next(iter(computed[layer].values())).shape[0]
-        arr = np.empty((n, d), dtype=np_dtype)
+        shape = next(iter(computed[layer].values())).shape
+        arr = np.empty((n, *shape), dtype=np_dtype)
         if have.any():
             arr[have] = cached[layer]
         for i in np.flatnonzero(~have):
@@ -493,7 +509,8 @@ def extract_features(images: ImageCollection, backbone: ImageBackbone, layers: S
     backbone : ImageBackbone
         Run in eval mode on ``device`` (moved back to its device and mode afterwards).
     layers : sequence of str
-        ``"pooled"`` and/or names from ``backbone.layer_names``.
+        ``"pooled"`` and/or names from ``backbone.layer_names``, optionally with a spatial mode
+        (``"block5@grid4"``, ``"block5@map"``, ``"block5@proj512"``; :mod:`llmvem.embed.spatial`).
     cache : FeatureCache, optional
         Without one, everything is computed in memory.
     batch_size : int
@@ -511,7 +528,7 @@ def extract_features(images: ImageCollection, backbone: ImageBackbone, layers: S
 
     Returns
     -------
-    dict of layer → array of shape (n_images, d_layer), dtype ``dtype``
+    dict of layer → array of shape (n_images, d_layer), or (n_images, C, H, W) for ``@grid``/``@map`` specs
     """
     return compute_features(images, backbone, layers=layers, cache=cache, batch_size=batch_size, device=device,
                             dtype=dtype, show_progress=show_progress, chunk_size=chunk_size,

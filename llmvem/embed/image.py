@@ -1,8 +1,9 @@
 """Image backbones: timm models, transformers vision models and the bundled EfficientNet-Lite0.
 
 Every backbone is an :class:`~llmvem.embed.base.ImageBackbone`: it owns its preprocessing (``image_size``,
-``mean``, ``std``), returns a pooled embedding plus spatially pooled intermediate layers from
-:meth:`~llmvem.embed.base.ImageBackbone.features`, and lists its stages in input→output order in
+``mean``, ``std``), returns a pooled embedding plus intermediate layers from
+:meth:`~llmvem.embed.base.ImageBackbone.features` (spatially averaged, or as grids, full maps or projections
+with layer specs such as ``"block5@grid4"``: :mod:`llmvem.embed.spatial`), and lists its stages in input→output order in
 :meth:`~llmvem.embed.base.ImageBackbone.blocks` so training can unfreeze the last few.
 
 Names are parsed in one place, :func:`load_backbone`:
@@ -32,6 +33,7 @@ from torch import nn
 
 from llmvem.data.safe_load import WEIGHT_LOAD_ERRORS, weights_load_error
 from llmvem.embed.base import ImageBackbone, quiet_unused_weights
+from llmvem.embed.spatial import LayerSpec, parse_layer_spec, spatial_output, validate_layer_specs
 from llmvem.errors import ConfigError, ModelLoadError, UnsafeFileError
 
 logger = logging.getLogger(__name__)
@@ -162,25 +164,9 @@ def _find_stage_prefixes(model: nn.Module) -> list[str]:
     raise ConfigError(f"cannot find the blocks/stages of {type(model).__name__} to unfreeze")
 
 
-def _pool_tokens_or_map(h: torch.Tensor, n_prefix: int) -> torch.Tensor:
-    """(B, C, H, W) → spatial mean; (B, T, D) → mean over tokens after the ``n_prefix`` prefix tokens."""
-    if h.ndim == 4:
-        return h.mean(dim=(2, 3))
-    if h.ndim == 3:
-        return h[:, n_prefix:].mean(dim=1)
-    if h.ndim == 2:
-        return h
-    raise ValueError(f"cannot pool a hidden state of shape {tuple(h.shape)}")
-
-
-def _check_layers(backbone: ImageBackbone, layers: Sequence[str]) -> list[str]:
-    unknown = [name for name in layers if name != "pooled" and name not in backbone.layer_names]
-    if unknown:
-        raise ConfigError(
-            f"{backbone.model_id}: layers: unknown layer(s) {unknown}; expected 'pooled' or one of "
-            f"{backbone.layer_names}"
-        )
-    return [name for name in layers if name != "pooled"]
+def _check_layers(backbone: ImageBackbone, layers: Sequence[str]) -> list[LayerSpec]:
+    """Parsed specs of the requested layers other than ``"pooled"`` (see :mod:`llmvem.embed.spatial`)."""
+    return [parse_layer_spec(name) for name in validate_layer_specs(layers, backbone.layer_names, backbone.model_id)]
 
 
 # ------------------------------------------------------------------------------------------------------ timm
@@ -283,12 +269,18 @@ class TimmBackbone(ImageBackbone):
         if not self._has_intermediates:
             raise ConfigError(f"{self.model_id}: layers: this timm model has no forward_intermediates; "
                               "only 'pooled' is available")
-        indices = sorted({self._layer_index[name] for name in wanted})
-        final, inter = self.model.forward_intermediates(x, indices=indices, norm=False, output_fmt="NCHW")
+        indices = sorted({self._layer_index[s.layer] for s in wanted})
+        cls = any(s.mode == "cls" for s in wanted)
+        if cls and not self._n_prefix:
+            raise ConfigError(f"{self.model_id}: layers: @cls needs a model with a class token")
+        final, inter = self.model.forward_intermediates(x, indices=indices, norm=False, output_fmt="NCHW",
+                                                        **({"return_prefix_tokens": True} if cls else {}))
         out = {"pooled": self.model.forward_head(final, pre_logits=True)}
         by_index = dict(zip(indices, inter, strict=True))
-        for name in wanted:
-            out[name] = _pool_tokens_or_map(by_index[self._layer_index[name]], 0)
+        for s in wanted:
+            h = by_index[self._layer_index[s.layer]]
+            h, prefix = h if isinstance(h, tuple) else (h, None)
+            out[s.name] = spatial_output(h, s, prefix_tokens=prefix)
         return out
 
     def blocks(self) -> list[nn.Module]:
@@ -425,13 +417,13 @@ class HFVisionBackbone(ImageBackbone):
                 pooled = pooled.flatten(1)
         else:
             last = out_hf.last_hidden_state
-            pooled = _pool_tokens_or_map(last, self._n_prefix(last.shape[1]) if last.ndim == 3 else 0)
+            pooled = spatial_output(last, LayerSpec("pooled"), self._n_prefix(last.shape[1]) if last.ndim == 3 else 0)
         out = {"pooled": pooled}
         if wanted:
             hidden = out_hf.hidden_states
-            for name in wanted:
-                h = hidden[int(name[len("block"):]) + 1]
-                out[name] = _pool_tokens_or_map(h, self._n_prefix(h.shape[1]) if h.ndim == 3 else 0)
+            for s in wanted:
+                h = hidden[int(s.layer[len("block"):]) + 1]
+                out[s.name] = spatial_output(h, s, self._n_prefix(h.shape[1]) if h.ndim == 3 else 0)
         return out
 
     def blocks(self) -> list[nn.Module]:
@@ -504,8 +496,11 @@ class EfficientNetLite0Backbone(ImageBackbone):
         self.layer_names = [f"block{i}" for i in range(len(net._blocks))] + ["head"]
 
     def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-        """Preprocessed batch (B, 3, 224, 224) → ``{"pooled": (B, 1280), "block{i}": (B, C_i), "head": (B, 1280)}``."""
-        wanted = set(_check_layers(self, layers))
+        """Preprocessed batch (B, 3, 224, 224) → ``{"pooled": (B, 1280), "block{i}": (B, C_i), "head": (B, 1280)}``;
+        layer specs such as ``"block12@grid4"`` give (B, C_i, 4, 4) (see :mod:`llmvem.embed.spatial`)."""
+        wanted: dict[str, list[LayerSpec]] = {}
+        for spec in _check_layers(self, layers):
+            wanted.setdefault(spec.layer, []).append(spec)
         net = self.net
         out: dict[str, torch.Tensor] = {}
         h = net._swish(net._bn0(net._conv_stem(x)))
@@ -513,12 +508,12 @@ class EfficientNetLite0Backbone(ImageBackbone):
         n = len(net._blocks)
         for i, block in enumerate(net._blocks):
             h = block(h, drop_connect_rate=rate * float(i) / n if rate else rate)
-            if f"block{i}" in wanted:
-                out[f"block{i}"] = h.mean(dim=(2, 3))
+            for spec in wanted.get(f"block{i}", ()):
+                out[spec.name] = spatial_output(h, spec)
         h = net._swish(net._bn1(net._conv_head(h)))
         out["pooled"] = h.mean(dim=(2, 3))
-        if "head" in wanted:
-            out["head"] = out["pooled"]
+        for spec in wanted.get("head", ()):
+            out[spec.name] = spatial_output(h, spec)
         return out
 
     def blocks(self) -> list[nn.Module]:

@@ -7,7 +7,6 @@ from llmvem.evaluate.metrics import (
     pearson_r,
     summarize,
 )
-from llmvem.evaluate.ridge import DEFAULT_ALPHAS, RidgeCV
 from llmvem.evaluate.rsa import (
     algonauts2019_score,
     compare_rdms,
@@ -15,12 +14,14 @@ from llmvem.evaluate.rsa import (
     rdm,
     upper,
 )
-from llmvem.evaluate.stats import paired_bootstrap
+from llmvem.evaluate.stats import bootstrap_ci, paired_bootstrap
+from llmvem.model.ridge import DEFAULT_ALPHAS, RidgeCV
 
 __all__ = [
     "DEFAULT_ALPHAS",
     "RidgeCV",
     "algonauts2019_score",
+    "bootstrap_ci",
     "compare_rdms",
     "evaluate_predictions",
     "explained_variance",

@@ -22,8 +22,9 @@ def rdm(patterns: Any) -> np.ndarray:
 
     Parameters
     ----------
-    patterns : array of shape (n_stimuli, n_features)
-        One row per stimulus (voxels, neurons or model units as features).
+    patterns : array of shape (n_stimuli, n_features) or (n_stimuli, C, H, W)
+        One row per stimulus (voxels, neurons or model units as features). Feature grids and full feature maps
+        (n_stimuli, C, H, W) are flattened, so the RDM compares stimuli unit by unit at every position.
 
     Returns
     -------
@@ -37,9 +38,12 @@ def rdm(patterns: Any) -> np.ndarray:
         same value on every feature (its correlation is undefined).
     """
     x = np.asarray(patterns, dtype=np.float64)
+    if x.ndim > 2 and x.shape[0] >= 2:
+        x = x.reshape(x.shape[0], -1)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2:
         raise DataValidationError(
-            None, "patterns", f"expected shape (n_stimuli >= 2, n_features >= 2), got {x.shape}")
+            None, "patterns", f"expected shape (n_stimuli >= 2, n_features >= 2) or (n_stimuli, C, H, W), got "
+            f"{np.shape(patterns)}")
     if not np.isfinite(x).all():
         raise DataValidationError(None, "patterns", "contains NaN or Inf; expected finite values")
     const = np.flatnonzero(np.max(x, axis=1) == np.min(x, axis=1))

@@ -1,4 +1,4 @@
-"""The LLM-VEM network: backbone, voxel readout (PCA mapping), alignment head and losses."""
+"""The LLM-VEM network: backbone, voxel readout (PCA mapping), spatial readouts, alignment head and losses."""
 
 from llmvem.model.losses import (
     LossParts,
@@ -17,17 +17,22 @@ from llmvem.model.readout import (
     default_pca_components,
     fit_pca,
 )
+from llmvem.model.spatial import FactorizedReadout, FlatPlusSpatialReadout, GaussianReadout, SpatialReadout
 
 __all__ = [
     "DEFAULT_KEY",
     "EMBED_LAYER",
     "LLMVEM",
     "AlignmentHead",
+    "FactorizedReadout",
+    "FlatPlusSpatialReadout",
+    "GaussianReadout",
     "LinearVoxelReadout",
     "LossParts",
     "ModelOutput",
     "PCAVoxelReadout",
     "Readout",
+    "SpatialReadout",
     "contrastive_loss",
     "default_pca_components",
     "fit_pca",

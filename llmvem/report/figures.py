@@ -6,6 +6,7 @@ needs to say. Figures are small (100 dpi) so a report renders in seconds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,112 @@ def plot_roi_bars(groups: Sequence[str], series: Sequence[BarSeries], path: Path
     return path
 
 
+@dataclass
+class FacetBar:
+    """One horizontal bar of :func:`roi_facet_figure`: ``mean`` of ``series`` (a model) for ``roi`` in a facet.
+
+    ``row`` (an ROI class) and ``column`` (a hemisphere) name the facet; ``ci`` is (low, high) or None.
+    """
+
+    series: str
+    roi: str
+    row: str
+    column: str
+    mean: float
+    ci: tuple[float, float] | None
+
+
+#: Height in inches of one bar, and the gap between ROIs, in :func:`roi_facet_figure`.
+BAR_IN = 0.1
+ROI_GAP_IN = 0.12
+
+
+def roi_facet_figure(bars: Sequence[FacetBar], xlabel: str, column_titles: Mapping[str, str] | None = None
+                     ) -> Figure:
+    """Horizontal grouped bars faceted by ROI class (rows) and hemisphere (columns).
+
+    Each facet lists its ROIs top to bottom, one bar per series (model) per ROI, with error bars where known.
+    Facet heights follow their ROI counts, so tick labels keep the same spacing (≥ one bar group, 8 pt) at any
+    number of ROIs; all facets share the x range.
+
+    Parameters
+    ----------
+    bars : sequence of FacetBar
+        Rows and columns appear in the order first met; ROIs in a facet in the order first met.
+    xlabel : str
+        Label of the value axis (bottom row).
+    column_titles : dict of str to str, optional
+        Title of each column (default: the column key).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Axes in row-major order; ``ax.get_label()`` is ``"<row>|<column>"``.
+    """
+    rows = list(dict.fromkeys(b.row for b in bars))
+    cols = list(dict.fromkeys(b.column for b in bars))
+    series = list(dict.fromkeys(b.series for b in bars))
+    rois_of = {r: list(dict.fromkeys(b.roi for b in bars if b.row == r)) for r in rows}
+    n_s = max(len(series), 1)
+    group_in = n_s * BAR_IN + ROI_GAP_IN
+    heights = [len(rois_of[r]) * group_in + 0.35 for r in rows]
+    longest = max((len(roi) for r in rows for roi in rois_of[r]), default=4)
+    width = min(4.0 + 3.2 * len(cols) + 0.06 * longest, 14.0)
+    legend_in = 0.2 * math.ceil(n_s / 3)
+    fig = Figure(figsize=(width, sum(heights) + 0.6 + legend_in), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.02, hspace=0.0, wspace=0.08)
+    grid = fig.add_gridspec(len(rows), len(cols), height_ratios=heights)
+    finite = [v for b in bars for v in (b.mean, *(b.ci or ())) if math.isfinite(v)]
+    lo, hi = (min(finite + [0.0]), max(finite + [0.0])) if finite else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    colors = dict(zip(series, _colors(n_s), strict=True))
+    lookup = {(b.row, b.column, b.roi, b.series): b for b in bars}
+    bar_h = 1.0 / (n_s + ROI_GAP_IN / BAR_IN)
+    for i, row in enumerate(rows):
+        rois = rois_of[row]
+        y = np.arange(len(rois), dtype=float)
+        for j, col in enumerate(cols):
+            ax = fig.add_subplot(grid[i, j], label=f"{row}|{col}")
+            for k, name in enumerate(series):
+                found = [lookup.get((row, col, roi, name)) for roi in rois]
+                means = np.array([b.mean if b else np.nan for b in found])
+                pos = y - 0.5 * n_s * bar_h + (k + 0.5) * bar_h
+                ok = np.isfinite(means)
+                ax.barh(pos[ok], means[ok], height=bar_h * 0.9, color=colors[name],
+                        label=name if i == 0 and j == 0 else None)
+                has = np.array([bool(b and b.ci and ok[n]) for n, b in enumerate(found)])
+                if has.any():
+                    ci = np.array([b.ci for b, h in zip(found, has, strict=True) if h and b and b.ci])
+                    m = means[has]
+                    err = np.clip(np.vstack([m - ci[:, 0], ci[:, 1] - m]), 0, None)
+                    ax.errorbar(m, pos[has], xerr=err, fmt="none", ecolor="0.15", elinewidth=0.8, capsize=1.5)
+            ax.set_ylim(len(rois) - 0.5, -0.5)
+            ax.set_xlim(lo - pad, hi + pad)
+            ax.axvline(0, color="0.3", lw=0.8)
+            ax.set_yticks(y, rois if j == 0 else [""] * len(rois), fontsize=8)
+            ax.tick_params(axis="y", length=0)
+            ax.tick_params(axis="x", labelsize=7, labelbottom=i == len(rows) - 1)
+            ax.grid(axis="x", color="0.9", lw=0.6)
+            ax.set_axisbelow(True)
+            ax.spines[["top", "right"]].set_visible(False)
+            if j == 0:
+                ax.set_ylabel(row, fontsize=8, color="0.25")
+            if i == 0:
+                ax.set_title((column_titles or {}).get(col, col), fontsize=9)
+            if i == len(rows) - 1:
+                ax.set_xlabel(xlabel, fontsize=8)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=min(n_s, 3),
+               fontsize=8, frameon=False)
+    return fig
+
+
+def plot_roi_facets(bars: Sequence[FacetBar], path: Path, xlabel: str,
+                    column_titles: Mapping[str, str] | None = None) -> Path:
+    """Draw :func:`roi_facet_figure` into the PNG ``path`` and return ``path``."""
+    roi_facet_figure(bars, xlabel, column_titles).savefig(path, dpi=DPI)
+    return path
+
+
 def roi_labels(roi_masks: Mapping[str, np.ndarray], n_voxels: int) -> np.ndarray:
     """Name of the first ROI (in mask order) that holds each voxel, ``"other"`` for the rest.
 
@@ -159,8 +266,11 @@ def plot_voxel_scatter(r_baseline: np.ndarray, r_aligned: np.ndarray, labels: np
     ax.set_xlabel(f"r, {baseline_label}")
     ax.set_ylabel(f"r, {aligned_label}")
     ax.set_title(f"{100 * frac:.1f}% of {x.size} voxels above the diagonal", fontsize=9)
-    ax.legend(fontsize=7, frameon=False, markerscale=2, loc="upper left")
+    # Outside the axes, in columns: with 31 ROIs a legend inside would cover the points.
+    ax.legend(fontsize=7, frameon=False, markerscale=2, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              ncols=1 + len(names) // 16)
     ax.spines[["top", "right"]].set_visible(False)
+    fig.set_figwidth(5.2 + 1.6 * (1 + len(names) // 16))
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return frac, int(x.size)
@@ -202,6 +312,11 @@ def plot_lambda_curve(points: Sequence[LambdaPoint], path: Path) -> Path:
     return path
 
 
+#: Loss columns of ``curves.csv`` drawn by :func:`plot_training_curves`: the total, then each term (the trainer
+#: logs ``train_voxel_loss``/``train_align_loss``; older runs ``voxel_loss``/``align_loss``).
+LOSS_COLUMNS = (("train_loss",), ("train_voxel_loss", "voxel_loss"), ("train_align_loss", "align_loss"))
+
+
 def _curve_x(curves: TrainingCurves) -> tuple[np.ndarray, str]:
     step = curves.columns["step"]
     if np.isfinite(step).all() and (np.diff(step) >= 0).all():
@@ -217,13 +332,14 @@ def plot_training_curves(curves: Mapping[str, TrainingCurves], path: Path) -> Pa
     n = len(curves)
     fig = Figure(figsize=(9.0, 0.6 + 2.3 * n))
     axes = np.atleast_2d(fig.subplots(n, 2, squeeze=False, sharex="row"))
-    loss_cols = ("train_loss", "voxel_loss", "align_loss")
+    loss_cols = LOSS_COLUMNS
     for row, (label, c) in enumerate(curves.items()):
         x, xlabel = _curve_x(c)
         ax_l, ax_r = axes[row]
         positive = True
-        for col, color in zip(loss_cols, _colors(3), strict=True):
-            if col in c.columns and np.isfinite(c.columns[col]).any():
+        for (col, *fallback), color in zip(loss_cols, _colors(len(loss_cols)), strict=True):
+            col = next((k for k in (col, *fallback) if k in c.columns and np.isfinite(c.columns[k]).any()), None)
+            if col is not None:
                 y = c.columns[col]
                 ok = np.isfinite(y)
                 positive &= bool((y[ok] > 0).all())

@@ -1,19 +1,22 @@
-"""Build the HTML report of one or more run folders: ``index.html`` plus PNG figures beside it.
+"""Build the HTML report of one or more run folders: one ``index.html`` that holds everything.
 
-The page is self-contained (inline CSS, relative links only) and the folder is portable: gallery thumbnails
-and extra figures are copied into it. Sections whose inputs are absent are replaced by a one-line note.
+The page is a single file: CSS inline and every image (figures, gallery thumbnails, extra figures) embedded as a
+base64 ``data:`` URI; the figures are also left as PNG files beside it for reuse. Sections whose inputs are absent
+are replaced by a one-line note. Test figures of the "best alignment weight" are those of the model chosen on the
+**validation** split (``val_mean_r`` in ``metrics.json``); runs that did not record it fall back to the test mean
+r, and the page says so.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
 import logging
 import math
 import re
-import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -21,22 +24,19 @@ from urllib.parse import quote
 import numpy as np
 
 from llmvem.report import figures
-from llmvem.report.cortex import plot_surface_maps, voxels_to_fsaverage5
+from llmvem.report.cortex import masks_to_fsaverage5, plot_surface_maps, voxels_to_fsaverage5
+from llmvem.report.roi import ALL_VOXELS, class_order, interval_note, roi_classes, roi_values
 from llmvem.report.runfolder import (
     ComparisonStats,
     LambdaPoint,
     ModelResult,
-    RegionMetrics,
     RunResults,
     load_run,
 )
+from llmvem.report.tables import fmt_number, fmt_p
 from llmvem.utils import atomic_write, progress
 
 logger = logging.getLogger(__name__)
-
-#: Resamples and seed of the voxel bootstrap used when a run does not record ROI confidence intervals.
-N_BOOT = 1000
-BOOT_SEED = 0
 
 _DASH = "–"
 
@@ -47,15 +47,11 @@ def _e(text: object) -> str:
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or not math.isfinite(value):
-        return _DASH
-    return f"{value:.{digits}f}"
+    return fmt_number(value, digits, missing=_DASH)
 
 
 def _fmt_p(p: float) -> str:
-    if not math.isfinite(p):
-        return _DASH
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+    return fmt_p(p, missing=_DASH)
 
 
 def _fmt_lambda(lam: float | None) -> str:
@@ -66,16 +62,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
-def _href(out_dir: Path, target: Path) -> str:
-    return quote(target.relative_to(out_dir).as_posix())
+def _data_uri(path: Path) -> str:
+    """The file as a base64 ``data:`` URI (PNG, JPEG, GIF or SVG by suffix), so the page needs no file beside it."""
+    kind = {".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".svg": "svg+xml"}.get(path.suffix.lower(), "png")
+    return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _note(text: str) -> str:
     return f'<p class="note">{_e(text)}</p>'
 
 
-def _figure(out_dir: Path, path: Path, alt: str, caption: str) -> str:
-    return (f'<figure><img src="{_href(out_dir, path)}" alt="{_e(alt)}" loading="lazy">'
+def _figure(path: Path, alt: str, caption: str) -> str:
+    return (f'<figure><img src="{_data_uri(path)}" alt="{_e(alt)}" data-file="{_e(quote(path.name))}">'
             f'<figcaption class="caption">{caption}</figcaption></figure>')
 
 
@@ -116,17 +114,37 @@ def _entries(runs: list[RunResults]) -> list[_Entry]:
             for run in runs for name, m in run.models.items()]
 
 
-def baseline_and_aligned(run: RunResults) -> tuple[ModelResult | None, ModelResult | None]:
-    """The LLM-VEM model trained without alignment (λ = 0) and the best one with alignment (λ > 0, max mean r).
+def _score(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
 
-    Either is None when the run has no such model.
+
+def baseline_and_aligned(run: RunResults) -> tuple[ModelResult | None, ModelResult | None]:
+    """The LLM-VEM model trained without alignment (λ = 0) and the best one with alignment (λ > 0).
+
+    "Best" is the highest **validation** mean r (``val_mean_r``) when every aligned model recorded one, else the
+    highest test mean r (see :func:`selection_basis`). Either is None when the run has no such model.
     """
     llmvem = [m for m in run.models.values() if m.kind == "llmvem" and m.lam is not None]
     base = next((m for m in llmvem if m.lam == 0), None)
     aligned = [m for m in llmvem if m.lam is not None and m.lam > 0]
-    best = max(aligned, key=lambda m: -math.inf if math.isnan(m.overall.mean_r) else m.overall.mean_r,
-               default=None)
+    on_val = selection_basis(run) == "validation"
+    best = max(aligned, key=lambda m: _score(m.val_mean_r if on_val else m.overall.mean_r), default=None)
     return base, best
+
+
+def selection_basis(run: RunResults) -> str:
+    """``"validation"`` when every aligned LLM-VEM model recorded ``val_mean_r``, else ``"test"``."""
+    aligned = [m for m in run.models.values() if m.kind == "llmvem" and m.lam is not None and m.lam > 0]
+    return "validation" if aligned and all(math.isfinite(m.val_mean_r) for m in aligned) else "test"
+
+
+def _selection_note(run: RunResults, chosen: ModelResult) -> str:
+    if selection_basis(run) == "validation":
+        return (f"{chosen.label} was chosen as the best alignment weight by its validation mean r "
+                f"({_fmt(chosen.val_mean_r)}); the figures show its test results.")
+    return (f"Note: {run.name} records no validation mean r (val_mean_r), so the best alignment weight "
+            f"({chosen.label}) was chosen by test mean r, which favours it; rerun with a current llmvem to select "
+            "on validation.")
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -167,30 +185,41 @@ def _dataset_line(run: RunResults) -> str:
     return f'<p class="meta">{_e(run.name)}: {"; ".join(parts)}</p>'
 
 
+#: Above this many ROIs the summary table leaves the per-ROI columns to the ROI figure (and ``llmvem export``).
+MAX_ROI_COLUMNS = 10
+
+
 def _section_summary(ctx: _Context) -> str:
     rois = list(dict.fromkeys(r for e in ctx.entries for r in e.model.per_roi))
+    many = len(rois) > MAX_ROI_COLUMNS
     has_acc = any(math.isfinite(e.model.overall.mean_accuracy) or math.isfinite(e.model.overall.median_accuracy)
                   for e in ctx.entries)
-    header = ["Model"] + (["Run"] if ctx.multi else []) + ["kind", "λ", "mean r", "median r"]
-    text_cols = len(header) - 3
+    has_val = any(math.isfinite(e.model.val_mean_r) for e in ctx.entries)
+    header = ["Model"] + (["Run"] if ctx.multi else []) + ["kind", "λ"]
+    text_cols = len(header) - 1
+    header += (["val mean r"] if has_val else []) + ["test mean r", "test median r"]
     if has_acc:
-        header += ["mean acc. (%)", "median acc. (%)"]
-    header += [f"{_e(r)} mean r" for r in rois]
+        header += ["test mean acc. (%)", "test median acc. (%)"]
+    header += [] if many else [f"{_e(r)} test mean r" for r in rois]
     best = max((e.model.overall.mean_r for e in ctx.entries if math.isfinite(e.model.overall.mean_r)),
                default=math.nan)
+    chosen = {(run.path, m.name) for run in ctx.runs if (m := baseline_and_aligned(run)[1]) is not None}
     rows = []
     for e in ctx.entries:
         m = e.model.overall
-        cells = [f'<td class="text">{_e(e.model.label)} <span class="key">{_e(e.key)}</span></td>']
+        mark = ' <span class="key">(chosen λ)</span>' if (e.run.path, e.model.name) in chosen else ""
+        cells = [f'<td class="text">{_e(e.model.label)} <span class="key">{_e(e.key)}</span>{mark}</td>']
         if ctx.multi:
             cells.append(f'<td class="text">{_e(e.run.name)}</td>')
         cells.append(f'<td class="text">{_e(e.model.kind)}</td>')
         cells.append(f"<td>{_fmt_lambda(e.model.lam)}</td>")
+        if has_val:
+            cells.append(f"<td>{_fmt(e.model.val_mean_r)}</td>")
         cls = ' class="best"' if m.mean_r == best else ""
         cells.append(f"<td{cls}>{_fmt(m.mean_r)}</td><td>{_fmt(m.median_r)}</td>")
         if has_acc:
             cells.append(f"<td>{_fmt(m.mean_accuracy, 1)}</td><td>{_fmt(m.median_accuracy, 1)}</td>")
-        for roi in rois:
+        for roi in [] if many else rois:
             region = e.model.per_roi.get(roi)
             cells.append(f"<td>{_fmt(region.mean_r if region else None)}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
@@ -198,69 +227,46 @@ def _section_summary(ctx: _Context) -> str:
     out.append(_table(header, rows, text_cols=text_cols))
     acc_note = ("Accuracy is noise-normalised (percent of the noise ceiling). " if has_acc
                 else "No noise-normalised accuracy: the data have no noise ceiling. ")
-    out.append(f'<p class="caption">Pearson r between predicted and measured test responses, over voxels. '
-               f"{acc_note}Bold: best mean r.</p>")
+    roi_note = (f"The {len(rois)} ROIs are in the ROI section (and in results.csv from `llmvem export`). "
+                if many else "")
+    out.append(f'<p class="caption">All models, on the <b>test</b> split: Pearson r between predicted and measured '
+               f"test responses, over voxels{'; val mean r is on the validation split' if has_val else ''}. "
+               f"{acc_note}{roi_note}Bold: best test mean r.</p>")
+    for run in ctx.runs:
+        chosen_model = baseline_and_aligned(run)[1]
+        if chosen_model is not None:
+            out.append(f'<p class="note">{_e(_selection_note(run, chosen_model))}</p>')
     return "".join(out)
 
 
-def _roi_interval(entry: _Entry, roi: str | None) -> tuple[tuple[float, float] | None, str]:
-    """CI of mean r over ``roi`` (None: all voxels), and where it came from ("run", "voxels" or "none")."""
-    region: RegionMetrics | None = entry.model.overall if roi is None else entry.model.per_roi.get(roi)
-    if region is not None and region.mean_r_ci is not None:
-        return region.mean_r_ci, "run"
-    vox = entry.run.voxels
-    if vox is None:
-        return None, "none"
-    r = vox.r[entry.model.name]
-    if roi is not None:
-        if roi not in vox.roi_masks:
-            return None, "none"
-        r = r[vox.roi_masks[roi]]
-    lo, hi = figures.bootstrap_mean_ci(r, n_boot=N_BOOT, seed=BOOT_SEED)
-    return ((lo, hi), "voxels") if math.isfinite(lo) else (None, "none")
-
-
-def _roi_mean(entry: _Entry, roi: str | None) -> float:
-    if roi is None:
-        return entry.model.overall.mean_r
-    region = entry.model.per_roi.get(roi)
-    if region is not None:
-        return region.mean_r
-    vox = entry.run.voxels
-    if vox is not None and roi in vox.roi_masks:
-        return float(np.nanmean(vox.r[entry.model.name][vox.roi_masks[roi]]))
-    return math.nan
+_METRIC_AXIS = {"accuracy": "noise-normalised accuracy (% of noise ceiling, test)",
+                "r": "mean Pearson r (test)"}
+_HEMI_TITLES = {"lh": "left hemisphere", "rh": "right hemisphere", "both": "both hemispheres"}
 
 
 def _section_roi(ctx: _Context) -> str:
-    rois = list(dict.fromkeys([r for e in ctx.entries for r in e.model.per_roi]
-                              + [r for run in ctx.runs if run.voxels for r in run.voxels.roi_masks]))
-    groups: list[str | None] = [None, *rois]
-    series = []
-    sources: dict[str, list[str]] = {}  # where the intervals come from -> models
-    for e in ctx.entries:
-        intervals = []
-        for g in groups:
-            ci, src = _roi_interval(e, g)
-            intervals.append(ci)
-            if e.label not in sources.setdefault(src, []):
-                sources[src].append(e.label)
-        series.append(figures.BarSeries(label=e.label, means=[_roi_mean(e, g) for g in groups],
-                                        intervals=intervals))
-    path = figures.plot_roi_bars(["all voxels", *rois], series, ctx.fig_path("roi_accuracy"))
-    said = []
-    if "run" in sources:
-        said.append("95% bootstrap intervals over test images, as recorded by the run ("
-                    + ", ".join(sources["run"]) + ")")
-    if "voxels" in sources:
-        said.append(f"95% bootstrap intervals over voxels computed for this report ({N_BOOT} resamples, "
-                    f"seed {BOOT_SEED}) where the run recorded none (" + ", ".join(sources["voxels"]) + ")")
-    if "none" in sources:
-        said.append("no interval where neither the run nor voxel_metrics.npz gives one ("
-                    + ", ".join(sources["none"]) + ")")
-    caption = (f"Mean test r of every model per ROI ({len(rois)} ROIs"
-               f"{'' if rois else ': the runs define none'}). Error bars: {'; '.join(said)}.")
-    return _figure(ctx.out_dir, path, "ROI bar chart", _e(caption))
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        values = roi_values(run)
+        if not values:
+            out.append(_note("no ROI figure: the run has no model values"))
+            continue
+        metric = values[0].metric
+        labels = {e.model.name: e.label for e in ctx.entries if e.run is run}
+        order = {c: i for i, c in enumerate(["all", *class_order(v.roi_class for v in values if v.roi_class != "all")])}
+        bars = [figures.FacetBar(series=labels[v.model], roi=v.roi, row=v.roi_class, column=v.hemisphere,
+                                 mean=v.mean, ci=v.ci)
+                for v in sorted(values, key=lambda v: order[v.roi_class])]
+        path = figures.plot_roi_facets(bars, ctx.fig_path("roi_accuracy", run), _METRIC_AXIS[metric],
+                                       column_titles=_HEMI_TITLES)
+        n_rois = len({v.roi for v in values if v.roi != ALL_VOXELS})
+        what = ("mean noise-normalised accuracy (percent of each voxel's noise ceiling)" if metric == "accuracy"
+                else "mean Pearson r (the data have no noise ceiling, so no accuracy)")
+        caption = (f"Test {what} of every model per ROI ({n_rois} ROIs), grouped by ROI class (rows) and "
+                   f"hemisphere (columns). {interval_note(values, labels)}")
+        out.append(_figure(path, "ROI chart", _e(caption)))
+    return "".join(out)
 
 
 def _section_scatter(ctx: _Context) -> str:
@@ -283,7 +289,7 @@ def _section_scatter(ctx: _Context) -> str:
                    f"weight ({_e(aligned.label)}, λ = {aligned.lam:g}, y), coloured by ROI. "
                    f'<span class="best">{100 * frac:.1f}%</span> of {n} voxels lie above the diagonal '
                    f"(better with alignment).")
-        out.append(_figure(ctx.out_dir, path, "voxel scatter", caption))
+        out.append(_figure(path, "voxel scatter", caption))
     return "".join(out)
 
 
@@ -335,12 +341,18 @@ def _section_lambda(ctx: _Context) -> str:
             out.append(_note("no λ curve: the run has no lambda_curve.json and fewer than two λ values"))
             continue
         points, source = found
+        per = "ROI"
+        if len({r for p in points for r in p.per_roi}) > MAX_ROI_COLUMNS:  # 31 dashed lines are unreadable
+            classes = roi_classes({r for p in points for r in p.per_roi}, run.dataset.get("roi_classes"))
+            points = [replace(p, per_roi={c: float(np.nanmean([v for r, v in p.per_roi.items() if classes[r] == c]))
+                                          for c in class_order(classes.values())}) for p in points]
+            per = "ROI class (mean of its ROIs' mean r)"
         path = figures.plot_lambda_curve(points, ctx.fig_path("lambda_curve", run))
         has_ci = any(p.mean_r_ci is not None for p in points)
         caption = (f"Mean test r against the alignment weight λ (from {source}); x axis linear from 0 to the "
                    f"smallest positive λ and logarithmic above. Black: all voxels"
-                   f"{' with 95% CIs' if has_ci else ' (no CIs recorded)'}; dashed: per ROI.")
-        out.append(_figure(ctx.out_dir, path, "lambda curve", _e(caption)))
+                   f"{' with 95% CIs' if has_ci else ' (no CIs recorded)'}; dashed: per {per}.")
+        out.append(_figure(path, "lambda curve", _e(caption)))
     return "".join(out)
 
 
@@ -356,7 +368,7 @@ def _section_training(ctx: _Context) -> str:
                                             ctx.fig_path("training_curves", run))
         caption = ("Training loss (left; voxel and alignment terms where logged) and validation mean r (right) "
                    "of each trained model; dotted lines mark the start of a training stage.")
-        out.append(_figure(ctx.out_dir, path, "training curves", _e(caption)))
+        out.append(_figure(path, "training curves", _e(caption)))
     return "".join(out)
 
 
@@ -370,10 +382,7 @@ def _section_gallery(ctx: _Context) -> str:
         sources = list(dict.fromkeys(s for g in run.gallery for s in g.captions))
         rows = []
         for item in run.gallery:
-            target = ctx.out_dir / "gallery" / _slug(run.name) / item.image.relative_to(run.path.resolve())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(item.image, target)
-            cells = [f'<td><img src="{_href(ctx.out_dir, target)}" alt="{_e(item.id)}"><br>'
+            cells = [f'<td><img src="{_data_uri(item.image)}" alt="{_e(item.id)}"><br>'
                      f'<span class="key">{_e(item.id)}</span></td>']
             for src in sources:
                 caps = item.captions.get(src, [])
@@ -407,22 +416,38 @@ def _section_cortex(ctx: _Context) -> str:
         if maps.n_vertices_with_data == 0:
             out.append(_note(f"no cortical map: no voxel lies on an fsaverage5 vertex; {dropped}"))
             continue
+        outlines = _class_outlines(run)
         path = plot_surface_maps(maps, ctx.fig_path("cortex_accuracy", run), f"{shown.label}: {what}",
-                                 cmap="inferno", colorbar_label=what)
-        out.append(_figure(ctx.out_dir, path, "cortical map of accuracy", _e(
-            f"Test {what} of {shown.label} on the inflated fsaverage5 surface (lateral and medial views; "
-            f"{maps.n_vertices_with_data} vertices carry data; each colours the mesh faces around it). {dropped}")))
+                                 cmap="inferno", colorbar_label=what, outlines=outlines)
+        out.append(_figure(path, "cortical map of accuracy", _e(
+            f"Test {what} of {shown.label} on the inflated fsaverage5 surface (lateral, medial, ventral and "
+            f"posterior views; {maps.n_vertices_with_data} vertices carry data; each colours the mesh faces around "
+            f"it). {'Outlines: ' + ', '.join(outlines) + '. ' if outlines else ''}{dropped}")))
         if base is None or aligned is None:
             out.append(_note("no improvement map: the run needs an LLM-VEM model with λ = 0 and one with λ > 0"))
             continue
         diff = voxels_to_fsaverage5(vox.r[aligned.name] - vox.r[base.name], vox.hemisphere, vox.fsaverage_index)
         path = plot_surface_maps(diff, ctx.fig_path("cortex_improvement", run),
                                  f"r({aligned.label}) − r({base.label})", cmap="RdBu_r", symmetric=True,
-                                 colorbar_label="Δ r")
-        out.append(_figure(ctx.out_dir, path, "cortical map of the improvement", _e(
+                                 colorbar_label="Δ r", outlines=outlines)
+        out.append(_figure(path, "cortical map of the improvement", _e(
             f"Improvement from alignment: test r of {aligned.label} minus that of {base.label} (red: better "
             f"with alignment). {dropped}")))
     return "".join(out)
+
+
+def _class_outlines(run: RunResults) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """fsaverage5 outlines of the run's ROI classes (the union of each class's ROIs; "streams" overlaps the
+    others and is left out)."""
+    vox = run.voxels
+    if vox is None or vox.hemisphere is None or vox.fsaverage_index is None or not vox.roi_masks:
+        return {}
+    classes = roi_classes(vox.roi_masks, run.dataset.get("roi_classes"))
+    unions: dict[str, np.ndarray] = {}
+    for roi, cls in classes.items():
+        if cls != "streams":
+            unions[cls] = unions.get(cls, np.zeros(vox.n_voxels, bool)) | vox.roi_masks[roi]
+    return masks_to_fsaverage5({c: unions[c] for c in class_order(unions)}, vox.hemisphere, vox.fsaverage_index)
 
 
 def _section_config(ctx: _Context) -> str:
@@ -472,10 +497,7 @@ def _extra_sections(ctx: _Context) -> list[tuple[str, str, str]]:
         for i, sec in enumerate(run.extra_sections):
             body = [sec.html]
             for fig in sec.figures:
-                target = ctx.out_dir / "extra" / _slug(run.name) / _slug(sec.path.stem) / fig.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(fig, target)
-                body.append(f'<figure><img src="{_href(ctx.out_dir, target)}" alt="{_e(fig.name)}"></figure>')
+                body.append(f'<figure><img src="{_data_uri(fig)}" alt="{_e(fig.name)}"></figure>')
             title = f"{sec.title} ({run.name})" if ctx.multi else sec.title
             sections.append((f"extra-{_slug(run.name)}-{i}", title, "".join(body)))
     return sections

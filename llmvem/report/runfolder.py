@@ -66,6 +66,8 @@ class ModelResult:
     overall: RegionMetrics
     per_roi: dict[str, RegionMetrics] = field(default_factory=dict)
     per_hemisphere: dict[str, RegionMetrics] = field(default_factory=dict)
+    #: Mean r on the validation split (``metrics.json`` ``val_mean_r``); NaN when the run did not record it.
+    val_mean_r: float = math.nan
 
 
 @dataclass
@@ -274,7 +276,8 @@ def _parse_metrics(path: Path) -> dict[str, Any]:
                     for h, v in _dict(m.get("per_hemisphere", {}), path, pre + "per_hemisphere").items()}
         models[name] = ModelResult(
             name=name, label=str(m.get("label") or name), kind=str(m.get("kind") or "unknown"), lam=lam_f,
-            overall=_region(m, path, pre), per_roi=per_roi, per_hemisphere=per_hemi)
+            overall=_region(m, path, pre), per_roi=per_roi, per_hemisphere=per_hemi,
+            val_mean_r=_number(m.get("val_mean_r"), path, pre + "val_mean_r"))
 
     comparisons = []
     for i, c in enumerate(_list(data.get("comparisons", []), path, "comparisons")):

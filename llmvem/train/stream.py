@@ -3,7 +3,7 @@
 Its batches are interleaved with the brain batches in stage 1 (cached features → core and alignment head) and
 stage 2 (images → unfrozen backbone blocks); it adds only the contrastive loss, times ``weight``. Images come
 from :func:`llmvem.data.captioned.load_captioned_images`, caption embeddings from the text-embedding cache and
-features from the HDF5 feature cache (through :mod:`llmvem.pipeline`, the one place those caches are read).
+features from the HDF5 feature cache (through :mod:`llmvem.inputs`, the one place those caches are read).
 """
 
 from __future__ import annotations
@@ -99,21 +99,14 @@ def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress:
 
     Returns None when ``align_data.spec`` is None. ``layers`` default: ``backbone.layers`` plus ``"pooled"``.
     """
-    from llmvem import pipeline
+    from llmvem import inputs
     from llmvem.data.captioned import load_captioned_images
-    from llmvem.embed.cache import FeatureCache, extract_features
 
     a = config.align_data
     if a.spec is None:
         return None
     data = load_captioned_images(a.spec, a.captions_file, image_size=config.data.image_size,
                                  max_images=a.max_images)
-    text = pipeline.embed_captions(config, {"train": data.captions}, show_progress)["train"]
-    layers = list(layers or config.backbone.layers)
-    if "pooled" not in layers:
-        layers.append("pooled")
-    cache = FeatureCache(pipeline.cache_root(config) / "features.h5")
-    features = extract_features(data.images, backbone, layers=layers, cache=cache,
-                                batch_size=config.backbone.batch_size, device=config.backbone.device,
-                                dtype=config.backbone.feature_dtype, show_progress=show_progress)
+    text = inputs.embed_captions(config, {"train": data.captions}, show_progress)["train"]
+    features = inputs.extract_image_features(config, data.images, backbone, layers, show_progress)
     return CaptionStream(data.images, text, features, weight=a.weight, batch_size=a.batch_size)

@@ -1,0 +1,153 @@
+"""Dry run of a configuration: resolve data, models, caches and devices without loading a model or an image.
+
+``llmvem config validate FILE`` prints what :func:`check_config` returns; a problem that would stop a run later
+(a missing folder, ``device: cuda`` on a machine without CUDA) raises at once with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llmvem.config import RunConfig
+from llmvem.errors import ConfigError
+
+_DEVICE_FIELDS = ("captions.device", "text.device", "backbone.device", "train.device", "evaluate.ridge_device")
+
+
+def _get(config: RunConfig, dotted: str) -> object:
+    node: object = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_device(field: str, device: str) -> str:
+    """What ``device`` resolves to here; ConfigError when it names a GPU this machine does not have."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{field}: {device!r} but CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use 'auto' or 'cpu'")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(f"{field}: {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                              "device(s); expected cuda or cuda:N with N below that")
+        return device
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}: 'mps' but MPS is not available; use 'auto' or 'cpu'")
+    if device not in ("cpu", "mps"):
+        raise ConfigError(f"{field}: {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _local_or_hub(field: str, ref: str) -> str:
+    """A model reference: an existing local path, or a hub id (not contacted here)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return f"local {path}"
+    if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
+        raise ConfigError(f"{field}: {ref!r} looks like a path but does not exist; expected a local folder or a "
+                          "hub id (org/name)")
+    return f"hub id {ref} (downloaded on first use unless cached)"
+
+
+def _data(config: RunConfig) -> str:
+    spec = config.data.spec
+    if spec == "virtual":
+        return f"built-in virtual brain ({config.data.n_train} train / {config.data.n_test} test images)"
+    if spec.startswith("v4:"):
+        root = Path(spec.split(":")[1]).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data.spec: V4 root {root} does not exist; expected v4:ROOT:SESSION")
+        return f"V4 sessions under {root}"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data.spec: {path} does not exist; expected 'virtual', a dataset folder or v4:ROOT:SESSION")
+    if (path / "training_split").is_dir():
+        from llmvem.export import read_subject_layout
+
+        layout = read_subject_layout(path)
+        return (f"Algonauts subject {layout.name}: {layout.n_vertices['lh']} lh + {layout.n_vertices['rh']} rh "
+                f"vertices, {len(layout.test_ids)} challenge test images")
+    return f"dataset folder {path}"
+
+
+def _captions(config: RunConfig) -> str:
+    c = config.captions
+    if c.backend == "transformers":
+        if not c.model:
+            raise ConfigError("captions.model: missing; the transformers backend needs a VLM folder or hub id")
+        return f"transformers VLM {_local_or_hub('captions.model', c.model)}"
+    if c.backend == "openai":
+        if not c.base_urls or not c.model:
+            raise ConfigError("captions.base_urls / captions.model: the openai backend needs both (server URL up "
+                              "to /v1 and the served model name)")
+        return f"openai {c.model} at {', '.join(c.base_urls)} (not contacted by validate)"
+    if c.backend == "file":
+        if not c.captions_file or not Path(c.captions_file).expanduser().is_file():
+            raise ConfigError(f"captions.captions_file: {c.captions_file!r} is not a file; the file backend needs one")
+        return f"caption file {c.captions_file}"
+    return c.backend
+
+
+def _text_encoder(config: RunConfig) -> str:
+    enc = config.text.encoder
+    if enc == "minilm":
+        return "minilm (bundled, offline)"
+    kind, _, ref = enc.partition(":")
+    if kind not in ("st", "clip") or not ref:
+        raise ConfigError(f"text.encoder: {enc!r}; expected minilm, st:<path-or-id> or clip:<path-or-id>")
+    return f"{kind} {_local_or_hub('text.encoder', ref)}"
+
+
+def _backbone(config: RunConfig) -> str:
+    b = config.backbone
+    if b.weights and not Path(b.weights).expanduser().is_file():
+        raise ConfigError(f"backbone.weights: {b.weights} is not a file")
+    if b.name == "efficientnet_lite0":
+        return "efficientnet_lite0 (bundled, offline)"
+    kind, _, ref = b.name.partition(":")
+    if kind == "timm" and ref:
+        return f"timm {ref}" + (f" with weights {b.weights}" if b.weights else
+                                (" (pretrained weights from the hub)" if b.pretrained else " (random init)"))
+    if kind == "hf" and ref:
+        return f"transformers {_local_or_hub('backbone.name', ref)}"
+    raise ConfigError(f"backbone.name: {b.name!r}; expected efficientnet_lite0, timm:<name> or hf:<path-or-id>")
+
+
+def _caches(config: RunConfig) -> str:
+    cache = Path(config.cache_dir).expanduser()
+    probe = cache
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"cache_dir: {cache} cannot be created or written ({probe} is not writable)")
+    store = Path(config.captions.store).expanduser() if config.captions.store else cache / "captions.sqlite"
+    return (f"{cache} ({'exists' if cache.is_dir() else 'will be created'}); caption store {store} "
+            f"({'exists' if store.is_file() else 'new'})")
+
+
+def check_config(config: RunConfig) -> list[tuple[str, str]]:
+    """Resolve a configuration without heavy work.
+
+    Returns
+    -------
+    list of (what, resolved) pairs
+        One line each for the data, captioner, text encoder, backbone, caches and every device field.
+
+    Raises
+    ------
+    ConfigError
+        A path that does not exist, a malformed model name, or a device this machine lacks (one line, naming the
+        field).
+    """
+    lines = [("data", _data(config)), ("captions", _captions(config)), ("text encoder", _text_encoder(config)),
+             ("backbone", _backbone(config)), ("cache", _caches(config))]
+    for field in _DEVICE_FIELDS:
+        device = str(_get(config, field))
+        lines.append((field, f"{device} -> {check_device(field, device)}"))
+    return lines
