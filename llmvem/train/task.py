@@ -125,7 +125,7 @@ class EncodingTask(nn.Module):
     key_weights : mapping of key to float, optional
         Factor on each key's voxel loss (default 1).
     regularize : bool
-        Add the readout's L2 penalty (``model.readout_l2 > 0``).
+        Add the readout's penalty (``model.readout_l2``, ``model.spatial_l1`` or ``model.spatial_smoothness`` > 0).
     channels_last : bool
         Image mode in channels-last memory format.
     """
