@@ -5,7 +5,7 @@ Data: macaque V4 spike counts to natural images (Cowley, Stan, Pillow & Smith 20
 its own neurons to its own images, which is exactly the multi-subject setting of NSD (8 subjects, mostly different
 images): the readouts cannot be shared, the image representation can.
 
-Both arms use :func:`llmvem.train.multisubject.run_multisubject` with the same architecture and settings —
+Both arms use :func:`llmvem.multisubject.run_multisubject` with the same architecture and settings —
 frozen EfficientNet-Lite0 features (block8 + block12 + pooled, from the HDF5 feature cache), a shared linear core
 of ``multisubject.core_dim`` units, one PCA voxel readout per session — and differ only in the data the core sees:
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmvem.config import apply_overrides, load_config
     from llmvem.data.v4 import list_v4_sessions
-    from llmvem.train.multisubject import run_multisubject, summary_table
+    from llmvem.multisubject import run_multisubject, summary_table
 
     sessions = args.sessions.split(",") if args.sessions else list_v4_sessions(args.data)
     overrides = [*BENCH_OVERRIDES, f"cache_dir={args.cache_dir}", f"model.lambda_align={args.lam}"]

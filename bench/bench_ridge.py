@@ -77,7 +77,7 @@ def worker(method: str, size: str, out_dir: str, device: str = "cpu") -> None:
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
     if method == "llmvem":
-        from llmvem.evaluate.ridge import RidgeCV
+        from llmvem.model.ridge import RidgeCV
 
         model = RidgeCV(alphas=ALPHAS, cv=5, fit_intercept=True, device=device, progress_bar=False).fit(X, Y)
         pred = model.predict(X_test)

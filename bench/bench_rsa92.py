@@ -110,7 +110,7 @@ def caption_patterns(config, images) -> tuple[dict[str, np.ndarray], list[list[s
     """Caption text embeddings of the images (the config's captioner and text encoder, both cached)."""
     from llmvem.captions.run import run_captioning
     from llmvem.captions.store import CaptionStore
-    from llmvem.pipeline import build_captioner, cache_root, embed_captions
+    from llmvem.inputs import build_captioner, cache_root, embed_captions
 
     captioner = build_captioner(config, None)
     with CaptionStore(cache_root(config) / "captions.sqlite") as store:
@@ -133,7 +133,7 @@ def llmvem_patterns(args: argparse.Namespace, images_uint8: np.ndarray, work: Pa
     """
     import torch
 
-    from llmvem.pipeline import load_config_dataset, prepare_inputs
+    from llmvem.inputs import load_config_dataset, prepare_inputs
     from llmvem.train import train_encoding_model
 
     vargs = v4_args(args)

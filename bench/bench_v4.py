@@ -8,10 +8,10 @@ its own encoding problem.
 For every session, on the fixed split of :func:`llmvem.data.v4.load_v4` (every 6th image is a test image; 10% of
 the others, seeded, are the validation split), the script fits on the same images:
 
-* **ridge** — voxelwise RidgeCV (:func:`llmvem.pipeline.fit_ridge_baseline`) on frozen EfficientNet-Lite0
-  features; the layer set is chosen among ``RIDGE_LAYER_SETS`` by the mean validation r of a ridge fitted on the
-  training split only, then refitted on train + val (the pipeline's baseline convention);
-* **LLM-VEM λ = 0** and **LLM-VEM λ > 0** (:func:`llmvem.pipeline.train_llmvem`), each with the backbone frozen
+* **ridge** — :class:`llmvem.estimators.RidgeEncoder` (the one feature standardiser, voxelwise RidgeCV) on frozen
+  EfficientNet-Lite0 features; the layer set is chosen among ``RIDGE_LAYER_SETS`` by the mean validation r of a
+  ridge fitted on the training split only, then refitted on train + val (the pipeline's baseline convention);
+* **LLM-VEM λ = 0** and **LLM-VEM λ > 0** (:class:`llmvem.estimators.LLMVEMEncoder`), each with the backbone frozen
   (stage 1 only: heads on cached features) and fine-tuned (stage 1, then stage 2 on images). Captions come from
   the offline ImageNet-label captioner (``captions.backend = "labels"``; weak, see
   :mod:`llmvem.captions.labels`), embedded with the bundled MiniLM.
@@ -176,19 +176,13 @@ def select_ridge_layers(config, inputs, layer_sets) -> tuple[tuple[str, ...], di
     best : tuple of str
     val_r : dict of "a+b" to mean validation r
     """
-    from llmvem.evaluate.ridge import RidgeCV
-    from llmvem.pipeline import concat_features
+    from llmvem.estimators import RidgeEncoder
 
     ds = inputs.dataset
     scores: dict[str, float] = {}
-    for layers in layer_sets:
-        X = concat_features(inputs.features["train"], layers)
-        mu, sd = X.mean(axis=0), X.std(axis=0) + 1e-6
-        ridge = RidgeCV(alphas=config.evaluate.ridge_alphas, cv=config.evaluate.ridge_folds,
-                        device=config.evaluate.ridge_device, progress_bar=False).fit((X - mu) / sd,
-                                                                                      ds.train.responses)
-        pred = ridge.predict((concat_features(inputs.features["val"], layers) - mu) / sd)
-        scores["+".join(layers)] = _mean_r(ds.val.responses, pred)
+    for layers in layer_sets:  # standardised exactly as the final fit (llmvem.model.features.FeatureStandardizer)
+        ridge = RidgeEncoder.from_config(config, layers).fit(inputs.features["train"], ds.train.responses)
+        scores["+".join(layers)] = _mean_r(ds.val.responses, ridge.predict(inputs.features["val"]))
     best = max(layer_sets, key=lambda ls: scores["+".join(ls)])
     return tuple(best), scores
 
@@ -202,18 +196,19 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
     ``llmvem_layers = "ridge"`` gives the LLM-VEM readout the layer set the ridge baseline chose on validation
     (the alignment head always reads ``pooled``); ``"config"`` keeps ``config.backbone.layers``.
     """
-    from llmvem.pipeline import fit_ridge_baseline, train_llmvem
+    from llmvem.experiment import fit_predict
+    from llmvem.pipeline import llmvem_spec, ridge_spec
 
-    preds: dict[str, dict[str, np.ndarray]] = {}
     info: dict[str, Any] = {"seconds": {}}
+    specs = {}
     if "ridge" in models or llmvem_layers == "ridge":
         t = time.perf_counter()
         best, val_scores = select_ridge_layers(config, inputs, layer_sets)
         info["ridge_layers"] = list(best)
         info["ridge_val_r_by_layers"] = val_scores
+        info["seconds"]["ridge_layer_choice"] = time.perf_counter() - t
         if "ridge" in models:
-            preds["ridge"] = fit_ridge_baseline(config, inputs, layers=best)
-        info["seconds"]["ridge"] = time.perf_counter() - t
+            specs["ridge"] = ridge_spec(config, best)
     layers = info["ridge_layers"] if llmvem_layers == "ridge" else list(config.backbone.layers)
     info["llmvem_layers"] = layers
     epochs2 = config.train.stage2.epochs
@@ -224,14 +219,15 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
         cfg.train.stage2.epochs = stage2
         cfg.backbone.layers = layers
         for name, lam_m in ((f"lambda0_{kind}", 0.0), (f"lambda_{kind}", lam)):
-            if name not in models:
-                continue
-            t = time.perf_counter()
-            preds[name] = train_llmvem(cfg, inputs, lam_m, work / name, show_progress=show_progress)
-            info["seconds"][name] = time.perf_counter() - t
-            training = json.loads((work / name / "training.json").read_text(encoding="utf-8"))
-            info.setdefault("training", {})[name] = {
-                k: v for k, v in training["metrics"].items() if k.endswith(("best_epoch", "best_val_mean_r"))}
+            if name in models:
+                specs[name] = llmvem_spec(cfg, lam_m, name, show_progress)
+    preds, _ = fit_predict(specs, inputs, work, timing=info["seconds"])
+    for name in specs:
+        if name == "ridge":
+            continue
+        training = json.loads((work / name / "training.json").read_text(encoding="utf-8"))
+        info.setdefault("training", {})[name] = {
+            k: v for k, v in training["metrics"].items() if k.endswith(("best_epoch", "best_val_mean_r"))}
     return preds, info
 
 
@@ -309,7 +305,7 @@ def run_session(args: argparse.Namespace, session: str, work_root: Path, n_boot:
     """Everything for one session: (JSON-ready record, test predictions and responses for pooling)."""
     from llmvem.evaluate.metrics import evaluate_predictions
     from llmvem.evaluate.stats import paired_bootstrap
-    from llmvem.pipeline import load_config_dataset, prepare_inputs
+    from llmvem.inputs import load_config_dataset, prepare_inputs
 
     t0 = time.perf_counter()
     config = session_config(args, session)

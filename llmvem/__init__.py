@@ -7,6 +7,8 @@ The public Python API (everything else is reachable through the submodules)::
     cfg = llmvem.load_config("demo")                    # typed RunConfig; llmvem.apply_overrides(cfg, ["model.lambda_align=0.5"])
     metrics = llmvem.run_experiment(cfg, "runs/demo")   # ridge, λ = 0 and λ > 0 models, statistics, HTML report
     encoder = llmvem.LLMVEMEncoder(cfg).fit(ds, text_embeddings)   # notebook-style fit / predict
+    ridge = llmvem.RidgeEncoder(layers=["block10"]).fit(features_train, responses_train)
+    encoder = llmvem.load_trained_model("runs/demo/models/llmvem_lambda0.1")
 
 Names are imported lazily so ``import llmvem`` stays fast.
 """
@@ -25,13 +27,16 @@ _API = {
     "RunConfig": "llmvem.config",
     "load_config": "llmvem.config",
     "apply_overrides": "llmvem.config",
-    "prepare_inputs": "llmvem.pipeline",
+    "prepare_inputs": "llmvem.inputs",
     "run_experiment": "llmvem.pipeline",
     "train_encoding_model": "llmvem.train",
-    "LLMVEMEncoder": "llmvem.train",
+    "LLMVEMEncoder": "llmvem.estimators",
+    "RidgeEncoder": "llmvem.estimators",
+    "load_trained_model": "llmvem.train.load",
     "evaluate_predictions": "llmvem.evaluate.metrics",
     "paired_bootstrap": "llmvem.evaluate.stats",
-    "RidgeCV": "llmvem.evaluate.ridge",
+    "RidgeCV": "llmvem.model.ridge",
+    "run_models": "llmvem.experiment",
     "write_report": "llmvem.report",
 }
 

@@ -16,7 +16,7 @@ from llmvem.config import RunConfig, apply_overrides, load_config
 from llmvem.data import load_dataset
 from llmvem.errors import ConfigError, RunFolderError
 from llmvem.evaluate.metrics import pearson_r
-from llmvem.pipeline import caption_dataset, shuffle_caption_sets
+from llmvem.inputs import caption_dataset, shuffle_caption_sets
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -154,16 +154,17 @@ def test_demo_stage_table():
 
 def test_fine_tuning_one_model_leaves_the_shared_backbone_frozen(tmp_path):
     """bench_v4 trains λ = 0 and λ > 0 fine-tuned models from one PreparedInputs: each must start from the same
-    frozen backbone (the one the cached features describe), so train_llmvem must not fine-tune it in place."""
+    frozen backbone (the one the cached features describe), so LLMVEMEncoder.fit_inputs must not fine-tune it in
+    place."""
     import torch
 
     from llmvem.config import apply_overrides, load_config
-    from llmvem.pipeline import (
+    from llmvem.estimators import LLMVEMEncoder
+    from llmvem.inputs import (
         PreparedInputs,
         extract_split_features,
         load_config_backbone,
         load_config_dataset,
-        train_llmvem,
     )
 
     cfg = apply_overrides(load_config("demo"), [
@@ -179,7 +180,8 @@ def test_fine_tuning_one_model_leaves_the_shared_backbone_frozen(tmp_path):
     text = {s: t / np.linalg.norm(t, axis=1, keepdims=True) for s, t in text.items()}
     inputs = PreparedInputs(ds, {}, {}, text, backbone, feats)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    preds = train_llmvem(cfg, inputs, 0.1, tmp_path / "run", show_progress=False)
+    cfg.model.lambda_align = 0.1
+    preds = LLMVEMEncoder(cfg, out_dir=tmp_path / "run").fit_inputs(inputs).predict_inputs(inputs)
     assert preds["test"].shape == (10, ds.n_voxels)
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

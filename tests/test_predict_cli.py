@@ -97,11 +97,11 @@ def test_text_file_and_the_text_readout(run_dir, tmp_path, capsys):  # noqa: F81
 
 @pytest.mark.slow
 def test_predict_images_matches_the_trained_predictions(run_dir, tmp_path, capsys):  # noqa: F811
-    import llmvem.pipeline
+    import llmvem.inputs
     from llmvem.config import load_config
 
     model_dir = run_dir / "models" / MODEL
-    ds = llmvem.pipeline.load_config_dataset(load_config(model_dir / "config.yaml"))
+    ds = llmvem.inputs.load_config_dataset(load_config(model_dir / "config.yaml"))
     folder = tmp_path / "stimuli"
     folder.mkdir()
     for i in range(5):  # lossless PNGs of the first test images

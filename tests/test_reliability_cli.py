@@ -29,6 +29,7 @@ from PIL import Image
 from test_train_cli import frozen_features
 from test_train_trainer import backbone, make_dataset
 
+import llmvem.inputs
 import llmvem.pipeline
 from llmvem.cli import main
 from llmvem.data.images import FileImages
@@ -334,7 +335,8 @@ def test_an_existing_run_folder_is_refused_before_any_work(command, tmp_path, ca
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", lambda *a, **k: pytest.fail("prepared inputs"))
+    for module in (llmvem.inputs, llmvem.pipeline):
+        monkeypatch.setattr(module, "prepare_inputs", lambda *a, **k: pytest.fail("prepared inputs"))
     line = user_error(capsys, [command, "--config", "demo", "--out", str(out)])
     assert f"{out}: run folder already exists" in line and "--resume" in line and "--overwrite" in line
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
@@ -347,10 +349,10 @@ def tiny_inputs(monkeypatch):
 
     def prepare_inputs(config, show_progress=True, dataset=None):
         ds, text = make_dataset()
-        return llmvem.pipeline.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
+        return llmvem.inputs.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
                                               backbone=backbone(), features=frozen_features(ds))
 
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", prepare_inputs)
+    monkeypatch.setattr(llmvem.inputs, "prepare_inputs", prepare_inputs)
 
 
 def _train_config(path: Path, lr: float) -> Path:

@@ -11,7 +11,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
 from llmvem.errors import DataValidationError, LLMVEMError
-from llmvem.evaluate.ridge import RidgeCV
+from llmvem.model.ridge import RidgeCV
 
 himalaya_ridge = pytest.importorskip("himalaya.ridge")
 from himalaya.scoring import r2_score as himalaya_r2  # noqa: E402

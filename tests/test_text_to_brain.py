@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import llmvem.inputs
 import llmvem.pipeline
 from llmvem.errors import CheckpointError, ConfigError, DataValidationError
+from llmvem.estimators import model_name
 from llmvem.evaluate.metrics import pearson_r
 from llmvem.explain.text_to_brain import (
     READOUT_FILE,
@@ -31,7 +33,7 @@ from llmvem.explain.text_to_brain import (
 )
 
 LAMBDA = 0.5
-MODEL = llmvem.pipeline.model_name(LAMBDA)
+MODEL = model_name(LAMBDA)
 
 
 # ------------------------------------------------------------------------------------ shared tiny run
@@ -66,7 +68,7 @@ def tiny_run() -> Path:
         root = Path(tempfile.mkdtemp(prefix="llmvem-t2b-"))
         atexit.register(shutil.rmtree, root, True)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(llmvem.pipeline, "load_config_backbone", small_backbone)
+            mp.setattr(llmvem.inputs, "load_config_backbone", small_backbone)
             cfg = tiny_config(root / "cache")
             _SHARED["metrics"] = llmvem.pipeline.run_experiment(cfg, root / "run", show_progress=False)
         _SHARED.update(run=root / "run", root=root, config=cfg)
@@ -76,7 +78,7 @@ def tiny_run() -> Path:
 @pytest.fixture
 def run_dir(monkeypatch) -> Path:
     """The shared tiny run; the model loader rebuilds the same 96-px backbone."""
-    monkeypatch.setattr(llmvem.pipeline, "load_config_backbone", small_backbone)
+    monkeypatch.setattr(llmvem.inputs, "load_config_backbone", small_backbone)
     return tiny_run()
 
 
@@ -123,7 +125,7 @@ def test_aligned_readout_predicts_text_and_the_gap_shift_fixes_the_level():
 
 
 def test_readout_matches_ridge_cv_and_rows_are_normalised():
-    from llmvem.evaluate.ridge import RidgeCV
+    from llmvem.model.ridge import RidgeCV
 
     t2b, A, T, Y = _fit_synthetic()
     X = np.concatenate([T["train"], T["val"]])
@@ -214,12 +216,12 @@ def test_loaded_model_reproduces_the_trained_predictions(run_dir):
 
     model_dir = run_dir / "models" / MODEL
     enc = load_trained_model(model_dir)
-    ds = llmvem.pipeline.load_config_dataset(enc.config)
+    ds = llmvem.inputs.load_config_dataset(enc.config)
     saved = np.load(model_dir / "predictions_test.npy")
     first = ds.test.images.subset(np.arange(16))
     np.testing.assert_allclose(enc.predict(first), saved[:16], atol=1e-5)
     # The aligned embeddings from images equal those from cached features (same frozen backbone).
-    feats = llmvem.pipeline.extract_split_features(enc.config, ds, enc.backbone_, show_progress=False)
+    feats = llmvem.inputs.extract_split_features(enc.config, ds, enc.backbone_, show_progress=False)
     _, e_img = aligned_image_outputs(enc, images=first)
     v_feat, e_feat = aligned_image_outputs(enc, features=feats["test"], images=ds.test.images)
     np.testing.assert_allclose(e_img, e_feat[:16], atol=1e-4)
@@ -264,7 +266,7 @@ def test_pipeline_writes_both_report_sections(run_dir):
 
 @pytest.mark.slow
 def test_flag_off_leaves_no_sections(tmp_path, monkeypatch):
-    monkeypatch.setattr(llmvem.pipeline, "load_config_backbone", small_backbone)
+    monkeypatch.setattr(llmvem.inputs, "load_config_backbone", small_backbone)
     tiny_run()
     cfg = tiny_config(_SHARED["root"] / "cache", **{"evaluate.text_to_brain": "false", "train.stage1.epochs": "1"})
     llmvem.pipeline.run_experiment(cfg, tmp_path / "off", show_progress=False, report=False)

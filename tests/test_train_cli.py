@@ -9,7 +9,7 @@ import yaml
 from test_train_trainer import backbone, make_dataset
 
 import llmvem.cli.train  # noqa: F401  (registers the command until llmvem/cli/__init__.py imports it)
-import llmvem.pipeline
+import llmvem.inputs
 from llmvem.cli import main
 
 
@@ -21,10 +21,10 @@ def fake_inputs(monkeypatch):
     def prepare_inputs(config, show_progress=True, dataset=None):
         calls.append(config)
         ds, text = make_dataset()
-        return llmvem.pipeline.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
+        return llmvem.inputs.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
                                               backbone=backbone(), features=frozen_features(ds))
 
-    monkeypatch.setattr(llmvem.pipeline, "prepare_inputs", prepare_inputs)
+    monkeypatch.setattr(llmvem.inputs, "prepare_inputs", prepare_inputs)
     return calls
 
 

@@ -14,8 +14,9 @@ from llmvem.config import RunConfig, apply_overrides
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import ArrayImages
 from llmvem.errors import CheckpointError, ConfigError, DataValidationError, RunFolderError
+from llmvem.estimators import LLMVEMEncoder
 from llmvem.evaluate.metrics import pearson_r
-from llmvem.train import LLMVEMEncoder, train_encoding_model
+from llmvem.train import train_encoding_model
 from llmvem.train.schedule import lr_factor
 
 CURVE_COLUMNS = ("stage", "epoch", "step", "train_loss", "val_mean_r", "lr")  # what the report reads

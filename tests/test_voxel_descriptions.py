@@ -131,13 +131,13 @@ def test_describe_voxels_uses_the_readout_predictions():
 def test_semantic_voxels_are_described_by_their_preferred_category(run_dir):  # noqa: F811
     """The acceptance check of the issue: for semantic voxels, the top-ranked of the category phrases
     ("a circle", "a square", ...) is the preferred category for a clear majority (chance 20%)."""
-    import llmvem.pipeline
+    import llmvem.inputs
 
     model_dir = run_dir / "models" / MODEL
     t2b = TextToBrain.load(model_dir)
     from llmvem.config import load_config
 
-    ds = llmvem.pipeline.load_config_dataset(load_config(model_dir / "config.yaml"))
+    ds = llmvem.inputs.load_config_dataset(load_config(model_dir / "config.yaml"))
     preferred = ds.meta["ground_truth"]["preferred_category"]
     encoder = t2b.load_encoder("cpu")
     cat_phr = category_phrases(CATEGORIES)

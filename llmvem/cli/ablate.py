@@ -24,15 +24,6 @@ Examples:
 """
 
 
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for k, row in enumerate([header, *rows]):
-        typer.echo("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                            strict=True))))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
-
-
 @app.command("ablate", epilog=_ABLATE_EXAMPLES)
 def ablate(
     config: str = typer.Option("demo", "--config", help="Config file or shipped config name."),
@@ -95,7 +86,7 @@ def train_multi(
     progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
-    from llmvem.train.multisubject import run_multisubject
+    from llmvem.multisubject import run_multisubject
 
     cfg = apply_overrides(load_config(config), set_)
     specs = [s.strip() for s in subjects.split(",") if s.strip()]
@@ -120,5 +111,7 @@ def train_multi(
         row += [f"{mean['separate']['mean_r']:.4f}", f"{mean['joint']['mean_r'] - mean['separate']['mean_r']:+.4f}",
                 ""]
     rows.append(row)
-    _table(header, rows)
+    from llmvem.report.tables import text_table
+
+    typer.echo(text_table(header, rows, n_left=2))
     typer.echo(f"\nsummary: {out / 'summary.json'}\nwall time: {time.perf_counter() - t0:.0f} s")

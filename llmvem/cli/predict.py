@@ -39,12 +39,9 @@ def _read_texts(texts: list[str], text_file: Path | None) -> list[str]:
 
 
 def _echo_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for k, row in enumerate([header, *rows]):
-        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                               strict=True))))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    from llmvem.report.tables import text_table
+
+    typer.echo(text_table(header, rows))
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -118,7 +115,7 @@ def predict(
     if fit_readouts:
         from llmvem.config import load_config
         from llmvem.explain.text_to_brain import fit_model_text_to_brain
-        from llmvem.pipeline import prepare_inputs
+        from llmvem.inputs import prepare_inputs
 
         cfg = load_config(model_dir / "config.yaml")
         typer.echo(f"[llmvem] fitting the text-to-brain readouts of {model_dir}", err=True)

@@ -21,20 +21,16 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 
 def _print_summary(metrics: dict) -> None:
-    rows = [("model", "mean r", "median r", "mean acc %", "median acc %")]
-    for name, m in metrics["models"].items():
-        acc = m.get("mean_accuracy")
-        med = m.get("median_accuracy")
-        rows.append((m.get("label", name), f"{m['mean_r']:.3f}", f"{m['median_r']:.3f}",
-                     "-" if acc is None else f"{acc:.1f}", "-" if med is None else f"{med:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        typer.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False))))
-        if k == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    from llmvem.report.tables import fmt_number, text_table
+
+    rows = [[m.get("label", name), fmt_number(m["mean_r"]), fmt_number(m["median_r"]),
+             fmt_number(m.get("mean_accuracy"), 1), fmt_number(m.get("median_accuracy"), 1)]
+            for name, m in metrics["models"].items()]
+    typer.echo(text_table(["model", "mean r", "median r", "mean acc %", "median acc %"], rows))
     for c in metrics.get("comparisons", []):
-        typer.echo(f"{c['b']} vs {c['a']}: Δ mean r = {c['diff']:+.4f} "
-                   f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}], p = {c['p_value']:.3g}, "
+        typer.echo(f"{c['b']} vs {c['a']}: Δ mean r = {fmt_number(c['diff'], 4, True)} "
+                   f"[95% CI {fmt_number(c['ci_low'], 4, True)}, {fmt_number(c['ci_high'], 4, True)}], "
+                   f"p = {c['p_value']:.3g}, "
                    f"{100 * c['fraction_improved']:.0f}% of voxels improved")
 
 
@@ -93,7 +89,10 @@ def sweep(
     progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
-    from llmvem.pipeline import prepare_inputs, prepare_run_folder, run_experiment
+    from llmvem.experiment import EXPERIMENT_OUTPUTS
+    from llmvem.inputs import prepare_inputs
+    from llmvem.pipeline import run_experiment
+    from llmvem.utils import prepare_run_folder
 
     base = apply_overrides(load_config(config), set_)
     lam_values = _parse_floats(lambdas, "--lambda")
@@ -103,7 +102,7 @@ def sweep(
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2")
         key, values = item.split("=", 1)
         axes.append((key, [v for v in values.split(",") if v]))
-    prepare_run_folder(out, resume, overwrite)
+    prepare_run_folder(out, resume, overwrite, outputs=EXPERIMENT_OUTPUTS)
     # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
     # once unless the grid changes one of those sections (they are cached on disk either way).
     touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)

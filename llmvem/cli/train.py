@@ -36,7 +36,7 @@ def train(
     cache_dir). Under torchrun every process runs this command; only rank 0 writes and prints.
     """
     from llmvem.config import apply_overrides, load_config
-    from llmvem.pipeline import prepare_inputs
+    from llmvem.inputs import prepare_inputs
     from llmvem.train import prepare_run_folder, train_encoding_model
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 

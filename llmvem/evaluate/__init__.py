@@ -7,7 +7,6 @@ from llmvem.evaluate.metrics import (
     pearson_r,
     summarize,
 )
-from llmvem.evaluate.ridge import DEFAULT_ALPHAS, RidgeCV
 from llmvem.evaluate.rsa import (
     algonauts2019_score,
     compare_rdms,
@@ -16,6 +15,7 @@ from llmvem.evaluate.rsa import (
     upper,
 )
 from llmvem.evaluate.stats import bootstrap_ci, paired_bootstrap
+from llmvem.model.ridge import DEFAULT_ALPHAS, RidgeCV
 
 __all__ = [
     "DEFAULT_ALPHAS",

@@ -60,7 +60,7 @@ def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
         No such folder or model; the message lists the models that exist.
     """
     from llmvem.config import load_config
-    from llmvem.pipeline import model_name
+    from llmvem.estimators import model_name
     from llmvem.train.load import is_model_folder
 
     run = Path(run)

@@ -32,13 +32,14 @@ from llmvem.explain.voxel_descriptions import (
     default_vocabulary,
     describe_voxels,
 )
+from llmvem.report.tables import fmt_number
 from llmvem.utils import write_json
 
 if TYPE_CHECKING:
     from llmvem.config import RunConfig
     from llmvem.data.dataset import EncodingDataset
     from llmvem.embed.base import TextEncoder
-    from llmvem.pipeline import PreparedInputs
+    from llmvem.inputs import PreparedInputs
 
 __all__ = ["add_text_to_brain_section", "select_text_model", "write_text_to_brain_section",
            "write_voxel_descriptions_section"]
@@ -54,13 +55,13 @@ def _e(text: object) -> str:
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+    return fmt_number(x, digits, missing="–")
 
 
 def select_text_model(run_dir: str | Path, config: RunConfig) -> Path | None:
     """The run's model for text-to-brain: the one of ``config.model.lambda_align`` when it is > 0 and trained,
     else the λ > 0 model with the best validation mean r; None when no model was trained with λ > 0."""
-    from llmvem.pipeline import model_name
+    from llmvem.estimators import model_name
     from llmvem.train.load import is_model_folder, read_training_summary
 
     models = Path(run_dir) / "models"

@@ -4,7 +4,7 @@ How the mapping is made
 -----------------------
 An LLM-VEM trained with λ > 0 has an *alignment head* that projects each image's pooled backbone embedding into
 the caption-embedding space of the text encoder (rows L2-normalised). Two voxelwise ridge readouts
-(:class:`llmvem.evaluate.ridge.RidgeCV`, one α per voxel chosen by K-fold cross-validation) are fitted on the
+(:class:`llmvem.model.ridge.RidgeCV`, one α per voxel chosen by K-fold cross-validation) are fitted on the
 *training* images (train + val splits):
 
 ``"aligned"`` (the LLM-VEM readout)
@@ -48,26 +48,14 @@ from llmvem.utils import write_json
 if TYPE_CHECKING:
     from llmvem.data.images import ImageCollection
     from llmvem.embed.base import TextEncoder
-    from llmvem.pipeline import PreparedInputs
-    from llmvem.train.encoder import LLMVEMEncoder
+    from llmvem.estimators import LLMVEMEncoder
+    from llmvem.inputs import PreparedInputs
 
-__all__ = [
-    "DEFAULT_ALPHAS",
-    "PREDICTORS",
-    "READOUTS",
-    "READOUT_FILE",
-    "SUMMARY_FILE",
-    "LinearReadout",
-    "Readout",
-    "TextToBrain",
-    "aligned_image_outputs",
-    "evaluate_text_to_brain",
-    "fit_linear_readout",
-    "fit_model_text_to_brain",
-    "fit_text_to_brain",
-]
+__all__ = ["DEFAULT_ALPHAS", "PREDICTORS", "READOUTS", "READOUT_FILE", "SUMMARY_FILE", "LinearReadout",
+           "TextReadoutKind", "TextToBrain", "aligned_image_outputs", "evaluate_text_to_brain", "fit_linear_readout",
+           "fit_model_text_to_brain", "fit_text_to_brain"]
 
-Readout = Literal["aligned", "text"]
+TextReadoutKind = Literal["aligned", "text"]
 READOUTS: tuple[str, ...] = ("aligned", "text")
 #: Files written into the model folder.
 READOUT_FILE = "text_to_brain.safetensors"
@@ -133,13 +121,13 @@ def fit_linear_readout(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float] = D
     cv : int
         Folds.
     device : str
-        Device of :class:`~llmvem.evaluate.ridge.RidgeCV`.
+        Device of :class:`~llmvem.model.ridge.RidgeCV`.
 
     Returns
     -------
     LinearReadout
     """
-    from llmvem.evaluate.ridge import RidgeCV
+    from llmvem.model.ridge import RidgeCV
 
     ridge = RidgeCV(alphas=np.asarray(alphas, dtype=np.float64), cv=cv, device=device, progress_bar=False)
     ridge.fit(np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32))
@@ -201,7 +189,7 @@ class TextToBrain:
             raise ConfigError(f"readout: expected one of {READOUTS}, got {readout!r}")
         return self.aligned if readout == "aligned" else self.text
 
-    def predict(self, text_embeddings: np.ndarray, readout: Readout = "aligned") -> np.ndarray:
+    def predict(self, text_embeddings: np.ndarray, readout: TextReadoutKind = "aligned") -> np.ndarray:
         """Predicted responses to texts from their embeddings.
 
         Parameters
@@ -250,12 +238,12 @@ class TextToBrain:
                               f"were fitted on {self.dim}-d embeddings of {self.text_encoder}")
         return encoder.encode(texts, batch_size=batch_size).embeddings
 
-    def predict_texts(self, texts: Sequence[str], readout: Readout = "aligned",
+    def predict_texts(self, texts: Sequence[str], readout: TextReadoutKind = "aligned",
                       encoder: TextEncoder | None = None) -> np.ndarray:
         """Predicted responses (n_texts, n_voxels) to ``texts`` (embedded with :attr:`text_encoder`)."""
         return self.predict(self.encode(texts, encoder), readout)
 
-    def mapping_statement(self, readout: Readout | None = None) -> str:
+    def mapping_statement(self, readout: TextReadoutKind | None = None) -> str:
         """A plain-language statement of how the text → brain mapping is made (for the CLI and the report)."""
         i = self.info
         n_fit = i.get("n_fit", "?")
@@ -549,7 +537,7 @@ def fit_model_text_to_brain(model_dir: str | Path, inputs: PreparedInputs, *,
         Folder of a model trained with λ > 0 (``config.yaml``, ``model.safetensors``).
     inputs : PreparedInputs
         The dataset, caption embeddings and cached features the model was trained on
-        (:func:`llmvem.pipeline.prepare_inputs` of its config).
+        (:func:`llmvem.inputs.prepare_inputs` of its config).
     alphas : sequence of float
     device : str, optional
         Device of the model and of the ridge fits; default ``"auto"`` for the model and

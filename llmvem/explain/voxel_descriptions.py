@@ -26,7 +26,7 @@ from llmvem.errors import DataValidationError
 
 if TYPE_CHECKING:
     from llmvem.embed.base import TextEncoder
-    from llmvem.explain.text_to_brain import Readout, TextToBrain
+    from llmvem.explain.text_to_brain import TextReadoutKind, TextToBrain
 
 __all__ = [
     "VOCABULARY_FILE",
@@ -229,7 +229,7 @@ class VoxelDescriptions:
         return [(self.phrases[i], float(s[i])) for i in order]
 
 
-def describe_voxels(t2b: TextToBrain, phrases: Sequence[str], *, readout: Readout = "aligned",
+def describe_voxels(t2b: TextToBrain, phrases: Sequence[str], *, readout: TextReadoutKind = "aligned",
                     embeddings: np.ndarray | None = None, encoder: TextEncoder | None = None) -> VoxelDescriptions:
     """Predicted response of every voxel to every phrase.
 

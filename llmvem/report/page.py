@@ -33,6 +33,7 @@ from llmvem.report.runfolder import (
     RunResults,
     load_run,
 )
+from llmvem.report.tables import fmt_number, fmt_p
 from llmvem.utils import atomic_write, progress
 
 logger = logging.getLogger(__name__)
@@ -46,15 +47,11 @@ def _e(text: object) -> str:
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or not math.isfinite(value):
-        return _DASH
-    return f"{value:.{digits}f}"
+    return fmt_number(value, digits, missing=_DASH)
 
 
 def _fmt_p(p: float) -> str:
-    if not math.isfinite(p):
-        return _DASH
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+    return fmt_p(p, missing=_DASH)
 
 
 def _fmt_lambda(lam: float | None) -> str:

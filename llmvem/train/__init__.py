@@ -1,9 +1,10 @@
 """Two-stage training of the LLM-VEM network: one engine over data keys (one subject or several), the task
-(network + losses), checkpoints, distributed setup, notebook wrapper."""
+(network + losses), checkpoints, distributed setup.
+
+The scikit-learn-style wrapper ``LLMVEMEncoder`` lives in :mod:`llmvem.estimators`."""
 
 from llmvem.train.checkpoint import CheckpointManager, load_weights, save_weights
 from llmvem.train.distributed import DistInfo, setup_distributed
-from llmvem.train.encoder import LLMVEMEncoder
 from llmvem.train.engine import Engine
 from llmvem.train.schedule import lr_factor
 from llmvem.train.task import EncodingTask
@@ -22,7 +23,6 @@ __all__ = [
     "DistInfo",
     "EncodingTask",
     "Engine",
-    "LLMVEMEncoder",
     "SubjectData",
     "TrainResult",
     "config_fingerprint",

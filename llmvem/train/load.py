@@ -2,7 +2,7 @@
 
 :func:`~llmvem.train.train_encoding_model` leaves ``config.yaml``, ``training.json`` and ``model.safetensors`` in
 its run folder (``<experiment>/models/<name>/`` under ``llmvem demo``). :func:`load_trained_model` rebuilds the
-network from them and returns a fitted :class:`~llmvem.train.LLMVEMEncoder`, so ``.predict(images)`` works as
+network from them and returns a fitted :class:`~llmvem.estimators.LLMVEMEncoder`, so ``.predict(images)`` works as
 after ``fit``. Nothing is unpickled: weights come from safetensors, the rest from YAML/JSON.
 
 The frozen backbone of a stage-1-only model is not in ``model.safetensors``; it is rebuilt from
@@ -26,9 +26,9 @@ from typing import Any
 from llmvem.config import RunConfig, load_config
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import CheckpointError, ConfigError
+from llmvem.estimators import LLMVEMEncoder
 from llmvem.model.network import LLMVEM
 from llmvem.train.checkpoint import load_weights
-from llmvem.train.encoder import LLMVEMEncoder
 from llmvem.utils import resolve_device
 
 __all__ = ["MODEL_FILES", "has_finetuned_backbone", "is_model_folder", "load_trained_model", "read_training_summary"]
@@ -101,7 +101,7 @@ def load_trained_model(model_dir: str | Path, *, backbone: ImageBackbone | None 
     state = load_weights(folder / "model.safetensors")
     includes_backbone = any(k.startswith("backbone.") for k in state)
     if backbone is None:
-        from llmvem.pipeline import load_config_backbone
+        from llmvem.inputs import load_config_backbone
 
         backbone = load_config_backbone(config)
     elif includes_backbone:

@@ -17,16 +17,14 @@ resume like single-subject training. "Separate" training is the same architectur
 
 A training folder receives ``config.yaml``, ``versions.json``, ``subjects.json``, ``curves.csv``,
 ``training.json``, ``checkpoints/``, ``model.safetensors`` and ``predictions/<subject>_{val,test}.npy``.
-:func:`run_multisubject` trains jointly (and, optionally, each subject alone), evaluates each subject on its test
-split and writes ``summary.json``, ``summary.md`` and ``subjects/<subject>.json``.
+:func:`llmvem.multisubject.run_multisubject` trains jointly (and, optionally, each subject alone), evaluates each
+subject on its test split and writes the summary.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmvem.config import RunConfig, save_config
+from llmvem.config import RunConfig
 from llmvem.embed.base import ImageBackbone
-from llmvem.errors import ConfigError, DataValidationError
+from llmvem.errors import ConfigError
 from llmvem.model.network import LLMVEM
 from llmvem.train.checkpoint import save_weights
 from llmvem.train.distributed import barrier, cleanup_distributed, setup_distributed
@@ -50,73 +48,15 @@ from llmvem.train.trainer import (
 )
 from llmvem.utils import prepare_run_folder, stable_hash, write_json
 
-__all__ = ["MULTI_OUTPUTS", "TRAIN_OUTPUTS", "MultiSubjectResult", "SubjectData", "prepare_subjects",
-           "run_multisubject", "summary_table", "train_multisubject"]
+__all__ = ["TRAIN_OUTPUTS", "MultiSubjectResult", "SubjectData", "train_multisubject"]
 
 log = logging.getLogger(__name__)
 
 #: Files a training folder holds (``overwrite`` removes exactly these).
 TRAIN_OUTPUTS = ("config.yaml", "versions.json", "subjects.json", "curves.csv", "training.json", "checkpoints",
                  "model.safetensors", "predictions")
-#: Files and folders :func:`run_multisubject` writes in its output folder.
-MULTI_OUTPUTS = ("config.yaml", "versions.json", "joint", "separate", "subjects", "summary.json", "summary.md")
 
 Callback = Callable[[str, dict[str, Any]], None]
-
-
-# ------------------------------------------------------------------------------------------------- data
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "subject"
-
-
-def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: bool = True,
-                     on_stage: Callable[[str], None] | None = None) -> tuple[list[SubjectData], ImageBackbone]:
-    """Load each subject's dataset (``config.data`` with ``spec`` replaced), its cached backbone features and,
-    when ``model.lambda_align > 0``, its caption embeddings; all subjects share one backbone.
-
-    Parameters
-    ----------
-    config : RunConfig
-    specs : sequence of str
-        Dataset specs (``"virtual:seed=1"``, ``"v4:ROOT:SESSION"``, an Algonauts subject folder...).
-
-    Returns
-    -------
-    subjects : list of SubjectData
-        Named after their datasets (``virtual_brain_seed1``, ``v4_210325``), made unique.
-    backbone : ImageBackbone
-    """
-    from llmvem.pipeline import (
-        caption_dataset,
-        embed_captions,
-        extract_split_features,
-        load_config_backbone,
-        load_config_dataset,
-    )
-
-    if not specs:
-        raise ConfigError("--subjects: expected at least one dataset spec, e.g. v4:DATA:210325,v4:DATA:210322")
-    say = on_stage or (lambda msg: log.info(msg))
-    backbone = load_config_backbone(config)
-    out: list[SubjectData] = []
-    for spec in specs:
-        cfg = config.model_copy(deep=True)
-        cfg.data.spec = spec
-        say(f"preparing subject {spec}: dataset, image features" + (", captions" if cfg.model.lambda_align > 0
-                                                                     else ""))
-        ds = load_config_dataset(cfg)
-        if ds.val is None:
-            ds = ds.with_validation_split(cfg.data.val_fraction, cfg.data.seed)
-        feats = extract_split_features(cfg, ds, backbone, show_progress=show_progress)
-        text = None
-        if cfg.model.lambda_align > 0:
-            captions, _ = caption_dataset(cfg, ds, show_progress)
-            text = embed_captions(cfg, captions, show_progress)
-        name, k = _safe_name(ds.name), 2
-        while any(s.name == name for s in out):
-            name, k = f"{_safe_name(ds.name)}_{k}", k + 1
-        out.append(SubjectData(name, ds, feats, text, spec))
-    return out, backbone
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -281,147 +221,3 @@ def train_multisubject(config: RunConfig, subjects: Sequence[SubjectData], backb
                                   copy.deepcopy(engine.stages), states)
     finally:
         cleanup_distributed(info)
-
-
-# ------------------------------------------------------------------------------------------ experiment
-def _evaluate(s: SubjectData, pred: np.ndarray) -> dict[str, Any]:
-    from llmvem.evaluate.metrics import evaluate_predictions
-
-    ds = s.dataset
-    ev = evaluate_predictions(ds.test.responses, pred, ds.noise_ceiling, ds.roi_masks, ds.hemisphere)
-    return {"summary": ev["summary"], "r": ev["r"]}
-
-
-def run_multisubject(config: RunConfig, subjects: Sequence[str] | Sequence[SubjectData], out_dir: str | Path,
-                     separate: bool = False, backbone: ImageBackbone | None = None, resume: bool = False,
-                     overwrite: bool = False, show_progress: bool = True,
-                     on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train all subjects jointly (and, with ``separate``, each alone), evaluate each subject, write a summary.
-
-    Parameters
-    ----------
-    config : RunConfig
-    subjects : sequence of str or of SubjectData
-        Dataset specs (loaded with :func:`prepare_subjects`) or prepared subjects (then pass ``backbone`` for
-        stage 2).
-    out_dir : path
-        Output folder: ``joint/``, ``separate/<subject>/``, ``subjects/<subject>.json`` (test metrics of each
-        mode, per-voxel r, and the paired bootstrap of joint vs separate), ``summary.json``, ``summary.md``.
-    separate : bool
-        Also train the same architecture on each subject alone, and compare.
-    resume : bool
-        Reuse finished trainings in ``out_dir``.
-
-    Returns
-    -------
-    dict
-        The content of ``summary.json``: ``subjects`` {name: {spec, n_train, n_voxels, joint: {mean_r, median_r,
-        [mean_accuracy]}, [separate: {...}, joint_vs_separate: {diff, ci_low, ci_high, p_value,
-        fraction_improved}]}}, ``mean`` (over subjects) and ``seconds`` per mode.
-    """
-    from llmvem.evaluate.stats import paired_bootstrap
-    from llmvem.pipeline import _flatten_comparison, _versions
-
-    out_dir = Path(out_dir)
-    prepare_run_folder(out_dir, resume, overwrite, outputs=MULTI_OUTPUTS)
-    say = on_stage or (lambda msg: log.info(msg))
-    save_config(config, out_dir / "config.yaml")
-    write_json(out_dir / "versions.json", _versions(config.seed))
-    if subjects and all(isinstance(s, str) for s in subjects):
-        prepared, backbone = prepare_subjects(config, [str(s) for s in subjects], show_progress, on_stage)
-    elif all(isinstance(s, SubjectData) for s in subjects):
-        prepared = [s for s in subjects if isinstance(s, SubjectData)]
-    else:
-        raise ConfigError("subjects: expected dataset specs (str) or SubjectData, not a mix")
-    if not prepared:
-        raise ConfigError("--subjects: expected at least one dataset spec")
-
-    seconds: dict[str, float] = {}
-    say(f"training {len(prepared)} subjects jointly")
-    t = time.perf_counter()
-    joint = train_multisubject(config, prepared, backbone, out_dir / "joint", resume=resume,
-                               show_progress=show_progress)
-    seconds["joint"] = time.perf_counter() - t
-    sep: dict[str, MultiSubjectResult] = {}
-    if separate:
-        t = time.perf_counter()
-        for s in prepared:
-            say(f"training {s.name} alone")
-            sep[s.name] = train_multisubject(config, [s], backbone, out_dir / "separate" / s.name, resume=resume,
-                                             show_progress=show_progress)
-        seconds["separate"] = time.perf_counter() - t
-
-    say("evaluating each subject on its test split")
-    keys = ("mean_r", "median_r", "mean_accuracy", "median_accuracy")
-    per: dict[str, Any] = {}
-    for s in prepared:
-        ds = s.dataset
-        if ds.test.responses is None:
-            raise DataValidationError(ds.source, "test.responses", f"subject {s.name}: withheld; evaluation needs "
-                                      "test responses")
-        entry: dict[str, Any] = {"spec": s.spec, "dataset": ds.name, "n_train": len(ds.train), "n_val": len(ds.val),
-                                 "n_test": len(ds.test), "n_voxels": ds.n_voxels}
-        ev_joint = _evaluate(s, joint.predictions[s.name]["test"])
-        entry["joint"] = {k: ev_joint["summary"][k] for k in keys if k in ev_joint["summary"]}
-        entry["joint"]["per_roi"] = ev_joint["summary"]["per_roi"]
-        voxel = {"r__joint": ev_joint["r"]}
-        if separate:
-            ev_sep = _evaluate(s, sep[s.name].predictions[s.name]["test"])
-            entry["separate"] = {k: ev_sep["summary"][k] for k in keys if k in ev_sep["summary"]}
-            entry["separate"]["per_roi"] = ev_sep["summary"]["per_roi"]
-            voxel["r__separate"] = ev_sep["r"]
-            if config.evaluate.bootstrap > 0:
-                res = paired_bootstrap(ds.test.responses, sep[s.name].predictions[s.name]["test"],
-                                       joint.predictions[s.name]["test"], n_boot=config.evaluate.bootstrap,
-                                       seed=config.seed, noise_ceiling=ds.noise_ceiling, roi_masks=ds.roi_masks)
-                entry["joint_vs_separate"] = _flatten_comparison(res)
-        per[s.name] = entry
-        write_json(out_dir / "subjects" / f"{s.name}.json", entry)
-        np.savez_compressed(out_dir / "subjects" / f"{s.name}_voxel_r.npz", **voxel)
-    modes = ["joint", *(["separate"] if separate else [])]
-    summary: dict[str, Any] = {
-        "subjects": per,
-        "mean": {m: {"mean_r": float(np.mean([per[n][m]["mean_r"] for n in per]))} for m in modes},
-        "lambda_align": config.model.lambda_align,
-        "core": {"kind": config.multisubject.core, "dim": config.multisubject.core_dim},
-        "stage2_epochs": config.train.stage2.epochs,
-        "seconds": seconds,
-    }
-    write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(summary_table(summary), encoding="utf-8")
-    return summary
-
-
-def summary_table(summary: dict[str, Any]) -> str:
-    """Markdown table of :func:`run_multisubject`'s summary: one row per subject, mean r of each mode and the
-    joint − separate difference with its bootstrap CI and p."""
-    separate = any("separate" in e for e in summary["subjects"].values())
-    header = ["subject", "n_train", "n_voxels", "joint mean r"]
-    if separate:
-        header += ["separate mean r", "Δ (joint − separate)", "95% CI", "p", "improved %"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-
-    def f(x: Any, d: int = 3, signed: bool = False) -> str:
-        if x is None or not np.isfinite(x):
-            return "-"
-        return f"{x:+.{d}f}" if signed else f"{x:.{d}f}"
-
-    for name, e in summary["subjects"].items():
-        cells = [name, str(e["n_train"]), str(e["n_voxels"]), f(e["joint"]["mean_r"])]
-        if separate:
-            c = e.get("joint_vs_separate")
-            cells.append(f(e["separate"]["mean_r"]))
-            if c is not None:
-                cells += [f(c["diff"], 4, True), f"[{f(c['ci_low'], 4, True)}, {f(c['ci_high'], 4, True)}]",
-                          f"{c['p_value']:.3g}", f(100 * c["fraction_improved"], 1)]
-            else:
-                cells += [f(e["joint"]["mean_r"] - e["separate"]["mean_r"], 4, True), "", "", ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    mean = summary["mean"]
-    cells = ["**mean**", "", "", f(mean["joint"]["mean_r"])]
-    if separate:
-        cells += [f(mean["separate"]["mean_r"]), f(mean["joint"]["mean_r"] - mean["separate"]["mean_r"], 4, True),
-                  "", "", ""]
-    lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-

@@ -1,0 +1,366 @@
+"""The models llmvem compares, as scikit-learn-style estimators: :class:`RidgeEncoder` and :class:`LLMVEMEncoder`.
+
+Written in the style of ``himalaya.ridge.RidgeCV``: the constructor only stores its arguments (so
+``sklearn.base.clone``, ``get_params`` and ``set_params`` work), ``fit`` validates and fits, fitted attributes end
+in ``_``, ``predict`` returns responses of shape (n_images, n_voxels) and ``score`` the per-voxel Pearson r.
+
+Besides ``fit(X, Y)``/``fit(dataset, ...)``, both estimators implement the two methods the experiment runner
+(:func:`llmvem.experiment.run_models`) calls, so it fits and evaluates any of them the same way:
+
+``fit_inputs(inputs)``
+    Fit on a :class:`~llmvem.inputs.PreparedInputs` (dataset, captions, features, backbone).
+``predict_inputs(inputs)``
+    Predictions of the ``"val"`` and ``"test"`` splits, dict of split to array (n_images, n_voxels).
+``fit_splits_`` (attribute)
+    The splits ``fit_inputs`` fitted on (so a validation score of a model fitted on ``val`` is flagged).
+
+:class:`MultiSubjectEncoder` (one model over several subjects) is fitted on a list of subjects instead
+(:func:`llmvem.multisubject.run_multisubject`).
+
+Examples
+--------
+>>> from llmvem.estimators import RidgeEncoder
+>>> ridge = RidgeEncoder(layers=["blocks.5"], cv=3).fit(features_train, Y_train)   # doctest: +SKIP
+>>> r = ridge.score(features_test, Y_test)                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from llmvem.errors import DataValidationError
+from llmvem.evaluate.metrics import pearson_r
+from llmvem.model.features import FeatureStandardizer, concat_features
+from llmvem.model.ridge import DEFAULT_ALPHAS, RidgeCV
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmvem.config import RunConfig
+    from llmvem.data.dataset import EncodingDataset
+    from llmvem.data.images import ImageCollection
+    from llmvem.embed.base import ImageBackbone
+    from llmvem.inputs import PreparedInputs
+    from llmvem.model.network import LLMVEM
+
+__all__ = ["LLMVEMEncoder", "MultiSubjectEncoder", "RidgeEncoder", "model_name"]
+
+#: Splits whose predictions ``predict_inputs`` returns.
+PREDICT_SPLITS = ("val", "test")
+
+
+def model_name(lam: float) -> str:
+    """Run-folder name of the LLM-VEM model trained with ``lambda_align = lam`` (``llmvem_lambda0.1``)."""
+    return f"llmvem_lambda{lam:g}"
+
+
+# ------------------------------------------------------------------------------------------------- ridge
+class RidgeEncoder(BaseEstimator):
+    """Voxelwise ridge on frozen features: one standardiser, then :class:`~llmvem.model.ridge.RidgeCV` with a
+    per-voxel alpha chosen by K-fold cross-validation.
+
+    Parameters
+    ----------
+    layers : sequence of str, optional
+        Layers concatenated (in this order) when ``X`` is a dict of layer to features; required then.
+    alphas : array of shape (n_alphas,), optional
+        Regularisation strengths to try; default ``llmvem.model.ridge.DEFAULT_ALPHAS`` (1e-2 ... 1e7).
+    cv : int or splitter
+        Folds of the alpha search (contiguous ``KFold(cv)`` for an int).
+    device : str
+        Device of the ridge solver (``"auto"``, ``"cpu"``, ``"cuda"``).
+    fit_splits : sequence of str
+        Splits :meth:`fit_inputs` fits on (default train + val, the baseline of ``llmvem demo``).
+    progress_bar : bool
+
+    Attributes
+    ----------
+    standardizer_ : FeatureStandardizer
+        Fitted on the training rows.
+    ridge_ : RidgeCV
+    best_alphas_ : array of shape (n_voxels,)
+    n_features_in_ : int
+    fit_splits_ : tuple of str
+        Set by :meth:`fit_inputs`.
+    """
+
+    def __init__(self, layers: Sequence[str] | None = None, alphas: Sequence[float] | np.ndarray | None = None,
+                 cv: Any = 5, device: str = "auto", fit_splits: Sequence[str] = ("train", "val"),
+                 progress_bar: bool = False):
+        self.layers = layers
+        self.alphas = alphas
+        self.cv = cv
+        self.device = device
+        self.fit_splits = fit_splits
+        self.progress_bar = progress_bar
+
+    @classmethod
+    def from_config(cls, config: RunConfig, layers: Sequence[str] | None = None) -> RidgeEncoder:
+        """The ridge baseline ``config.evaluate`` describes, on ``layers`` (default ``config.backbone.layers``)."""
+        e = config.evaluate
+        return cls(layers=list(layers or config.backbone.layers), alphas=e.ridge_alphas, cv=e.ridge_folds,
+                   device=e.ridge_device)
+
+    def _matrix(self, X: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        if isinstance(X, Mapping):
+            if not self.layers:
+                raise DataValidationError(None, "layers", "X is a dict of layer features but RidgeEncoder(layers=...)"
+                                          " is empty; name the layers to concatenate")
+            return concat_features(X, list(self.layers))
+        x = np.asarray(X, dtype=np.float32)
+        if x.ndim != 2:
+            raise DataValidationError(None, "X", f"expected an array of shape (n_images, n_features), got {x.shape}")
+        return x
+
+    def fit(self, X: np.ndarray | Mapping[str, np.ndarray], Y: np.ndarray) -> RidgeEncoder:
+        """Fit the standardiser and the ridge.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, n_features), or dict of layer to array (n_images, d_layer)
+        Y : array of shape (n_images, n_voxels)
+        """
+        x = self._matrix(X)
+        y = np.asarray(Y)
+        if y.ndim != 2 or y.shape[0] != x.shape[0]:
+            raise DataValidationError(None, "Y", f"expected shape ({x.shape[0]}, n_voxels) to match X {x.shape}, "
+                                      f"got {y.shape}")
+        self.standardizer_ = FeatureStandardizer().fit(x)
+        alphas = DEFAULT_ALPHAS if self.alphas is None else self.alphas
+        self.ridge_ = RidgeCV(alphas=alphas, cv=self.cv, device=self.device,
+                              progress_bar=self.progress_bar).fit(self.standardizer_.transform(x), y)
+        self.best_alphas_ = self.ridge_.best_alphas_
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def predict(self, X: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """Predicted responses, array of shape (n_images, n_voxels), float32."""
+        if not hasattr(self, "ridge_"):
+            raise RuntimeError("RidgeEncoder: call fit() before predict()")
+        return np.asarray(self.ridge_.predict(self.standardizer_.transform(self._matrix(X))), dtype=np.float32)
+
+    def score(self, X: np.ndarray | Mapping[str, np.ndarray], Y: np.ndarray) -> np.ndarray:
+        """Pearson r per voxel between ``Y`` (n_images, n_voxels) and the predictions, shape (n_voxels,)."""
+        return pearson_r(np.asarray(Y), self.predict(X))
+
+    def fit_inputs(self, inputs: PreparedInputs) -> RidgeEncoder:
+        """Fit on the concatenated ``fit_splits`` of prepared inputs (frozen features, responses)."""
+        ds = inputs.dataset
+        splits = tuple(s for s in self.fit_splits if s in ds.splits)
+        X = np.concatenate([self._matrix(inputs.features[s]) for s in splits])
+        Y = np.concatenate([ds.splits[s].responses for s in splits])
+        self.fit(X, Y)
+        self.fit_splits_ = splits
+        return self
+
+    def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:
+        """Predictions of the ``val`` and ``test`` splits of prepared inputs."""
+        return {s: self.predict(inputs.features[s]) for s in PREDICT_SPLITS if s in inputs.dataset.splits}
+
+
+# ------------------------------------------------------------------------------------------------ LLM-VEM
+class LLMVEMEncoder(BaseEstimator):
+    """The LLM-VEM encoding model (two-stage training of :func:`~llmvem.train.train_encoding_model`).
+
+    Parameters
+    ----------
+    config : RunConfig, optional
+        Defaults to ``RunConfig()``.
+    out_dir : path, optional
+        Training folder (checkpoints, ``model.safetensors``, ``predictions_<split>.npy``). Default: a temporary
+        folder deleted after training.
+    resume : bool
+        Continue (or reuse) the training in ``out_dir``.
+    overwrite : bool
+        Delete the trainer's previous outputs in ``out_dir``.
+    show_progress : bool
+    alignment_head : bool
+        Build the alignment head (see :func:`~llmvem.train.train_encoding_model`).
+
+    Attributes
+    ----------
+    result_ : TrainResult
+        Set by :meth:`fit` (curves, metrics, validation/test predictions); None for a loaded model.
+    network_ : LLMVEM
+    backbone_ : ImageBackbone or None
+    fit_splits_ : tuple of str
+        ``("train",)``: validation only selects the epoch.
+
+    Examples
+    --------
+    >>> enc = LLMVEMEncoder(load_config("demo")).fit(dataset, text_embeddings, backbone=backbone)  # doctest: +SKIP
+    >>> pred = enc.predict(dataset.test.images)          # array of shape (n_test, n_voxels)       # doctest: +SKIP
+    """
+
+    def __init__(self, config: RunConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False, show_progress: bool = False, alignment_head: bool = True):
+        self.config = config
+        self.out_dir = out_dir
+        self.resume = resume
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+        self.alignment_head = alignment_head
+
+    def _resolved_config(self) -> RunConfig:
+        """The configuration used (``config`` or the default one)."""
+        from llmvem.config import RunConfig
+
+        return self.config if self.config is not None else RunConfig()
+
+    def fit(self, dataset: EncodingDataset, text_embeddings: Mapping[str, np.ndarray] | None = None, *,
+            backbone: ImageBackbone | None = None, features: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+            out_dir: str | Path | None = None, overwrite: bool | None = None,
+            show_progress: bool | None = None) -> LLMVEMEncoder:
+        """Train on ``dataset`` (see :func:`~llmvem.train.train_encoding_model` for the arguments).
+
+        A dataset without a validation split gets one (``config.data.val_fraction``, seed ``config.data.seed``)
+        unless ``features`` are given (they are indexed by the dataset's own splits). Without ``backbone`` the
+        one named in ``config.backbone`` is loaded when needed. ``out_dir``, ``overwrite`` and ``show_progress``
+        override the constructor's values for this call.
+        """
+        from llmvem.train.trainer import train_encoding_model
+
+        config = self._resolved_config()
+        if dataset.val is None:
+            if features is not None:
+                raise DataValidationError(dataset.source, "splits", "features were given but the dataset has no "
+                                          "validation split; split the dataset before extracting features")
+            dataset = dataset.with_validation_split(config.data.val_fraction, config.data.seed)
+        if backbone is None and (features is None or config.train.stage2.epochs > 0):
+            from llmvem.inputs import load_config_backbone
+
+            backbone = load_config_backbone(config)
+        out = out_dir if out_dir is not None else self.out_dir
+        kwargs: dict[str, Any] = dict(text_embeddings=text_embeddings, backbone=backbone, features=features,
+                                      show_progress=self.show_progress if show_progress is None else show_progress,
+                                      alignment_head=self.alignment_head)
+        if out is None:
+            with tempfile.TemporaryDirectory(prefix="llmvem-fit-") as tmp:
+                result = train_encoding_model(config, dataset, out_dir=Path(tmp) / "run", **kwargs)
+        else:
+            result = train_encoding_model(config, dataset, out_dir=out, resume=self.resume,
+                                          overwrite=self.overwrite if overwrite is None else overwrite, **kwargs)
+        self.result_, self.network_, self.backbone_ = result, result.network, backbone
+        self.fit_splits_ = ("train",)
+        return self
+
+    def fit_inputs(self, inputs: PreparedInputs) -> LLMVEMEncoder:
+        """Train on prepared inputs; caption embeddings are used only when ``model.lambda_align > 0``."""
+        config = self._resolved_config()
+        # stage 2 fine-tunes the backbone in place: train a private copy, so the next model starts from the same
+        # frozen backbone that the cached features describe
+        backbone = copy.deepcopy(inputs.backbone) if config.train.stage2.epochs > 0 else inputs.backbone
+        text = inputs.text_embeddings if config.model.lambda_align > 0 else None
+        return self.fit(inputs.dataset, text, backbone=backbone, features=inputs.features)
+
+    def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:
+        """Predictions of the ``val`` and ``test`` splits (the trainer's, from the selected epoch, after fit)."""
+        if getattr(self, "result_", None) is not None:
+            return {s: self.result_.predictions[s] for s in PREDICT_SPLITS if s in self.result_.predictions}
+        if self._resolved_config().train.stage2.epochs > 0:
+            return {s: self.predict(inputs.dataset.splits[s].images) for s in PREDICT_SPLITS}
+        return {s: self.predict(inputs.features[s]) for s in PREDICT_SPLITS}
+
+    def _check_fitted(self) -> LLMVEM:
+        if getattr(self, "network_", None) is None:
+            raise RuntimeError("call fit() before predict()")
+        return self.network_
+
+    def predict(self, X: ImageCollection | np.ndarray | torch.Tensor | Mapping[str, np.ndarray],
+                batch_size: int = 64) -> np.ndarray:
+        """Predicted responses.
+
+        Parameters
+        ----------
+        X : ImageCollection, uint8 array of shape (n, H, W, 3), or dict of layer to array (n, d_layer)
+            Images (decoded at the backbone's input size, as in training) or precomputed backbone features
+            of the readout layers (and the maps (n, C, H, W) of the spatial layers).
+
+        Returns
+        -------
+        array of shape (n, n_voxels), float32
+        """
+        import torch
+
+        from llmvem.data.images import ImageCollection
+        from llmvem.train.tensors import load_image_tensor, predict_network, resolve_precision
+
+        network = self._check_fitted()
+        config = self._resolved_config()
+        device = next(network.parameters()).device
+        precision = resolve_precision(config.train.precision, device)
+        if isinstance(X, Mapping):
+            feats = {k: torch.as_tensor(np.asarray(X[k]), dtype=torch.float32)
+                     for k in network.required_layers(with_embedding=False)}
+            n = len(next(iter(feats.values())))
+            return predict_network(network, n, device, features=feats, batch_size=batch_size, precision=precision)
+        if network.backbone is None:
+            raise RuntimeError("this model was fitted on features without a backbone; pass features to predict()")
+        if isinstance(X, ImageCollection):
+            images = load_image_tensor(X, int(network.backbone.image_size), show_progress=False)
+        else:
+            images = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
+            if images.dtype != torch.uint8 or images.ndim != 4:
+                raise ValueError(f"expected uint8 images of shape (n, H, W, 3), got {images.dtype} "
+                                 f"{tuple(images.shape)}")
+        return predict_network(network, len(images), device, images=images, batch_size=batch_size,
+                               precision=precision, channels_last=config.train.channels_last)
+
+    def score(self, X: ImageCollection | np.ndarray | torch.Tensor | Mapping[str, np.ndarray],
+              y: np.ndarray) -> np.ndarray:
+        """Pearson r between ``y`` (n, n_voxels) and the predictions for ``X``, per voxel, shape (n_voxels,)."""
+        return pearson_r(y, self.predict(X))
+
+
+# ------------------------------------------------------------------------------------------ multi-subject
+class MultiSubjectEncoder(BaseEstimator):
+    """Several subjects trained as one model (:func:`~llmvem.train.multisubject.train_multisubject`): a shared
+    backbone and core, one readout per subject; one subject is "separate" training.
+
+    Parameters
+    ----------
+    config : RunConfig
+    out_dir : path, optional
+        Training folder (default: a temporary folder deleted after training).
+    resume, overwrite, show_progress : bool
+        As for :class:`LLMVEMEncoder`.
+
+    Attributes
+    ----------
+    result_ : MultiSubjectResult
+    predictions_ : dict of subject to dict of split to array of shape (n_images, n_voxels_subject)
+        ``"val"`` and ``"test"`` predictions of every subject.
+    """
+
+    def __init__(self, config: RunConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False, show_progress: bool = False):
+        self.config = config
+        self.out_dir = out_dir
+        self.resume = resume
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+
+    def fit(self, subjects: Sequence[Any], backbone: ImageBackbone | None = None) -> MultiSubjectEncoder:
+        """Train on ``subjects`` (sequence of :class:`~llmvem.train.multisubject.SubjectData`); ``backbone`` is
+        needed for stage 2 (it is deep-copied, never changed)."""
+        from llmvem.config import RunConfig
+        from llmvem.train.multisubject import train_multisubject
+
+        if not subjects:
+            raise DataValidationError(None, "subjects", "expected at least one subject to train on")
+        config = self.config if self.config is not None else RunConfig()
+        kwargs: dict[str, Any] = dict(resume=self.resume, overwrite=self.overwrite, show_progress=self.show_progress)
+        if self.out_dir is None:
+            with tempfile.TemporaryDirectory(prefix="llmvem-multi-") as tmp:
+                self.result_ = train_multisubject(config, list(subjects), backbone, Path(tmp) / "run", **kwargs)
+        else:
+            self.result_ = train_multisubject(config, list(subjects), backbone, self.out_dir, **kwargs)
+        self.predictions_ = self.result_.predictions
+        return self

@@ -1,0 +1,299 @@
+"""The one experiment runner: fit named estimators, predict, evaluate on test, bootstrap, write the run folder once.
+
+:func:`run_models` is what ``llmvem demo``/``run`` (:func:`llmvem.pipeline.run_experiment`), the caption-source
+ablation (:func:`llmvem.ablation.run_ablation`) and the benchmarks call. It takes a dict of
+:class:`ModelSpec` (an estimator of :mod:`llmvem.estimators` plus its label) and writes::
+
+    config.yaml  versions.json  metrics.json  voxel_metrics.npz  lambda_curve.json  gallery.json  gallery/
+    models/<name>/   (the trainer's folder, or predictions_val.npy / predictions_test.npy of models without one)
+
+``metrics.json`` holds, per model, the test summary (mean/median r, accuracy, per ROI) and the **validation**
+mean r (``val_mean_r``, with ``val_in_fit`` true when the model was fitted on the validation split, as the ridge
+baseline is), and the paired bootstrap comparisons (λ = 0 against every LLM-VEM model, ridge against all).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmvem.config import RunConfig, save_config
+from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
+from llmvem.estimators import model_name
+from llmvem.inputs import PreparedInputs
+from llmvem.utils import prepare_run_folder, seed_everything, write_json
+
+__all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary", "default_pairs",
+           "fit_predict", "flatten_comparison", "run_models", "versions", "write_gallery"]
+
+log = logging.getLogger(__name__)
+
+#: What an experiment writes in its folder (``overwrite`` removes exactly these).
+EXPERIMENT_OUTPUTS = ("config.yaml", "versions.json", "metrics.json", "voxel_metrics.npz", "lambda_curve.json",
+                      "gallery.json", "gallery", "models", "report", "extra_sections")
+
+
+@dataclass
+class ModelSpec:
+    """One model of an experiment.
+
+    Attributes
+    ----------
+    estimator : RidgeEncoder, LLMVEMEncoder or any object with ``fit_inputs``/``predict_inputs``
+        Cloned before fitting (``sklearn.base.clone``); one with an ``out_dir`` parameter trains into
+        ``models/<name>/`` and writes its own predictions there.
+    label : str
+        Human-readable name (tables, report).
+    kind : str
+        ``"ridge"``, ``"llmvem"``, ``"caption_source"``...
+    lam : float, optional
+        λ of an LLM-VEM model (its point on the λ curve); None for other models.
+    inputs : PreparedInputs, optional
+        What this model is fitted on, when it differs from the experiment's (another caption source).
+    """
+
+    estimator: Any
+    label: str
+    kind: str = "llmvem"
+    lam: float | None = None
+    inputs: PreparedInputs | None = None
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_models` returns: ``metrics`` (the content of ``metrics.json``), ``predictions``
+    ({name: {split: array (n_images, n_voxels)}}) and the fitted ``estimators``."""
+
+    metrics: dict[str, Any]
+    predictions: dict[str, dict[str, np.ndarray]]
+    estimators: dict[str, Any]
+
+
+def versions(seed: int) -> dict[str, Any]:
+    """Python, platform, seed and versions of the packages a run depends on (``versions.json``)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "seed": seed}
+    for pkg in ("llmvem", "torch", "timm", "transformers", "sentence-transformers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def flatten_comparison(res: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~llmvem.evaluate.stats.paired_bootstrap` output → the comparison record of ``metrics.json``
+    (metric mean_r: diff, ci_low, ci_high, p_value, fraction_improved, a_value, b_value, [accuracy], per_roi)."""
+
+    def record(group: dict[str, Any]) -> dict[str, Any]:
+        r = group["r"]
+        rec = {"diff": r["diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"],
+               "fraction_improved": group["fraction_improved"], "a_value": r["a"], "b_value": r["b"]}
+        if "accuracy" in group:
+            rec["accuracy"] = group["accuracy"]
+        return rec
+
+    return {"metric": "mean_r", **record(res["overall"]),
+            "per_roi": {roi: record(g) for roi, g in res["per_roi"].items()}}
+
+
+def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Comparisons (a, b) of an experiment: LLM-VEM λ = 0 against every other LLM-VEM model, then ridge against
+    every other model (b − a is reported)."""
+    base = model_name(0.0)
+    pairs: list[tuple[str, str]] = []
+    if base in names:
+        pairs += [(base, n) for n in names if n not in (base, "ridge")]
+    if "ridge" in names:
+        pairs += [("ridge", n) for n in names if n != "ridge"]
+    return pairs
+
+
+def dataset_summary(ds: EncodingDataset) -> dict[str, Any]:
+    """The ``dataset`` record of ``metrics.json``: name, split sizes, voxels and ROI sizes."""
+    return {"name": ds.name, **{f"n_{s}": len(ds.splits[s]) for s in SPLIT_NAMES if s in ds.splits},
+            "n_voxels": ds.n_voxels, "rois": {k: int(v.sum()) for k, v in ds.roi_masks.items()}}
+
+
+def write_gallery(out_dir: Path, inputs: PreparedInputs, caption_columns: Mapping[str, list[list[str]]] | None = None,
+                  n: int = 8) -> None:
+    """Thumbnails of ``n`` test images (``gallery/``) and their captions per source (``gallery.json``).
+
+    ``caption_columns`` maps a column label to the captions of every test image; default: the inputs' captions
+    (labelled by backend and model) plus the dataset's own captions when they differ.
+    """
+    ds = inputs.dataset
+    folder = out_dir / "gallery"
+    folder.mkdir(parents=True, exist_ok=True)
+    test = ds.test
+    own = caption_columns is None
+    if caption_columns is None:
+        caption_columns = {f"{inputs.caption_info['backend']}: {inputs.caption_info['model_id']}":
+                           inputs.captions["test"]}
+    entries = []
+    for i in np.linspace(0, len(test) - 1, min(n, len(test))).astype(int):
+        img = test.images.load(int(i))
+        img.thumbnail((160, 160))
+        name = f"img{int(i):04d}.png"
+        img.save(folder / name)
+        sources = {label: caps[int(i)] for label, caps in caption_columns.items()}
+        truth = ds.captions.get(test.images.ids[int(i)])
+        if own and truth and inputs.caption_info["backend"] != "dataset":
+            sources["dataset"] = truth
+        entries.append({"image": f"gallery/{name}", "id": test.images.ids[int(i)], "captions": sources})
+    write_json(out_dir / "gallery.json", entries)
+
+
+def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_dir: Path | None = None,
+                resume: bool = False, say: Callable[[str], None] | None = None,
+                timing: dict[str, float] | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Clone, fit and predict every model (``val`` and ``test``), in order.
+
+    An estimator with an ``out_dir`` parameter trains into ``models_dir / name`` (with ``resume``: a finished
+    training there is reused). Returns (predictions {name: {split: array (n, n_voxels)}}, fitted estimators);
+    ``timing[name]`` gets the seconds of each model.
+    """
+    from sklearn.base import clone
+
+    say = say or log.info
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    fitted: dict[str, Any] = {}
+    for name, spec in models.items():
+        est = clone(spec.estimator)
+        if models_dir is not None and "out_dir" in est.get_params():
+            est.set_params(out_dir=models_dir / name, resume=resume)
+        say(f"fitting {spec.label}")
+        t = time.perf_counter()
+        own = spec.inputs or inputs
+        predictions[name] = est.fit_inputs(own).predict_inputs(own)
+        fitted[name] = est
+        if timing is not None:
+            timing[name] = time.perf_counter() - t
+    return predictions, fitted
+
+
+def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions: dict[str, dict[str, np.ndarray]],
+              fitted: Mapping[str, Any], pairs: Sequence[tuple[str, str]], n_boot: int, seed: int
+              ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[dict[str, Any]]]:
+    from llmvem.evaluate.metrics import evaluate_predictions, pearson_r
+    from llmvem.evaluate.stats import paired_bootstrap
+
+    y = ds.test.responses
+    records: dict[str, Any] = {}
+    voxel: dict[str, np.ndarray] = {}
+    for name, preds in predictions.items():
+        ev = evaluate_predictions(y, preds["test"], ds.noise_ceiling, ds.roi_masks, ds.hemisphere)
+        spec = models[name]
+        val = None
+        if "val" in preds and ds.val is not None and ds.val.responses is not None:
+            val = float(np.nanmean(pearson_r(ds.val.responses, preds["val"])))
+        records[name] = {"label": spec.label, "kind": spec.kind, "lambda": spec.lam, **ev["summary"],
+                         "val_mean_r": val, "val_in_fit": "val" in getattr(fitted[name], "fit_splits_", ())}
+        voxel[f"r__{name}"] = ev["r"]
+        if ev["accuracy"] is not None:
+            voxel[f"accuracy__{name}"] = ev["accuracy"]
+    comparisons = []
+    for a, b in pairs if n_boot > 0 else ():
+        res = paired_bootstrap(y, predictions[a]["test"], predictions[b]["test"], n_boot=n_boot, seed=seed,
+                               noise_ceiling=ds.noise_ceiling, roi_masks=ds.roi_masks)
+        comparisons.append({"a": a, "b": b, **flatten_comparison(res)})
+    return records, voxel, comparisons
+
+
+def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], PreparedInputs], models: Mapping[str, ModelSpec], out_dir: str | Path, *,
+               resume: bool = False, overwrite: bool = False, outputs: Sequence[str] = EXPERIMENT_OUTPUTS,
+               pairs: Sequence[tuple[str, str]] | None = None, caption_info: Any = None,
+               caption_columns: Mapping[str, list[list[str]]] | Callable[[], Mapping] | None = None,
+               extra_stages: Sequence[tuple[str, str, Callable[[PreparedInputs], None]]] = (),
+               say: Callable[[str], None] | None = None, timing: dict[str, float] | None = None,
+               started: float | None = None) -> ExperimentResult:
+    """Fit every model, evaluate on the test split, bootstrap, and write the run folder (once).
+
+    Parameters
+    ----------
+    config : RunConfig
+        Saved as ``config.yaml``; ``seed`` and ``evaluate.bootstrap`` are used.
+    inputs : PreparedInputs or callable returning one
+        A callable is called after the run folder is accepted (so a refused folder fails before any work);
+        its ``timing`` is recorded.
+    models : dict of name to ModelSpec
+        In table order; names become ``models/<name>/``.
+    out_dir : path
+        Refused if it is used, unless ``resume`` (finished trainings are reused) or ``overwrite`` (removes only
+        ``outputs``).
+    pairs : sequence of (a, b), optional
+        Bootstrap comparisons; default :func:`default_pairs`.
+    caption_info : optional
+        The ``captions`` record of ``metrics.json`` (default ``inputs.caption_info``); a callable is called
+        after the inputs are prepared.
+    caption_columns : dict or callable returning one, optional
+        Gallery caption columns (see :func:`write_gallery`).
+    extra_stages : sequence of (timing key, message, callable(inputs))
+        Run (and timed) after the models are written and before ``metrics.json`` (e.g. text-to-brain sections).
+    timing : dict, optional
+        Seconds of earlier stages (input preparation), recorded in ``metrics.json``.
+    started : float, optional
+        ``time.perf_counter()`` at the start of the whole run (default: now).
+
+    Returns
+    -------
+    ExperimentResult
+    """
+    t0 = started if started is not None else time.perf_counter()
+    out_dir = Path(out_dir)
+    prepare_run_folder(out_dir, resume, overwrite, outputs=outputs)
+    say = say or log.info
+    seed_everything(config.seed)
+    save_config(config, out_dir / "config.yaml")
+    write_json(out_dir / "versions.json", versions(config.seed))
+    if callable(inputs):
+        inputs = inputs()
+    timing = {**inputs.timing, **(timing or {})}
+    ds = inputs.dataset
+
+    predictions, fitted = fit_predict(models, inputs, out_dir / "models", resume, say, timing)
+
+    say("evaluating on the test split")
+    t = time.perf_counter()
+    pairs = default_pairs(list(models)) if pairs is None else pairs
+    records, voxel, comparisons = _evaluate(ds, models, predictions, fitted, pairs, config.evaluate.bootstrap,
+                                            config.seed)
+    timing["evaluate"] = time.perf_counter() - t
+    optional = {"noise_ceiling": ds.noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
+    np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel, **{k: v for k, v in optional.items() if v is not None},
+                        **{f"roi__{k}": v for k, v in ds.roi_masks.items()})
+    for name, preds in predictions.items():
+        if "out_dir" in fitted[name].get_params():
+            continue  # the trainer already wrote predictions_<split>.npy into models/<name>/
+        folder = out_dir / "models" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, p in preds.items():
+            np.save(folder / f"predictions_{split}.npy", np.asarray(p, dtype=np.float32))
+    curve = [{"lambda": spec.lam, "model": n, "mean_r": records[n]["mean_r"],
+              "per_roi": {roi: v["mean_r"] for roi, v in records[n]["per_roi"].items()}}
+             for n, spec in models.items() if spec.lam is not None]
+    write_json(out_dir / "lambda_curve.json", sorted(curve, key=lambda c: c["lambda"]))
+    write_gallery(out_dir, inputs, caption_columns() if callable(caption_columns) else caption_columns)
+    for key, message, stage in extra_stages:
+        say(message)
+        t = time.perf_counter()
+        stage(inputs)
+        timing[key] = time.perf_counter() - t
+    metrics = {
+        "dataset": dataset_summary(ds),
+        "models": records,
+        "comparisons": comparisons,
+        "captions": inputs.caption_info if caption_info is None else
+        caption_info() if callable(caption_info) else caption_info,
+        "timing": {"total_s": time.perf_counter() - t0, "stages": timing},
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    return ExperimentResult(metrics, predictions, fitted)

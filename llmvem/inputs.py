@@ -1,0 +1,196 @@
+"""From a configuration to the objects every model is fitted on, each stage cached on disk.
+
+:func:`prepare_inputs` turns a :class:`~llmvem.config.RunConfig` into a :class:`PreparedInputs`: the dataset with
+a validation split, captions from the SQLite caption store, caption embeddings (cached ``.npy``), the image
+backbone and its frozen features (the HDF5 feature cache). The smaller functions build one object each
+(``load_config_dataset``, ``build_captioner``, ``load_config_backbone``...), for the trainer, the explain sections,
+the benchmarks and the CLI. This module imports nothing from ``train``, ``explain`` or ``experiment``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmvem.config import RunConfig
+from llmvem.data import load_dataset
+from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
+from llmvem.embed.base import ImageBackbone
+from llmvem.utils import stable_hash
+
+__all__ = ["PreparedInputs", "build_captioner", "cache_root", "caption_dataset", "embed_captions",
+           "extract_split_features", "load_config_backbone", "load_config_dataset", "prepare_inputs",
+           "shuffle_caption_sets"]
+
+
+@dataclass
+class PreparedInputs:
+    """Everything the models are fitted on.
+
+    Attributes
+    ----------
+    dataset : EncodingDataset
+        With ``train``, ``val`` and ``test`` splits.
+    captions : dict of split to list of list of str
+        Captions of each image, in split order.
+    caption_info : dict
+        Backend, model id and config hash of the captions.
+    text_embeddings : dict of split to array of shape (n_images, text_dim)
+        One L2-normalised embedding per image (mean over its captions).
+    backbone : ImageBackbone
+    features : dict of split to dict of layer to array of shape (n_images, d_layer)
+    timing : dict of stage to seconds
+    """
+
+    dataset: EncodingDataset
+    captions: dict[str, list[list[str]]]
+    caption_info: dict[str, Any]
+    text_embeddings: dict[str, np.ndarray]
+    backbone: ImageBackbone
+    features: dict[str, dict[str, np.ndarray]]
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def cache_root(config: RunConfig) -> Path:
+    """The cache folder of ``config`` (captions store, feature cache, text embeddings), created if needed."""
+    path = Path(config.cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_config_dataset(config: RunConfig) -> EncodingDataset:
+    """The dataset ``config.data`` describes, with its validation split carved."""
+    d = config.data
+    options = dict(d.loader_options)
+    if d.spec == "virtual" or d.spec.startswith("virtual:"):
+        options = {"n_train": d.n_train, "n_test": d.n_test, "image_size": d.image_size, **options}
+    # ``seed`` seeds both the loader (virtual brain generator) and the validation split.
+    return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
+
+
+def build_captioner(config: RunConfig, dataset: EncodingDataset):
+    """The captioner ``config.captions`` describes."""
+    from llmvem.captions import make_captioner
+
+    c = config.captions
+    return make_captioner(c.backend, dataset=dataset, model=c.model, prompt=c.prompt, max_new_tokens=c.max_new_tokens,
+                          base_urls=c.base_urls, api_key_env=c.api_key_env, max_in_flight=c.max_in_flight,
+                          captions_file=c.captions_file, device=c.device)
+
+
+def caption_dataset(config: RunConfig, dataset: EncodingDataset, show_progress: bool = True,
+                    captioner: Any = None) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+    """Caption every image of ``dataset`` into the store (skipping what is done) and read the captions back."""
+    from llmvem.captions.run import run_captioning
+    from llmvem.captions.store import CaptionStore
+
+    captioner = captioner or build_captioner(config, dataset)
+    store_path = Path(config.captions.store).expanduser() if config.captions.store else cache_root(config) / "captions.sqlite"
+    with CaptionStore(store_path) as store:
+        summary = run_captioning(dataset.all_images(), captioner, store, batch_size=config.captions.batch_size,
+                                 show_progress=show_progress)
+        if summary.failed:
+            from llmvem.errors import CaptionError
+
+            raise CaptionError(f"{summary.failed} images could not be captioned (first: {summary.failed_ids[:5]});"
+                               f" finished captions are kept in {store_path}; rerun to retry")
+        config_hash = captioner.config_hash
+        captions = {s: store.get_for(dataset.splits[s].images, config_hash) for s in dataset.splits}
+    info = {"backend": captioner.backend, "model_id": captioner.model_id, "config_hash": config_hash,
+            "store": str(store_path)}
+    if config.captions.shuffle:  # control condition: caption sets permuted across the images of each split
+        captions = shuffle_caption_sets(captions, config.captions.shuffle_seed)
+        info["shuffled"] = True
+        info["shuffle_seed"] = config.captions.shuffle_seed
+    return captions, info
+
+
+def shuffle_caption_sets(captions: dict[str, list[list[str]]], seed: int) -> dict[str, list[list[str]]]:
+    """The caption sets permuted across the images of each split (the shuffled-captions control).
+
+    Each split (drawn in ``train``, ``val``, ``test`` order from one generator) gets its own uniform random
+    permutation, so an image receives the caption set of a random image of the same split (its own with
+    probability 1/n); the caption sets of every split are unchanged as a multiset.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[list[str]]] = {}
+    for split in [s for s in SPLIT_NAMES if s in captions]:
+        perm = rng.permutation(len(captions[split]))
+        out[split] = [list(captions[split][int(j)]) for j in perm]
+    return out
+
+
+def embed_captions(config: RunConfig, captions: dict[str, list[list[str]]], show_progress: bool = True
+                   ) -> dict[str, np.ndarray]:
+    """Caption embeddings per split, cached as ``.npy`` keyed by the encoder and the caption texts."""
+    from llmvem.embed.text import load_text_encoder
+
+    key = stable_hash({"encoder": config.text.encoder, "policy": config.text.long_policy,
+                       "captions": {s: captions[s] for s in sorted(captions)}})
+    folder = cache_root(config) / "text_embeddings"
+    out: dict[str, np.ndarray] = {}
+    paths = {s: folder / f"{key}_{s}.npy" for s in captions}
+    if all(p.exists() for p in paths.values()):
+        return {s: np.load(p, allow_pickle=False) for s, p in paths.items()}
+    encoder = load_text_encoder(config.text.encoder, device=config.text.device, long_policy=config.text.long_policy)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, caps in captions.items():
+        emb = encoder.encode_caption_sets(caps, batch_size=config.text.batch_size, show_progress=show_progress)
+        out[split] = emb.astype(np.float32)
+        tmp = paths[split].with_suffix(".tmp.npy")
+        np.save(tmp, out[split])
+        tmp.replace(paths[split])
+    return out
+
+
+def load_config_backbone(config: RunConfig) -> ImageBackbone:
+    """The image backbone ``config.backbone`` describes."""
+    from llmvem.embed.image import load_backbone
+
+    b = config.backbone
+    return load_backbone(b.name, pretrained=b.pretrained, weights=b.weights, image_size=b.image_size)
+
+
+def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone: ImageBackbone,
+                           layers: Sequence[str] | None = None, show_progress: bool = True
+                           ) -> dict[str, dict[str, np.ndarray]]:
+    """Frozen backbone features of every split (from the HDF5 feature cache when already computed)."""
+    from llmvem.embed.cache import FeatureCache, extract_features
+
+    layers = list(layers or config.backbone.layers)
+    if "pooled" not in layers:  # the alignment head reads the pooled embedding
+        layers.append("pooled")
+    cache = FeatureCache(cache_root(config) / "features.h5")
+    return {
+        split: extract_features(dataset.splits[split].images, backbone, layers=layers, cache=cache,
+                                batch_size=config.backbone.batch_size, device=config.backbone.device,
+                                dtype=config.backbone.feature_dtype, show_progress=show_progress)
+        for split in dataset.splits
+    }
+
+
+def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: EncodingDataset | None = None,
+                   ) -> PreparedInputs:
+    """Dataset → captions → caption embeddings → backbone features, each stage cached."""
+    timing: dict[str, float] = {}
+    t = time.perf_counter()
+    dataset = dataset if dataset is not None else load_config_dataset(config)
+    if dataset.val is None:
+        dataset = dataset.with_validation_split(config.data.val_fraction, config.data.seed)
+    timing["data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    captions, caption_info = caption_dataset(config, dataset, show_progress)
+    timing["captions"] = time.perf_counter() - t
+    t = time.perf_counter()
+    text_embeddings = embed_captions(config, captions, show_progress)
+    timing["text_embeddings"] = time.perf_counter() - t
+    t = time.perf_counter()
+    backbone = load_config_backbone(config)
+    features = extract_split_features(config, dataset, backbone, show_progress=show_progress)
+    timing["image_features"] = time.perf_counter() - t
+    return PreparedInputs(dataset, captions, caption_info, text_embeddings, backbone, features, timing)
