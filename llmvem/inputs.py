@@ -159,10 +159,13 @@ def load_config_backbone(config: RunConfig) -> ImageBackbone:
 def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone: ImageBackbone,
                            layers: Sequence[str] | None = None, show_progress: bool = True
                            ) -> dict[str, dict[str, np.ndarray]]:
-    """Frozen backbone features of every split (from the HDF5 feature cache when already computed)."""
+    """Frozen backbone features of every split (from the HDF5 feature cache when already computed); with a
+    spatial readout (``model.spatial_readout``) also the maps of ``backbone.spatial_layers``."""
     from llmvem.embed.cache import FeatureCache, extract_features
 
     layers = list(layers or config.backbone.layers)
+    if config.model.spatial_readout != "none":
+        layers += [k for k in config.backbone.spatial_layers if k not in layers]
     if "pooled" not in layers:  # the alignment head reads the pooled embedding
         layers.append("pooled")
     cache = FeatureCache(cache_root(config) / "features.h5")
