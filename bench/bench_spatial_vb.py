@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     boot = paired_bootstrap(ds.test.responses, runs["pooled"]["pred_test"], runs[best]["pred_test"],
                             n_boot=args.n_boot, seed=0, roi_masks=masks)
 
-    print(f"\nvirtual brain 500/100, EfficientNet-Lite0 {config.backbone.layers}, λ = 0, stage 1 only; "
+    print(f"\nvirtual brain {config.data.n_train}/{config.data.n_test}, {config.backbone.name} {config.backbone.layers}, "
+          f"λ = 0, stage 1 only; "
           f"features {feat_s:.0f} s\n")
     print("| readout | val r | test r all | test r early visual | test r semantic | stage 1 s | epochs | s/epoch |")
     print("|---|---|---|---|---|---|---|---|")
