@@ -21,6 +21,7 @@ from llmvem.config import RunConfig
 from llmvem.data import load_dataset
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
+from llmvem.errors import DataValidationError
 from llmvem.utils import stable_hash
 
 __all__ = ["PreparedInputs", "build_captioner", "cache_root", "caption_dataset", "embed_captions",
@@ -70,7 +71,14 @@ def load_config_dataset(config: RunConfig) -> EncodingDataset:
     if d.spec == "virtual" or d.spec.startswith("virtual:"):
         options = {"n_train": d.n_train, "n_test": d.n_test, "image_size": d.image_size, **options}
     # ``seed`` seeds both the loader (virtual brain generator) and the validation split.
-    return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
+    try:
+        return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
+    except DataValidationError as exc:  # name the config key, not the loader's argument
+        key = exc.field.removeprefix("option ")
+        if exc.source not in ("<in memory>", d.spec) or key not in {*options, "seed", "val_fraction"}:
+            raise
+        where = f"data.loader_options.{key}" if key in d.loader_options else f"data.{key}"
+        raise DataValidationError(f"config key {where}", f"dataset {d.spec}", exc.problem) from exc
 
 
 def build_captioner(config: RunConfig, dataset: EncodingDataset):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,10 @@ def caption(
     """Caption stimulus images into a crash-safe SQLite caption store.
 
     Finished captions are committed batch by batch: after a crash or Ctrl-C, run the same command again and only
-    the missing images are captioned. Prints a summary (done, skipped, failed); exits with code 1 when some images
-    could not be captioned (their ids are listed), 2 on bad input.
+    the missing images are captioned. Several processes may caption into one store at once (e.g. one per server):
+    they claim disjoint images and share the work; a killed worker's images are taken over. Prints a summary
+    (done by this process, skipped, failed); exits with code 1 when some images could not be captioned (their ids
+    are listed), 2 on bad input.
     """
     show = use_progress(progress)
     from llmvem.captions import CaptionStore, make_captioner, run_captioning
@@ -69,6 +71,8 @@ def caption(
 
     if (dataset is None) == (images_dir is None):
         raise ConfigError("give either a dataset spec or --images DIR (not both)")
+    check_output_file(store_path, "--store")
+    check_output_file(export, "--export", (".csv", ".json"))
     ds = None
     if images_dir is not None:
         from llmvem.data.images import FileImages, list_image_files
@@ -91,17 +95,21 @@ def caption(
         backend, model=model, prompt=prompt, max_new_tokens=max_new_tokens, base_urls=base_urls,
         api_key_env=api_key_env, max_in_flight=max_in_flight, captions_file=captions_file, dataset=ds,
         device=device, dtype=dtype, timeout_s=timeout, max_retries=max_retries)
-    typer.echo(f"captioning {len(images)} images of {label} with {captioner.model_id} ({captioner.backend} "
-               f"backend, config {captioner.config_hash}) into {store_path}", err=True)
+    check_servers = getattr(captioner, "check_servers", None)
     try:
+        if check_servers is not None:  # an unreachable server fails before the store is made
+            check_servers()
         with CaptionStore(store_path) as store:
+            typer.echo(f"captioning {len(images)} images of {label} with {captioner.model_id} ({captioner.backend} "
+                       f"backend, config {captioner.config_hash}) into {store_path}", err=True)
             summary = run_captioning(images, captioner, store, batch_size=batch_size, show_progress=show)
             if export is not None:
                 store.export(export, summary.config_hash)
     finally:
         captioner.close()
 
-    typer.echo(f"done: {summary.done}, skipped (already stored): {summary.skipped}, failed: {summary.failed} "
+    others = f", left to other workers: {summary.others}" if summary.others else ""
+    typer.echo(f"done: {summary.done}, skipped (already stored): {summary.skipped}, failed: {summary.failed}{others} "
                f"of {summary.n_images} images in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s)")
     typer.echo(f"store: {store_path}  captioner config: {summary.config_hash}")
     if summary.truncated:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,10 @@ def embed(
     use_progress(progress)
     if not text and not images:
         text = images = True
+    if text:
+        check_output_file(text_out, "--text-out", (".npz",))
+    if images:
+        check_output_file(cache.expanduser(), "--cache")
     ds = load_dataset(dataset)
     summary: dict[str, object] = {"dataset": ds.name}
     if images:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 _PREDICT_EXAMPLES = """\b
 Examples:
@@ -110,6 +110,10 @@ def predict(
                           "(or --fit-readouts)")
     if images is not None and out is None:
         raise ConfigError("--images needs --out FILE.h5 for the predicted responses")
+    blank = [k for k, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ConfigError(f"--text: text {blank[0] + 1} is empty; expected words to predict responses to")
+    check_output_file(out, "--out")
     model_dir = resolve_model_dir(run, model)
 
     if fit_readouts:

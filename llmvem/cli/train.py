@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, new_output_folder, progress_option, use_progress
+from llmvem.errors import DiskFullError, is_disk_full
 
 _EXAMPLES = """\b
 Examples:
@@ -36,22 +37,28 @@ def train(
     cache_dir). Under torchrun every process runs this command; only rank 0 writes and prints.
     """
     from llmvem.config import apply_overrides, load_config
+
+    show = use_progress(progress)
+    cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
     from llmvem.inputs import prepare_inputs
     from llmvem.train import prepare_run_folder, train_encoding_model
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
-    show = use_progress(progress)
-    cfg = apply_overrides(load_config(config), overrides)
     info = setup_distributed(cfg.train.device)
     try:
-        if info.is_main:  # refuse a used folder before the (slow) input preparation
-            prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        inputs = prepare_inputs(cfg, show_progress=show and info.is_main)
-        lam = cfg.model.lambda_align
-        result = train_encoding_model(cfg, inputs.dataset,
-                                      text_embeddings=inputs.text_embeddings if lam > 0 else None,
-                                      backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                      resume=resume, overwrite=overwrite, show_progress=show)
+        with new_output_folder(out):
+            if info.is_main:  # refuse a used folder before the (slow) input preparation
+                prepare_run_folder(out, resume=resume, overwrite=overwrite)
+            inputs = prepare_inputs(cfg, show_progress=show and info.is_main)
+            lam = cfg.model.lambda_align
+            result = train_encoding_model(cfg, inputs.dataset,
+                                          text_embeddings=inputs.text_embeddings if lam > 0 else None,
+                                          backbone=inputs.backbone, features=inputs.features, out_dir=out,
+                                          resume=resume, overwrite=overwrite, show_progress=show)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, "the run folder (checkpoints, predictions)") from exc
+        raise
     finally:
         cleanup_distributed(info)
     if info.is_main:
