@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmvem.errors import ConfigError, quote, shorten
 
@@ -151,6 +151,9 @@ class ModelConfig(_Section):
     ``pca_components`` = None uses ``min(2048, n_train, n_voxels)``. ``voxel_loss`` = ``"pca"`` computes the MSE
     between predicted and true PCA scores instead of voxel responses. ``align_dim`` = None projects to the text
     embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect).
+    ``spatial_readout`` reads the maps of ``backbone.spatial_layers`` (factorized masks or Gaussian positions,
+    :mod:`llmvem.model.spatial`); ``spatial_mode`` = ``"residual"`` adds it to the flat readout, ``"alone"``
+    predicts with it only. ``"none"`` is the network without spatial readout.
     """
 
     readout: Literal["pca", "linear"] = "pca"
@@ -168,6 +171,12 @@ class ModelConfig(_Section):
                                                   "features and the readouts; None = read the features directly")
     core_dim: int = Field(256, ge=1, description="units of the core (with model.core)")
     core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
+    spatial_readout: Literal["none", "factorized", "gaussian"] = Field(
+        "none", description="spatial readout on the maps of backbone.spatial_layers")
+    spatial_mode: Literal["residual", "alone"] = Field(
+        "residual", description="flat (PCA) readout + spatial residual, or the spatial readout alone")
+    spatial_l1: float = Field(0.0, ge=0.0, description="sparsity penalty of the spatial readout")
+    spatial_smoothness: float = Field(0.0, ge=0.0, description="smoothness penalty of factorized masks")
 
 
 class StageConfig(_Section):
@@ -276,6 +285,13 @@ class RunConfig(_Section):
     align_data: AlignDataConfig = Field(default_factory=AlignDataConfig)
     seed: int = 0
     cache_dir: str = "~/.cache/llmvem"
+
+    @model_validator(mode="after")
+    def _spatial_needs_maps(self) -> RunConfig:
+        if self.model.spatial_readout != "none" and not self.backbone.spatial_layers:
+            raise ValueError(f"model.spatial_readout = {self.model.spatial_readout!r} needs maps: set "
+                             "backbone.spatial_layers, e.g. ['block5@grid7']")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -338,7 +338,7 @@ class LLMVEMEncoder(BaseEstimator):
         ----------
         X : ImageCollection, uint8 array of shape (n, H, W, 3), or dict of layer to array (n, d_layer)
             Images (decoded at the backbone's input size, as in training) or precomputed backbone features
-            of the readout layers.
+            of the readout layers (and the maps (n, C, H, W) of the spatial layers).
 
         Returns
         -------
@@ -354,7 +354,8 @@ class LLMVEMEncoder(BaseEstimator):
         device = next(network.parameters()).device
         precision = resolve_precision(config.train.precision, device)
         if isinstance(X, Mapping):
-            feats = {k: torch.as_tensor(np.asarray(X[k]), dtype=torch.float32) for k in network.layers}
+            feats = {k: torch.as_tensor(np.asarray(X[k]), dtype=torch.float32)
+                     for k in network.required_layers(with_embedding=False)}
             n = len(next(iter(feats.values())))
             return predict_network(network, n, device, features=feats, batch_size=batch_size, precision=precision)
         if network.backbone is None:

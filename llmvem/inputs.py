@@ -258,7 +258,11 @@ def extract_image_features(config: RunConfig, images: Any, backbone: ImageBackbo
 def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone: ImageBackbone,
                            layers: Sequence[str] | None = None, show_progress: bool = True
                            ) -> dict[str, dict[str, np.ndarray]]:
-    """Frozen backbone features of every split (from the HDF5 feature cache when already computed)."""
+    """Frozen backbone features of every split (from the HDF5 feature cache when already computed); with a
+    spatial readout (``model.spatial_readout``) also the maps of ``backbone.spatial_layers``."""
+    layers = list(layers or config.backbone.layers)
+    if config.model.spatial_readout != "none":
+        layers += [k for k in config.backbone.spatial_layers if k not in layers]
     return {split: extract_image_features(config, dataset.splits[split].images, backbone, layers, show_progress)
             for split in dataset.splits}
 

@@ -130,7 +130,7 @@ class EncodingTask(nn.Module):
     align_weights : mapping of key to float, optional
         Factor on each key's contrastive loss (default 1), e.g. the captioned-image stream's ``weight``.
     regularize : bool
-        Add the readout's L2 penalty (``model.readout_l2 > 0``).
+        Add the readout's penalty (``model.readout_l2``, ``model.spatial_l1`` or ``model.spatial_smoothness`` > 0).
     channels_last : bool
         Image mode in channels-last memory format.
     """

@@ -154,8 +154,9 @@ def _versions(config: RunConfig, info: DistInfo) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------- checks
 def _feature_layers(config: RunConfig) -> list[str]:
-    """Layers each key's features must hold: the readout layers, plus ``"pooled"`` for a head without core."""
-    layers = list(config.backbone.layers)
+    """Layers each key's features must hold: the readout layers, the spatial readout's maps, plus ``"pooled"``
+    for a head without core."""
+    layers = list(config.backbone.layers) + _map_layers(config)
     if config.model.lambda_align > 0 and config.model.core is None and EMBED_LAYER not in layers:
         layers.append(EMBED_LAYER)
     return layers
@@ -179,6 +180,13 @@ def warn_if_alignment_inert(config: RunConfig) -> None:
                     "set model.core=linear|mlp or train.stage2.epochs > 0", config.model.lambda_align)
 
 
+def _map_layers(config: RunConfig) -> list[str]:
+    """The spatial readout's map layers (``backbone.spatial_layers``; none without a spatial readout)."""
+    if config.model.spatial_readout == "none":
+        return []
+    return [k for k in config.backbone.spatial_layers if k not in config.backbone.layers]
+
+
 def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageBackbone | None,
                   world_size: int = 1, tag: bool = False, streams: Sequence[CaptionStream] = ()) -> None:
     """Validate what a training run is given; errors name the key, split, field and expectation.
@@ -194,7 +202,7 @@ def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: I
     if len(set(names)) != len(names):
         raise ConfigError(f"subject names must be unique, got {names}")
     s2 = config.train.stage2
-    dims: dict[str, int] | None = None
+    dims: dict[str, tuple[int, ...]] | None = None
     text_dims: set[int] = set()
     for s in sources:
         ds, src, t = s.dataset, s.dataset.source, f"[{s.name!r}]" if tag else ""
@@ -236,10 +244,12 @@ def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: I
                             f"{sorted(s.features[split])}); expected backbone.layers {readout_layers}"
                             + (" plus 'pooled' for the alignment head" if layer == EMBED_LAYER else ""))
                     f = np.asarray(s.features[split][layer])
-                    if f.ndim != 2 or f.shape[0] != len(ds.splits[split]):
+                    is_map = layer in config.backbone.spatial_layers and config.model.spatial_readout != "none"
+                    if f.ndim not in ((4,) if is_map else (2, 4)) or f.shape[0] != len(ds.splits[split]):
+                        want = "C, H, W" if is_map else "dim"
                         raise DataValidationError(None, f"features{t}[{split!r}][{layer!r}]",
-                                                  f"shape {f.shape}, expected ({len(ds.splits[split])}, dim)")
-            d = {k: int(np.asarray(s.features["train"][k]).shape[1]) for k in layers}
+                                                  f"shape {f.shape}, expected ({len(ds.splits[split])}, {want})")
+            d = {k: tuple(np.asarray(s.features["train"][k]).shape[1:]) for k in layers}
             if dims is not None and d != dims:
                 raise DataValidationError(None, f"features{t}", f"layer sizes {d} differ from the other "
                                           f"subjects' {dims}; all subjects must share one backbone")
@@ -297,7 +307,10 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
                    alignment_head: bool) -> LLMVEM:
     cfg = config.model
     first = keys[0].features["train"]
-    layer_dims = {k: int(first[k].shape[1]) for k in config.backbone.layers}
+    # flat layers may be grids (n, C, G, G): the flat readout reads them flattened
+    layer_dims = {k: int(np.prod(first[k].shape[1:])) for k in config.backbone.layers}
+    map_shapes = {k: tuple(int(n) for n in first[k].shape[1:]) for k in config.backbone.spatial_layers} \
+        if cfg.spatial_readout != "none" else None
     if cfg.core is not None:
         embed_dim: int | None = cfg.core_dim
     elif EMBED_LAYER in first:
@@ -312,9 +325,11 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
     network = LLMVEM.from_config(cfg, layer_dims, text_dim=text_dim, backbone=backbone,
                                  alignment=alignment_head and embed_dim is not None, seed=config.seed,
                                  embed_dim=embed_dim,
-                                 keys={k.name: (int(k.responses["train"].shape[1]), k.n["train"]) for k in brain})
+                                 keys={k.name: (int(k.responses["train"].shape[1]), k.n["train"]) for k in brain},
+                                 map_shapes=map_shapes)  # type: ignore[arg-type]
     x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in brain])
-    network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x)
+    maps = {k.name: {m: k.features["train"][m].cpu() for m in network.spatial_layers} for k in brain}
+    network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x, maps)
     return network
 
 
@@ -371,7 +386,8 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
                                  precision, config.backbone.batch_size, show) for st in streams]
         network = _build_network(config, keys, backbone, alignment_head).to(info.device)
         task = EncodingTask(network, config.model.lambda_align, {k.name: k.weight for k in keys},
-                            regularize=config.model.readout_l2 > 0, channels_last=config.train.channels_last,
+                            regularize=config.model.readout_l2 > 0 or config.model.spatial_l1 > 0
+                            or config.model.spatial_smoothness > 0, channels_last=config.train.channels_last,
                             align_weights={st.name: st.weight for st in streams})
         task.set_stage1_trainable(config.model.learn_temperature)
         engine = Engine(config, task, keys, backbone, out_dir, info, precision, fingerprint, data_identity,
