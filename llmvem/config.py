@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmvem.errors import ConfigError
+from llmvem.errors import ConfigError, quote, shorten
 
 __all__ = [
+    "AlignDataConfig",
     "BackboneConfig",
     "CaptionsConfig",
     "DataConfig",
@@ -150,6 +151,9 @@ class ModelConfig(_Section):
     ``pca_components`` = None uses ``min(2048, n_train, n_voxels)``. ``voxel_loss`` = ``"pca"`` computes the MSE
     between predicted and true PCA scores instead of voxel responses. ``align_dim`` = None projects to the text
     embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect).
+    ``spatial_readout`` reads the maps of ``backbone.spatial_layers`` (factorized masks or Gaussian positions,
+    :mod:`llmvem.model.spatial`); ``spatial_mode`` = ``"residual"`` adds it to the flat readout, ``"alone"``
+    predicts with it only. ``"none"`` is the network without spatial readout.
     """
 
     readout: Literal["pca", "linear"] = "pca"
@@ -167,6 +171,12 @@ class ModelConfig(_Section):
                                                   "features and the readouts; None = read the features directly")
     core_dim: int = Field(256, ge=1, description="units of the core (with model.core)")
     core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
+    spatial_readout: Literal["none", "factorized", "gaussian"] = Field(
+        "none", description="spatial readout on the maps of backbone.spatial_layers")
+    spatial_mode: Literal["residual", "alone"] = Field(
+        "residual", description="flat (PCA) readout + spatial residual, or the spatial readout alone")
+    spatial_l1: float = Field(0.0, ge=0.0, description="sparsity penalty of the spatial readout")
+    spatial_smoothness: float = Field(0.0, ge=0.0, description="smoothness penalty of factorized masks")
 
 
 class StageConfig(_Section):
@@ -243,6 +253,24 @@ class MultiSubjectConfig(_Section):
         "mean over subjects")
 
 
+class AlignDataConfig(_Section):
+    """Captioned images without brain data (the alignment stream): they add only the contrastive loss.
+
+    ``spec`` is a folder with ``images/`` and a caption file (``captions_file``, default the folder's
+    ``captions.csv``/``.json``/``.jsonl``/``.tsv``) as :func:`llmvem.captions.existing.read_caption_file` reads
+    it, or ``"virtual-scenes:n=2000,seed=7"``: extra virtual-brain scenes with their exact descriptions (at
+    ``data.image_size``). None = no stream. The stream's batches are interleaved with the brain batches in both
+    stages; its contrastive loss is multiplied by ``weight`` (and ``model.lambda_align``), so ``weight`` = 0 or
+    ``lambda_align`` = 0 leaves training exactly as without it.
+    """
+
+    spec: str | None = None
+    captions_file: str | None = Field(None, description="caption file of a folder spec (default: found in it)")
+    weight: float = Field(1.0, ge=0.0, description="factor on the stream's contrastive loss")
+    batch_size: int | None = Field(None, ge=2, description="batch of the stream; None = the stage's batch size")
+    max_images: int | None = Field(None, ge=2, description="use at most this many images (the first ones)")
+
+
 class RunConfig(_Section):
     """Everything that defines a run. Saved as ``config.yaml`` in every run folder."""
 
@@ -254,8 +282,16 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     multisubject: MultiSubjectConfig = Field(default_factory=MultiSubjectConfig)
+    align_data: AlignDataConfig = Field(default_factory=AlignDataConfig)
     seed: int = 0
     cache_dir: str = "~/.cache/llmvem"
+
+    @model_validator(mode="after")
+    def _spatial_needs_maps(self) -> RunConfig:
+        if self.model.spatial_readout != "none" and not self.backbone.spatial_layers:
+            raise ValueError(f"model.spatial_readout = {self.model.spatial_readout!r} needs maps: set "
+                             "backbone.spatial_layers, e.g. ['block5@grid7']")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -275,19 +311,23 @@ def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _validation_message(exc: ValidationError, source: str) -> str:
+    """One line per pydantic error, joined with "; "; every quoted value bounded (:func:`llmvem.errors.quote`)."""
     lines = []
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
-        key = _format_loc(loc)
+        key = shorten(_format_loc(loc))
         if err.get("type") == "extra_forbidden":
             known = _expected_keys(RunConfig, loc)
             hint = f"; expected one of: {', '.join(known)}" if known else ""
             lines.append(f"{source}: {key}: unknown key{hint}")
         else:
             got = err.get("input")
-            got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
-            lines.append(f"{source}: {key}: {err.get('msg')}{got_txt}")
-    return "\n".join(lines)
+            got_txt = f" (got {quote(got)})" if not isinstance(got, dict) else ""
+            lines.append(f"{source}: {key}: {shorten(str(err.get('msg')))}{got_txt}")
+        if len(lines) == 3 and len(exc.errors()) > 3:
+            lines.append(f"and {len(exc.errors()) - 3} more errors")
+            break
+    return "; ".join(lines)
 
 
 def _validate(data: Any, source: str) -> RunConfig:
@@ -311,9 +351,14 @@ def _resolve(path_or_name: str | Path) -> tuple[str, str]:
     path = Path(path_or_name)
     if path.is_file():
         try:
-            return str(path), path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+        try:
+            return str(path), data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save "
+                              "the config as UTF-8") from exc
     name = str(path_or_name)
     if path.suffix == "" and "/" not in name and name in list_shipped_configs():
         return f"llmvem/configs/{name}.yaml", (SHIPPED_CONFIGS / f"{name}.yaml").read_text(encoding="utf-8")
@@ -341,14 +386,89 @@ def load_config(path: str | Path) -> RunConfig:
         (``train.stage1.lr``) and what was expected.
     """
     source, text = _resolve(path)
+    return _validate(parse_yaml(text, source), source)
+
+
+#: Most YAML nodes a config may expand to through aliases (``*name``); a real config has a few hundred.
+MAX_YAML_NODES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys (which plain YAML resolves silently, last one wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {quote(key)} (first at line {seen[key].start_mark.line + 1}); "
+                    "each key may appear once", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node, bound: int) -> int:
+    """Nodes of the document with every alias expanded, counted on the shared node graph (capped at
+    ``bound + 1``). A recursive alias (``&a [*a]``) expands without end and counts as over the bound."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if not children_done:
+            if id(node) in open_nodes:  # reached itself through its own children
+                return bound + 1
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+            continue
+        open_nodes.discard(id(node))
+        sizes[id(node)] = min(bound + 1, 1 + sum(sizes.get(id(k), 1) for k in kids))
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse config YAML safely: no tags that build objects, no duplicate keys, no alias bombs.
+
+    Raises
+    ------
+    ConfigError
+        Invalid YAML (with line and column), a key given twice in one mapping, or aliases that expand past
+        :data:`MAX_YAML_NODES` nodes (the "billion laughs" document).
+    """
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(text)
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested nodes recursively
+            raise ConfigError(f"{source}: nesting deeper than Python can parse; a config needs a few levels") from None
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: aliases (*name) expand to more than {MAX_YAML_NODES} values; a config "
+                              "needs no more than a few hundred (an alias bomb?)")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from exc
-    return _validate(data, source)
+        raise ConfigError(f"{source}: invalid YAML{where}: {shorten(problem)}") from exc
+    finally:
+        loader.dispose()
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
@@ -359,11 +479,15 @@ def save_config(config: RunConfig, path: str | Path) -> None:
         yaml.safe_dump(config.model_dump(mode="json"), fh, sort_keys=False, default_flow_style=False)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str) -> Any:
+    """The YAML value of an override; text that is not valid YAML stays text, but a YAML bomb or a duplicate key
+    is an error."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return parse_yaml(text, f"--set {quote(item)}")
+    except ConfigError as exc:
+        if "invalid YAML" in str(exc) and "duplicate key" not in str(exc):
+            return text
+        raise
 
 
 def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
@@ -380,7 +504,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
     data = config.model_dump(mode="python")
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.stage1.lr=1e-3")
+            raise ConfigError(f"--set {quote(item)}: expected KEY=VALUE, e.g. train.stage1.lr=1e-3")
         key, raw = item.split("=", 1)
         key = key.strip()
         parts = key.split(".")
@@ -393,15 +517,15 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
             if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
                 where = ".".join(parts[: depth + 1])
                 keys = sorted(node) if isinstance(node, dict) else []
-                raise ConfigError(f"override {item!r}: {where}: unknown section; expected one of: {', '.join(keys)}")
+                raise ConfigError(f"--set {quote(item)}: {shorten(where)}: unknown section; expected one of: {', '.join(keys)}")
             field = cls.model_fields[part]
             ann = field.annotation
             cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
             node = node[part]
         leaf = parts[-1]
         if leaf not in node and cls is not None:
-            raise ConfigError(f"override {item!r}: {key}: unknown key; expected one of: {', '.join(sorted(node))}")
-        node[leaf] = _parse_value(raw)
+            raise ConfigError(f"--set {quote(item)}: {shorten(key)}: unknown key; expected one of: {', '.join(sorted(node))}")
+        node[leaf] = _parse_value(raw, item)
         try:
             RunConfig.model_validate(data)
         except ValidationError:
@@ -409,8 +533,8 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
             try:
                 RunConfig.model_validate(data)
             except ValidationError as exc:
-                node[leaf] = _parse_value(raw)
-                raise ConfigError(_validation_message(exc, f"override {item!r}")) from exc
+                node[leaf] = _parse_value(raw, item)
+                raise ConfigError(_validation_message(exc, f"--set {quote(item)}")) from exc
     return _validate(data, "overrides")
 
 

@@ -50,10 +50,12 @@ if TYPE_CHECKING:
     from llmvem.inputs import PreparedInputs
     from llmvem.model.network import LLMVEM
 
-__all__ = ["LLMVEMEncoder", "MultiSubjectEncoder", "RidgeEncoder", "model_name"]
+__all__ = ["RIDGE_FILE", "LLMVEMEncoder", "MultiSubjectEncoder", "RidgeEncoder", "model_name"]
 
 #: Splits whose predictions ``predict_inputs`` returns.
 PREDICT_SPLITS = ("val", "test")
+#: File of a saved :class:`RidgeEncoder` in its model folder (``models/ridge/``).
+RIDGE_FILE = "ridge.npz"
 
 
 def model_name(lam: float) -> str:
@@ -164,6 +166,53 @@ class RidgeEncoder(BaseEstimator):
         """Predictions of the ``val`` and ``test`` splits of prepared inputs."""
         return {s: self.predict(inputs.features[s]) for s in PREDICT_SPLITS if s in inputs.dataset.splits}
 
+    def predict_new(self, images: ImageCollection, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Predictions for images outside the splits (challenge test images), from their frozen ``features``
+        (dict of layer to array (n, d_layer)); ``images`` is unused. Returns (n, n_voxels), float32."""
+        return self.predict(features)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the fitted standardiser and ridge to ``folder/RIDGE_FILE`` (``llmvem predict --model ridge``)."""
+        if not hasattr(self, "ridge_"):
+            raise RuntimeError("RidgeEncoder: call fit() before save()")
+        from llmvem.utils import atomic_write
+
+        path = Path(folder) / RIDGE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb") as fh:
+            np.savez(fh, mean=self.standardizer_.mean_, std=self.standardizer_.std_, coef=self.ridge_.coef_,
+                     intercept=self.ridge_.intercept_, best_alphas=self.best_alphas_,
+                     layers=np.array(list(self.layers or []), dtype=str))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RidgeEncoder:
+        """A fitted encoder read from ``folder/RIDGE_FILE`` (written by :meth:`save`).
+
+        Raises
+        ------
+        CheckpointError
+            The file is missing or lacks a field.
+        """
+        from llmvem.errors import CheckpointError
+
+        path = Path(folder) / RIDGE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; expected a ridge model saved by the experiment runner")
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("mean", "std", "coef", "intercept", "best_alphas", "layers") if k not in z.files]
+            if missing:
+                raise CheckpointError(f"{path}: field {missing[0]!r} missing; expected a file written by "
+                                      "RidgeEncoder.save")
+            enc = cls(layers=[str(x) for x in z["layers"]] or None)
+            enc.standardizer_ = FeatureStandardizer()
+            enc.standardizer_.mean_, enc.standardizer_.std_ = z["mean"], z["std"]
+            ridge = RidgeCV(alphas=np.unique(z["best_alphas"]))
+            ridge.coef_, ridge.intercept_ = z["coef"], z["intercept"]
+            ridge.best_alphas_, ridge.n_features_in_, ridge._ravel = z["best_alphas"], int(z["coef"].shape[0]), False
+        enc.ridge_, enc.best_alphas_, enc.n_features_in_ = ridge, ridge.best_alphas_, ridge.n_features_in_
+        return enc
+
 
 # ------------------------------------------------------------------------------------------------ LLM-VEM
 class LLMVEMEncoder(BaseEstimator):
@@ -268,6 +317,14 @@ class LLMVEMEncoder(BaseEstimator):
             return {s: self.predict(inputs.dataset.splits[s].images) for s in PREDICT_SPLITS}
         return {s: self.predict(inputs.features[s]) for s in PREDICT_SPLITS}
 
+    def predict_new(self, images: ImageCollection, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Predictions for images outside the splits (challenge test images): from their frozen ``features``
+        (dict of layer to array (n, d_layer)) when the backbone was not fine-tuned, else from the ``images``.
+        Returns (n, n_voxels), float32."""
+        if self._resolved_config().train.stage2.epochs > 0:
+            return self.predict(images)
+        return self.predict(features)
+
     def _check_fitted(self) -> LLMVEM:
         if getattr(self, "network_", None) is None:
             raise RuntimeError("call fit() before predict()")
@@ -281,7 +338,7 @@ class LLMVEMEncoder(BaseEstimator):
         ----------
         X : ImageCollection, uint8 array of shape (n, H, W, 3), or dict of layer to array (n, d_layer)
             Images (decoded at the backbone's input size, as in training) or precomputed backbone features
-            of the readout layers.
+            of the readout layers (and the maps (n, C, H, W) of the spatial layers).
 
         Returns
         -------
@@ -297,7 +354,8 @@ class LLMVEMEncoder(BaseEstimator):
         device = next(network.parameters()).device
         precision = resolve_precision(config.train.precision, device)
         if isinstance(X, Mapping):
-            feats = {k: torch.as_tensor(np.asarray(X[k]), dtype=torch.float32) for k in network.layers}
+            feats = {k: torch.as_tensor(np.asarray(X[k]), dtype=torch.float32)
+                     for k in network.required_layers(with_embedding=False)}
             n = len(next(iter(feats.values())))
             return predict_network(network, n, device, features=feats, batch_size=batch_size, precision=precision)
         if network.backbone is None:

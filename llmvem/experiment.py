@@ -5,13 +5,17 @@ ablation (:func:`llmvem.ablation.run_ablation`) and the benchmarks call. It take
 :class:`ModelSpec` (an estimator of :mod:`llmvem.estimators` plus its label) and writes::
 
     config.yaml  versions.json  metrics.json  voxel_metrics.npz  lambda_curve.json  gallery.json  gallery/
-    models/<name>/   (the trainer's folder, or predictions_val.npy / predictions_test.npy of models without one)
+    test_responses.npy         (n_test, n_voxels) float32, for intervals over test images (report, export)
+    challenge_test_ids.json    when the dataset has challenge test images (responses withheld): their ids
+    models/<name>/   (the trainer's folder, or predictions_val.npy / predictions_test.npy of models without one;
+                     ridge.npz for the ridge; predictions_challenge_test.npy with challenge test images)
 
 ``metrics.json`` holds, per model, the test summary (mean/median r, accuracy, per ROI) and the **validation**
 mean r (``val_mean_r``, with ``val_in_fit`` true when the model was fitted on the validation split, as the ridge
-baseline is), the paired bootstrap comparisons (λ = 0 against every LLM-VEM model, ridge against all), the model
-chosen on validation (``selection``, :func:`llmvem.evaluate.selection.select_on_validation`) and, in ``dataset``,
-where the noise ceiling came from (``noise_ceiling_source``: the held-out test images' repeats when known).
+baseline is), ``selected_model`` (best validation mean r among models not fitted on it), the paired bootstrap
+comparisons (λ = 0 against every LLM-VEM model, ridge against all), the LLM-VEM model chosen on validation
+(``selection``, :func:`llmvem.evaluate.selection.select_on_validation`) and, in ``dataset``, where the noise
+ceiling came from (``noise_ceiling_source``: the held-out test images' repeats when known).
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ from llmvem.evaluate.selection import select_on_validation
 from llmvem.inputs import PreparedInputs
 from llmvem.utils import prepare_run_folder, seed_everything, write_json
 
-__all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary", "default_pairs",
-           "fit_predict", "flatten_comparison", "run_models", "versions", "write_gallery"]
+__all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary",
+           "default_pairs", "fit_predict", "flatten_comparison", "run_models", "selected_model", "versions",
+           "write_gallery", "write_model_outputs"]
 
 log = logging.getLogger(__name__)
 
 #: What an experiment writes in its folder (``overwrite`` removes exactly these).
 EXPERIMENT_OUTPUTS = ("config.yaml", "versions.json", "metrics.json", "voxel_metrics.npz", "lambda_curve.json",
-                      "gallery.json", "gallery", "models", "report", "extra_sections")
+                      "gallery.json", "gallery", "models", "report", "extra_sections", "test_responses.npy",
+                      "challenge_test_ids.json")
 
 
 @dataclass
@@ -124,9 +130,49 @@ def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 def dataset_summary(ds: EncodingDataset) -> dict[str, Any]:
     """The ``dataset`` record of ``metrics.json``: name, split sizes, voxels, ROI sizes and where the noise ceiling
     of the evaluation came from (``noise_ceiling_source``, see :func:`~llmvem.data.noise_ceiling.held_out_noise_ceiling`)."""
-    return {"name": ds.name, **{f"n_{s}": len(ds.splits[s]) for s in SPLIT_NAMES if s in ds.splits},
-            "n_voxels": ds.n_voxels, "rois": {k: int(v.sum()) for k, v in ds.roi_masks.items()},
-            "noise_ceiling_source": held_out_noise_ceiling(ds)[1]}
+    out = {"name": ds.name, **{f"n_{s}": len(ds.splits[s]) for s in SPLIT_NAMES if s in ds.splits},
+           "n_voxels": ds.n_voxels, "rois": {k: int(v.sum()) for k, v in ds.roi_masks.items()},
+           "noise_ceiling_source": held_out_noise_ceiling(ds)[1]}
+    if ds.meta.get("roi_classes"):
+        out["roi_classes"] = {str(c): list(rois) for c, rois in ds.meta["roi_classes"].items()}
+    return out
+
+
+def selected_model(records: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The model with the best validation mean r; models fitted on the validation split (``val_in_fit``) are
+    chosen only when no other model has a validation score."""
+    scored = {n: r["val_mean_r"] for n, r in records.items() if r.get("val_mean_r") is not None}
+    fair = {n: v for n, v in scored.items() if not records[n].get("val_in_fit")}
+    pool = fair or scored
+    return max(pool, key=lambda n: pool[n]) if pool else None
+
+
+def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapping[str, Mapping[str, np.ndarray]],
+                        fitted: Mapping[str, Any]) -> None:
+    """Per model: its predictions (unless its trainer wrote them), a saved ridge, the challenge test predictions;
+    and ``test_responses.npy`` and ``challenge_test_ids.json`` once."""
+    from llmvem.export import CHALLENGE_IDS, CHALLENGE_PREDICTIONS  # the names export/report read
+    from llmvem.inputs import challenge_images
+    from llmvem.report.roi import TEST_RESPONSES
+
+    ds = inputs.dataset
+    if ds.test.responses is not None:
+        np.save(out_dir / TEST_RESPONSES, np.asarray(ds.test.responses, dtype=np.float32))
+    challenge = challenge_images(ds) if inputs.challenge_features is not None else None
+    if challenge is not None:
+        write_json(out_dir / CHALLENGE_IDS, [Path(str(i)).stem for i in challenge.ids])
+    for name, preds in predictions.items():
+        est = fitted[name]
+        folder = out_dir / "models" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if "out_dir" not in est.get_params():  # else the trainer already wrote predictions_<split>.npy there
+            for split, p in preds.items():
+                np.save(folder / f"predictions_{split}.npy", np.asarray(p, dtype=np.float32))
+        if hasattr(est, "save"):
+            est.save(folder)
+        if challenge is not None and hasattr(est, "predict_new"):
+            pred = est.predict_new(challenge, inputs.challenge_features)
+            np.save(folder / CHALLENGE_PREDICTIONS, np.asarray(pred, dtype=np.float32))
 
 
 def write_gallery(out_dir: Path, inputs: PreparedInputs, caption_columns: Mapping[str, list[list[str]]] | None = None,
@@ -277,13 +323,7 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
     optional = {"noise_ceiling": noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
     np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel, **{k: v for k, v in optional.items() if v is not None},
                         **{f"roi__{k}": v for k, v in ds.roi_masks.items()})
-    for name, preds in predictions.items():
-        if "out_dir" in fitted[name].get_params():
-            continue  # the trainer already wrote predictions_<split>.npy into models/<name>/
-        folder = out_dir / "models" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for split, p in preds.items():
-            np.save(folder / f"predictions_{split}.npy", np.asarray(p, dtype=np.float32))
+    write_model_outputs(out_dir, inputs, predictions, fitted)
     curve = [{"lambda": spec.lam, "model": n, "mean_r": records[n]["mean_r"],
               "per_roi": {roi: v["mean_r"] for roi, v in records[n]["per_roi"].items()}}
              for n, spec in models.items() if spec.lam is not None]
@@ -297,6 +337,7 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
     metrics = {
         "dataset": dataset_summary(ds),
         "models": records,
+        "selected_model": selected_model(records),
         "comparisons": comparisons,
         "selection": select_on_validation(records),
         "captions": inputs.caption_info if caption_info is None else

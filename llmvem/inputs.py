@@ -9,6 +9,7 @@ the benchmarks and the CLI. This module imports nothing from ``train``, ``explai
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ from llmvem.config import RunConfig
 from llmvem.data import load_dataset
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
+from llmvem.errors import DataValidationError
 from llmvem.utils import stable_hash
 
-__all__ = ["PreparedInputs", "build_captioner", "cache_root", "caption_dataset", "embed_captions",
-           "extract_split_features", "load_config_backbone", "load_config_dataset", "prepare_inputs",
+log = logging.getLogger(__name__)
+
+__all__ = ["OTHER_CAPTIONS", "PreparedInputs", "build_captioner", "cache_root", "caption_dataset",
+           "caption_store_path", "challenge_images",
+           "embed_captions", "extract_image_features", "extract_split_features", "feature_layers", "load_config_backbone", "load_config_dataset", "prepare_inputs",
            "shuffle_caption_sets"]
 
 
@@ -45,6 +50,9 @@ class PreparedInputs:
     backbone : ImageBackbone
     features : dict of split to dict of layer to array of shape (n_images, d_layer)
     timing : dict of stage to seconds
+    challenge_features : dict of layer to array of shape (n_challenge_images, d_layer), optional
+        Features of the dataset's challenge test images (``dataset.meta["challenge_test_images"]``, responses
+        withheld), when it has some.
     """
 
     dataset: EncodingDataset
@@ -54,6 +62,7 @@ class PreparedInputs:
     backbone: ImageBackbone
     features: dict[str, dict[str, np.ndarray]]
     timing: dict[str, float] = field(default_factory=dict)
+    challenge_features: dict[str, np.ndarray] | None = None
 
 
 def cache_root(config: RunConfig) -> Path:
@@ -70,7 +79,14 @@ def load_config_dataset(config: RunConfig) -> EncodingDataset:
     if d.spec == "virtual" or d.spec.startswith("virtual:"):
         options = {"n_train": d.n_train, "n_test": d.n_test, "image_size": d.image_size, **options}
     # ``seed`` seeds both the loader (virtual brain generator) and the validation split.
-    return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
+    try:
+        return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
+    except DataValidationError as exc:  # name the config key, not the loader's argument
+        key = exc.field.removeprefix("option ")
+        if exc.source not in ("<in memory>", d.spec) or key not in {*options, "seed", "val_fraction"}:
+            raise
+        where = f"data.loader_options.{key}" if key in d.loader_options else f"data.{key}"
+        raise DataValidationError(f"config key {where}", f"dataset {d.spec}", exc.problem) from exc
 
 
 def build_captioner(config: RunConfig, dataset: EncodingDataset):
@@ -83,23 +99,75 @@ def build_captioner(config: RunConfig, dataset: EncodingDataset):
                           captions_file=c.captions_file, device=c.device)
 
 
+#: What :func:`caption_dataset` does when the store holds captions of the same model under another
+#: configuration (prompt, token limit...): ``stop`` (raise, the default), ``accept`` (use them), ``recaption``.
+OTHER_CAPTIONS = ("stop", "accept", "recaption")
+
+
+def caption_store_path(config: RunConfig) -> Path:
+    """The caption store of ``config``: ``captions.store``, default ``<cache_dir>/captions.sqlite``."""
+    return Path(config.captions.store).expanduser() if config.captions.store else cache_root(config) / "captions.sqlite"
+
+
+def _identity_difference(record: Any, captioner: Any) -> str:
+    """``prompt``/settings keys in which a stored configuration differs from ``captioner`` (for messages)."""
+    mine = {"prompt": captioner.prompt, **captioner.settings()}
+    theirs = {"prompt": record.prompt, **record.settings}
+    diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)] or ["settings"]
+    return ", ".join(diff) + (" differs" if len(diff) == 1 else " differ")
+
+
+def _other_configuration(store: Any, images: Any, captioner: Any) -> Any:
+    """A stored configuration of the same backend and model that covers more of ``images`` than ``captioner``'s
+    own (so captioning now would describe them a second time), or None."""
+    coverage = store.coverage(images.content_hashes())
+    own = coverage.get(captioner.config_hash, 0)
+    others = [r for r in store.configs() if r.config_hash != captioner.config_hash and r.backend == captioner.backend
+              and r.model_id == captioner.model_id and coverage.get(r.config_hash, 0) > own]
+    return max(others, key=lambda r: coverage[r.config_hash]) if others else None
+
+
 def caption_dataset(config: RunConfig, dataset: EncodingDataset, show_progress: bool = True,
-                    captioner: Any = None) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
-    """Caption every image of ``dataset`` into the store (skipping what is done) and read the captions back."""
+                    captioner: Any = None, other_captions: str = "stop"
+                    ) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+    """Caption every image of ``dataset`` into the store (skipping what is done) and read the captions back.
+
+    ``llmvem caption --config``, ``embed --config`` and ``train`` all call this, so they share one store and one
+    captioner configuration hash. When the store already holds captions of the same backend and model under
+    another configuration, ``other_captions`` (:data:`OTHER_CAPTIONS`) decides: ``stop`` raises
+    :class:`~llmvem.errors.CaptionError` (one line naming the difference), ``accept`` reads those captions
+    instead, ``recaption`` captions under this configuration.
+    """
     from llmvem.captions.run import run_captioning
     from llmvem.captions.store import CaptionStore
+    from llmvem.errors import CaptionError, ConfigError
 
+    if other_captions not in OTHER_CAPTIONS:
+        raise ConfigError(f"other_captions {other_captions!r}: expected one of {', '.join(OTHER_CAPTIONS)}")
     captioner = captioner or build_captioner(config, dataset)
-    store_path = Path(config.captions.store).expanduser() if config.captions.store else cache_root(config) / "captions.sqlite"
+    store_path = caption_store_path(config)
+    images = dataset.all_images()
     with CaptionStore(store_path) as store:
-        summary = run_captioning(dataset.all_images(), captioner, store, batch_size=config.captions.batch_size,
-                                 show_progress=show_progress)
-        if summary.failed:
-            from llmvem.errors import CaptionError
-
-            raise CaptionError(f"{summary.failed} images could not be captioned (first: {summary.failed_ids[:5]});"
-                               f" finished captions are kept in {store_path}; rerun to retry")
         config_hash = captioner.config_hash
+        other = _other_configuration(store, images, captioner)
+        if other is not None and other_captions == "stop":
+            raise CaptionError(
+                f"{store_path}: holds captions of {captioner.model_id} for {other.n_images} images under another "
+                f"configuration {other.config_hash} ({_identity_difference(other, captioner)} from "
+                f"{config_hash}); pass --other-captions accept to use them or --other-captions recaption")
+        if other is not None and other_captions == "accept":
+            config_hash = other.config_hash
+            missing = len(images) - store.coverage(images.content_hashes()).get(config_hash, 0)
+            if missing:
+                raise CaptionError(f"{store_path}: configuration {config_hash} lacks captions of {missing} of "
+                                   f"{len(images)} images; caption them with that configuration or recaption")
+        else:
+            summary = run_captioning(images, captioner, store, batch_size=config.captions.batch_size,
+                                     show_progress=show_progress)
+            if summary.failed:
+                raise CaptionError(f"{summary.failed} images could not be captioned (first: "
+                                   f"{summary.failed_ids[:5]}); finished captions are kept in {store_path}; rerun "
+                                   "to retry")
         captions = {s: store.get_for(dataset.splits[s].images, config_hash) for s in dataset.splits}
     info = {"backend": captioner.backend, "model_id": captioner.model_id, "config_hash": config_hash,
             "store": str(store_path)}
@@ -156,27 +224,59 @@ def load_config_backbone(config: RunConfig) -> ImageBackbone:
     return load_backbone(b.name, pretrained=b.pretrained, weights=b.weights, image_size=b.image_size)
 
 
+def feature_layers(config: RunConfig, layers: Sequence[str] | None = None) -> list[str]:
+    """The layers features are extracted for: ``layers`` (default ``config.backbone.layers``) plus ``pooled``
+    (the alignment head reads it)."""
+    out = list(layers or config.backbone.layers)
+    if "pooled" not in out:
+        out.append("pooled")
+    return out
+
+
+def extract_image_features(config: RunConfig, images: Any, backbone: ImageBackbone,
+                           layers: Sequence[str] | None = None, show_progress: bool = True) -> dict[str, np.ndarray]:
+    """Frozen backbone features of ``images`` (n images) with ``config``'s cache, batch size, device and storage
+    dtype: dict of layer (:func:`feature_layers`) to array of shape (n, d_layer). What ``train``, ``embed
+    --config`` and the challenge predictions share, so each reads what the other computed."""
+    from llmvem.embed.cache import FeatureCache, extract_features
+
+    cache = FeatureCache(cache_root(config) / "features.h5")
+    layers = feature_layers(config, layers)
+    key, _ = FeatureCache.config_key(backbone, layers, config.backbone.feature_dtype)
+    stored = cache.info()
+    same_model = [e for e in stored if e["model_id"] == backbone.model_id]
+    if same_model and not any(e["key"] == key for e in stored):  # fine to compute, but say it is a new set
+        e = same_model[0]
+        log.warning("feature cache %s holds %s features of layers %s (%s); computing layers %s (%s) as a new "
+                    "configuration", cache.path, backbone.model_id, ",".join(e["layers"]), e["dtype"],
+                    ",".join(layers), config.backbone.feature_dtype)
+    return extract_features(images, backbone, layers=layers, cache=cache,
+                            batch_size=config.backbone.batch_size, device=config.backbone.device,
+                            dtype=config.backbone.feature_dtype, show_progress=show_progress)
+
+
 def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone: ImageBackbone,
                            layers: Sequence[str] | None = None, show_progress: bool = True
                            ) -> dict[str, dict[str, np.ndarray]]:
-    """Frozen backbone features of every split (from the HDF5 feature cache when already computed)."""
-    from llmvem.embed.cache import FeatureCache, extract_features
-
+    """Frozen backbone features of every split (from the HDF5 feature cache when already computed); with a
+    spatial readout (``model.spatial_readout``) also the maps of ``backbone.spatial_layers``."""
     layers = list(layers or config.backbone.layers)
-    if "pooled" not in layers:  # the alignment head reads the pooled embedding
-        layers.append("pooled")
-    cache = FeatureCache(cache_root(config) / "features.h5")
-    return {
-        split: extract_features(dataset.splits[split].images, backbone, layers=layers, cache=cache,
-                                batch_size=config.backbone.batch_size, device=config.backbone.device,
-                                dtype=config.backbone.feature_dtype, show_progress=show_progress)
-        for split in dataset.splits
-    }
+    if config.model.spatial_readout != "none":
+        layers += [k for k in config.backbone.spatial_layers if k not in layers]
+    return {split: extract_image_features(config, dataset.splits[split].images, backbone, layers, show_progress)
+            for split in dataset.splits}
+
+
+def challenge_images(dataset: EncodingDataset) -> Any:
+    """The dataset's challenge test images (responses withheld; ``meta["challenge_test_images"]``), or None."""
+    images = dataset.meta.get("challenge_test_images")
+    return images if images is not None and len(images) else None
 
 
 def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: EncodingDataset | None = None,
-                   ) -> PreparedInputs:
-    """Dataset → captions → caption embeddings → backbone features, each stage cached."""
+                   other_captions: str = "stop") -> PreparedInputs:
+    """Dataset → captions → caption embeddings → backbone features, each stage cached (``other_captions``: see
+    :func:`caption_dataset`)."""
     timing: dict[str, float] = {}
     t = time.perf_counter()
     dataset = dataset if dataset is not None else load_config_dataset(config)
@@ -184,7 +284,7 @@ def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: Encod
         dataset = dataset.with_validation_split(config.data.val_fraction, config.data.seed)
     timing["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    captions, caption_info = caption_dataset(config, dataset, show_progress)
+    captions, caption_info = caption_dataset(config, dataset, show_progress, other_captions=other_captions)
     timing["captions"] = time.perf_counter() - t
     t = time.perf_counter()
     text_embeddings = embed_captions(config, captions, show_progress)
@@ -192,5 +292,9 @@ def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: Encod
     t = time.perf_counter()
     backbone = load_config_backbone(config)
     features = extract_split_features(config, dataset, backbone, show_progress=show_progress)
+    challenge = challenge_images(dataset)
+    challenge_features = (extract_image_features(config, challenge, backbone, show_progress=show_progress)
+                          if challenge is not None else None)
     timing["image_features"] = time.perf_counter() - t
-    return PreparedInputs(dataset, captions, caption_info, text_embeddings, backbone, features, timing)
+    return PreparedInputs(dataset, captions, caption_info, text_embeddings, backbone, features, timing,
+                          challenge_features)

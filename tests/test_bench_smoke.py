@@ -220,6 +220,28 @@ def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
     assert "500x2000x128            himalaya" in log and "== all steps done, status 0" in log
 
 
+@pytest.mark.slow
+def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
+    bench = _load("bench_alignment")
+    out = tmp_path / "alignment.json"
+    res = bench.main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    saved = json.loads(out.read_text())
+    assert set(saved) >= {"positive_control", "positive_control_extra", "learning_curves", "rsa92"}
+    for label in ("positive_control", "positive_control_extra"):
+        pc = saved[label]
+        assert set(pc) >= {"delta_mean_r", "ci", "p", "shuffled_delta_mean_r", "shuffled_ci"}
+        assert pc["ci"][0] <= pc["delta_mean_r"] <= pc["ci"][1] and 0.0 < pc["p"] <= 1.0
+        assert pc["delta_mean_r"] == pytest.approx(pc["aligned_mean_r"] - pc["lambda_mean_r"])
+    assert saved["positive_control_extra"]["n_extra"] == 60 and saved["positive_control"]["n_extra"] == 0
+    curves = saved["learning_curves"]["models"]
+    assert set(curves) == {"ridge", "lambda0", "aligned", "aligned_extra"}
+    assert all(set(row) == {"20", "30"} for row in curves.values())
+    # the exact descriptions encode the number of objects almost perfectly (the control's premise)
+    assert saved["diagnostics"]["description_embeddings"]["attribute_r"]["n_objects"] > 0.8
+    assert res["settings"]["lambda_chosen"] == 1.0
+    assert "Positive control" in capsys.readouterr().out
+
+
 @pytest.mark.shared_data
 def test_spatial_v4_ridge_on_a_tiny_subset(capsys):
     data = needs_shared("v4_cowley2023")

@@ -72,3 +72,20 @@ def test_fit_inputs_predicts_val_and_test_and_records_the_fit_splits():
     p = enc.predict_inputs(inputs)
     np.testing.assert_allclose(p["test"], enc.predict(inputs.features["test"]), atol=1e-5)
     assert enc.fit_splits_ == ("train",)
+
+
+def test_ridge_encoder_save_load_round_trip(tmp_path):
+    """``llmvem predict --model ridge`` reads a saved ridge: same predictions, same alphas, layers kept."""
+    from llmvem.errors import CheckpointError
+
+    rng = np.random.default_rng(0)
+    X = {"a": rng.standard_normal((40, 6)).astype(np.float32), "b": rng.standard_normal((40, 3)).astype(np.float32)}
+    Y = X["a"][:, :2] @ rng.standard_normal((2, 5)) + 0.1 * rng.standard_normal((40, 5))
+    ridge = RidgeEncoder(layers=["b", "a"], cv=3).fit(X, Y)
+    ridge.save(tmp_path)
+    loaded = RidgeEncoder.load(tmp_path)
+    assert loaded.layers == ["b", "a"]
+    np.testing.assert_array_equal(loaded.best_alphas_, ridge.best_alphas_)
+    np.testing.assert_allclose(loaded.predict(X), ridge.predict(X), rtol=1e-6)
+    with pytest.raises(CheckpointError, match="ridge.npz: missing"):
+        RidgeEncoder.load(tmp_path / "nowhere")

@@ -111,7 +111,7 @@ def test_predict_images_matches_the_trained_predictions(run_dir, tmp_path, capsy
     assert main(["predict", "--run", str(run_dir), "--images", str(folder), "--out", str(out)]) == 0
     assert f"predicted responses of 5 images × 100 voxels ({MODEL})" in capsys.readouterr().out
     saved = read_predictions_h5(out)
-    assert saved["image_ids"] == [f"img{i}.png" for i in range(5)] and saved["attrs"]["kind"] == "images"
+    assert saved["image_ids"] == [f"img{i}" for i in range(5)] and saved["attrs"]["kind"] == "images"
     np.testing.assert_allclose(saved["responses"], np.load(model_dir / "predictions_test.npy")[:5], atol=1e-5)
     assert saved["roi"]["semantic"].sum() == 60 and saved["attrs"]["backbone"] == "efficientnet_lite0"
     empty = tmp_path / "empty"

@@ -18,10 +18,13 @@ def fake_inputs(monkeypatch):
     """Replace the (slow, captioning + embedding) input preparation by the tiny test dataset."""
     calls = []
 
-    def prepare_inputs(config, show_progress=True, dataset=None):
+    def prepare_inputs(config, show_progress=True, dataset=None, other_captions="stop"):
         calls.append(config)
         ds, text = make_dataset()
-        return llmvem.inputs.PreparedInputs(dataset=ds, captions={}, caption_info={}, text_embeddings=text,
+        captions = {s: [["an image"]] * len(ds.splits[s]) for s in ds.splits}
+        return llmvem.inputs.PreparedInputs(dataset=ds, captions=captions,
+                                              caption_info={"backend": "dataset", "model_id": "test"},
+                                              text_embeddings=text,
                                               backbone=backbone(), features=frozen_features(ds))
 
     monkeypatch.setattr(llmvem.inputs, "prepare_inputs", prepare_inputs)
@@ -60,8 +63,15 @@ def test_train_command_writes_a_run_folder_with_overrides(tmp_path, fake_inputs,
     assert fake_inputs[0].train.stage1.epochs == 3
     stdout = capsys.readouterr().out
     assert "val mean r" in stdout and "stage1: 3 epochs" in stdout and "stage2: 1 epochs" in stdout
-    summary = json.loads((out / "training.json").read_text())
+    summary = json.loads((out / "models" / "llmvem_lambda0.25" / "training.json").read_text())
     assert summary["lambda_align"] == 0.25
+    # a complete run folder: ridge and LLM-VEM scored on test, the validation-chosen model named
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"ridge", "llmvem_lambda0.25"}
+    assert metrics["selected_model"] == "llmvem_lambda0.25"  # the ridge is fitted on val: not chosen by it
+    assert "mean_r" in metrics["models"]["ridge"] and (out / "test_responses.npy").is_file()
+    assert (out / "models" / "ridge" / "ridge.npz").is_file()
+    assert "selected (best validation mean r): llmvem_lambda0.25" in stdout
 
 
 def test_used_folder_is_refused_before_preparing_inputs_then_resumed(tmp_path, fake_inputs, capsys):

@@ -88,7 +88,7 @@ def test_spec_string_and_bad_options():
     assert len(ds.train) == 24 and len(ds.val) == 6 and len(ds.test) == 10
     with pytest.raises(DataValidationError, match="image_size"):
         make_virtual_brain(image_size=50)
-    with pytest.raises(DataValidationError, match="virtual brain options"):
+    with pytest.raises(DataValidationError, match="unknown option .n_pixels"):
         load_dataset("virtual:n_pixels=3")
 
 

@@ -71,13 +71,18 @@ def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str],
 def _read_table(text: str, path: Path, delimiter: str, image_column: str | None,
                 caption_column: str | None) -> dict[str, list[str]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if not reader.fieldnames:
+    try:  # csv.Error: a field over the CSV size limit, a broken quote, ...
+        fieldnames = reader.fieldnames
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise DataValidationError(path, f"row {reader.line_num}", f"not valid CSV ({exc})") from exc
+    if not fieldnames:
         raise DataValidationError(path, "header", "file is empty; expected a header row such as 'image,caption'")
-    img_col = _pick(reader.fieldnames, image_column, IMAGE_COLUMNS, path, "image")
-    cap_col = _pick(reader.fieldnames, caption_column, CAPTION_COLUMNS, path, "caption")
+    img_col = _pick(fieldnames, image_column, IMAGE_COLUMNS, path, "image")
+    cap_col = _pick(fieldnames, caption_column, CAPTION_COLUMNS, path, "caption")
     out: dict[str, list[str]] = {}
-    for row in reader:
-        where = f"row {reader.line_num}"
+    for line_num, row in rows:
+        where = f"row {line_num}"
         key = (row.get(img_col) or "").strip()
         if not key:
             raise DataValidationError(path, where, f"empty {img_col!r}; expected an image id or file name")
@@ -177,6 +182,8 @@ def read_caption_file(path: str | Path, image_column: str | None = None,
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataValidationError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise DataValidationError(path, "caption file", "JSON nested too deeply to read") from None
     if isinstance(obj, dict) and "annotations" in obj:
         return _read_coco(obj, path)
     if isinstance(obj, dict) and isinstance(obj.get("images"), list):

@@ -187,6 +187,8 @@ class OpenAICaptioner(Captioner):
         self._load = dict.fromkeys(self._endpoints, 0)
         self._turn = 0
         self.requests_sent = dict.fromkeys(self._endpoints, 0)
+        self._answered: set[str] = set()  # endpoints that answered at least once
+        self._refused: set[str] = set()  # endpoints that refused a connection before ever answering
 
     # ----------------------------------------------------------------- identity
     def settings(self) -> dict[str, Any]:
@@ -202,6 +204,28 @@ class OpenAICaptioner(Captioner):
     def _redact(self, text: str) -> str:
         key = self._api_key.reveal()
         return text.replace(key, "***") if key else text
+
+    def check_servers(self, timeout_s: float = 5.0) -> None:
+        """Fail at once, with one line, when no server accepts a TCP connection (wrong URL, server not started).
+
+        Raises
+        ------
+        CaptionError
+            Naming every URL and why it could not be reached. One reachable server is enough.
+        """
+        import socket
+        from urllib.parse import urlsplit
+
+        reasons = []
+        for url in self.base_urls:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout_s):
+                    return
+            except OSError as exc:
+                reasons.append(f"{url} ({exc.strerror or type(exc).__name__})")
+        raise CaptionError(f"cannot connect to {', '.join(reasons)}; is the server running, and is --base-url right?")
 
     # ---------------------------------------------------------------- requests
     def _body(self, data_url: str) -> dict[str, Any]:
@@ -240,8 +264,19 @@ class OpenAICaptioner(Captioner):
             resp = await client.post(url, json=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise _Retryable(f"timeout after {self.timeout_s:g} s ({type(exc).__name__})") from None
-        except httpx.RequestError as exc:  # connection refused/reset/dropped, protocol and decoding errors
+        except httpx.ConnectError as exc:
+            if url not in self._answered:
+                self._refused.add(url)
+                if not self._answered and self._refused >= set(self._endpoints):
+                    # every server refused before answering once: a wrong URL or no server; retrying all images
+                    # with backoff would only take minutes to say the same
+                    raise _Fatal(f"cannot connect to {', '.join(sorted(self._refused))} ({type(exc).__name__}: "
+                                 f"{self._redact(str(exc))}); is the server running, and is --base-url right?"
+                                 ) from None
             raise _Retryable(f"connection error ({type(exc).__name__}: {self._redact(str(exc))})") from None
+        except httpx.RequestError as exc:  # connection reset/dropped, protocol and decoding errors
+            raise _Retryable(f"connection error ({type(exc).__name__}: {self._redact(str(exc))})") from None
+        self._answered.add(url)
         if resp.status_code in FATAL_STATUS:
             hint = {401: f"the server refused the API key; set ${self.api_key_env}",
                     403: f"the server refused the API key; check ${self.api_key_env}",

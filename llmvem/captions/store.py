@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmvem.data.images import ImageCollection
-from llmvem.errors import DataValidationError
+from llmvem.errors import DataValidationError, DiskFullError, is_disk_full
 from llmvem.utils import atomic_write, stable_hash
 
 SCHEMA_NAME = "llmvem-caption-store"
@@ -64,6 +67,37 @@ CREATE TABLE IF NOT EXISTS captions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS captions_by_config ON captions (config_hash, image_hash);
 """
+
+# Work sharing between caption processes on one store: a worker claims images for a lease; a claim whose lease
+# ran out (its worker died or hangs) or whose worker is a dead process on this host may be taken by another.
+_CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    image_hash  TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    worker      TEXT NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (image_hash, config_hash)
+) WITHOUT ROWID;
+"""
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, the owner name of its claims."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_local_worker(worker: str, host: str) -> bool:
+    """True for a worker id of a process on this host that no longer exists."""
+    name, _, pid = worker.rpartition(":")
+    if name != host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but belongs to someone else
+        return False
+    return False
 
 
 def _now() -> str:
@@ -136,6 +170,8 @@ class CaptionStore:
         except sqlite3.DatabaseError as exc:
             if getattr(self, "_conn", None) is not None:
                 self._conn.close()
+            if is_disk_full(exc):
+                raise DiskFullError(self.path.parent, f"the caption store {self.path.name}") from exc
             raise DataValidationError(self.path, "caption store",
                                       f"not a readable SQLite caption store ({exc})") from exc
 
@@ -174,6 +210,7 @@ class CaptionStore:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
                 raise
+        c.executescript(_CLAIMS)  # stores written before work sharing get the table on their first write
 
     def close(self) -> None:
         """Close the connection (pending transactions were already committed)."""
@@ -263,7 +300,7 @@ class CaptionStore:
     def _write(self):
         if self.readonly:
             raise DataValidationError(self.path, "caption store", "opened read-only; cannot write")
-        return _Transaction(self._conn)
+        return _Transaction(self._conn, self.path)
 
     def add(self, config_hash: str, items: Iterable[tuple[str, str, Sequence[str]]]) -> int:
         """Store captions in ONE transaction and return the number of images written.
@@ -300,6 +337,63 @@ class CaptionStore:
                 "INSERT INTO captions (image_hash, config_hash, caption_index, caption, image_id, model_id, prompt,"
                 " settings_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(set(hashes))
+
+    # ------------------------------------------------------------ work sharing
+    def claim(self, config_hash: str, wanted: Sequence[str], limit: int, lease_s: float = 120.0,
+              worker: str | None = None) -> list[str]:
+        """Claim up to ``limit`` of the image hashes ``wanted`` (in order) for this worker, in one transaction.
+
+        An image is claimable when it has no captions under ``config_hash`` and no live claim of another worker
+        (claims expire ``lease_s`` seconds after they were made or renewed; claims of dead processes on this host
+        are taken over at once). Several ``llmvem caption`` processes on one store thus caption disjoint images.
+
+        Returns
+        -------
+        list of str
+            The hashes claimed, a subset of ``wanted`` in its order (empty when nothing is left to claim).
+        """
+        me = worker or worker_id()
+        host = socket.gethostname()
+        now = time.time()
+        got: list[str] = []
+        with self._write():
+            self._conn.execute("DELETE FROM claims WHERE expires_at < ?", (now,))
+            others = self._conn.execute("SELECT DISTINCT worker FROM claims WHERE worker != ?", (me,)).fetchall()
+            for (other,) in others:
+                if _dead_local_worker(other, host):
+                    self._conn.execute("DELETE FROM claims WHERE worker = ?", (other,))
+            for start in range(0, len(wanted), _CHUNK):
+                if len(got) >= limit:
+                    break
+                chunk = list(wanted[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                taken = {r[0] for r in self._conn.execute(
+                    f"SELECT image_hash FROM claims WHERE config_hash = ? AND worker != ? AND image_hash IN ({marks})"
+                    f" UNION SELECT image_hash FROM captions WHERE config_hash = ? AND image_hash IN ({marks})",
+                    (config_hash, me, *chunk, config_hash, *chunk))}
+                got.extend(h for h in chunk if h not in taken and h not in got)
+            got = got[:limit]
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO claims (image_hash, config_hash, worker, expires_at) VALUES (?, ?, ?, ?)",
+                [(h, config_hash, me, now + lease_s) for h in got])
+        return got
+
+    def renew_claims(self, lease_s: float = 120.0, worker: str | None = None) -> None:
+        """Extend the leases of all claims of this worker (a heartbeat while it works)."""
+        with self._write():
+            self._conn.execute("UPDATE claims SET expires_at = ? WHERE worker = ?",
+                               (time.time() + lease_s, worker or worker_id()))
+
+    def release_claims(self, worker: str | None = None) -> None:
+        """Drop all claims of this worker (done, failed or interrupted: the images are free for others)."""
+        with self._write():
+            self._conn.execute("DELETE FROM claims WHERE worker = ?", (worker or worker_id(),))
+
+    def claimed_by_others(self, config_hash: str, worker: str | None = None) -> int:
+        """Images under a live claim of another worker (being captioned elsewhere right now)."""
+        return int(self._conn.execute(
+            "SELECT COUNT(*) FROM claims WHERE config_hash = ? AND worker != ? AND expires_at >= ?",
+            (config_hash, worker or worker_id(), time.time())).fetchone()[0])
 
     # ------------------------------------------------------------------ reads
     def done_hashes(self, config_hash: str) -> set[str]:
@@ -429,17 +523,39 @@ class CaptionStore:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception (Ctrl-C included)."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception (Ctrl-C included).
 
-    def __init__(self, conn: sqlite3.Connection):
+    A full disk (SQLite's "database or disk is full") becomes :class:`~llmvem.errors.DiskFullError` naming the
+    store's folder; the transaction is rolled back, so the store keeps every earlier batch.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
+        self.path = path
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            self._raise_disk_full(exc)
+            raise
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as err:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                self._raise_disk_full(err)
+                raise
+            return
+        if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+        if exc is not None:
+            self._raise_disk_full(exc)
+
+    def _raise_disk_full(self, exc: BaseException) -> None:
+        if is_disk_full(exc):
+            raise DiskFullError(self.path.parent, f"captions to {self.path.name}") from exc

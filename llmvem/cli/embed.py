@@ -7,12 +7,14 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, other_captions_option, progress_option, use_progress
 
 logger = logging.getLogger(__name__)
 
 _EXAMPLES = """\b
 Examples:
+  llmvem embed --config algonauts_eva02 --set data.spec=data/algonauts_2023/subj01 \\
+      --set captions.store=captions/subj01.sqlite        (the caches `llmvem train` with that config reads)
   llmvem embed virtual --images --text --text-out virtual_text.npz
   llmvem embed data/algonauts_2023/subj01 --images --backbone timm:eva02_base_patch14_224.mim_in22k \\
       --layers pooled,block9 --dtype float16 --device cuda --batch-size 128
@@ -68,8 +70,16 @@ def _text_embeddings(ds, captions: Path | None, caption_config: str | None, enco
 
 @app.command("embed", epilog=_EXAMPLES)
 def embed(
-    dataset: str = typer.Argument(..., help="Dataset spec: 'virtual', an Algonauts subjNN folder, a generic folder, "
-                                  "'v4:ROOT:SESSION'. All its images (train, val, test) are embedded."),
+    dataset: str | None = typer.Argument(None, help="Dataset spec: 'virtual', an Algonauts subjNN folder, a generic "
+                                         "folder, 'v4:ROOT:SESSION'. All its images (train, val, test) are embedded. "
+                                         "Leave out with --config."),
+    config: str | None = typer.Option(None, "--config", help="Embed as this YAML/shipped config says: its captions "
+                                      "(the store must hold them), text encoder, backbone, layers and dtype, into "
+                                      "the caches of its cache_dir, exactly what `llmvem train --config` reads; the "
+                                      "other options are then not used."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="--config: override a config value "
+                                        "(repeatable; values are YAML)."),
+    other_captions: str = other_captions_option(),
     text: bool = typer.Option(False, "--text", help="Embed each image's captions (mean of its captions)."),
     images: bool = typer.Option(False, "--images", help="Compute backbone features into the feature cache."),
     captions: Path | None = typer.Option(None, "--captions", help="--text: SQLite caption store written by "
@@ -103,10 +113,22 @@ def embed(
     where it stopped.
     """
     from llmvem.data import load_dataset
+    from llmvem.errors import ConfigError
 
-    use_progress(progress)
+    show = use_progress(progress)
+    if config is not None:
+        if dataset is not None:
+            raise ConfigError("--config takes the dataset from data.spec; leave out DATASET (or --set data.spec=...)")
+        _embed_from_config(config, overrides, other_captions, show)
+        return
+    if dataset is None:
+        raise ConfigError("give a dataset spec (or --config)")
     if not text and not images:
         text = images = True
+    if text:
+        check_output_file(text_out, "--text-out", (".npz",))
+    if images:
+        check_output_file(cache.expanduser(), "--cache")
     ds = load_dataset(dataset)
     summary: dict[str, object] = {"dataset": ds.name}
     if images:
@@ -128,5 +150,24 @@ def embed(
     if text:
         summary.update(_text_embeddings(ds, captions, caption_config, text_encoder, long_policy, batch_size, device,
                                         text_out))
+    for key, value in summary.items():
+        typer.echo(f"{key:>18}: {value}")
+
+
+def _embed_from_config(config: str, overrides: list[str], other_captions: str, show: bool) -> None:
+    """``embed --config``: :func:`llmvem.inputs.prepare_inputs`, the caches ``train`` reads."""
+    from llmvem.config import apply_overrides, load_config
+    from llmvem.inputs import prepare_inputs
+
+    cfg = apply_overrides(load_config(config), overrides)
+    inputs = prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
+    summary = {"dataset": inputs.dataset.name,
+               "captions": f"{inputs.caption_info['model_id']} (config {inputs.caption_info['config_hash']})",
+               "text embeddings": f"{cfg.text.encoder}, {next(iter(inputs.text_embeddings.values())).shape[1]}-d",
+               "backbone": f"{cfg.backbone.name}, layers {', '.join(inputs.features['train'])}, "
+                           f"{cfg.backbone.feature_dtype}",
+               "challenge images": 0 if inputs.challenge_features is None else
+               len(next(iter(inputs.challenge_features.values()))),
+               "cache": str(cfg.cache_dir)}
     for key, value in summary.items():
         typer.echo(f"{key:>18}: {value}")

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, progress_option, use_progress
 
 _PREDICT_EXAMPLES = """\b
 Examples:
   llmvem predict --run runs/demo --text "a red car on a street" --text "a face"
   llmvem predict --run runs/demo --text-file sentences.txt --out text_preds.h5
   llmvem predict --run runs/demo --images stimuli/ --out preds.h5
+  llmvem predict --run runs/subj01 --model ridge --images stimuli/ --out ridge_preds.h5
   llmvem predict --run runs/demo --model llmvem_lambda0.5 --readout text --text "a dog"
   llmvem predict --run runs/train01 --fit-readouts        (a folder of llmvem train: fit the text readouts)
 \b
-HDF5 output: dataset `responses` (n, n_voxels) float32, `image_ids` or `texts`, `roi/<name>` masks,
+HDF5 output: dataset `responses` (n, n_voxels) float32, `image_ids` (no extension) or `texts`, `roi/<name>`
+masks, `hemisphere` and `fsaverage_index` per voxel when known,
 attributes with the model (name, folder, lambda, backbone, text encoder) and, for text, the mapping.
 """
 
@@ -90,11 +92,13 @@ def predict(
     """
     show = use_progress(progress)
     from llmvem.errors import ConfigError
+    from llmvem.estimators import RIDGE_FILE
     from llmvem.explain.predictions import (
         model_attributes,
         predict_image_folder,
         resolve_model_dir,
         roi_masks_of,
+        voxel_layout_of,
         write_predictions_h5,
     )
     from llmvem.explain.text_to_brain import READOUTS, TextToBrain
@@ -110,7 +114,14 @@ def predict(
                           "(or --fit-readouts)")
     if images is not None and out is None:
         raise ConfigError("--images needs --out FILE.h5 for the predicted responses")
+    blank = [k for k, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise ConfigError(f"--text: text {blank[0] + 1} is empty; expected words to predict responses to")
+    check_output_file(out, "--out")
     model_dir = resolve_model_dir(run, model)
+    if (model_dir / RIDGE_FILE).is_file() and (texts or fit_readouts):
+        raise ConfigError(f"--model {model_dir.name}: a ridge on image features predicts from --images only "
+                          "(texts need an LLM-VEM model with text-to-brain readouts)")
 
     if fit_readouts:
         from llmvem.config import load_config
@@ -128,7 +139,8 @@ def predict(
     if images is not None:
         assert out is not None
         responses, ids = predict_image_folder(model_dir, images, device=device, batch_size=batch_size)
-        write_predictions_h5(out, responses, image_ids=ids, attrs=attrs, roi_masks=roi_masks_of(model_dir))
+        write_predictions_h5(out, responses, image_ids=ids, attrs=attrs, roi_masks=roi_masks_of(model_dir),
+                             voxel_layout=voxel_layout_of(model_dir))
         typer.echo(f"predicted responses of {len(ids)} images × {responses.shape[1]} voxels ({model_dir.name}) → "
                    f"{out}")
         return

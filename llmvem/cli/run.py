@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, new_output_folder, progress_option, use_progress
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -79,14 +79,16 @@ def demo(
     """
     progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config(config), set_)  # bad input fails here, before torch is imported
     from llmvem.pipeline import run_experiment
 
-    cfg = apply_overrides(load_config(config), set_)
     if out is None:
         out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
-    metrics = run_experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
-                             on_stage=lambda msg: typer.echo(f"[llmvem] {msg}", err=True))
+    with new_output_folder(out):
+        metrics = run_experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
+                                 on_stage=lambda msg: typer.echo(f"[llmvem] {msg}", err=True))
     typer.echo("")
     _print_summary(metrics)
     typer.echo(f"\nrun folder: {out}\nmetrics:    {out / 'metrics.json'}")
@@ -116,40 +118,55 @@ def sweep(
     """
     progress = use_progress(progress)
     from llmvem.config import apply_overrides, load_config
-    from llmvem.errors import ConfigError
+    from llmvem.errors import ConfigError, quote
+
+    base = apply_overrides(load_config(config), set_)
+    lam_values = _parse_floats(lambdas, "--lambda")
+    if not lam_values:
+        raise ConfigError(f"--lambda {quote(lambdas)}: expected at least one value, e.g. 0,0.1")
+    for lam in lam_values:  # every grid point is checked before the sweep folder is made
+        try:
+            apply_overrides(base, [f"model.lambda_align={lam}"])
+        except ConfigError:
+            raise ConfigError(f"--lambda {quote(lambdas)}: {lam:g} is not a valid lambda_align; expected numbers "
+                              ">= 0") from None
+    axes: list[tuple[str, list[str]]] = []
+    for item in grid:
+        if "=" not in item:
+            raise ConfigError(f"--grid {quote(item)}: expected KEY=V1,V2")
+        key, values = item.split("=", 1)
+        axes.append((key, [v for v in values.split(",") if v]))
+        if not axes[-1][1]:
+            raise ConfigError(f"--grid {quote(item)}: no values; expected KEY=V1,V2")
+    from llmvem.errors import ConfigError, quote
+    for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
+        apply_overrides(base, [f"{k}={v}" for k, v in combo])
     from llmvem.experiment import EXPERIMENT_OUTPUTS
     from llmvem.inputs import prepare_inputs
     from llmvem.pipeline import run_experiment
     from llmvem.utils import prepare_run_folder
 
-    base = apply_overrides(load_config(config), set_)
-    lam_values = _parse_floats(lambdas, "--lambda")
-    axes: list[tuple[str, list[str]]] = []
-    for item in grid:
-        if "=" not in item:
-            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2")
-        key, values = item.split("=", 1)
-        axes.append((key, [v for v in values.split(",") if v]))
-    prepare_run_folder(out, resume, overwrite, outputs=EXPERIMENT_OUTPUTS)
-    # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
-    # once unless the grid changes one of those sections (they are cached on disk either way).
-    touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
-    shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
-    run_dirs = []
-    points: dict[str, dict] = {}
-    for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
-        cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
-        name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
-        run_dir = out / name
-        typer.echo(f"[llmvem] sweep point {name}: lambda = {lam_values}", err=True)
-        metrics = run_experiment(cfg, run_dir, lambdas=lam_values, resume=resume, show_progress=progress,
-                                 report=False, inputs=shared,
-                                 on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
-        run_dirs.append(run_dir)
-        points[name] = metrics
-        typer.echo(f"\n== {name} ==")
-        _print_summary(metrics)
-    _print_sweep_selection(points)
+    with new_output_folder(out):
+        prepare_run_folder(out, resume, overwrite, outputs=EXPERIMENT_OUTPUTS)
+        # Inputs (captions, caption embeddings, features) depend only on data/captions/text/backbone; prepare them
+        # once unless the grid changes one of those sections (they are cached on disk either way).
+        touches_inputs = any(k.split(".")[0] in ("data", "captions", "text", "backbone", "cache_dir") for k, _ in axes)
+        shared = None if touches_inputs else prepare_inputs(base, show_progress=progress)
+        run_dirs = []
+        points: dict[str, dict] = {}
+        for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in axes]):
+            cfg = apply_overrides(base, [f"{k}={v}" for k, v in combo])
+            name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in combo) or "base"
+            run_dir = out / name
+            typer.echo(f"[llmvem] sweep point {name}: lambda = {lam_values}", err=True)
+            metrics = run_experiment(cfg, run_dir, lambdas=lam_values, resume=resume, show_progress=progress,
+                                     report=False, inputs=shared,
+                                     on_stage=lambda msg: typer.echo(f"[llmvem]   {msg}", err=True))
+            run_dirs.append(run_dir)
+            points[name] = metrics
+            typer.echo(f"\n== {name} ==")
+            _print_summary(metrics)
+        _print_sweep_selection(points)
     from llmvem.report import write_report
 
     report = write_report(run_dirs, out / "report")

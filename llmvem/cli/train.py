@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, new_output_folder, other_captions_option, progress_option, use_progress
+from llmvem.errors import DiskFullError, is_disk_full
+
+if TYPE_CHECKING:
+    from llmvem.config import RunConfig
 
 _EXAMPLES = """\b
 Examples:
@@ -21,45 +26,87 @@ Examples:
 def train(
     config: str = typer.Option(..., "--config", help="YAML config file, or a shipped config name (demo, "
                                "algonauts_eva02)."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (config.yaml, curves.csv, checkpoints, "
-                             "predictions)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (config.yaml, metrics.json, "
+                             "voxel_metrics.npz, models/<name>/ with checkpoints and predictions)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the trainer's previous outputs in --out and "
                                    "start again."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value, e.g. "
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
+    other_captions: str = other_captions_option(),
     progress: bool | None = progress_option(),
 ) -> None:
-    """Train the LLM-VEM network (stage 1: heads on cached features; stage 2: last backbone blocks).
+    """Train LLM-VEM (and the ridge baseline of evaluate.baselines) into a complete run folder.
 
     Captions, caption embeddings and backbone features are computed first (or read from the cache in
-    cache_dir). Under torchrun every process runs this command; only rank 0 writes and prints.
+    cache_dir, as `llmvem caption/embed --config` left them). The run folder is the experiment runner's:
+    metrics.json (per ROI and hemisphere, validation-chosen model), voxel_metrics.npz, test_responses.npy,
+    models/<name>/ (the LLM-VEM training folder; ridge.npz), challenge test predictions when the dataset has
+    challenge test images; `llmvem report`, `predict` and `export` read it. Under torchrun (several processes)
+    only the LLM-VEM model is trained, into --out itself; only rank 0 writes and prints.
     """
     from llmvem.config import apply_overrides, load_config
-    from llmvem.inputs import prepare_inputs
-    from llmvem.train import prepare_run_folder, train_encoding_model
-    from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
     show = use_progress(progress)
-    cfg = apply_overrides(load_config(config), overrides)
+    cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
+    from llmvem.train.distributed import cleanup_distributed, setup_distributed
+
     info = setup_distributed(cfg.train.device)
     try:
-        if info.is_main:  # refuse a used folder before the (slow) input preparation
-            prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        inputs = prepare_inputs(cfg, show_progress=show and info.is_main)
-        lam = cfg.model.lambda_align
-        result = train_encoding_model(cfg, inputs.dataset,
-                                      text_embeddings=inputs.text_embeddings if lam > 0 else None,
-                                      backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                      resume=resume, overwrite=overwrite, show_progress=show)
+        with new_output_folder(out):  # refused inputs (another captioner...) leave no half-made folder
+            if info.world_size > 1:
+                _train_distributed(cfg, out, resume, overwrite, show, info.is_main, other_captions)
+            else:
+                _train_experiment(cfg, out, resume, overwrite, show, other_captions)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, "the run folder (checkpoints, predictions)") from exc
+        raise
     finally:
         cleanup_distributed(info)
-    if info.is_main:
+
+
+def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool,
+                      other_captions: str) -> None:
+    import llmvem.inputs
+    from llmvem.experiment import run_models
+    from llmvem.pipeline import experiment_models
+
+    models = experiment_models(cfg, [cfg.model.lambda_align], show_progress=show)
+
+    def prepare():
+        if show:
+            typer.echo("[llmvem] preparing inputs: dataset, captions, caption embeddings, image features", err=True)
+        return llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
+
+    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
+                        say=(lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None))
+    m = result.metrics
+    for name, rec in m["models"].items():
+        val = rec.get("val_mean_r")
+        typer.echo(f"{name}: val mean r = " + (f"{val:.4f}" if val is not None else "n/a")
+                   + (" (fitted on val)" if rec.get("val_in_fit") else "") + f", test mean r = {rec['mean_r']:.4f}")
+        stages = getattr(getattr(result.estimators[name], "result_", None), "stages", {}) or {}
+        for stage, st in stages.items():
+            typer.echo(f"  {stage}: {st['epochs_run']} epochs, best epoch {st['best_epoch']} "
+                       f"(val r {st['best_val_mean_r']:.4f})" + (", early stopped" if st["early_stopped"] else ""))
+    typer.echo(f"selected (best validation mean r): {m['selected_model']}")
+    typer.echo(f"run folder: {out}  (llmvem report {out})")
+
+
+def _train_distributed(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, show: bool, is_main: bool,
+                       other_captions: str) -> None:
+    import llmvem.inputs
+    from llmvem.train import prepare_run_folder, train_encoding_model
+
+    if is_main:  # refuse a used folder before the (slow) input preparation
+        prepare_run_folder(out, resume=resume, overwrite=overwrite)
+    inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show and is_main, other_captions=other_captions)
+    lam = cfg.model.lambda_align
+    result = train_encoding_model(cfg, inputs.dataset, text_embeddings=inputs.text_embeddings if lam > 0 else None,
+                                  backbone=inputs.backbone, features=inputs.features, out_dir=out,
+                                  resume=resume, overwrite=overwrite, show_progress=show)
+    if is_main:
         m = result.metrics
         typer.echo(f"trained {out}: val mean r = {m['val_mean_r']:.4f}"
                    + (f", test mean r = {m['test_mean_r']:.4f}" if "test_mean_r" in m else ""))
-        for name, st in result.stages.items():
-            ips = st.get("images_per_s")
-            typer.echo(f"  {name}: {st['epochs_run']} epochs, best epoch {st['best_epoch']} "
-                       f"(val r {st['best_val_mean_r']:.4f})" + (", early stopped" if st["early_stopped"] else "")
-                       + (f", {ips:.0f} img/s" if ips else ""))

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import ArrayImages, FileImages, ImageCollection, ZipImages
-from llmvem.errors import DataValidationError
+from llmvem.errors import DataValidationError, quote
 
 __all__ = ["EncodingDataset", "Split", "ImageCollection", "FileImages", "ZipImages", "ArrayImages",
            "load_dataset", "parse_options"]
@@ -26,7 +28,7 @@ def parse_options(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
-            raise DataValidationError(None, "dataset spec", f"option {part!r} is not of the form key=value")
+            raise DataValidationError(text, "dataset spec", f"option {quote(part)} is not of the form key=value")
         key, value = (s.strip() for s in part.split("=", 1))
         for cast in (int, float):
             try:
@@ -37,6 +39,33 @@ def parse_options(text: str) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _call_loader(loader: Callable[..., EncodingDataset], spec: str, options: dict[str, Any]) -> EncodingDataset:
+    """Call ``loader`` after checking ``options`` against its signature: unknown names and values of the wrong
+    type (``n_train=abc``) are errors naming the option and what it expects, not a TypeError from deep inside."""
+    params = inspect.signature(loader).parameters
+    for key, value in options.items():
+        param = params.get(key)
+        if param is None or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            accepted = ", ".join(k for k, p in params.items() if p.default is not p.empty)
+            raise DataValidationError(spec, "dataset options", f"unknown option {quote(key)}; this loader takes: "
+                                      f"{accepted}")
+        default = param.default
+        kind = type(default) if isinstance(default, (bool, int, float)) else None
+        ok = kind is None or (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))) \
+            or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise DataValidationError(spec, f"option {key}", f"got {quote(value)}; expected {what} such as {default!r}")
+    try:
+        return loader(**options)
+    except TypeError as exc:
+        raise DataValidationError(spec, "dataset options", str(exc)) from exc
+    except DataValidationError as exc:
+        if exc.source != "<in memory>":
+            raise
+        raise DataValidationError(spec, f"option {exc.field}", exc.problem) from exc  # name what was given
 
 
 def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **kwargs: Any) -> EncodingDataset:
@@ -56,10 +85,7 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
         from llmvem.data.virtual_brain import make_virtual_brain
 
         options = {**(parse_options(text.split(":", 1)[1]) if ":" in text else {}), **kwargs}
-        try:
-            ds = make_virtual_brain(**{"seed": seed, **options})
-        except TypeError as exc:
-            raise DataValidationError(text, "virtual brain options", str(exc)) from exc
+        ds = _call_loader(make_virtual_brain, text, {"seed": seed, **options})
     elif text.startswith("v4:"):
         from llmvem.data.v4 import load_v4
 
@@ -67,7 +93,8 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
             _, root, session = text.split(":", 2)
         except ValueError as exc:
             raise DataValidationError(text, "dataset spec", "expected 'v4:ROOT:SESSION'") from exc
-        ds = load_v4(root, session, val_fraction=val_fraction, seed=seed, **kwargs)
+        ds = _call_loader(load_v4, text, {"root": root, "session": session, "val_fraction": val_fraction,
+                                          "seed": seed, **kwargs})
     else:
         path = Path(text)
         if not path.exists():
@@ -76,11 +103,12 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
         if (path / "training_split").is_dir():
             from llmvem.data.algonauts import load_algonauts
 
-            ds = load_algonauts(path, val_fraction=val_fraction, seed=seed, **kwargs)
+            ds = _call_loader(load_algonauts, text, {"subject_dir": path, "val_fraction": val_fraction, "seed": seed,
+                                                     **kwargs})
         elif any((path / name).exists() for name in ("responses.npy", "responses.h5", "responses.hdf5")):
             from llmvem.data.folder import load_folder
 
-            ds = load_folder(path, val_fraction=val_fraction, seed=seed, **kwargs)
+            ds = _call_loader(load_folder, text, {"path": path, "val_fraction": val_fraction, "seed": seed, **kwargs})
         else:
             raise DataValidationError(path, "dataset", "not a known layout: expected 'training_split/' (Algonauts 2023)"
                                       " or 'responses.npy'/'responses.h5' (generic folder)")

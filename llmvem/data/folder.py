@@ -48,7 +48,7 @@ from llmvem.data.safe_load import (
     load_array,
     read_utf8_text,
 )
-from llmvem.errors import DataValidationError
+from llmvem.errors import DataValidationError, quote
 
 SPLIT_VALUES = ("train", "val", "test")
 
@@ -85,7 +85,24 @@ def find_one(folder: Path, stem: str, suffixes: tuple[str, ...] = (".npy", ".h5"
     return found[0]
 
 
-def _read_stimuli_csv(csv_path: Path, images_dir: Path
+def confine(path: Path, images_dir: Path, where: str | Path, field: str, allow_symlinks: bool = False) -> Path:
+    """``path`` if it lies inside ``images_dir`` once links are followed, else a :class:`DataValidationError`.
+
+    Keeps a dataset from naming (and a caption server from receiving) any readable file on the machine. A
+    symlinked ``images/`` folder is fine; links inside it that lead out are refused unless ``allow_symlinks``.
+    """
+    if allow_symlinks:
+        return path
+    inside = images_dir.resolve()
+    target = path.resolve()
+    if target != inside and inside not in target.parents:
+        raise DataValidationError(
+            where, field, f"{path.name!r} resolves to {str(target)[:150]!r}, outside {images_dir}; expected image "
+            "files inside the dataset (loader option allow_symlinks=true follows links out of it)")
+    return path
+
+
+def _read_stimuli_csv(csv_path: Path, images_dir: Path, allow_symlinks: bool = False
                       ) -> tuple[list[Path], dict[str, str] | None, dict[str, list[str]]]:
     """Parse stimuli.csv → image paths (row order), split per image id (or None), captions per image id."""
     text = read_utf8_text(csv_path, "encoding")
@@ -102,19 +119,35 @@ def _read_stimuli_csv(csv_path: Path, images_dir: Path
     seen: dict[str, Path] = {}
     splits: dict[str, str] = {}
     captions: dict[str, list[str]] = {}
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # NUL bytes, a field over the CSV size limit, ...
+            raise DataValidationError(csv_path, f"line {reader.line_num}", f"not valid CSV ({exc})") from exc
         line = reader.line_num
         name = (row.get("image") or "").strip()
         if not name:
             raise DataValidationError(csv_path, f"image (line {line})", "empty; expected an image file name")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataValidationError(
+                csv_path, f"image (line {line})", f"{name[:150]!r} leaves the images folder; expected a file name "
+                "inside images/")
         path = images_dir / name
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # e.g. a name longer than the file system allows
+            found = False
+        if not found:
             candidates = by_stem.get(name, []) if not Path(name).suffix else []
             if len(candidates) != 1:
                 raise DataValidationError(
-                    csv_path, f"image (line {line})", f"{name!r} not found in {images_dir}; expected an existing "
+                    csv_path, f"image (line {line})", f"{quote(name)} not found in {images_dir}; expected an existing "
                     "image file name")
             path = candidates[0]
+        confine(path, images_dir, csv_path, f"image (line {line})", allow_symlinks)
         img_id = path.stem
         if img_id in seen and seen[img_id] != path:
             raise DataValidationError(
@@ -201,7 +234,7 @@ def _load_repeats(root: Path, resp_path: Path, n_images: int, n_voxels: int, ids
 
 
 def load_folder(path: str | Path, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
-                name: str | None = None) -> EncodingDataset:
+                name: str | None = None, allow_symlinks: bool = False) -> EncodingDataset:
     """Load a generic dataset folder (layout in the module docstring).
 
     Parameters
@@ -216,6 +249,9 @@ def load_folder(path: str | Path, test_fraction: float = 0.2, val_fraction: floa
         Seed of the test and validation hold-outs.
     name : str, optional
         Dataset name (default: the folder name).
+    allow_symlinks : bool
+        Accept image files that are links leading out of ``images/`` (off: every image must resolve inside it,
+        and ``stimuli.csv`` may not name absolute paths or ``..``).
 
     Returns
     -------
@@ -235,7 +271,7 @@ def load_folder(path: str | Path, test_fraction: float = 0.2, val_fraction: floa
     split_of: dict[str, str] | None = None
     captions: dict[str, list[str]] = {}
     if csv_path.is_file():
-        paths, split_of, captions = _read_stimuli_csv(csv_path, images_dir)
+        paths, split_of, captions = _read_stimuli_csv(csv_path, images_dir, allow_symlinks)
         rows_from = csv_path
     else:
         paths = list_image_files(images_dir)
@@ -249,6 +285,7 @@ def load_folder(path: str | Path, test_fraction: float = 0.2, val_fraction: floa
                     images_dir, "image ids", f"{p.name!r} and {stems[p.stem].name!r} share the id {p.stem!r}; "
                     "expected unique file names without extension")
             stems[p.stem] = p
+            confine(p, images_dir, images_dir, "image", allow_symlinks)
     check_nonempty_files(paths)
     ids = [p.stem for p in paths]
     n_images = len(paths)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import struct
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,26 @@ from PIL import Image, UnidentifiedImageError
 from llmvem.errors import DataValidationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: Default cap on the pixels of one decoded image (width x height): 100 megapixels, far above any stimulus set
+#: (NSD: 0.18 MP) and far below what a 100 KB "decompression bomb" file can declare. The environment variable
+#: ``LLMVEM_MAX_IMAGE_PIXELS`` changes it for a process.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def max_image_pixels() -> int:
+    """The pixel cap in force: ``LLMVEM_MAX_IMAGE_PIXELS`` if set (a positive integer), else 100 MP."""
+    raw = os.environ.get("LLMVEM_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataValidationError("LLMVEM_MAX_IMAGE_PIXELS", "environment", f"{raw[:50]!r}; expected a positive "
+                                  "number of pixels such as 100000000")
+    return value
 
 
 def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
@@ -48,14 +71,39 @@ def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
         raise DataValidationError(source, "image", f"cannot convert mode {mode!r} to RGB ({exc})") from exc
 
 
-def decode_image(data: bytes, source: str) -> Image.Image:
-    """Decode encoded image bytes to RGB, with a clear error for empty, truncated or corrupt files."""
+def decode_image(data: bytes, source: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes to RGB, with a clear error for empty, truncated, corrupt or oversized files.
+
+    Parameters
+    ----------
+    data : bytes
+        The encoded file.
+    source : str
+        Where the bytes came from (named in errors).
+    max_pixels : int, optional
+        Largest width x height accepted, checked from the header before any pixel is decoded (default:
+        :func:`max_image_pixels`).
+    """
     if len(data) == 0:
         raise DataValidationError(source, "image", "file is empty (0 bytes); expected an encoded image")
+    cap = max_image_pixels() if max_pixels is None else max_pixels
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > cap:
+                raise DataValidationError(
+                    source, "image", f"{width}x{height} pixels is more than the cap of {cap} pixels (a decompression"
+                    " bomb?); set LLMVEM_MAX_IMAGE_PIXELS to allow larger images")
+            img.load()
+    except Image.DecompressionBombError as exc:  # PIL's own cap (2x its warning limit) tripped first
+        raise DataValidationError(source, "image", f"declares too many pixels ({exc}); a decompression bomb? set "
+                                  "LLMVEM_MAX_IMAGE_PIXELS to allow larger images") from exc
+    except DataValidationError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError,
+            TypeError, struct.error, ZeroDivisionError) as exc:
         raise DataValidationError(
             source, "image", f"cannot decode image ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
         ) from exc

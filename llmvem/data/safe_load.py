@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
 
-from llmvem.errors import DataValidationError, ModelLoadError, UnsafeFileError
+from llmvem.errors import DataValidationError, ModelLoadError, UnsafeFileError, quote
 
 try:  # NumPy >= 2
     from numpy._core import multiarray as _multiarray
@@ -54,14 +55,48 @@ _ALLOWED_NUMPY = {"_reconstruct": _safe_reconstruct, "scalar": _safe_scalar}
 _NUMPY_MULTIARRAY = ("numpy._core.multiarray", "numpy.core.multiarray")
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only an allow-list of globals.
+def _check_key(key: Any) -> None:
+    # Checked before the key is hashed: hashing a small pickle's tuple tower (each level 9 references to the one
+    # below) visits every leaf of the expanded tree, seconds for a 400-byte file.
+    if not isinstance(key, (int, str, np.integer)):
+        raise pickle.UnpicklingError(f"dict key of type {type(key).__name__} is not allowed (only int or str)")
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that resolves only an allow-list of globals and builds dicts with int or str keys only.
 
     Allowed: ``builtins.dict``, ``builtins.int``, ``builtins.str``, ``numpy.ndarray`` (plain arrays only),
     ``numpy.dtype`` (object and integer dtypes only) and ``numpy.(_)core.multiarray._reconstruct``/``scalar``
     (wrapped so that they build only those). Every other global — ``os.system``, ``builtins.eval``,
     ``subprocess.Popen``… — raises :class:`pickle.UnpicklingError` when it is looked up, so it is never called.
+    It is the pure-Python unpickler (label mappings are a few hundred bytes), whose dict-building opcodes are
+    replaced so that a key of any other type is refused before it is hashed.
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        _check_key(key)
+        self.stack[-1][key] = value
+
+    def _load_setitems(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        for i in range(0, len(items), 2):
+            _check_key(items[i])
+            target[items[i]] = items[i + 1]
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        for i in range(0, len(items), 2):
+            _check_key(items[i])
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.DICT[0]] = _load_dict
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in _ALLOWED_BUILTINS:
@@ -87,8 +122,8 @@ def _read_npy_header(fh: io.BufferedIOBase, path: Path) -> tuple[tuple[int, ...]
             shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
-    except ValueError as exc:
-        raise DataValidationError(path, "file", f"not a readable .npy file ({exc})") from exc
+    except Exception as exc:  # NumPy parses the header with ast: ValueError, SyntaxError, tokenize.TokenError...
+        raise DataValidationError(path, "file", f"not a readable .npy file ({type(exc).__name__}: {exc})") from exc
     return shape, dtype
 
 
@@ -128,7 +163,8 @@ def load_label_mapping(path: str | Path) -> dict[int, str]:
             raise UnsafeFileError(
                 f"{path}: mapping: refused to unpickle ({exc}); a label mapping may only contain a dict of "
                 "int -> str") from exc
-        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error,
+                RecursionError) as exc:
             raise DataValidationError(path, "mapping", f"corrupt pickle ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, np.ndarray):
         if obj.shape != () or obj.dtype != object:
@@ -139,10 +175,10 @@ def load_label_mapping(path: str | Path) -> dict[int, str]:
     out: dict[int, str] = {}
     for key, value in obj.items():
         if not isinstance(key, (int, np.integer)) or isinstance(key, bool):
-            raise DataValidationError(path, "mapping", f"key {key!r} is a {type(key).__name__}; expected int")
+            raise DataValidationError(path, "mapping", f"key {quote(key)} is a {type(key).__name__}; expected int")
         if not isinstance(value, str):
             raise DataValidationError(
-                path, "mapping", f"value of key {key!r} is a {type(value).__name__}; expected str")
+                path, "mapping", f"value of key {quote(key)} is a {type(value).__name__}; expected str")
         out[int(key)] = value
     return out
 
@@ -173,6 +209,31 @@ def weights_load_error(source: str | Path, exc: BaseException) -> Exception:
 
 
 # ---------------------------------------------------------------------------------------- numeric arrays
+def _check_npy(path: Path, field: str) -> None:
+    """Refuse a ``.npy`` file that is not one (text, CSV, another format) or whose header promises more data than
+    the file holds (a truncated file, or a forged header that would make NumPy allocate terabytes)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+            if head != b"\x93NUMPY":
+                kind = "empty" if not head else (
+                    "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary")
+                raise DataValidationError(
+                    path, field, f"not a .npy file ({kind} content starting {head!r}); save the array with numpy.save")
+            fh.seek(0)
+            shape, dtype = _read_npy_header(fh, path)
+            offset = fh.tell()
+    except OSError as exc:
+        raise DataValidationError(path, field, f"cannot read file ({exc.strerror or exc})") from exc
+    if dtype.hasobject:
+        raise DataValidationError(path, field, "holds Python objects (pickle); expected a numeric array")
+    needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if needed > size - offset:
+        raise DataValidationError(path, field, f"the header declares shape {quote(shape)} of {dtype} ({needed} bytes)"
+                                  f" but the file holds {size - offset} bytes; the file is truncated or corrupt")
+
+
 def load_array(path: str | Path, field: str, dataset: str | None = None, ndim: int | None = None,
                mmap: bool = False) -> np.ndarray:
     """Load a numeric array from ``.npy`` (never unpickling) or an HDF5 dataset.
@@ -200,13 +261,14 @@ def load_array(path: str | Path, field: str, dataset: str | None = None, ndim: i
         raise DataValidationError(path, field, "file not found")
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        _check_npy(path, field)
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-        except ValueError as exc:
+        except (ValueError, SyntaxError, TypeError, EOFError, MemoryError) as exc:
             if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
                 raise DataValidationError(
                     path, field, "holds Python objects (pickle); expected a numeric array") from exc
-            raise DataValidationError(path, field, f"not a readable .npy file ({exc})") from exc
+            raise DataValidationError(path, field, f"not a readable .npy file ({type(exc).__name__}: {exc})") from exc
         except OSError as exc:
             raise DataValidationError(path, field, f"not a readable .npy file ({exc})") from exc
     elif suffix in (".h5", ".hdf5"):

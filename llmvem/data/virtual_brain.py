@@ -215,6 +215,39 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarra
     return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
+def make_virtual_scenes(n: int, image_size: int = 64, seed: int = 7) -> tuple[ArrayImages, list[str], list[Scene]]:
+    """Extra captioned scenes without responses: images drawn like the brain's, with their exact descriptions.
+
+    The alignment stream of the positive control (``align_data.spec = "virtual-scenes:n=2000,seed=7"``): many
+    more captioned scenes than scenes with responses. Use a ``seed`` other than the brain's so the scenes differ.
+
+    Parameters
+    ----------
+    n : int
+        Number of scenes (>= 1).
+    image_size : int
+        Side of the images in pixels (the brain's ``image_size``).
+    seed : int
+        Scenes and rendering follow from it.
+
+    Returns
+    -------
+    images : ArrayImages
+        ``n`` images of shape (image_size, image_size, 3), ids ``vs<seed>_<i>``.
+    descriptions : list of str
+        The exact description of each scene (:meth:`Scene.description`).
+    scenes : list of Scene
+    """
+    if n < 1 or image_size < 8:
+        raise DataValidationError(None, "virtual-scenes", f"got n={n}, image_size={image_size}; expected n >= 1 "
+                                  "and image_size >= 8")
+    scene_seq, render_seq = np.random.SeedSequence([seed, 23]).spawn(2)
+    scene_rng, render_rng = np.random.default_rng(scene_seq), np.random.default_rng(render_seq)
+    scenes = [_random_scene(scene_rng) for _ in range(n)]
+    images = np.stack([render_scene(s, image_size, render_rng) for s in scenes])
+    return ArrayImages(images, [f"vs{seed:03d}_{i:05d}" for i in range(n)]), [s.description() for s in scenes], scenes
+
+
 def _gabor_energy(images: np.ndarray) -> np.ndarray:
     """Oriented energy maps, (n_images, n_channels, GRID, GRID), channels = orientation × frequency."""
     n, h, w, _ = images.shape

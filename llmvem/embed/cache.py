@@ -47,7 +47,7 @@ import torch
 from llmvem.data.images import ImageCollection
 from llmvem.embed.base import ImageBackbone
 from llmvem.embed.spatial import validate_layer_specs
-from llmvem.errors import ConfigError
+from llmvem.errors import ConfigError, DiskFullError, is_disk_full
 from llmvem.utils import progress_bar, resolve_device, stable_hash
 
 logger = logging.getLogger(__name__)
@@ -229,15 +229,22 @@ class FeatureCache:
         stem = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final = folder / f"{stem}.h5"
         tmp = folder / f".{stem}.h5.tmp-{os.getpid()}"
+        f = None
         try:
-            with h5py.File(tmp, "w") as f:
-                self._write_group(f, key, config, list(hashes), arrays)
-                f.flush()
+            f = h5py.File(tmp, "w")
+            self._write_group(f, key, config, list(hashes), arrays)
+            f.flush()
+            f.close()
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                if f is not None and f.id.valid:
+                    f.close()
             tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise DiskFullError(folder, f"features for the feature cache {self.path.name}") from exc
             raise
         _fsync_dir(folder)
         return final
@@ -265,29 +272,38 @@ class FeatureCache:
             merged_parts: list[Path] = []
             n_new = 0
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            old = out = None
             try:
-                old = None
                 if self.path.exists():
                     try:
                         old = h5py.File(self.path, "r")
                     except OSError as exc:
                         self._quarantine(self.path, exc)
-                with h5py.File(tmp, "w") as out:
-                    if old is not None:
-                        for name in old:
-                            if name not in keys:
-                                old.copy(old[name], out, name=name)
-                    for key in keys:
-                        n_new += self._merge_key(out, old, key, merged_parts)
-                    out.flush()
+                out = h5py.File(tmp, "w")
+                if old is not None:
+                    for name in old:
+                        if name not in keys:
+                            old.copy(old[name], out, name=name)
+                for key in keys:
+                    n_new += self._merge_key(out, old, key, merged_parts)
+                out.flush()
+                out.close()
                 if old is not None:
                     old.close()
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.path)
                 _fsync_dir(self.path.parent)
-            except BaseException:
+            except BaseException as exc:
+                # Close both files before anything else: HDF5 left holding a half-written file after a failed
+                # write (disk full) crashes the interpreter at exit. The parts and the old store stay untouched.
+                for handle in (out, old):
+                    with contextlib.suppress(Exception):
+                        if handle is not None and handle.id.valid:
+                            handle.close()
                 tmp.unlink(missing_ok=True)
+                if is_disk_full(exc):
+                    raise DiskFullError(self.path.parent, f"the feature cache {self.path.name}") from exc
                 raise
             for part in merged_parts:
                 part.unlink(missing_ok=True)

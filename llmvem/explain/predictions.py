@@ -5,9 +5,12 @@ HDF5 layout written by :func:`write_predictions_h5`:
 ``responses``
     float32 (n_stimuli, n_voxels), predicted responses in the units of the training responses.
 ``image_ids`` or ``texts``
-    UTF-8 strings (n_stimuli,): the image file names or the texts.
+    UTF-8 strings (n_stimuli,): the image ids (file names without extension) or the texts.
 ``roi/<name>``
     bool (n_voxels,), the ROI masks of the training dataset, when known.
+``hemisphere``, ``fsaverage_index``
+    (n_voxels,) ``"lh"``/``"rh"`` strings and int fsaverage vertex of each voxel, when the dataset has them
+    (Algonauts: lh voxels first).
 attributes
     ``kind`` (``"images"`` or ``"text"``), ``model``, ``model_dir``, ``lambda_align``, ``backbone``,
     ``text_encoder``, ``n_voxels``, ``dataset``, ``created``, ``llmvem_version`` and, for text,
@@ -28,7 +31,7 @@ import numpy as np
 from llmvem.errors import CheckpointError, DataValidationError
 
 __all__ = ["model_attributes", "predict_image_folder", "read_predictions_h5", "resolve_model_dir", "roi_masks_of",
-           "write_predictions_h5"]
+           "voxel_layout_of", "write_predictions_h5"]
 
 
 def _positive_lambda_models(models: Path) -> list[tuple[Path, float]]:
@@ -49,9 +52,9 @@ def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
     ----------
     run : str or Path
         A trained-model folder (``config.yaml`` + ``model.safetensors``), or an experiment run folder with
-        ``models/<name>/`` (``llmvem demo``).
+        ``models/<name>/`` (``llmvem demo``, ``llmvem train``).
     model : str, optional
-        Name of the model under ``run/models`` (e.g. ``llmvem_lambda0.1``). Default: the model of the run's
+        Name of the model under ``run/models`` (e.g. ``llmvem_lambda0.1``, or ``ridge``: a saved ridge). Default: the model of the run's
         ``model.lambda_align`` when it is > 0, else the only model trained with λ > 0.
 
     Raises
@@ -60,7 +63,7 @@ def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
         No such folder or model; the message lists the models that exist.
     """
     from llmvem.config import load_config
-    from llmvem.estimators import model_name
+    from llmvem.estimators import RIDGE_FILE, model_name
     from llmvem.train.load import is_model_folder
 
     run = Path(run)
@@ -74,7 +77,7 @@ def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
         raise CheckpointError(f"{run}: neither a trained-model folder (config.yaml + model.safetensors) nor an "
                               "experiment folder with models/")
     found = _positive_lambda_models(models)
-    names = [d.name for d, _ in found]
+    names = [d.name for d, _ in found] + sorted(d.name for d in models.iterdir() if (d / RIDGE_FILE).is_file())
     if model is not None:
         if model not in names:
             raise CheckpointError(f"{models / model}: no trained model of that name; models in {run}: "
@@ -106,22 +109,39 @@ def roi_masks_of(model_dir: str | Path) -> dict[str, np.ndarray]:
     return {}
 
 
+def voxel_layout_of(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """``hemisphere`` and ``fsaverage_index`` per voxel from the run's ``voxel_metrics.npz`` (those it has)."""
+    npz = Path(model_dir).parent.parent / "voxel_metrics.npz"
+    if not npz.is_file():
+        return {}
+    with np.load(npz, allow_pickle=False) as z:
+        return {k: z[k] for k in ("hemisphere", "fsaverage_index") if k in z.files}
+
+
+def _model_config_path(model_dir: Path) -> Path:
+    """``config.yaml`` of a model folder, or of its run (a saved ridge has none of its own)."""
+    own = model_dir / "config.yaml"
+    return own if own.is_file() else model_dir.parent.parent / "config.yaml"
+
+
 def model_attributes(model_dir: str | Path) -> dict[str, Any]:
     """Provenance attributes of a trained model (for HDF5 attributes and the CLI)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from llmvem.config import load_config
+    from llmvem.estimators import RIDGE_FILE
     from llmvem.train.load import read_training_summary
 
     model_dir = Path(model_dir)
-    cfg = load_config(model_dir / "config.yaml")
+    cfg = load_config(_model_config_path(model_dir))
     summary = read_training_summary(model_dir)
+    ridge = (model_dir / RIDGE_FILE).is_file()
     try:
         ver = version("llmvem")
     except PackageNotFoundError:
         ver = "unknown"
     return {"model": model_dir.name, "model_dir": str(model_dir.resolve()),
-            "lambda_align": float(cfg.model.lambda_align), "backbone": cfg.backbone.name,
+            "lambda_align": float("nan") if ridge else float(cfg.model.lambda_align), "backbone": cfg.backbone.name,
             "text_encoder": cfg.text.encoder, "dataset": str(summary.get("dataset", {}).get("name", "")),
             "config_hash": str(summary.get("config_hash", "")), "llmvem_version": ver,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
@@ -144,23 +164,42 @@ def predict_image_folder(model_dir: str | Path, folder: str | Path, *, device: s
     -------
     responses : array of shape (n_images, n_voxels), float32
     image_ids : list of str
-        File names (with extension), in ``responses`` row order.
+        File names without extension (with it when two files share a stem), in ``responses`` row order.
+
+    A saved ridge (``models/ridge``) predicts from the frozen features of the run's backbone (feature cache of
+    the run's ``cache_dir``).
     """
     from llmvem.data.images import FileImages, list_image_files
+    from llmvem.estimators import RIDGE_FILE
     from llmvem.train.load import load_trained_model
     from llmvem.utils import resolve_device
 
     files = list_image_files(folder)
     if not files:
         raise DataValidationError(folder, "images", "no image files (jpg, png, ...) in the folder")
-    images = FileImages(files, ids=[f.name for f in files])  # names with extension: unique in a folder
+    stems = [f.stem for f in files]
+    # ids are file names without extension (as the datasets name images), unless two files share a stem
+    images = FileImages(files, ids=stems if len(set(stems)) == len(stems) else [f.name for f in files])
+    model_dir = Path(model_dir)
+    if (model_dir / RIDGE_FILE).is_file():
+        from llmvem.config import load_config
+        from llmvem.estimators import RidgeEncoder
+        from llmvem.inputs import extract_image_features, load_config_backbone
+
+        ridge = RidgeEncoder.load(model_dir)
+        cfg = load_config(_model_config_path(model_dir))
+        cfg.backbone.device = device
+        features = extract_image_features(cfg, images, load_config_backbone(cfg), ridge.layers,
+                                          show_progress=False)
+        return ridge.predict(features), list(images.ids)
     encoder = load_trained_model(model_dir, device=resolve_device(device))
     return encoder.predict(images, batch_size=batch_size), list(images.ids)
 
 
 def write_predictions_h5(path: str | Path, responses: np.ndarray, *, image_ids: Sequence[str] | None = None,
                          texts: Sequence[str] | None = None, attrs: Mapping[str, Any] | None = None,
-                         roi_masks: Mapping[str, np.ndarray] | None = None) -> Path:
+                         roi_masks: Mapping[str, np.ndarray] | None = None,
+                         voxel_layout: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write predicted responses to an HDF5 file (layout in the module docstring), atomically.
 
     Parameters
@@ -172,6 +211,8 @@ def write_predictions_h5(path: str | Path, responses: np.ndarray, *, image_ids: 
     attrs : dict, optional
         Scalar or string attributes.
     roi_masks : dict of str to bool array of shape (n_voxels,), optional
+    voxel_layout : dict, optional
+        ``hemisphere`` (str array (n_voxels,)) and/or ``fsaverage_index`` (int array (n_voxels,)).
     """
     import h5py
 
@@ -195,6 +236,13 @@ def write_predictions_h5(path: str | Path, responses: np.ndarray, *, image_ids: 
                              dtype=h5py.string_dtype("utf-8"))
             for name, mask in (roi_masks or {}).items():
                 f.create_dataset(f"roi/{name}", data=np.asarray(mask, dtype=bool))
+            for key, values in (voxel_layout or {}).items():
+                if len(values) != y.shape[1]:
+                    raise DataValidationError(None, key, f"{len(values)} values for {y.shape[1]} voxels")
+                if key == "hemisphere":
+                    f.create_dataset(key, data=np.asarray(values).astype(object), dtype=h5py.string_dtype("utf-8"))
+                else:
+                    f.create_dataset(key, data=np.asarray(values, dtype=np.int64))
             for key, value in {**(attrs or {}), "kind": "images" if texts is None else "text",
                                "n_voxels": int(y.shape[1])}.items():
                 f.attrs[key] = value
@@ -213,7 +261,7 @@ def read_predictions_h5(path: str | Path) -> dict[str, Any]:
     -------
     dict
         ``responses`` (n, n_voxels) float32, ``image_ids`` or ``texts`` (list of str), ``roi`` (dict of masks),
-        ``attrs`` (dict).
+        ``attrs`` (dict), and ``hemisphere`` (list of str) / ``fsaverage_index`` (int array) when written.
     """
     import h5py
 
@@ -222,9 +270,11 @@ def read_predictions_h5(path: str | Path) -> dict[str, Any]:
         with h5py.File(path, "r") as f:
             out: dict[str, Any] = {"responses": f["responses"][()], "attrs": dict(f.attrs),
                                    "roi": {k: v[()] for k, v in f["roi"].items()} if "roi" in f else {}}
-            for key in ("image_ids", "texts"):
+            for key in ("image_ids", "texts", "hemisphere"):
                 if key in f:
                     out[key] = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f[key][()]]
+            if "fsaverage_index" in f:
+                out["fsaverage_index"] = f["fsaverage_index"][()]
     except (OSError, KeyError) as exc:
         raise DataValidationError(path, "file", f"not a predictions file written by llmvem predict ({exc})") from exc
     return out

@@ -9,9 +9,18 @@ their readout (as neuralpredictors' ``MultiReadoutBase``). ``forward(key=None)``
 The network runs in two modes:
 
 * **feature mode** (stage 1): ``forward(features={layer: (B, d_layer)})`` with features precomputed by the
-  frozen backbone (from the feature cache); the backbone is not called.
+  frozen backbone (from the feature cache); the backbone is not called. Maps of the spatial layers travel in the
+  same mapping, ``{"block5@grid7": (B, C, 7, 7)}``.
 * **image mode** (stage 2): ``forward(images=uint8 (B, H, W, 3))`` preprocesses the images and runs the
   backbone, whose last blocks may be trainable.
+
+**Spatial readouts** (``spatial_readout="factorized"`` or ``"gaussian"``, :mod:`llmvem.model.spatial`) read the
+maps of ``map_shapes`` (layer specs ``"<layer>@grid<G>"`` / ``"<layer>@map"``, several layers at once), each
+channel z-scored with training statistics. ``spatial_mode="residual"`` adds them to the flat readout (PCA voxel
+mapping on the flat features + spatial residual, :class:`~llmvem.model.spatial.FlatPlusSpatialReadout`);
+``"alone"`` predicts with the spatial readout only. Each data key gets its own spatial readout. The alignment
+head keeps reading the pooled features (or the core); with a core, the core acts on the flat features only and
+the spatial readout reads the maps directly.
 
 Nothing here knows about files or datasets.
 """
@@ -31,15 +40,17 @@ from torch import nn
 from llmvem.embed.base import ImageBackbone
 from llmvem.model.features import FeatureStandardizer
 from llmvem.model.readout import LinearVoxelReadout, PCAVoxelReadout, Readout, default_pca_components
+from llmvem.model.spatial import FactorizedReadout, FlatPlusSpatialReadout, GaussianReadout, SpatialReadout
 
 if TYPE_CHECKING:
     from llmvem.config import ModelConfig
 
-__all__ = ["DEFAULT_KEY", "EMBED_LAYER", "AlignmentHead", "LLMVEM", "ModelOutput"]
+__all__ = ["DEFAULT_KEY", "EMBED_LAYER", "SPATIAL_READOUTS", "AlignmentHead", "LLMVEM", "ModelOutput"]
 
 EMBED_LAYER = "pooled"
 DEFAULT_KEY = "main"  #: the data key of a single-subject network
 _HEAD_SEED_OFFSET = 7919  # the alignment head draws its init from its own stream (see LLMVEM.__init__)
+SPATIAL_READOUTS = ("factorized", "gaussian")  #: kinds of ``spatial_readout`` besides ``"none"``
 
 
 @dataclass
@@ -136,7 +147,19 @@ class LLMVEM(nn.Module):
         built with and without it (same global seed) has identical readout weights and, with λ = 0, identical
         predictions.
     head_seed : int
-        Seed of the alignment head's own random stream.
+        Seed of the alignment head's own random stream (the spatial readouts are seeded from it too).
+    map_shapes : mapping of str to (C, H, W), optional
+        Maps read by the spatial readouts, e.g. ``{"block5@grid7": (80, 7, 7)}``; needed with
+        ``spatial_readout``.
+    spatial_readout : {"none", "factorized", "gaussian"}
+        "none" builds exactly the network without spatial readout.
+    spatial_mode : {"residual", "alone"}
+        Spatial readout added to the flat readout, or predicting alone (the flat layers then feed only the
+        alignment head).
+    spatial_l1 : float
+        Sparsity penalty of the spatial readout (factorized: Σ‖mask‖₁‖w‖₁; Gaussian: ‖channel weights‖₁).
+    spatial_smoothness : float
+        Laplacian smoothness penalty of factorized masks.
     """
 
     def __init__(self, layer_dims: Mapping[str, int], n_voxels: int | None = None, n_train: int | None = None, *,
@@ -146,7 +169,9 @@ class LLMVEM(nn.Module):
                  text_dim: int | None = None, align_dim: int | None = None, embed_dim: int | None = None,
                  projection: str = "linear", temperature_init: float = 0.07, learn_temperature: bool = True,
                  feature_dropout: float = 0.0, standardize_features: bool = True,
-                 backbone: ImageBackbone | None = None, alignment: bool = True, head_seed: int = 0):
+                 backbone: ImageBackbone | None = None, alignment: bool = True, head_seed: int = 0,
+                 map_shapes: Mapping[str, tuple[int, int, int]] | None = None, spatial_readout: str = "none",
+                 spatial_mode: str = "residual", spatial_l1: float = 0.0, spatial_smoothness: float = 0.0):
         super().__init__()
         if not layer_dims:
             raise ValueError("layer_dims: expected at least one readout layer")
@@ -183,8 +208,26 @@ class LLMVEM(nn.Module):
             self.core_dim = readout_dim = int(core_dim)
             if core_dropout > 0:
                 self.core_dropout = nn.Dropout(core_dropout)
-        self.readouts = nn.ModuleDict({k: _make_readout(readout, readout_dim, nv, nt, n_components, voxel_loss,
-                                                        readout_l2) for k, (nv, nt) in keys.items()})
+        if spatial_readout not in ("none", *SPATIAL_READOUTS) or spatial_mode not in ("residual", "alone"):
+            raise ValueError(f"spatial_readout / spatial_mode: expected one of {('none', *SPATIAL_READOUTS)} / "
+                             f"'residual' or 'alone', got {spatial_readout!r} / {spatial_mode!r}")
+        shapes = {k: tuple(int(n) for n in v) for k, v in (map_shapes or {}).items()} \
+            if spatial_readout != "none" else {}
+        if spatial_readout != "none" and not shapes:
+            raise ValueError(f"spatial_readout={spatial_readout!r} needs map_shapes (backbone.spatial_layers)")
+        self.spatial_readout, self.spatial_mode = spatial_readout, spatial_mode
+        self.map_shapes: dict[str, tuple[int, int, int]] = shapes  # type: ignore[assignment]
+        self.spatial_layers: list[str] = list(shapes)
+        self.map_norm = nn.ModuleDict({k: _ChannelNorm(c) for k, (c, _, _) in shapes.items()})
+        readouts: dict[str, Readout] = {}
+        for i, (k, (nv, nt)) in enumerate(keys.items()):
+            flat = None if shapes and spatial_mode == "alone" else \
+                _make_readout(readout, readout_dim, nv, nt, n_components, voxel_loss, readout_l2)
+            spatial = _make_spatial(spatial_readout, shapes, nv, spatial_l1, spatial_smoothness, head_seed + i) \
+                if shapes else None
+            readouts[k] = (flat if spatial is None else spatial if flat is None  # type: ignore[assignment]
+                           else FlatPlusSpatialReadout(flat, spatial))
+        self.readouts = nn.ModuleDict(readouts)
         if self.core is not None:
             embed_dim = self.core_dim
         elif embed_dim is None:
@@ -215,20 +258,22 @@ class LLMVEM(nn.Module):
     def from_config(cls, config: ModelConfig, layer_dims: Mapping[str, int], n_voxels: int | None = None,
                     n_train: int | None = None, text_dim: int | None = None, backbone: ImageBackbone | None = None,
                     alignment: bool = True, seed: int = 0, embed_dim: int | None = None,
-                    keys: Mapping[str, tuple[int, int]] | None = None) -> LLMVEM:
-        """Build the network described by a :class:`llmvem.config.ModelConfig` section (``core`` included)."""
+                    keys: Mapping[str, tuple[int, int]] | None = None,
+                    map_shapes: Mapping[str, tuple[int, int, int]] | None = None) -> LLMVEM:
+        """Build the network described by a :class:`llmvem.config.ModelConfig` section (``core`` and the
+        spatial readout, reading ``map_shapes``, included)."""
         return cls(layer_dims, n_voxels, n_train, keys=keys, readout=config.readout,
                    n_components=config.pca_components, voxel_loss=config.voxel_loss, readout_l2=config.readout_l2,
                    core=config.core, core_dim=config.core_dim, core_dropout=config.core_dropout,
                    text_dim=text_dim, align_dim=config.align_dim, embed_dim=embed_dim, projection=config.projection,
                    temperature_init=config.temperature_init, learn_temperature=config.learn_temperature,
                    feature_dropout=config.feature_dropout, standardize_features=config.standardize_features,
-                   backbone=backbone, alignment=alignment, head_seed=seed)
+                   backbone=backbone, alignment=alignment, head_seed=seed, **_spatial_kwargs(config, map_shapes))
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: Mapping[str, torch.Tensor], layer_dims: Mapping[str, int],
                         n_train: int | None = None, backbone: ImageBackbone | None = None,
-                        seed: int = 0) -> LLMVEM:
+                        seed: int = 0, map_shapes: Mapping[str, tuple[int, int, int]] | None = None) -> LLMVEM:
         """Rebuild a saved network: keys, voxels, PCA components, core and head sizes are read from ``state``.
 
         Parameters
@@ -241,6 +286,8 @@ class LLMVEM(nn.Module):
             Readout layers and sizes (from the backbone).
         n_train : int, optional
             Training images (only recorded; the PCA size comes from the state).
+        map_shapes : mapping of str to (C, H, W), optional
+            Maps of ``backbone.spatial_layers`` (from the backbone), with ``config.spatial_readout``.
 
         Raises
         ------
@@ -249,8 +296,12 @@ class LLMVEM(nn.Module):
         """
         keys: dict[str, tuple[int, int]] = {}
         n_components = None
+        alone = config.spatial_readout != "none" and config.spatial_mode == "alone"
+        # residual spatial readouts keep the flat readout under ``.flat``; alone, the spatial bias gives the size
+        pattern = r"(?:readouts\.([A-Za-z0-9_-]+)|readout)\.(bias)" if alone else \
+            r"(?:readouts\.([A-Za-z0-9_-]+)|readout)\.(?:flat\.)?(basis|linear\.weight)"
         for name in state:
-            m = re.fullmatch(r"(?:readouts\.([A-Za-z0-9_-]+)|readout)\.(basis|linear\.weight)", name)
+            m = re.fullmatch(pattern, name)
             if m is None:
                 continue
             if m.group(2) == "basis":
@@ -258,8 +309,8 @@ class LLMVEM(nn.Module):
             else:
                 n_vox = int(state[name].shape[0])
             keys[m.group(1) or DEFAULT_KEY] = (n_vox, int(n_train or n_components or 1))
-        want = "basis" if config.readout == "pca" else "linear.weight"
-        if not keys or (config.readout == "pca") != (n_components is not None):
+        want = "bias" if alone else "basis" if config.readout == "pca" else "linear.weight"
+        if not keys or (not alone and (config.readout == "pca") != (n_components is not None)):
             raise ValueError(f"no {config.readout} readout (readout.{want} or readouts.<key>.{want}) in the saved "
                              "weights")
         core_dim = int(state["core.weight" if "core.weight" in state else "core.0.weight"].shape[0]) \
@@ -271,7 +322,8 @@ class LLMVEM(nn.Module):
                   embed_dim=head[0] if head else None, projection=config.projection,
                   temperature_init=config.temperature_init, learn_temperature=config.learn_temperature,
                   feature_dropout=config.feature_dropout, standardize_features=config.standardize_features,
-                  backbone=backbone, alignment=head is not None, head_seed=seed)
+                  backbone=backbone, alignment=head is not None, head_seed=seed,
+                  **_spatial_kwargs(config, map_shapes))
         missing, unexpected = net.load_state_dict(dict(state), strict=False)
         bad_missing = [k for k in missing if not k.startswith("backbone.")]
         if bad_missing or unexpected:
@@ -282,7 +334,8 @@ class LLMVEM(nn.Module):
     # ----------------------------------------------------------------------------------------- setup
     @torch.no_grad()
     def initialize(self, train_responses: torch.Tensor | Mapping[str, torch.Tensor],
-                   train_features: torch.Tensor | None = None) -> None:
+                   train_features: torch.Tensor | None = None,
+                   train_maps: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         """Fit the closed-form parts from training data: the readouts (PCA basis, mean) and the feature statistics.
 
         Parameters
@@ -293,6 +346,11 @@ class LLMVEM(nn.Module):
         train_features : tensor of shape (n_train, n_features), optional
             Concatenated readout features (see :meth:`concat`) of every key's training rows; needed when
             ``standardize_features``. The statistics are :class:`~llmvem.model.features.FeatureStandardizer`'s.
+        train_maps : mapping of data key to mapping of layer to tensor (n_train_key, C, H, W), optional
+            Each key's training maps of the spatial layers; needed with a spatial readout (per-channel
+            statistics over every key's images and positions, with ``standardize_features``; Gaussian
+            readouts start at the position that best predicts each unit, see
+            :meth:`~llmvem.model.spatial.GaussianReadout.initialize_positions`).
         """
         responses = train_responses if isinstance(train_responses, Mapping) else {self._key(None): train_responses}
         for key, y in responses.items():
@@ -303,6 +361,18 @@ class LLMVEM(nn.Module):
             fitted = FeatureStandardizer().fit(train_features.detach().cpu().double().numpy())
             self.feature_mean.copy_(torch.from_numpy(fitted.mean_))
             self.feature_std.copy_(torch.from_numpy(fitted.std_))
+        if not self.spatial_layers:
+            return
+        if train_maps is None:
+            raise ValueError(f"the spatial readout needs the training maps of {self.spatial_layers}")
+        if self.standardize_features:
+            for layer in self.spatial_layers:
+                self.map_norm[layer].fit(torch.cat([m[layer] for m in train_maps.values()]))  # type: ignore[operator]
+        for key, y in responses.items():
+            readout = self._readout(key)
+            spatial = readout.spatial if isinstance(readout, FlatPlusSpatialReadout) else readout
+            if isinstance(spatial, GaussianReadout) and key in train_maps:
+                spatial.initialize_positions(self.maps(train_maps[key]), y)
 
     def n_voxels_of(self, key: str | None = None) -> int:
         """Number of voxels of ``key``'s readout (None: the only key)."""
@@ -331,8 +401,9 @@ class LLMVEM(nn.Module):
         return self.readouts[self._key(key)]  # type: ignore[return-value]
 
     def required_layers(self, with_embedding: bool) -> list[str]:
-        """Backbone layers a forward pass needs: the readout layers, plus ``"pooled"`` for the embedding."""
-        layers = list(self.layers)
+        """Backbone layers a forward pass needs: the readout layers and maps, plus ``"pooled"`` for the
+        embedding."""
+        layers = list(self.layers) + [k for k in self.spatial_layers if k not in self.layers]
         if with_embedding and self.core is None and EMBED_LAYER not in layers:
             layers.append(EMBED_LAYER)
         return layers
@@ -343,6 +414,20 @@ class LLMVEM(nn.Module):
         if missing:
             raise KeyError(f"features lack layers {missing}; the readout was built for {self.layers}")
         return torch.cat([features[k].flatten(1) for k in self.layers], dim=1)
+
+    def maps(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The spatial layers' maps (B, C, H, W) from ``features``, channel-standardised (``standardize_features``)."""
+        missing = [k for k in self.spatial_layers if k not in features]
+        if missing:
+            raise KeyError(f"features lack the maps {missing}; the spatial readout was built for "
+                           f"{self.spatial_layers}")
+        if not self.standardize_features:
+            return {k: features[k] for k in self.spatial_layers}
+        return {k: self.map_norm[k](features[k]) for k in self.spatial_layers}
+
+    def regularizer(self, key: str | None = None) -> torch.Tensor:
+        """The penalty of ``key``'s readout (flat L2 and the spatial readout's sparsity/smoothness)."""
+        return self._readout(key).regularizer()
 
     def logit_scale(self) -> torch.Tensor:
         """CLIP-style inverse temperature ``exp(log_logit_scale)``, clamped at 100."""
@@ -376,6 +461,8 @@ class LLMVEM(nn.Module):
             Whose readout predicts; None: the only key.
         with_voxels : bool
             Run the readout (False for a data key with captions and no responses).
+
+        With a spatial readout, ``features`` also holds the maps of the spatial layers, (B, C, H, W) each.
         """
         if features is None:
             if images is None:
@@ -388,7 +475,12 @@ class LLMVEM(nn.Module):
         z = self.core(x) if self.core is not None else x
         voxels = latent = None
         if with_voxels:
-            voxels, latent = self._readout(key).forward_latent(self.core_dropout(z))
+            flat_in = self.core_dropout(z)
+            inputs: tuple = (flat_in,)
+            if self.spatial_layers:
+                maps = self.maps(features)
+                inputs = (maps,) if self.spatial_mode == "alone" else (flat_in, maps)
+            voxels, latent = self._readout(key).forward_latent(*inputs)
         embedding = logit_scale = None
         if with_embedding:
             if self.head is None:
@@ -438,6 +530,42 @@ def _make_readout(kind: str, n_features: int, n_voxels: int, n_train: int, n_com
     if kind == "linear":
         return LinearVoxelReadout(n_features, n_voxels, l2=l2)
     raise ValueError(f"readout: expected 'pca' or 'linear', got {kind!r}")
+
+
+class _ChannelNorm(nn.Module):
+    """Per-channel z-scoring of maps (B, C, H, W) with training statistics (buffers ``mean``, ``std`` of (C,))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit(self, maps: torch.Tensor) -> None:
+        """Statistics over images and positions of training maps (n, C, H, W), in float64."""
+        x = maps.detach().to(torch.float64).transpose(0, 1).flatten(1)  # (C, n·H·W)
+        self.mean.copy_(x.mean(dim=1).to(self.mean))
+        sd = x.std(dim=1)
+        self.std.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)).to(self.std))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return (maps - self.mean.view(1, -1, 1, 1).to(maps.dtype)) / self.std.view(1, -1, 1, 1).to(maps.dtype)
+
+
+def _make_spatial(kind: str, shapes: Mapping[str, tuple[int, int, int]], n_voxels: int, l1: float,
+                  smoothness: float, seed: int) -> SpatialReadout:
+    if kind == "factorized":
+        return FactorizedReadout(shapes, n_voxels, sparsity=l1, smoothness=smoothness, seed=seed)
+    if kind == "gaussian":
+        return GaussianReadout(shapes, n_voxels, feature_l1=l1, seed=seed)
+    raise ValueError(f"spatial_readout: expected 'none', 'factorized' or 'gaussian', got {kind!r}")
+
+
+def _spatial_kwargs(config: ModelConfig, map_shapes: Mapping[str, tuple[int, int, int]] | None) -> dict:
+    """The spatial-readout arguments of :class:`LLMVEM` from a ``model`` config section."""
+    return {"map_shapes": map_shapes, "spatial_readout": config.spatial_readout,
+            "spatial_mode": config.spatial_mode, "spatial_l1": config.spatial_l1,
+            "spatial_smoothness": config.spatial_smoothness}
 
 
 def _head_dims(state: Mapping[str, torch.Tensor], projection: str) -> tuple[int, int] | None:

@@ -297,12 +297,12 @@ class Engine:
                         find_unused_parameters=len(self.keys) > 1)
         if self.config.train.compile:
             model = torch.compile(model)
-        local_bs = cfg.batch_size // info.world_size
+        key_bs = {k.name: max(1, (k.batch_size or cfg.batch_size) // info.world_size) for k in self.keys}
         samplers = {k.name: DistributedSampler(range(k.n["train"]), num_replicas=info.world_size, rank=info.rank,
                                                shuffle=True, seed=seed + stage + 7919 * i, drop_last=False)
                     for i, k in enumerate(self.keys)}
         by_name = {k.name: k for k in self.keys}
-        n_batches = sum(math.ceil(len(s) / local_bs) for s in samplers.values())
+        n_batches = sum(math.ceil(len(s) / key_bs[n]) for n, s in samplers.items())
         steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
         total_steps = cfg.epochs * steps_per_epoch
         step_offset = sum(int(s.get("steps", 0)) for k, s in self.stages.items() if k != f"stage{stage}")
@@ -330,7 +330,7 @@ class Engine:
                 per_key_batches = {}
                 for name, sampler in samplers.items():
                     sampler.set_epoch(epoch)
-                    per_key_batches[name] = torch.tensor(list(iter(sampler)), dtype=torch.int64).split(local_bs)
+                    per_key_batches[name] = torch.tensor(list(iter(sampler)), dtype=torch.int64).split(key_bs[name])
                 batches = key_schedule(per_key_batches, int(stable_hash([seed, stage, epoch, "keys"]), 16))
                 aug_gen = None
                 if stage == 2 and cfg.augment:

@@ -23,8 +23,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llmvem.config import RunConfig, load_config
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import CheckpointError, ConfigError
@@ -61,15 +59,6 @@ def read_training_summary(model_dir: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read the training summary ({exc}); expected the JSON file "
                               "written by the trainer") from exc
-
-
-def _head_dims(state: dict[str, torch.Tensor], projection: str) -> tuple[int, int] | None:
-    """(input, output) size of the alignment head stored in ``state``, or None without a head."""
-    first = "head.proj.weight" if projection == "linear" else "head.proj.0.weight"
-    last = "head.proj.weight" if projection == "linear" else "head.proj.2.weight"
-    if first not in state:
-        return None
-    return int(state[first].shape[1]), int(state[last].shape[0])
 
 
 def load_trained_model(model_dir: str | Path, *, backbone: ImageBackbone | None = None,
@@ -129,30 +118,17 @@ def load_trained_model(model_dir: str | Path, *, backbone: ImageBackbone | None 
         raise CheckpointError(f"{folder / 'model.safetensors'}: the readout reads {n_features} features but "
                               f"backbone {backbone.model_id} layers {layers} give {sum(layer_dims.values())}; "
                               "was the model trained with another backbone?")
-    m = config.model
-    if m.readout == "pca":
-        if "readout.basis" not in state:
-            raise CheckpointError(f"{folder / 'model.safetensors'}: no PCA readout (readout.basis) although "
-                                  "config.yaml says model.readout = 'pca'")
-        n_components, n_voxels = (int(x) for x in state["readout.basis"].shape)
-    else:
-        if "readout.linear.weight" not in state:
-            raise CheckpointError(f"{folder / 'model.safetensors'}: no linear readout (readout.linear.weight) "
-                                  "although config.yaml says model.readout = 'linear'")
-        n_voxels, n_components = int(state["readout.linear.weight"].shape[0]), None
-    head = _head_dims(state, m.projection)
-    n_train = int(read_training_summary(folder).get("dataset", {}).get("n_train", n_components or 1))
-    network = LLMVEM(layer_dims, n_voxels, n_train, readout=m.readout, n_components=n_components,
-                     voxel_loss=m.voxel_loss, readout_l2=m.readout_l2, text_dim=head[1] if head else None,
-                     embed_dim=head[0] if head else None, projection=m.projection,
-                     temperature_init=m.temperature_init, learn_temperature=m.learn_temperature,
-                     feature_dropout=m.feature_dropout, standardize_features=m.standardize_features,
-                     backbone=backbone, alignment=head is not None, head_seed=config.seed)
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith("backbone.")]
-    if bad_missing or unexpected:
-        raise CheckpointError(f"{folder / 'model.safetensors'}: weights do not fit the network of config.yaml "
-                              f"(missing {bad_missing[:5]}, unexpected {list(unexpected)[:5]})")
+    map_shapes = None
+    if config.model.spatial_readout != "none":
+        map_shapes = {layer: backbone.layer_shape(layer) for layer in config.backbone.spatial_layers}
+    n_train = read_training_summary(folder).get("dataset", {}).get("n_train")
+    try:
+        network = LLMVEM.from_state_dict(config.model, state, layer_dims, n_train=n_train, backbone=backbone,
+                                         seed=config.seed, map_shapes=map_shapes)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: {exc}; config.yaml says model.readout = "
+                              f"{config.model.readout!r}, model.spatial_readout = "
+                              f"{config.model.spatial_readout!r}") from exc
     network.to(resolve_device(device)).eval()
     encoder = LLMVEMEncoder(config)
     encoder.network_, encoder.backbone_ = network, backbone

@@ -68,6 +68,8 @@ class KeyData:
         Caption embeddings (n, text_dim) and group ids (n,), on the training device.
     weight : float
         Factor on this key's voxel loss (``1 / mean training variance`` with variance weighting).
+    batch_size : int, optional
+        This key's global batch size; None = the stage's ``batch_size``.
     """
 
     name: str
@@ -78,6 +80,7 @@ class KeyData:
     text: dict[str, torch.Tensor] = field(default_factory=dict)
     text_ids: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: float = 1.0
+    batch_size: int | None = None
 
     @property
     def has_responses(self) -> bool:
@@ -124,18 +127,22 @@ class EncodingTask(nn.Module):
         Weight of the contrastive term (0: not computed at all).
     key_weights : mapping of key to float, optional
         Factor on each key's voxel loss (default 1).
+    align_weights : mapping of key to float, optional
+        Factor on each key's contrastive loss (default 1), e.g. the captioned-image stream's ``weight``.
     regularize : bool
-        Add the readout's L2 penalty (``model.readout_l2 > 0``).
+        Add the readout's penalty (``model.readout_l2``, ``model.spatial_l1`` or ``model.spatial_smoothness`` > 0).
     channels_last : bool
         Image mode in channels-last memory format.
     """
 
     def __init__(self, network: LLMVEM, lambda_align: float, key_weights: Mapping[str, float] | None = None,
-                 regularize: bool = False, channels_last: bool = False):
+                 regularize: bool = False, channels_last: bool = False,
+                 align_weights: Mapping[str, float] | None = None):
         super().__init__()
         self.network = network
         self.lam = float(lambda_align)
         self.key_weights = dict(key_weights or {})
+        self.align_weights = dict(align_weights or {})
         self.regularize, self.channels_last = regularize, channels_last
 
     def set_stage1_trainable(self, learn_temperature: bool) -> None:
@@ -182,4 +189,5 @@ class EncodingTask(nn.Module):
         if with_emb:
             assert out.embedding is not None and out.logit_scale is not None
             align = contrastive_loss(out.embedding, batch.text, out.logit_scale, batch.text_ids)
-        return total_loss(voxel, align, self.lam if align is not None else 0.0, reg)
+        lam = self.lam * self.align_weights.get(key, 1.0)
+        return total_loss(voxel, align, lam if align is not None else 0.0, reg)

@@ -61,6 +61,7 @@ def backbone_features(backbone: ImageBackbone, images: torch.Tensor, layers: Seq
     Returns
     -------
     dict of layer to float32 tensor of shape (n_images, d_layer), on the CPU
+        Grids and maps (``"block5@grid7"``, ``"block5@map"``) keep their shape (n_images, C, H, W).
     """
     was = backbone.training
     backbone.eval()
@@ -71,7 +72,7 @@ def backbone_features(backbone: ImageBackbone, images: torch.Tensor, layers: Seq
         with autocast(device, precision):
             feats = backbone(x, list(layers))
         for k in layers:
-            parts[k].append(feats[k].float().flatten(1).cpu())
+            parts[k].append(feats[k].float().cpu())
     backbone.train(was)
     return {k: torch.cat(v) for k, v in parts.items()}
 

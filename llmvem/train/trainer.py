@@ -32,13 +32,14 @@ from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM
 from llmvem.train.checkpoint import save_weights
 from llmvem.train.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
 from llmvem.train.engine import Engine, mean_r
+from llmvem.train.stream import CaptionStream, stream_key_data
 from llmvem.train.task import SPLITS, EncodingTask, KeyData
 from llmvem.train.tensors import backbone_features, load_image_tensor, resolve_precision
 from llmvem.utils import prepare_run_folder as _prepare_folder
 from llmvem.utils import seed_everything, stable_hash, write_json
 
-__all__ = ["OUTPUT_NAMES", "SubjectData", "TrainResult", "config_fingerprint", "prepare_run_folder",
-           "train_encoding_model"]
+__all__ = ["OUTPUT_NAMES", "CaptionStream", "SubjectData", "TrainResult", "alignment_is_inert",
+           "config_fingerprint", "prepare_run_folder", "train_encoding_model"]
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +154,45 @@ def _versions(config: RunConfig, info: DistInfo) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------- checks
 def _feature_layers(config: RunConfig) -> list[str]:
-    """Layers each key's features must hold: the readout layers, plus ``"pooled"`` for a head without core."""
-    layers = list(config.backbone.layers)
+    """Layers each key's features must hold: the readout layers, the spatial readout's maps, plus ``"pooled"``
+    for a head without core."""
+    layers = list(config.backbone.layers) + _map_layers(config)
     if config.model.lambda_align > 0 and config.model.core is None and EMBED_LAYER not in layers:
         layers.append(EMBED_LAYER)
     return layers
 
 
+def alignment_is_inert(config: RunConfig) -> bool:
+    """Whether ``model.lambda_align > 0`` cannot change any voxel prediction.
+
+    Without a core the alignment head and the readout share no trained parameter in stage 1, so the contrastive
+    loss reaches the predictions only through the backbone blocks that stage 2 fine-tunes (the readout never
+    reads the aligned embedding).
+    """
+    return config.model.lambda_align > 0 and config.model.core is None and config.train.stage2.epochs == 0
+
+
+def warn_if_alignment_inert(config: RunConfig) -> None:
+    """One warning line when :func:`alignment_is_inert`."""
+    if alignment_is_inert(config):
+        log.warning("model.lambda_align = %g cannot change any prediction: there is no core (model.core) and no "
+                    "stage 2 (train.stage2.epochs = 0), so the alignment head shares no parameter with the readout; "
+                    "set model.core=linear|mlp or train.stage2.epochs > 0", config.model.lambda_align)
+
+
+def _map_layers(config: RunConfig) -> list[str]:
+    """The spatial readout's map layers (``backbone.spatial_layers``; none without a spatial readout)."""
+    if config.model.spatial_readout == "none":
+        return []
+    return [k for k in config.backbone.spatial_layers if k not in config.backbone.layers]
+
+
 def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageBackbone | None,
-                  world_size: int = 1, tag: bool = False) -> None:
+                  world_size: int = 1, tag: bool = False, streams: Sequence[CaptionStream] = ()) -> None:
     """Validate what a training run is given; errors name the key, split, field and expectation.
 
     ``tag`` puts the key's name into field names (``features['sub0']['train']``), for several keys.
+    ``streams`` are captions-only keys (:class:`CaptionStream`): captions and no responses.
     """
     lam, readout_layers, layers = float(config.model.lambda_align), list(config.backbone.layers), \
         _feature_layers(config)
@@ -174,7 +202,7 @@ def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: I
     if len(set(names)) != len(names):
         raise ConfigError(f"subject names must be unique, got {names}")
     s2 = config.train.stage2
-    dims: dict[str, int] | None = None
+    dims: dict[str, tuple[int, ...]] | None = None
     text_dims: set[int] = set()
     for s in sources:
         ds, src, t = s.dataset, s.dataset.source, f"[{s.name!r}]" if tag else ""
@@ -216,10 +244,12 @@ def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: I
                             f"{sorted(s.features[split])}); expected backbone.layers {readout_layers}"
                             + (" plus 'pooled' for the alignment head" if layer == EMBED_LAYER else ""))
                     f = np.asarray(s.features[split][layer])
-                    if f.ndim != 2 or f.shape[0] != len(ds.splits[split]):
+                    is_map = layer in config.backbone.spatial_layers and config.model.spatial_readout != "none"
+                    if f.ndim not in ((4,) if is_map else (2, 4)) or f.shape[0] != len(ds.splits[split]):
+                        want = "C, H, W" if is_map else "dim"
                         raise DataValidationError(None, f"features{t}[{split!r}][{layer!r}]",
-                                                  f"shape {f.shape}, expected ({len(ds.splits[split])}, dim)")
-            d = {k: int(np.asarray(s.features["train"][k]).shape[1]) for k in layers}
+                                                  f"shape {f.shape}, expected ({len(ds.splits[split])}, {want})")
+            d = {k: tuple(np.asarray(s.features["train"][k]).shape[1:]) for k in layers}
             if dims is not None and d != dims:
                 raise DataValidationError(None, f"features{t}", f"layer sizes {d} differ from the other "
                                           f"subjects' {dims}; all subjects must share one backbone")
@@ -227,6 +257,12 @@ def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: I
     if len(text_dims) > 1:
         raise DataValidationError(None, "text_embeddings", f"sizes differ {sorted(text_dims)}; embed all captions "
                                   "with one text encoder")
+    for st in streams:
+        if st.name in names:
+            raise ConfigError(f"the caption stream's key {st.name!r} is also a subject name")
+        st.check(layers, next(iter(text_dims)) if text_dims else None)
+        if (st.features is None or s2.epochs > 0) and backbone is None:
+            raise ConfigError("the caption stream needs the image backbone (stage 2 or no features); pass backbone=...")
     for label, st in (("train.stage1", config.train.stage1), ("train.stage2", s2)):
         if st.batch_size % world_size:
             raise ConfigError(f"{label}.batch_size = {st.batch_size} is the global batch and must be divisible "
@@ -271,7 +307,10 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
                    alignment_head: bool) -> LLMVEM:
     cfg = config.model
     first = keys[0].features["train"]
-    layer_dims = {k: int(first[k].shape[1]) for k in config.backbone.layers}
+    # flat layers may be grids (n, C, G, G): the flat readout reads them flattened
+    layer_dims = {k: int(np.prod(first[k].shape[1:])) for k in config.backbone.layers}
+    map_shapes = {k: tuple(int(n) for n in first[k].shape[1:]) for k in config.backbone.spatial_layers} \
+        if cfg.spatial_readout != "none" else None
     if cfg.core is not None:
         embed_dim: int | None = cfg.core_dim
     elif EMBED_LAYER in first:
@@ -282,12 +321,15 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
         embed_dim = None
     text = [k.text["train"] for k in keys if "train" in k.text]
     text_dim = int(text[0].shape[1]) if text else (cfg.align_dim or embed_dim)
+    brain = [k for k in keys if k.has_responses]  # captions-only keys have no readout, nor a say in the statistics
     network = LLMVEM.from_config(cfg, layer_dims, text_dim=text_dim, backbone=backbone,
                                  alignment=alignment_head and embed_dim is not None, seed=config.seed,
                                  embed_dim=embed_dim,
-                                 keys={k.name: (int(k.responses["train"].shape[1]), k.n["train"]) for k in keys})
-    x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in keys])
-    network.initialize({k.name: k.responses["train"].cpu() for k in keys}, x)
+                                 keys={k.name: (int(k.responses["train"].shape[1]), k.n["train"]) for k in brain},
+                                 map_shapes=map_shapes)  # type: ignore[arg-type]
+    x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in brain])
+    maps = {k.name: {m: k.features["train"][m].cpu() for m in network.spatial_layers} for k in brain}
+    network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x, maps)
     return network
 
 
@@ -306,15 +348,20 @@ class FittedKeys:
 def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageBackbone | None, out_dir: Path,
              info: DistInfo, *, resume: bool, fingerprint: str, data_identity: Any,
              saved_config: RunConfig | None = None, show_progress: bool = True, callback: Callback | None = None,
-             alignment_head: bool = True, variance_weighting: bool = False) -> FittedKeys:
+             alignment_head: bool = True, variance_weighting: bool = False,
+             streams: Sequence[CaptionStream] = ()) -> FittedKeys:
     """Train one network on the data keys ``sources`` in an already prepared run folder.
 
     Writes ``config.yaml`` (``saved_config``, default ``config``), ``versions.json``, ``curves.csv`` and
     ``checkpoints/``; returns the network (best weights of the last stage, eval mode), and each key's
     ``"val"``/``"test"`` predictions (by its own best epoch with ``train.selection = "per_key"``) with
-    ``val_mean_r``/``test_mean_r``.
+    ``val_mean_r``/``test_mean_r``. ``streams`` (captions-only keys) train only the contrastive term, times
+    their ``weight``; they are left out (training is exactly as without them) when ``lambda_align`` = 0 or
+    their weight is 0.
     """
     saved_config = saved_config or config
+    warn_if_alignment_inert(config)
+    streams = [st for st in streams if st.weight > 0 and config.model.lambda_align > 0]
     if resume:
         _check_resume_config(saved_config, out_dir)
     barrier(info)
@@ -335,9 +382,13 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
     try:
         precision = resolve_precision(config.train.precision, info.device)
         keys = [_key_data(config, s, backbone, info.device, precision, variance_weighting, show) for s in sources]
+        keys += [stream_key_data(st, _feature_layers(config), backbone, config.train.stage2.epochs > 0, info.device,
+                                 precision, config.backbone.batch_size, show) for st in streams]
         network = _build_network(config, keys, backbone, alignment_head).to(info.device)
         task = EncodingTask(network, config.model.lambda_align, {k.name: k.weight for k in keys},
-                            regularize=config.model.readout_l2 > 0, channels_last=config.train.channels_last)
+                            regularize=config.model.readout_l2 > 0 or config.model.spatial_l1 > 0
+                            or config.model.spatial_smoothness > 0, channels_last=config.train.channels_last,
+                            align_weights={st.name: st.weight for st in streams})
         task.set_stage1_trainable(config.model.learn_temperature)
         engine = Engine(config, task, keys, backbone, out_dir, info, precision, fingerprint, data_identity,
                         show_progress, callback)
@@ -345,7 +396,7 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
         network.eval()
         predictions: dict[str, dict[str, np.ndarray]] = {}
         metrics: dict[str, dict[str, float]] = {}
-        for k in keys:
+        for k in engine.scored:
             predictions[k.name] = {s: engine.predict(k, s, engine.final_stage, selected=True) for s in ("val", "test")}
             metrics[k.name] = {f"{s}_mean_r": mean_r(k.responses[s].cpu().numpy(), predictions[k.name][s])
                                for s in ("val", "test") if s in k.responses}
@@ -384,7 +435,7 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
                          features: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                          out_dir: str | Path = "run", resume: bool = False, overwrite: bool = False,
                          show_progress: bool = True, callback: Callback | None = None,
-                         alignment_head: bool = True) -> TrainResult:
+                         alignment_head: bool = True, align_stream: CaptionStream | None = None) -> TrainResult:
     """Train the LLM-VEM network in two stages and write the run folder.
 
     Parameters
@@ -414,6 +465,11 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
         Build the alignment head (default). ``False`` builds the plain encoding network; with
         ``lambda_align = 0`` both train to identical predictions (the head is built from its own random stream,
         frozen and never run).
+    align_stream : CaptionStream, optional
+        Captioned images without responses (:func:`llmvem.train.stream.load_align_stream` loads the one
+        ``config.align_data`` names): one more data key, interleaved with the brain batches in both stages, that
+        adds only its contrastive loss × ``align_stream.weight``. Ignored when ``lambda_align`` = 0 or the weight
+        is 0 (predictions are then bit-identical to a run without it).
 
     Returns
     -------
@@ -436,17 +492,20 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
             raise ConfigError(f"model.lambda_align = {config.model.lambda_align} needs the alignment head "
                               "(alignment_head=True)")
         source = SubjectData(DEFAULT_KEY, dataset, features, text_embeddings)
-        check_sources(config, [source], backbone, info.world_size)
+        streams = [align_stream] if align_stream is not None else []
+        check_sources(config, [source], backbone, info.world_size, streams=streams)
         if info.is_main:
             prepare_run_folder(out_dir, resume, overwrite)
         barrier(info)
         n = {s: len(dataset.splits[s]) for s in SPLITS}
         identity = {"name": dataset.name, "n_train": n["train"], "n_val": n["val"], "n_test": n["test"],
                     "n_voxels": dataset.n_voxels}
+        if align_stream is not None and align_stream.weight > 0 and config.model.lambda_align > 0:
+            identity["n_align_stream"] = len(align_stream.images)
         fingerprint = config_fingerprint(config)
         fit = fit_keys(config, [source], backbone, out_dir, info, resume=resume, fingerprint=fingerprint,
                        data_identity=identity, show_progress=show_progress, callback=callback,
-                       alignment_head=alignment_head)
+                       alignment_head=alignment_head, streams=streams)
         engine, network = fit.engine, fit.network
         predictions = fit.predictions[DEFAULT_KEY]
         metrics: dict[str, Any] = {**fit.metrics[DEFAULT_KEY], **stage_metrics(engine.stages)}

@@ -1,0 +1,362 @@
+"""Positive control of language alignment on the virtual brain, with and without extra captioned scenes.
+
+The virtual brain's ``relational`` voxels respond to what the exact scene descriptions state in words but frozen,
+spatially pooled image features encode poorly (number of objects, positions, same-category pairs, category
+pairs; see :mod:`llmvem.data.virtual_brain`). With few training images (150 + 50 validation), MiniLM embeddings
+of the exact descriptions and EfficientNet-Lite0 features (cached), this benchmark trains LLM-VEM with a shared
+core (``model.core`` linear/mlp, chosen on validation at λ = 0) and compares, on the relational voxels of 200 test
+images, λ > 0 (chosen on validation) with λ = 0 **with the same core**, by a paired bootstrap over test images:
+
+* ``positive_control``: captions only for the images with responses;
+* ``positive_control_extra``: plus a captioned-image stream of many more scenes without responses
+  (``align_data.spec = virtual-scenes:n=N,seed=7``);
+* shuffled descriptions (permuted across the images of each split, and across the stream) at the same settings
+  are the control that must not help.
+
+Diagnostics (why λ helps or not): ridge from the core output (fitted on the training images) to the 17 ground-
+truth relational attributes, test r; image→caption top-1 retrieval among the validation images. Learning curves:
+mean test r on the relational voxels against the number of training images for ridge, λ = 0, λ > 0 and λ > 0 with
+the stream, with bootstrap 95% CIs.
+
+Usage::
+
+    python bench/bench_alignment.py            # full: 2 cores, 100 epochs, 2,000 extra scenes (not yet timed)
+    python bench/bench_alignment.py --quick    # λ ∈ {1, 3}, 500 extra scenes, n ∈ {50, 150}
+    python bench/bench_alignment.py --smoke    # tiny, for the test suite
+
+Timing on the shared dev box (load average ~10 on 2 cores, 2026-12-01): ``--quick`` ~4 min to embed and extract
+features from a cold cache, then ~1-3 min per trained model; far less on an idle machine (not measured).
+
+Writes ``bench/results/alignment.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmvem import inputs
+from llmvem.config import RunConfig, apply_overrides
+from llmvem.data import load_dataset
+from llmvem.data.dataset import EncodingDataset
+from llmvem.evaluate.metrics import pearson_r
+from llmvem.evaluate.stats import paired_bootstrap
+from llmvem.model.ridge import RidgeCV
+from llmvem.train import train_encoding_model
+from llmvem.train.stream import CaptionStream, load_align_stream
+from llmvem.utils import floored_std
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "alignment.json"
+SPLITS = ("train", "val", "test")
+
+#: Sizes and sweeps of each mode.
+MODES: dict[str, dict[str, Any]] = {
+    "full": {"n_train": 150, "n_val": 50, "n_test": 200, "n_extra": 2000, "cores": ["linear", "mlp"],
+             "lambdas": [0.1, 0.3, 1.0, 3.0], "curve": [50, 100, 200, 400], "epochs": 100, "n_boot": 2000,
+             "image_size": 96},
+    "quick": {"n_train": 150, "n_val": 50, "n_test": 200, "n_extra": 500, "cores": ["linear"],
+              "lambdas": [1.0, 3.0], "curve": [50, 150], "epochs": 30, "n_boot": 1000, "image_size": 96},
+    "smoke": {"n_train": 30, "n_val": 16, "n_test": 30, "n_extra": 60, "cores": ["linear"], "lambdas": [1.0],
+              "curve": [20, 30], "epochs": 3, "n_boot": 50, "image_size": 48},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer settings, shorter stream (<= 6 min)")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite's check of the outputs)")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="caption-embedding / feature cache (default: temp)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the virtual brain and of training")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------- data
+def make_brain(n_train: int, n_val: int, n_test: int, image_size: int, seed: int) -> EncodingDataset:
+    """Virtual brain with 100 relational voxels (and 30 + 30 early / semantic ones); the first ``n_train`` images
+    of its training split train, the next ``n_val`` validate."""
+    ds = load_dataset("virtual:n_relational=100,n_early=30,n_semantic=30", n_train=n_train + n_val, n_test=n_test,
+                      image_size=image_size, seed=seed)
+    idx = np.arange(n_train + n_val)
+    splits = {"train": ds.train.subset(idx[:n_train]), "val": ds.train.subset(idx[n_train:]), "test": ds.test}
+    return EncodingDataset(ds.name, splits, ds.roi_masks, ds.hemisphere, ds.noise_ceiling, ds.captions,
+                           source=ds.source, meta=ds.meta)
+
+
+def subset_train(ds: EncodingDataset, n: int) -> EncodingDataset:
+    """The dataset with its first ``n`` training images."""
+    splits = {**ds.splits, "train": ds.train.subset(np.arange(n))}
+    ids = {i for sp in splits.values() for i in sp.images.ids}
+    captions = {i: c for i, c in ds.captions.items() if i in ids}
+    return EncodingDataset(ds.name, splits, ds.roi_masks, ds.hemisphere, ds.noise_ceiling, captions,
+                           source=ds.source, meta=ds.meta)
+
+
+def shuffled(emb: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Caption embeddings permuted across the images of each split (= ``captions.shuffle``: one caption per image)."""
+    rng = np.random.default_rng(seed)
+    return {s: e[rng.permutation(len(e))] for s, e in emb.items()}
+
+
+# ---------------------------------------------------------------------------------------------- models
+def base_config(mode: dict[str, Any], cache_dir: Path, seed: int) -> RunConfig:
+    return apply_overrides(RunConfig(), [
+        f"cache_dir={cache_dir}", f"seed={seed}", f"data.image_size={mode['image_size']}",
+        f"backbone.image_size={mode['image_size']}", "backbone.layers=[block5, block10, pooled]",
+        "backbone.device=cpu", "text.device=cpu", "train.device=cpu", "train.precision=fp32",
+        f"train.stage1.epochs={mode['epochs']}", "train.stage1.batch_size=32", "train.stage1.lr=0.002",
+        "train.stage1.early_stopping_patience=8", "train.stage2.epochs=0", "train.checkpoint_every=100000",
+        "model.core_dim=128", "model.core_dropout=0.1", "model.feature_dropout=0", "align_data.batch_size=128"])
+
+
+class Runner:
+    """Trains LLM-VEM variants on one brain and remembers what it trained."""
+
+    def __init__(self, mode: dict[str, Any], cache_dir: Path, work: Path, seed: int):
+        self.mode, self.work, self.seed = mode, work, seed
+        self.config = base_config(mode, cache_dir, seed)
+        self.count = 0
+
+    def train(self, ds: EncodingDataset, features: dict, text: dict | None, core: str, lam: float,
+              stream: CaptionStream | None = None) -> Any:
+        cfg = apply_overrides(self.config, [f"model.core={core}", f"model.lambda_align={lam}"])
+        self.count += 1
+        sub = {s: features[s] for s in SPLITS}
+        if len(ds.train) != len(features["train"]["pooled"]):
+            sub["train"] = {k: v[: len(ds.train)] for k, v in features["train"].items()}
+        return train_encoding_model(cfg, ds, text_embeddings=text if lam > 0 else None, features=sub,
+                                    out_dir=self.work / f"run{self.count:03d}", show_progress=False,
+                                    align_stream=stream)
+
+
+def rel_r(ds: EncodingDataset, pred: np.ndarray, split: str) -> float:
+    mask = ds.roi_masks["relational"]
+    return float(np.nanmean(pearson_r(ds.splits[split].responses[:, mask], pred[:, mask])))
+
+
+def compare(ds: EncodingDataset, pred_a: np.ndarray, pred_b: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Paired bootstrap over test images, relational voxels: b − a in mean r."""
+    mask = ds.roi_masks["relational"]
+    res = paired_bootstrap(ds.test.responses[:, mask], pred_a[:, mask], pred_b[:, mask], n_boot=n_boot, seed=seed)
+    r = res["overall"]["r"]
+    return {"a": r["a"], "b": r["b"], "delta_mean_r": r["diff"], "ci": [r["ci_low"], r["ci_high"]],
+            "p": r["p_value"], "fraction_improved": res["overall"]["fraction_improved"]}
+
+
+def mean_r_ci(ds: EncodingDataset, pred: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean test r on the relational voxels with a bootstrap 95% CI over test images (the paired bootstrap
+    against a constant prediction, whose r is 0 in every resample)."""
+    c = compare(ds, np.zeros_like(pred), pred, n_boot, seed)
+    return {"mean_r": c["b"], "ci": c["ci"]}
+
+
+def ridge_predictions(X: dict[str, np.ndarray], Y: np.ndarray, fit_rows: list[str], splits: tuple[str, ...] = SPLITS
+                      ) -> dict[str, np.ndarray]:
+    """Ridge (per-target α by 5-fold CV) from standardised ``X[fit_rows]`` to ``Y``; predictions per split."""
+    Xf = np.concatenate([X[s] for s in fit_rows])
+    mu, sd = Xf.mean(0), floored_std(Xf.std(0))
+    model = RidgeCV(alphas=np.logspace(-2, 6, 9), cv=5, device="cpu", progress_bar=False).fit((Xf - mu) / sd, Y)
+    return {s: model.predict((X[s] - mu) / sd) for s in splits}
+
+
+def core_output(network: Any, features: dict[str, np.ndarray]) -> np.ndarray:
+    """Core output (n_images, core_dim) of a trained network (eval mode) on cached features."""
+    with torch.no_grad():
+        out = network(features={k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in features.items()},
+                      with_voxels=False)
+    return out.readout_input.numpy()
+
+
+def retrieval_top1(network: Any, features: dict[str, np.ndarray], text: np.ndarray) -> float:
+    """Image → caption top-1 accuracy among the given images (a distinct caption counts as its own group)."""
+    with torch.no_grad():
+        out = network(features={k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in features.items()},
+                      with_embedding=True, with_voxels=False)
+    if out.embedding is None or out.embedding.shape[1] != np.asarray(text).shape[1]:
+        return float("nan")  # trained without captions (λ = 0): the head was never fitted to the text space
+    sim = out.embedding.numpy() @ np.asarray(text).T
+    best = sim.argmax(1)
+    return float(np.mean(np.all(np.isclose(text[best], text), axis=1)))
+
+
+def attribute_r(ds: EncodingDataset, X: dict[str, np.ndarray]) -> dict[str, float]:
+    """Test r of ridge from ``X`` (fitted on train) to the ground-truth relational attributes: mean and per group."""
+    gt = ds.meta["ground_truth"]
+    rel = np.asarray(gt["relational"])
+    # rows of the table: the generated training split (train rows first), then the test split (last)
+    y = {"train": rel[: len(ds.train)], "test": rel[len(rel) - len(ds.test):]}
+    pred = ridge_predictions(X, y["train"], ["train"], ("test",))["test"]
+    r = pearson_r(y["test"], pred)
+    names = list(gt["relational_names"])
+    groups = {"n_objects": [0], "positions": [1, 2, 3, 4, 5], "same_category": [6],
+              "category_pairs": list(range(7, len(names)))}
+    return {"mean": float(np.nanmean(r)), **{g: float(np.nanmean(r[i])) for g, i in groups.items()}}
+
+
+# ------------------------------------------------------------------------------------------------- main
+def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = print) -> dict[str, Any]:
+    mode = MODES[mode_name]
+    t0 = time.perf_counter()
+    n_max = max(mode["n_train"], *mode["curve"])
+    ds_all = make_brain(n_max, mode["n_val"], mode["n_test"], mode["image_size"], seed)
+    runner = Runner(mode, cache_dir, work, seed)
+    cfg = runner.config
+    backbone = inputs.load_config_backbone(cfg)
+    features = inputs.extract_split_features(cfg, ds_all, backbone, show_progress=False)
+    captions = {s: ds_all.captions_for(s) for s in SPLITS}
+    text = inputs.embed_captions(cfg, captions, show_progress=False)
+    text_shuf = shuffled(text, seed + 1)
+    stream_cfg = apply_overrides(cfg, [f"align_data.spec=virtual-scenes:n={mode['n_extra']},seed={seed + 7}"])
+    stream = load_align_stream(stream_cfg, backbone, show_progress=False)
+    assert stream is not None
+    stream_shuf = CaptionStream(stream.images, shuffled({"s": stream.text_embeddings}, seed + 2)["s"],
+                                stream.features, stream.weight, stream.batch_size)
+    t_inputs = time.perf_counter() - t0
+    log_fn(f"inputs ready in {t_inputs:.0f} s ({len(stream.images)} extra captioned scenes)")
+
+    ds = subset_train(ds_all, mode["n_train"])
+    n_boot = mode["n_boot"]
+
+    # 1. core chosen on validation at λ = 0 (the baseline every comparison uses)
+    sweep: list[dict[str, Any]] = []
+    base: dict[str, Any] = {}
+    for core in mode["cores"]:
+        res = runner.train(ds, features, None, core, 0.0)
+        base[core] = res
+        sweep.append({"core": core, "lambda": 0.0, "stream": False, "val_r": rel_r(ds, res.predictions["val"], "val")})
+    core = max(mode["cores"], key=lambda c: rel_r(ds, base[c].predictions["val"], "val"))
+    zero = base[core]
+    # 2. λ chosen on validation, with captions only and with the stream
+    trained: dict[tuple[float, bool], Any] = {}
+    for with_stream in (False, True):
+        for lam in mode["lambdas"]:
+            res = runner.train(ds, features, text, core, lam, stream if with_stream else None)
+            trained[(lam, with_stream)] = res
+            sweep.append({"core": core, "lambda": lam, "stream": with_stream,
+                          "val_r": rel_r(ds, res.predictions["val"], "val")})
+    chosen = {w: max(mode["lambdas"], key=lambda lam, w=w: rel_r(ds, trained[(lam, w)].predictions["val"], "val"))
+              for w in (False, True)}
+    results: dict[str, Any] = {}
+    shuffled_runs: dict[bool, Any] = {}
+    for with_stream, label in ((False, "positive_control"), (True, "positive_control_extra")):
+        lam = chosen[with_stream]
+        best = trained[(lam, with_stream)]
+        shuf = runner.train(ds, features, text_shuf, core, lam, stream_shuf if with_stream else None)
+        shuffled_runs[with_stream] = shuf
+        c = compare(ds, zero.predictions["test"], best.predictions["test"], n_boot, seed)
+        s = compare(ds, zero.predictions["test"], shuf.predictions["test"], n_boot, seed)
+        results[label] = {"delta_mean_r": c["delta_mean_r"], "ci": c["ci"], "p": c["p"],
+                          "shuffled_delta_mean_r": s["delta_mean_r"], "shuffled_ci": s["ci"], "shuffled_p": s["p"],
+                          "lambda_mean_r": c["a"], "aligned_mean_r": c["b"], "shuffled_mean_r": s["b"],
+                          "fraction_improved": c["fraction_improved"], "lambda": lam, "core": core,
+                          "n_extra": mode["n_extra"] if with_stream else 0,
+                          "val_r": {"lambda0": rel_r(ds, zero.predictions["val"], "val"),
+                                    "aligned": rel_r(ds, best.predictions["val"], "val"),
+                                    "shuffled": rel_r(ds, shuf.predictions["val"], "val")}}
+    # 3. diagnostics: does the core output encode the relational attributes better after alignment?
+    feat_cat = {s: np.concatenate([features[s][k] for k in cfg.backbone.layers], 1) for s in SPLITS}
+    feat_cat["train"] = feat_cat["train"][: len(ds.train)]
+    diag: dict[str, Any] = {"features": {"attribute_r": attribute_r(ds, feat_cat)},
+                            "description_embeddings": {"attribute_r": attribute_r(
+                                ds, {"train": text["train"][: len(ds.train)], "test": text["test"]})}}
+    models = {"lambda0": zero, "aligned": trained[(chosen[False], False)],
+              "aligned_extra": trained[(chosen[True], True)], "shuffled": shuffled_runs[False],
+              "shuffled_extra": shuffled_runs[True]}
+    for name, res in models.items():
+        net = res.network.cpu().eval()
+        X = {s: core_output(net, {k: (features[s][k][: len(ds.train)] if s == "train" else features[s][k])
+                                  for k in cfg.backbone.layers}) for s in ("train", "test")}
+        val_feats = {k: features["val"][k] for k in cfg.backbone.layers}
+        diag[name] = {"attribute_r": attribute_r(ds, X), "val_retrieval_top1": retrieval_top1(net, val_feats,
+                                                                                             text["val"])}
+    diag["chance_retrieval_top1"] = 1.0 / mode["n_val"]
+
+    # 4. learning curves on the relational voxels (settings chosen above, on validation)
+    curves: dict[str, dict[str, Any]] = {"ridge": {}, "lambda0": {}, "aligned": {}, "aligned_extra": {}}
+    for n in mode["curve"]:
+        dn = subset_train(ds_all, n)
+        X = {s: feat_cat[s] if s != "train" else np.concatenate(
+            [features["train"][k][:n] for k in cfg.backbone.layers], 1) for s in SPLITS}
+        ridge = ridge_predictions(X, np.concatenate([dn.train.responses, dn.val.responses]), ["train", "val"])
+        preds = {"ridge": ridge["test"]}
+        if n == mode["n_train"]:
+            preds.update(lambda0=zero.predictions["test"], aligned=models["aligned"].predictions["test"],
+                         aligned_extra=models["aligned_extra"].predictions["test"])
+        else:
+            tn = {"train": text["train"][:n], "val": text["val"], "test": text["test"]}
+            preds["lambda0"] = runner.train(dn, features, None, core, 0.0).predictions["test"]
+            preds["aligned"] = runner.train(dn, features, tn, core, chosen[False]).predictions["test"]
+            preds["aligned_extra"] = runner.train(dn, features, tn, core, chosen[True], stream).predictions["test"]
+        for name, p in preds.items():
+            curves[name][str(n)] = mean_r_ci(dn, p, n_boot, seed)
+    out = {**results, "learning_curves": {"roi": "relational", "n_train": mode["curve"], "models": curves},
+           "diagnostics": diag, "sweep": sweep,
+           "rsa92": {}, "rsa92_note": "92-image RSA (issue 14 item 5) is not part of this benchmark yet",
+           "settings": {"mode": mode_name, **mode, "seed": seed, "core_chosen": core, "lambda_chosen": chosen[False],
+                        "lambda_chosen_extra": chosen[True], "runs": runner.count, "selection": "validation r, "
+                        "relational voxels", "inputs_s": t_inputs},
+           "seconds": time.perf_counter() - t0}
+    return out
+
+
+def _fmt_ci(ci: list[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    print("\nPositive control (relational voxels, test; paired bootstrap over test images)")
+    print(f"{'run':<24}{'core':>7}{'λ':>6}{'λ=0 r':>8}{'λ>0 r':>8}{'Δ r':>8}{'95% CI':>20}{'p':>7}"
+          f"{'shuffled Δ':>12}{'shuffled CI':>20}")
+    for label in ("positive_control", "positive_control_extra"):
+        r = res[label]
+        print(f"{label:<24}{r['core']:>7}{r['lambda']:>6g}{r['lambda_mean_r']:>8.3f}{r['aligned_mean_r']:>8.3f}"
+              f"{r['delta_mean_r']:>+8.3f}{_fmt_ci(r['ci']):>20}{r['p']:>7.3f}{r['shuffled_delta_mean_r']:>+12.3f}"
+              f"{_fmt_ci(r['shuffled_ci']):>20}")
+    d = res["diagnostics"]
+    print("\nDiagnostics: test r of ridge (fit on the training images) to the ground-truth relational attributes")
+    print(f"{'input':<24}{'mean':>7}{'n_obj':>7}{'posit.':>7}{'same':>7}{'pairs':>7}{'val top-1':>11}")
+    for name in ("features", "description_embeddings", "lambda0", "aligned", "aligned_extra", "shuffled",
+                 "shuffled_extra"):
+        a = d[name]["attribute_r"]
+        top1 = d[name].get("val_retrieval_top1")
+        print(f"{name:<24}{a['mean']:>7.3f}{a['n_objects']:>7.3f}{a['positions']:>7.3f}{a['same_category']:>7.3f}"
+              f"{a['category_pairs']:>7.3f}{'' if top1 is None else f'{top1:.3f}':>11}")
+    print(f"(chance top-1 = {d['chance_retrieval_top1']:.3f})")
+    lc = res["learning_curves"]
+    print("\nLearning curves: mean test r, relational voxels (95% CI)")
+    print(f"{'model':<16}" + "".join(f"{'n=' + str(n):>22}" for n in lc["n_train"]))
+    for name, row in lc["models"].items():
+        print(f"{name:<16}" + "".join(f"{row[str(n)]['mean_r']:>7.3f} {_fmt_ci(row[str(n)]['ci']):>14}"
+                                      for n in lc["n_train"]))
+    print("\nValidation sweep (relational voxels): " + ", ".join(
+        f"{s['core']}/λ={s['lambda']:g}{'+extra' if s['stream'] else ''}: {s['val_r']:.3f}" for s in res["sweep"]))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.getLogger("llmvem").setLevel(logging.ERROR)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or Path(tmp) / "cache"
+        res = run(mode, cache, Path(tmp) / "runs", args.seed)
+    print_tables(res)
+    print(f"\n{mode} run: {res['seconds']:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2, default=float))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Captioned images without brain data: the images and captions of the alignment stream (``align_data``).
+
+Two kinds of spec:
+
+* ``"virtual-scenes:n=2000,seed=7"`` — extra virtual-brain scenes with their exact descriptions
+  (:func:`llmvem.data.virtual_brain.make_virtual_scenes`);
+* a folder with ``images/`` and a caption file (``captions.csv`` / ``.tsv`` / ``.json`` / ``.jsonl``, or the
+  file given) that :func:`llmvem.captions.existing.read_caption_file` reads, keyed by image file name or stem,
+  e.g. ``../shared/data/flickr8k_1000`` (1,000 images × 5 human captions). Images without a caption are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmvem.data.images import FileImages, ImageCollection
+from llmvem.errors import DataValidationError
+
+__all__ = ["CaptionedImages", "load_captioned_images"]
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_CAPTION_FILES = ("captions.csv", "captions.tsv", "captions.json", "captions.jsonl")
+
+
+@dataclass
+class CaptionedImages:
+    """Images and their captions (no responses).
+
+    Attributes
+    ----------
+    images : ImageCollection
+        ``n`` images.
+    captions : list of list of str
+        The captions of each image (at least one each), in image order.
+    source : str
+        The spec it was loaded from.
+    """
+
+    images: ImageCollection
+    captions: list[list[str]]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_captioned_images(spec: str, captions_file: str | Path | None = None, image_size: int = 64,
+                          max_images: int | None = None) -> CaptionedImages:
+    """Load the captioned images a spec names (see the module docstring).
+
+    Parameters
+    ----------
+    spec : str
+        ``"virtual-scenes:n=N,seed=S"`` or a folder.
+    captions_file : str or Path, optional
+        Caption file of a folder spec (relative paths are relative to the folder); default: found in it.
+    image_size : int
+        Side of virtual scenes in pixels.
+    max_images : int, optional
+        Keep only the first ``max_images`` images.
+
+    Raises
+    ------
+    DataValidationError
+        Naming the spec / folder / file and what was expected.
+    """
+    if spec.startswith("virtual-scenes"):
+        from llmvem.data import parse_options
+        from llmvem.data.virtual_brain import make_virtual_scenes
+
+        options = parse_options(spec.split(":", 1)[1]) if ":" in spec else {}
+        unknown = set(options) - {"n", "seed"}
+        if unknown:
+            raise DataValidationError(spec, "virtual-scenes options", f"unknown {sorted(unknown)}; expected n, seed")
+        n = int(options.get("n", 1000))
+        if max_images is not None:
+            n = min(n, max_images)
+        images, descriptions, _ = make_virtual_scenes(n, image_size=image_size, seed=int(options.get("seed", 7)))
+        return CaptionedImages(images, [[d] for d in descriptions], spec)
+    from llmvem.captions.existing import read_caption_file
+
+    root = Path(spec).expanduser()
+    if not (root / "images").is_dir():
+        raise DataValidationError(root, "align_data.spec", "expected 'virtual-scenes:n=N,seed=S' or a folder with "
+                                  "images/ and a caption file")
+    if captions_file is not None:
+        path = Path(captions_file).expanduser()
+        path = path if path.is_absolute() else root / path
+    else:
+        found = [root / name for name in _CAPTION_FILES if (root / name).is_file()]
+        if not found:
+            raise DataValidationError(root, "captions file", f"none of {list(_CAPTION_FILES)}; set "
+                                      "align_data.captions_file")
+        path = found[0]
+    table = read_caption_file(path)
+    files = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    paths, captions = [], []
+    for p in files:
+        caps = table.get(p.name) or table.get(p.stem)
+        if caps:
+            paths.append(p)
+            captions.append(list(caps))
+        if max_images is not None and len(paths) >= max_images:
+            break
+    if len(paths) < 2:
+        raise DataValidationError(path, "captions", f"{len(paths)} images of {root / 'images'} have a caption here; "
+                                  "expected keys that are the image file names or stems, for at least 2 images")
+    return CaptionedImages(FileImages(paths), captions, str(spec))

@@ -1,0 +1,112 @@
+"""The alignment stream: captioned images without brain data, as one more data key of the training engine.
+
+Its batches are interleaved with the brain batches in stage 1 (cached features → core and alignment head) and
+stage 2 (images → unfrozen backbone blocks); it adds only the contrastive loss, times ``weight``. Images come
+from :func:`llmvem.data.captioned.load_captioned_images`, caption embeddings from the text-embedding cache and
+features from the HDF5 feature cache (through :mod:`llmvem.inputs`, the one place those caches are read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmvem.config import RunConfig
+from llmvem.data.images import ImageCollection
+from llmvem.embed.base import ImageBackbone
+from llmvem.errors import DataValidationError
+from llmvem.train.task import KeyData
+from llmvem.train.tensors import backbone_features, load_image_tensor
+
+__all__ = ["ALIGN_KEY", "CaptionStream", "load_align_stream", "stream_key_data"]
+
+#: Data-key name of the alignment stream.
+ALIGN_KEY = "align_stream"
+
+
+@dataclass
+class CaptionStream:
+    """Captioned images that train only the contrastive term.
+
+    Attributes
+    ----------
+    images : ImageCollection
+        ``n`` images (decoded for stage 2, or for computing features when ``features`` is None).
+    text_embeddings : array of shape (n, text_dim)
+        L2-normalised caption embedding of each image.
+    features : dict of layer to array of shape (n, d_layer), optional
+        Frozen-backbone features of the layers the network reads (``backbone.layers``, plus ``"pooled"`` for a
+        head without core).
+    weight : float
+        Factor on the stream's contrastive loss (0: the stream is not used).
+    batch_size : int, optional
+        Its batch size (global); None = the stage's.
+    name : str
+        Its data key.
+    """
+
+    images: ImageCollection
+    text_embeddings: np.ndarray
+    features: Mapping[str, np.ndarray] | None = None
+    weight: float = 1.0
+    batch_size: int | None = None
+    name: str = ALIGN_KEY
+
+    def check(self, layers: Sequence[str], text_dim: int | None) -> None:
+        """Validate sizes against the readout ``layers`` and the brain keys' ``text_dim``."""
+        n, e = len(self.images), np.asarray(self.text_embeddings)
+        if e.ndim != 2 or e.shape[0] != n or not np.isfinite(e).all():
+            raise DataValidationError(None, "align_stream.text_embeddings", f"shape {e.shape}, expected ({n}, dim) "
+                                      "finite values: one embedding per image")
+        if text_dim is not None and e.shape[1] != text_dim:
+            raise DataValidationError(None, "align_stream.text_embeddings", f"size {e.shape[1]} differs from the "
+                                      f"brain captions' {text_dim}; embed all captions with one text encoder")
+        if self.features is not None:
+            for layer in layers:
+                f = self.features.get(layer)
+                if f is None or np.asarray(f).shape[0] != n:
+                    raise DataValidationError(None, f"align_stream.features[{layer!r}]",
+                                              f"missing or not ({n}, dim); expected every layer of {list(layers)}")
+
+
+def stream_key_data(stream: CaptionStream, layers: Sequence[str], backbone: ImageBackbone | None, stage2: bool,
+                    device: torch.device, precision: str, batch_size: int, show: bool) -> KeyData:
+    """The engine's in-memory data of the stream: training rows only (it is never validated or predicted)."""
+    n = len(stream.images)
+    key = KeyData(stream.name, {"train": n, "val": 0, "test": 0}, batch_size=stream.batch_size)
+    if stage2 or stream.features is None:
+        assert backbone is not None
+        key.images = {"train": load_image_tensor(stream.images, int(backbone.image_size),
+                                                 desc="decoding caption-stream images", show_progress=show)}
+    if stream.features is not None:
+        feats = {layer: torch.as_tensor(np.asarray(stream.features[layer]), dtype=torch.float32) for layer in layers}
+    else:
+        assert backbone is not None
+        backbone.to(device)
+        feats = backbone_features(backbone, key.images["train"], list(layers), device, batch_size, precision,
+                                  desc="caption-stream features", show_progress=show)
+    key.features = {"train": {k: v.to(device) for k, v in feats.items()}}
+    key.set_text({"train": np.asarray(stream.text_embeddings)}, device)
+    return key
+
+
+def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress: bool = True,
+                      layers: Sequence[str] | None = None) -> CaptionStream | None:
+    """The stream ``config.align_data`` names, with cached caption embeddings and backbone features.
+
+    Returns None when ``align_data.spec`` is None. ``layers`` default: ``backbone.layers`` plus ``"pooled"``.
+    """
+    from llmvem import inputs
+    from llmvem.data.captioned import load_captioned_images
+
+    a = config.align_data
+    if a.spec is None:
+        return None
+    data = load_captioned_images(a.spec, a.captions_file, image_size=config.data.image_size,
+                                 max_images=a.max_images)
+    text = inputs.embed_captions(config, {"train": data.captions}, show_progress)["train"]
+    features = inputs.extract_image_features(config, data.images, backbone, layers, show_progress)
+    return CaptionStream(data.images, text, features, weight=a.weight, batch_size=a.batch_size)
