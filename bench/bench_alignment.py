@@ -345,7 +345,16 @@ def print_tables(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.getLogger("llmvem").setLevel(logging.ERROR)
+    quiet = logging.getLogger("llmvem")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the inert-λ warnings of the sweep would drown the tables
+    try:
+        return _main(args)
+    finally:
+        quiet.setLevel(level)  # called in-process (tests): leave logging as it was
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with tempfile.TemporaryDirectory() as tmp:

@@ -231,9 +231,10 @@ def test_train_hitting_a_full_disk_is_one_line_exit_1_naming_the_run_folder(tmp_
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
                               'space left on device" })')
 
-    monkeypatch.setattr(llmvem.inputs, "prepare_inputs", lambda cfg, show_progress=True: type(
-        "Inputs", (), {"dataset": None, "text_embeddings": None, "backbone": None, "features": None})())
-    monkeypatch.setattr(llmvem.train, "train_encoding_model", no_space)
+    import llmvem.experiment
+
+    # the run folder's writer (checkpoints, predictions) fails as safetensors does on a full disk
+    monkeypatch.setattr(llmvem.experiment, "run_models", no_space)
     out = tmp_path / "run"
     capsys.readouterr()
     assert main(["train", "--config", "demo", "--out", str(out)]) == 1

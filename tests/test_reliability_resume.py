@@ -285,8 +285,9 @@ def test_train_killed_while_captioning_then_ctrl_c_mid_epoch_resumes_to_the_unin
     rng = random.Random(8)
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path, cache)
-    out = tmp_path / "run"
-    args = ["train", "--config", str(cfg), "--out", str(out), "--resume", "--no-progress"]
+    run = tmp_path / "run"
+    args = ["train", "--config", str(cfg), "--out", str(run), "--resume", "--no-progress"]
+    out = run / "models" / "llmvem_lambda0.1"  # train writes a complete run folder; the trainer's is under models/
 
     # 1. SIGKILL in the middle of captioning (inside the pipeline's input preparation)
     commit = rng.randrange(2, CAPTION_COMMITS)
@@ -314,7 +315,7 @@ def test_train_killed_while_captioning_then_ctrl_c_mid_epoch_resumes_to_the_unin
     rc, stdout, err = Cli(args, tmp_path).finish()
     assert rc == 0, err[-3000:]
     assert steps_taken(err) == STEPS_PER_MODEL - saved
-    assert f"trained {out}" in stdout
+    assert f"run folder: {run}" in stdout and (run / "metrics.json").is_file()
 
     assert_same_training(reference / "sweep" / "base" / "models" / "llmvem_lambda0.1", out)
     rows = caption_rows(cache / "captions.sqlite")
@@ -345,7 +346,7 @@ def test_sweep_killed_mid_epoch_then_ctrl_c_then_rerun_equals_the_uninterrupted_
 
     # 2. Ctrl-C on the plain command, a seeded delay after the second model starts resuming
     cli = Cli(args, tmp_path, plain=True)
-    cli.wait_for("training LLM-VEM with lambda = 0.1")
+    cli.wait_for("fitting LLM-VEM λ=0.1")
     time.sleep(rng.uniform(0.0, 0.3))
     rc, _, err = cli.interrupt(signal.SIGINT)
     assert rc == 130, err[-3000:]

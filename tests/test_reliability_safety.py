@@ -81,7 +81,7 @@ def interrupted_run(tmp_path, tiny_inputs, monkeypatch):  # noqa: F811 - the fix
                                      "stage1_epoch0002/rng_rank0.safetensors", "best_stage1.safetensors"])
 def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(planted, interrupted_run, tmp_path, capsys):
     cfg, out = interrupted_run
-    target = out / "checkpoints" / planted
+    target = out / "models" / "llmvem_lambda0.5" / "checkpoints" / planted  # the trainer's folder in the run
     assert target.is_file()  # the trainer wrote (and would read) this file
     marker = tmp_path / "PWNED"
     plant(target, marker, kind="pickle" if "rng" in planted else "torch")
@@ -94,9 +94,11 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(planted, inte
 def test_torch_pickles_beside_the_checkpoints_are_never_read(interrupted_run, tmp_path, capsys):
     cfg, out = interrupted_run
     marker = tmp_path / "PWNED"
+    trainer = out / "models" / "llmvem_lambda0.5"
     for name in ("checkpoints/stage1_epoch0002/model.pt", "checkpoints/stage1_epoch0002/optimizer.pt",
                  "checkpoints/last.ckpt", "model.pth", "checkpoint.pt"):
-        plant(out / name, marker)
+        plant(trainer / name, marker)
+    plant(out / "model.pth", marker)
     assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress", "--resume"]) == 0
     assert "stage1: 4 epochs" in capsys.readouterr().out
     assert not marker.exists()
