@@ -544,7 +544,7 @@ def fit_model_text_to_brain(model_dir: str | Path, inputs: PreparedInputs, *,
         ``config.evaluate.ridge_device`` for the ridge fits.
     save : bool
         Write ``text_to_brain.safetensors`` / ``.json`` and the default voxel-description vocabulary
-        (``vocabulary.txt``, see :func:`llmvem.explain.voxel_descriptions.default_vocabulary`) into
+        (``vocabulary.txt``, see :func:`llmvem.explain.vocabulary.default_vocabulary`) into
         ``model_dir``.
 
     Returns
@@ -584,7 +584,7 @@ def fit_model_text_to_brain(model_dir: str | Path, inputs: PreparedInputs, *,
                                             aligned_embeddings_test=aligned["test"],
                                             noise_ceiling=ds.noise_ceiling, hemisphere=ds.hemisphere)
     if save:
-        from llmvem.explain.voxel_descriptions import VOCABULARY_FILE, default_vocabulary, write_vocabulary
+        from llmvem.explain.vocabulary import VOCABULARY_FILE, default_vocabulary, write_vocabulary
 
         t2b.save(model_dir, evaluation)
         phrases, source = default_vocabulary(ds.meta, inputs.captions.get("train"))
