@@ -35,7 +35,7 @@ from llmvem.data.noise_ceiling import held_out_noise_ceiling
 from llmvem.estimators import model_name
 from llmvem.evaluate.selection import select_on_validation
 from llmvem.inputs import PreparedInputs
-from llmvem.utils import prepare_run_folder, seed_everything, write_json
+from llmvem.utils import prepare_run_folder, seed_everything, versions, write_json
 
 __all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary",
            "default_pairs", "fit_predict", "flatten_comparison", "run_models", "selected_model", "versions",
@@ -83,20 +83,6 @@ class ExperimentResult:
     metrics: dict[str, Any]
     predictions: dict[str, dict[str, np.ndarray]]
     estimators: dict[str, Any]
-
-
-def versions(seed: int) -> dict[str, Any]:
-    """Python, platform, seed and versions of the packages a run depends on (``versions.json``)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "seed": seed}
-    for pkg in ("llmvem", "torch", "timm", "transformers", "sentence-transformers", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def flatten_comparison(res: dict[str, Any]) -> dict[str, Any]:

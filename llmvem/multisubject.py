@@ -24,7 +24,7 @@ from llmvem.data.splits import shared_test_fraction, split_by_image_key
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.estimators import MultiSubjectEncoder
-from llmvem.experiment import flatten_comparison, versions
+from llmvem.experiment import flatten_comparison
 from llmvem.inputs import (
     caption_dataset,
     embed_captions,
@@ -34,7 +34,7 @@ from llmvem.inputs import (
 )
 from llmvem.report.tables import fmt_ci, fmt_number, markdown_table
 from llmvem.train.multisubject import SubjectData
-from llmvem.utils import prepare_run_folder, write_json
+from llmvem.utils import prepare_run_folder, versions, write_json
 
 __all__ = ["MULTI_OUTPUTS", "prepare_subjects", "run_multisubject", "summary_table"]
 

@@ -195,3 +195,22 @@ def floored_std(std: np.ndarray) -> np.ndarray:
     if positive.size == 0:
         return np.ones_like(std)
     return np.maximum(std, STD_FLOOR * float(np.median(positive)))
+
+
+def versions(seed: int, **extra: Any) -> dict[str, Any]:
+    """Python, platform, seed and versions of the packages a run depends on (``versions.json``), plus ``extra``
+    (e.g. the training device and world size)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "seed": seed}
+    for pkg in ("llmvem", "torch", "timm", "transformers", "sentence-transformers", "safetensors", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    import torch  # the runtime build string (e.g. "2.14.1+cu130"), which package metadata may shorten
+
+    out["torch"] = torch.__version__
+    out.update(extra)
+    return out

@@ -1,8 +1,9 @@
 """The package's shape: no import cycle between llmvem modules, no module over 600 lines.
 
 Every ``import`` counts, at module level and inside functions: a function-level import postpones a cycle to call
-time but does not remove it (the two modules still need each other). Imports under ``if TYPE_CHECKING:`` do not
-count (they never run). Importing ``llmvem.a.b`` is an edge to the module ``llmvem.a.b`` only, not to the package
+time but does not remove it (the two modules still need each other). Imports under ``if TYPE_CHECKING:`` count
+too: they never run, but they still say the two modules know each other's types (the project's import hook
+counts them, and so does this test). Importing ``llmvem.a.b`` is an edge to the module ``llmvem.a.b`` only, not to the package
 ``llmvem.a`` (Python runs ``llmvem/a/__init__.py`` first, but a package importing its own submodules is the
 normal layout, and counting it would make every package a cycle); ``from llmvem.a import name`` is an edge to
 ``llmvem.a.name`` when that is a module, else to ``llmvem.a``.
@@ -24,20 +25,11 @@ def module_name(path: Path, package: Path = PACKAGE) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or \
-        (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
-
-
 def _imports(tree: ast.AST, module: str, is_package: bool):
-    """Absolute names imported anywhere in ``tree`` (TYPE_CHECKING blocks skipped)."""
+    """Absolute names imported anywhere in ``tree`` (TYPE_CHECKING blocks included)."""
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            stack.extend(node.orelse)
-            continue
         if isinstance(node, ast.Import):
             yield from ((a.name, None) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -116,7 +108,7 @@ def test_the_graph_finds_a_planted_cycle(tmp_path):
                               "def g():\n    from .a import x\n")
     graph = import_graph(pkg)
     assert graph["llmvem.a"] == {"llmvem.sub.b"} and graph["llmvem.sub.b"] == {"llmvem.c"}
-    assert graph["llmvem.c"] == {"llmvem.a"}  # the TYPE_CHECKING import is not an edge
+    assert graph["llmvem.c"] == {"llmvem.a", "llmvem.sub.b"}  # the TYPE_CHECKING import is an edge too
     assert cycles(graph) == [["llmvem.a", "llmvem.c", "llmvem.sub.b"]]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from llmvem.train.stream import CaptionStream, stream_key_data
 from llmvem.train.task import SPLITS, EncodingTask, KeyData
 from llmvem.train.tensors import backbone_features, load_image_tensor, resolve_precision
 from llmvem.utils import prepare_run_folder as _prepare_folder
-from llmvem.utils import seed_everything, stable_hash, write_json
+from llmvem.utils import seed_everything, stable_hash, versions, write_json
 
 __all__ = ["OUTPUT_NAMES", "CaptionStream", "SubjectData", "TrainResult", "alignment_is_inert",
            "config_fingerprint", "prepare_run_folder", "train_encoding_model"]
@@ -135,21 +134,6 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     see :func:`llmvem.utils.prepare_run_folder`.
     """
     _prepare_folder(out_dir, resume, overwrite, outputs=OUTPUT_NAMES)
-
-
-def _versions(config: RunConfig, info: DistInfo) -> dict[str, Any]:
-    from importlib import metadata
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "numpy": np.__version__, "llmvem": ver("llmvem"), "timm": ver("timm"),
-            "transformers": ver("transformers"), "safetensors": ver("safetensors"), "seed": config.seed,
-            "device": str(info.device), "world_size": info.world_size}
 
 
 # -------------------------------------------------------------------------------------------- checks
@@ -367,7 +351,7 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
     barrier(info)
     if info.is_main:
         save_config(saved_config, out_dir / "config.yaml")
-        write_json(out_dir / "versions.json", _versions(config, info))
+        write_json(out_dir / "versions.json", versions(config.seed, device=str(info.device), world_size=info.world_size))
     seed_everything(config.seed + info.rank)
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
