@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_llmvem_train_uses_the_stream_like_run_experiment(runs, capsys):
 
 
 @pytest.mark.slow  # ~6 s: one estimator fit
-def test_estimator_fit_loads_the_stream_of_its_config(runs):
+def test_estimator_fit_loads_the_stream_of_its_config(runs, caplog):
     tmp, path, inputs, _, _ = runs
     cfg = apply_overrides(load_config(path), [f"align_data.spec={STREAM}"])
     enc = LLMVEMEncoder(cfg).fit(inputs.dataset, inputs.text_embeddings, backbone=inputs.backbone,
@@ -108,9 +109,12 @@ def test_estimator_fit_loads_the_stream_of_its_config(runs):
     assert enc.align_stream_ == {"spec": STREAM, "n_images": 40, "weight": 1.0, "batch_size": None}
     np.testing.assert_allclose(enc.result_.predictions["test"], _pred(tmp / "stream", "llmvem_lambda0.5"),
                                rtol=0, atol=1e-6)
-    zero = LLMVEMEncoder(apply_overrides(cfg, ["model.lambda_align=0"])).fit(
-        inputs.dataset, backbone=inputs.backbone, features=inputs.features)
+    with caplog.at_level(logging.INFO, logger="llmvem.estimators"):
+        zero = LLMVEMEncoder(apply_overrides(cfg, ["model.lambda_align=0"])).fit(
+            inputs.dataset, backbone=inputs.backbone, features=inputs.features)
     assert zero.align_stream_ is None
+    assert [r.getMessage() for r in caplog.records if "ignores the alignment stream" in r.getMessage()] == [
+        f"the λ = 0 model ignores the alignment stream ({STREAM}): it adds only the contrastive loss"]
     np.testing.assert_array_equal(zero.result_.predictions["test"], _pred(tmp / "plain", "llmvem_lambda0"))
 
 
