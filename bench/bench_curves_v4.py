@@ -353,8 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                                            Path(tmp) / sid / label, layer_sets, args.progress)
                 test = {m: preds[m]["test"] for m in MODELS}
                 models, vs = session_cell(ds.test.responses, test, n_boot)
-                for m in MODELS:
-                    models[m]["val_mean_r"] = float(np.nanmean(pearson_r(ds.val.responses, preds[m]["val"])))
+                for m in MODELS:  # ridge is refitted on train + val: its score is the layer choice's (train only)
+                    models[m]["val_mean_r"] = info["ridge_val_r_by_layers"]["+".join(info["ridge_layers"])] \
+                        if m == "ridge" else float(np.nanmean(pearson_r(ds.val.responses, preds[m]["val"])))
                 cells.append({"size": label, "n_train": n, "ridge_layers": info["ridge_layers"], "models": models,
                               "vs_lambda0": vs, "seconds": time.perf_counter() - t if label != "all" else None})
                 pooled_in.setdefault(label, {})[sid] = (ds.test.responses, test)
