@@ -8,7 +8,8 @@ each session are fixed; the training images are nested seeded subsets of the tra
 200, 400, all}. At every size, on the same images:
 
 * ``ridge`` — bench_v4's ridge: layer set chosen on validation by a ridge fitted on the n training images, then
-  refitted on those + validation (the pipeline's baseline convention);
+  refitted on those + validation (the pipeline's baseline convention: at n = 50 it sees 150 images);
+* ``ridge_train`` — the same layer set fitted on the n training images only (the networks' data);
 * ``lambda0`` — LLM-VEM, λ = 0, with a shared trainable core (``model.core=linear``), stage 1 on cached features,
   readout on the ridge's layers;
 * ``aligned`` — the same network and core at λ > 0 (label captions of the brain images);
@@ -53,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FLICKR = ROOT.parent / "shared" / "data" / "flickr8k_1000"
 DEFAULT_OUT = ROOT / "bench" / "results" / "curves_v4.json"
 DEFAULT_SESSIONS = ("190925", "190927", "190928")
-MODELS = ("ridge", "lambda0", "aligned", "aligned_stream")
-LABELS = {"ridge": "ridge (frozen, train+val)", "lambda0": "LLM-VEM λ=0 (core)", "aligned": "LLM-VEM λ>0 (core)",
+MODELS = ("ridge", "ridge_train", "lambda0", "aligned", "aligned_stream")
+LABELS = {"ridge": "ridge (frozen, train+val)", "ridge_train": "ridge (frozen, train only)", "lambda0": "LLM-VEM λ=0 (core)", "aligned": "LLM-VEM λ>0 (core)",
           "aligned_stream": "LLM-VEM λ>0 + Flickr8k stream"}
 #: On top of bench_v4's settings: the shared core that both λ = 0 and λ > 0 train, stage 1 only (cached features).
 CURVE_OVERRIDES = ["model.core=linear", "model.core_dim=128", "train.stage2.epochs=0"]
@@ -158,8 +159,12 @@ def fit_size(config, inputs, lam: dict[str, float], work: Path, layer_sets, show
     plain = plain_config(config)
     preds, info = bench_v4.fit_models(plain, inputs, lam["aligned"], work / "base", layer_sets, show,
                                       ("ridge", "lambda0_frozen", "lambda_frozen"), "ridge")
-    out = {"ridge": preds["ridge"], "lambda0": preds["lambda0_frozen"], "aligned": preds["lambda_frozen"]}
+    from llmvem.estimators import RidgeEncoder
+
     layers = info["ridge_layers"]
+    ridge_train = RidgeEncoder.from_config(plain, layers).set_params(fit_splits=("train",)).fit_inputs(inputs)
+    out = {"ridge": preds["ridge"], "ridge_train": ridge_train.predict_inputs(inputs),
+           "lambda0": preds["lambda0_frozen"], "aligned": preds["lambda_frozen"]}
     jobs = [("aligned_stream", lam["aligned_stream"])] + [(e.split("@")[0], float(e.split("@")[1])) for e in extra]
     names = ["aligned_stream", *extra]
     for name, (kind, lam_m) in zip(names, jobs, strict=True):
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 t = time.perf_counter()
                 if label == "all":
                     preds_all, info = p["all"]
-                    preds = {"ridge": preds_all["ridge"], "lambda0": preds_all["lambda0"]}
+                    preds = {m: preds_all[m] for m in ("ridge", "ridge_train", "lambda0")}
                     for kind in ("aligned", "aligned_stream"):
                         lam = chosen[kind]
                         preds[kind] = preds_all[kind if lam == lambdas[0] else f"{kind}@{lam:g}"]
@@ -353,9 +358,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                                            Path(tmp) / sid / label, layer_sets, args.progress)
                 test = {m: preds[m]["test"] for m in MODELS}
                 models, vs = session_cell(ds.test.responses, test, n_boot)
-                for m in MODELS:  # ridge is refitted on train + val: its score is the layer choice's (train only)
-                    models[m]["val_mean_r"] = info["ridge_val_r_by_layers"]["+".join(info["ridge_layers"])] \
-                        if m == "ridge" else float(np.nanmean(pearson_r(ds.val.responses, preds[m]["val"])))
+                for m in MODELS:  # ridge is refitted on train + val: its score is ridge_train's (the layer choice's)
+                    models[m]["val_mean_r"] = float(np.nanmean(pearson_r(
+                        ds.val.responses, preds["ridge_train" if m == "ridge" else m]["val"])))
                 cells.append({"size": label, "n_train": n, "ridge_layers": info["ridge_layers"], "models": models,
                               "vs_lambda0": vs, "seconds": time.perf_counter() - t if label != "all" else None})
                 pooled_in.setdefault(label, {})[sid] = (ds.test.responses, test)
