@@ -36,7 +36,6 @@ CI bands), and prints the tables. Exits 0 with a message when the data are absen
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import tempfile
@@ -296,17 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if not path.is_dir():
             print(f"bench_curves_v4: {what} {path} is absent; nothing to benchmark (use --data / --flickr)")
             return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if not args.progress:
-        os.environ["LLMVEM_NO_PROGRESS"] = "1"
-    import torch
-
+    bench_v4.offline_runtime(args.progress, args.threads)
     from llmvem.evaluate.metrics import pearson_r
     from llmvem.inputs import load_config_dataset, prepare_inputs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = run_settings(args)
     bargs = bench_args(args, settings)
     layer_sets = bench_v4.QUICK_RIDGE_LAYER_SETS if bargs.quick else bench_v4.RIDGE_LAYER_SETS
