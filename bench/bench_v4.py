@@ -398,21 +398,26 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
+def offline_runtime(progress: bool, threads: int | None) -> None:
+    """Hub access off (nothing downloads), progress bars only when asked, and the torch CPU threads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not progress:
+        os.environ["LLMVEM_NO_PROGRESS"] = "1"
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if not args.data.is_dir():
         print(f"bench_v4: data folder {args.data} is absent; nothing to benchmark (use --data)")
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if not args.progress:
-        os.environ["LLMVEM_NO_PROGRESS"] = "1"
-    import torch
-
+    offline_runtime(args.progress, args.threads)
     from llmvem.data.v4 import list_v4_sessions
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sessions = args.sessions or list_v4_sessions(args.data)
     n_boot = args.bootstrap if args.bootstrap is not None else (200 if args.quick else 1000)
     t0 = time.perf_counter()

@@ -261,7 +261,9 @@ class AlignDataConfig(_Section):
     it, or ``"virtual-scenes:n=2000,seed=7"``: extra virtual-brain scenes with their exact descriptions (at
     ``data.image_size``). None = no stream. The stream's batches are interleaved with the brain batches in both
     stages; its contrastive loss is multiplied by ``weight`` (and ``model.lambda_align``), so ``weight`` = 0 or
-    ``lambda_align`` = 0 leaves training exactly as without it.
+    ``lambda_align`` = 0 leaves training exactly as without it. ``llmvem train``/``demo``/``sweep`` and
+    ``LLMVEMEncoder.fit`` load it (cached) for every model with ``lambda_align > 0``; the run folder records it
+    (``align_stream`` in ``metrics.json`` and ``training.json``).
     """
 
     spec: str | None = None

@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,8 +50,11 @@ if TYPE_CHECKING:
     from llmvem.embed.base import ImageBackbone
     from llmvem.inputs import PreparedInputs
     from llmvem.model.network import LLMVEM
+    from llmvem.train.stream import CaptionStream
 
 __all__ = ["RIDGE_FILE", "LLMVEMEncoder", "MultiSubjectEncoder", "RidgeEncoder", "model_name"]
+
+log = logging.getLogger(__name__)
 
 #: Splits whose predictions ``predict_inputs`` returns.
 PREDICT_SPLITS = ("val", "test")
@@ -241,6 +245,8 @@ class LLMVEMEncoder(BaseEstimator):
     backbone_ : ImageBackbone or None
     fit_splits_ : tuple of str
         ``("train",)``: validation only selects the epoch.
+    align_stream_ : dict or None
+        The alignment stream training used (``spec``, ``n_images``, ``weight``, ``batch_size``), or None.
 
     Examples
     --------
@@ -266,17 +272,24 @@ class LLMVEMEncoder(BaseEstimator):
     def fit(self, dataset: EncodingDataset, text_embeddings: Mapping[str, np.ndarray] | None = None, *,
             backbone: ImageBackbone | None = None, features: Mapping[str, Mapping[str, np.ndarray]] | None = None,
             out_dir: str | Path | None = None, overwrite: bool | None = None,
-            show_progress: bool | None = None) -> LLMVEMEncoder:
+            show_progress: bool | None = None, align_stream: CaptionStream | None = None) -> LLMVEMEncoder:
         """Train on ``dataset`` (see :func:`~llmvem.train.train_encoding_model` for the arguments).
 
         A dataset without a validation split gets one (``config.data.val_fraction``, seed ``config.data.seed``)
         unless ``features`` are given (they are indexed by the dataset's own splits). Without ``backbone`` the
         one named in ``config.backbone`` is loaded when needed. ``out_dir``, ``overwrite`` and ``show_progress``
         override the constructor's values for this call.
+
+        When ``config.align_data.spec`` names captioned images and ``model.lambda_align > 0``, their stream
+        (:func:`~llmvem.train.stream.load_align_stream`: cached caption embeddings and features) trains the
+        contrastive term alongside the brain data; ``align_stream`` passes one already loaded instead. A λ = 0
+        model ignores the stream (and says so in a log line).
         """
+        from llmvem.train.stream import load_align_stream, stream_is_used
         from llmvem.train.trainer import train_encoding_model
 
         config = self._resolved_config()
+        show = self.show_progress if show_progress is None else show_progress
         if dataset.val is None:
             if features is not None:
                 raise DataValidationError(dataset.source, "splits", "features were given but the dataset has no "
@@ -286,10 +299,21 @@ class LLMVEMEncoder(BaseEstimator):
             from llmvem.inputs import load_config_backbone
 
             backbone = load_config_backbone(config)
+        lam = float(config.model.lambda_align)
+        if lam == 0 and (align_stream is not None or config.align_data.spec is not None):
+            log.info("the λ = 0 model ignores the alignment stream (%s): it adds only the contrastive loss",
+                     align_stream.source if align_stream is not None else config.align_data.spec)
+        elif align_stream is None and stream_is_used(config):
+            if backbone is None:
+                from llmvem.inputs import load_config_backbone
+
+                backbone = load_config_backbone(config)
+            align_stream = load_align_stream(config, backbone, show)
+        used = align_stream is not None and align_stream.weight > 0 and lam > 0
         out = out_dir if out_dir is not None else self.out_dir
         kwargs: dict[str, Any] = dict(text_embeddings=text_embeddings, backbone=backbone, features=features,
-                                      show_progress=self.show_progress if show_progress is None else show_progress,
-                                      alignment_head=self.alignment_head)
+                                      show_progress=show, alignment_head=self.alignment_head,
+                                      align_stream=align_stream if used else None)
         if out is None:
             with tempfile.TemporaryDirectory(prefix="llmvem-fit-") as tmp:
                 result = train_encoding_model(config, dataset, out_dir=Path(tmp) / "run", **kwargs)
@@ -298,16 +322,22 @@ class LLMVEMEncoder(BaseEstimator):
                                           overwrite=self.overwrite if overwrite is None else overwrite, **kwargs)
         self.result_, self.network_, self.backbone_ = result, result.network, backbone
         self.fit_splits_ = ("train",)
+        self.align_stream_ = align_stream.describe() if used and align_stream is not None else None
         return self
 
     def fit_inputs(self, inputs: PreparedInputs) -> LLMVEMEncoder:
-        """Train on prepared inputs; caption embeddings are used only when ``model.lambda_align > 0``."""
+        """Train on prepared inputs; caption embeddings (and the alignment stream of ``config.align_data``,
+        loaded once per inputs by :func:`~llmvem.train.stream.stream_for_inputs`) are used only when
+        ``model.lambda_align > 0``."""
+        from llmvem.train.stream import stream_for_inputs
+
         config = self._resolved_config()
+        stream = stream_for_inputs(config, inputs, self.show_progress)
         # stage 2 fine-tunes the backbone in place: train a private copy, so the next model starts from the same
         # frozen backbone that the cached features describe
         backbone = copy.deepcopy(inputs.backbone) if config.train.stage2.epochs > 0 else inputs.backbone
         text = inputs.text_embeddings if config.model.lambda_align > 0 else None
-        return self.fit(inputs.dataset, text, backbone=backbone, features=inputs.features)
+        return self.fit(inputs.dataset, text, backbone=backbone, features=inputs.features, align_stream=stream)
 
     def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:
         """Predictions of the ``val`` and ``test`` splits (the trainer's, from the selected epoch, after fit)."""

@@ -235,6 +235,8 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
             val = float(np.nanmean(pearson_r(ds.val.responses, preds["val"])))
         records[name] = {"label": spec.label, "kind": spec.kind, "lambda": spec.lam, **ev["summary"],
                          "val_mean_r": val, "val_in_fit": "val" in getattr(fitted[name], "fit_splits_", ())}
+        if getattr(fitted[name], "align_stream_", None) is not None:  # captioned images without brain data
+            records[name]["align_stream"] = fitted[name].align_stream_
         voxel[f"r__{name}"] = ev["r"]
         if ev["accuracy"] is not None:
             voxel[f"accuracy__{name}"] = ev["accuracy"]

@@ -53,6 +53,10 @@ class PreparedInputs:
     challenge_features : dict of layer to array of shape (n_challenge_images, d_layer), optional
         Features of the dataset's challenge test images (``dataset.meta["challenge_test_images"]``, responses
         withheld), when it has some.
+    align_streams : dict of str to CaptionStream
+        The alignment streams (``config.align_data``) loaded for models fitted on these inputs, by a key of the
+        stream's configuration; filled by :func:`llmvem.train.stream.stream_for_inputs`, so every model that
+        uses a stream shares one load.
     """
 
     dataset: EncodingDataset
@@ -63,6 +67,7 @@ class PreparedInputs:
     features: dict[str, dict[str, np.ndarray]]
     timing: dict[str, float] = field(default_factory=dict)
     challenge_features: dict[str, np.ndarray] | None = None
+    align_streams: dict[str, Any] = field(default_factory=dict)
 
 
 def cache_root(config: RunConfig) -> Path:

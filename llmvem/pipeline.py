@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, run_models
 from llmvem.inputs import PreparedInputs, prepare_inputs
 
 __all__ = ["EXPERIMENT_OUTPUTS", "PreparedInputs", "experiment_lambdas", "experiment_models", "llmvem_spec",
-           "prepare_inputs", "ridge_spec", "run_experiment"]
+           "load_model_streams", "prepare_inputs", "ridge_spec", "run_experiment"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,36 @@ def experiment_models(config: RunConfig, lambdas: Sequence[float] | None = None,
     return models
 
 
+def load_model_streams(models: Mapping[str, ModelSpec], inputs: PreparedInputs, show_progress: bool = True,
+                       say: Callable[[str], None] | None = None) -> None:
+    """Load the alignment stream (``align_data``) of every model that uses it into ``inputs`` before any model is
+    fitted, so a bad ``align_data.spec`` fails first and the models share one load; ``say`` gets one line per
+    stream naming its spec, size, weight and models, and the λ = 0 models that ignore it."""
+    from llmvem.train.stream import stream_for_inputs
+
+    say = say or log.info
+    t = time.perf_counter()
+    users: dict[int, tuple[Any, list[str]]] = {}
+    ignoring: list[str] = []
+    for name, spec in models.items():
+        cfg = getattr(spec.estimator, "config", None)
+        if cfg is None or cfg.align_data.spec is None:
+            continue
+        stream = stream_for_inputs(cfg, spec.inputs or inputs, show_progress)
+        if stream is None:
+            ignoring.append(name)
+        else:
+            users.setdefault(id(stream), (stream, []))[1].append(name)
+    if users:
+        inputs.timing["align_stream"] = time.perf_counter() - t
+    for stream, names in users.values():
+        say(f"alignment stream {stream.source}: {len(stream.images)} captioned images, weight "
+            f"{stream.weight:g}, for {', '.join(names)}")
+    if ignoring:
+        say(f"{', '.join(ignoring)} ignore{'s' if len(ignoring) == 1 else ''} the alignment stream "
+            "(λ = 0 or align_data.weight = 0: it adds only the contrastive loss)")
+
+
 def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[float] | None = None,
                    resume: bool = False, overwrite: bool = False, show_progress: bool = True,
                    report: bool = True, inputs: PreparedInputs | None = None,
@@ -101,10 +131,14 @@ def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[flo
         stages.append(("text_to_brain", "text-to-brain readouts and voxel descriptions", text_to_brain))
 
     def prepare() -> PreparedInputs:
-        say("preparing inputs: dataset, captions, caption embeddings, image features")
-        return prepare_inputs(config, show_progress=show_progress)
+        if inputs is None:
+            say("preparing inputs: dataset, captions, caption embeddings, image features")
+        prepared = inputs if inputs is not None else prepare_inputs(config, show_progress=show_progress)
+        load_model_streams(models, prepared, show_progress, say)
+        return prepared
 
-    result = run_models(config, inputs if inputs is not None else prepare, models, out_dir, resume=resume, overwrite=overwrite, extra_stages=stages, say=say, started=t0)
+    result = run_models(config, prepare, models, out_dir, resume=resume, overwrite=overwrite, extra_stages=stages,
+                        say=say, started=t0)
     metrics = result.metrics
     if report:
         say("writing the report")

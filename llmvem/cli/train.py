@@ -18,6 +18,7 @@ Examples:
   llmvem train --config demo --out runs/demo_train
   llmvem train --config my.yaml --out runs/s01 --set model.lambda_align=0.05 --set train.stage1.lr=3e-4
   llmvem train --config my.yaml --out runs/s01 --resume
+  llmvem train --config demo --out runs/flickr --set model.core=linear --set align_data.spec=../shared/data/flickr8k_1000
   torchrun --nproc_per_node 4 -m llmvem train --config algonauts_eva02 --out runs/subj01
 """
 
@@ -70,17 +71,18 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
                       other_captions: str) -> None:
     import llmvem.inputs
     from llmvem.experiment import run_models
-    from llmvem.pipeline import experiment_models
+    from llmvem.pipeline import experiment_models, load_model_streams
 
     models = experiment_models(cfg, [cfg.model.lambda_align], show_progress=show)
+    say = (lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None)
 
     def prepare():
-        if show:
-            typer.echo("[llmvem] preparing inputs: dataset, captions, caption embeddings, image features", err=True)
-        return llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
+        say("preparing inputs: dataset, captions, caption embeddings, image features")
+        inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
+        load_model_streams(models, inputs, show, say)  # a bad align_data.spec fails before any training
+        return inputs
 
-    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite,
-                        say=(lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None))
+    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite, say=say)
     m = result.metrics
     for name, rec in m["models"].items():
         val = rec.get("val_mean_r")
@@ -90,6 +92,13 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
         for stage, st in stages.items():
             typer.echo(f"  {stage}: {st['epochs_run']} epochs, best epoch {st['best_epoch']} "
                        f"(val r {st['best_val_mean_r']:.4f})" + (", early stopped" if st["early_stopped"] else ""))
+        stream = rec.get("align_stream")
+        if stream is not None:
+            typer.echo(f"  alignment stream: {stream['spec']} ({stream['n_images']} captioned images, weight "
+                       f"{stream['weight']:g})")
+        elif rec.get("kind") == "llmvem" and cfg.align_data.spec is not None:
+            typer.echo(f"  alignment stream {cfg.align_data.spec} not used (λ = {rec['lambda']:g}, align_data.weight "
+                       f"= {cfg.align_data.weight:g})")
     typer.echo(f"selected (best validation mean r): {m['selected_model']}")
     typer.echo(f"run folder: {out}  (llmvem report {out})")
 
@@ -101,11 +110,14 @@ def _train_distributed(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
 
     if is_main:  # refuse a used folder before the (slow) input preparation
         prepare_run_folder(out, resume=resume, overwrite=overwrite)
+    from llmvem.train.stream import stream_for_inputs
+
     inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show and is_main, other_captions=other_captions)
     lam = cfg.model.lambda_align
+    stream = stream_for_inputs(cfg, inputs, show and is_main)  # None unless λ > 0 and align_data names one
     result = train_encoding_model(cfg, inputs.dataset, text_embeddings=inputs.text_embeddings if lam > 0 else None,
                                   backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                  resume=resume, overwrite=overwrite, show_progress=show)
+                                  resume=resume, overwrite=overwrite, show_progress=show, align_stream=stream)
     if is_main:
         m = result.metrics
         typer.echo(f"trained {out}: val mean r = {m['val_mean_r']:.4f}"

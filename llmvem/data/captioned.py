@@ -73,17 +73,22 @@ def load_captioned_images(spec: str, captions_file: str | Path | None = None, im
         unknown = set(options) - {"n", "seed"}
         if unknown:
             raise DataValidationError(spec, "virtual-scenes options", f"unknown {sorted(unknown)}; expected n, seed")
-        n = int(options.get("n", 1000))
+        n, seed = options.get("n", 1000), options.get("seed", 7)
+        for key, value, low in (("n", n, 2), ("seed", seed, 0)):
+            if not isinstance(value, int) or value < low:
+                raise DataValidationError(spec, f"virtual-scenes option {key}", f"got {value!r}; expected an "
+                                          f"integer >= {low}")
         if max_images is not None:
             n = min(n, max_images)
-        images, descriptions, _ = make_virtual_scenes(n, image_size=image_size, seed=int(options.get("seed", 7)))
+        images, descriptions, _ = make_virtual_scenes(n, image_size=image_size, seed=seed)
         return CaptionedImages(images, [[d] for d in descriptions], spec)
     from llmvem.captions.existing import read_caption_file
 
     root = Path(spec).expanduser()
     if not (root / "images").is_dir():
-        raise DataValidationError(root, "align_data.spec", "expected 'virtual-scenes:n=N,seed=S' or a folder with "
-                                  "images/ and a caption file")
+        what = "folder has no images/ subfolder" if root.is_dir() else "is not a folder"
+        raise DataValidationError(root, "align_data.spec", f"{what}; expected 'virtual-scenes:n=N,seed=S' or a "
+                                  "folder with images/ and a caption file")
     if captions_file is not None:
         path = Path(captions_file).expanduser()
         path = path if path.is_absolute() else root / path

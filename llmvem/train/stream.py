@@ -4,12 +4,18 @@ Its batches are interleaved with the brain batches in stage 1 (cached features �
 stage 2 (images → unfrozen backbone blocks); it adds only the contrastive loss, times ``weight``. Images come
 from :func:`llmvem.data.captioned.load_captioned_images`, caption embeddings from the text-embedding cache and
 features from the HDF5 feature cache (through :mod:`llmvem.inputs`, the one place those caches are read).
+
+On the user's path (``llmvem train``/``run``, :class:`llmvem.estimators.LLMVEMEncoder`) the stream of
+``config.align_data`` is loaded once per prepared inputs (:func:`stream_for_inputs`) and passed to every model with
+``lambda_align > 0``; a λ = 0 model ignores it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +26,15 @@ from llmvem.embed.base import ImageBackbone
 from llmvem.errors import DataValidationError
 from llmvem.train.task import KeyData
 from llmvem.train.tensors import backbone_features, load_image_tensor
+from llmvem.utils import stable_hash
 
-__all__ = ["ALIGN_KEY", "CaptionStream", "load_align_stream", "stream_key_data"]
+if TYPE_CHECKING:
+    from llmvem.inputs import PreparedInputs
+
+__all__ = ["ALIGN_KEY", "CaptionStream", "load_align_stream", "stream_for_inputs", "stream_is_used",
+           "stream_key_data"]
+
+log = logging.getLogger(__name__)
 
 #: Data-key name of the alignment stream.
 ALIGN_KEY = "align_stream"
@@ -46,6 +59,8 @@ class CaptionStream:
         Its batch size (global); None = the stage's.
     name : str
         Its data key.
+    source : str, optional
+        The spec it was loaded from (``align_data.spec``), recorded in the run folder.
     """
 
     images: ImageCollection
@@ -54,6 +69,12 @@ class CaptionStream:
     weight: float = 1.0
     batch_size: int | None = None
     name: str = ALIGN_KEY
+    source: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The record a run folder keeps of the stream: ``spec``, ``n_images``, ``weight``, ``batch_size``."""
+        return {"spec": self.source, "n_images": len(self.images), "weight": float(self.weight),
+                "batch_size": self.batch_size}
 
     def check(self, layers: Sequence[str], text_dim: int | None) -> None:
         """Validate sizes against the readout ``layers`` and the brain keys' ``text_dim``."""
@@ -93,11 +114,34 @@ def stream_key_data(stream: CaptionStream, layers: Sequence[str], backbone: Imag
     return key
 
 
+def stream_is_used(config: RunConfig) -> bool:
+    """Whether training with ``config`` uses the stream of ``config.align_data`` (a spec, a weight > 0 and
+    ``model.lambda_align > 0``)."""
+    a = config.align_data
+    return a.spec is not None and a.weight > 0 and config.model.lambda_align > 0
+
+
+def _stream_layers(config: RunConfig) -> list[str]:
+    """The layers a stream needs: the readout layers plus, with a spatial readout, its map layers (the cache adds
+    ``"pooled"``)."""
+    layers = list(config.backbone.layers)
+    if config.model.spatial_readout != "none":
+        layers += [k for k in config.backbone.spatial_layers if k not in layers]
+    return layers
+
+
 def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress: bool = True,
                       layers: Sequence[str] | None = None) -> CaptionStream | None:
     """The stream ``config.align_data`` names, with cached caption embeddings and backbone features.
 
-    Returns None when ``align_data.spec`` is None. ``layers`` default: ``backbone.layers`` plus ``"pooled"``.
+    Returns None when ``align_data.spec`` is None. ``layers`` default: ``backbone.layers`` (and the spatial
+    readout's maps) plus ``"pooled"``. With ``captions.shuffle`` the stream's caption sets are permuted across its
+    images too (seed ``captions.shuffle_seed``), so the shuffled-captions control covers the stream.
+
+    Raises
+    ------
+    DataValidationError
+        The spec is neither ``virtual-scenes:...`` nor a folder with ``images/`` and a caption file (naming it).
     """
     from llmvem import inputs
     from llmvem.data.captioned import load_captioned_images
@@ -107,6 +151,33 @@ def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress:
         return None
     data = load_captioned_images(a.spec, a.captions_file, image_size=config.data.image_size,
                                  max_images=a.max_images)
-    text = inputs.embed_captions(config, {"train": data.captions}, show_progress)["train"]
-    features = inputs.extract_image_features(config, data.images, backbone, layers, show_progress)
-    return CaptionStream(data.images, text, features, weight=a.weight, batch_size=a.batch_size)
+    captions = {"train": data.captions}
+    if config.captions.shuffle:
+        captions = inputs.shuffle_caption_sets(captions, config.captions.shuffle_seed)
+    text = inputs.embed_captions(config, captions, show_progress)["train"]
+    features = inputs.extract_image_features(config, data.images, backbone,
+                                             _stream_layers(config) if layers is None else layers, show_progress)
+    return CaptionStream(data.images, text, features, weight=a.weight, batch_size=a.batch_size, source=data.source)
+
+
+def stream_for_inputs(config: RunConfig, prepared: PreparedInputs, show_progress: bool = True
+                      ) -> CaptionStream | None:
+    """The stream of ``config.align_data`` for models fitted on ``prepared``, loaded once per configuration of
+    the stream (kept in ``prepared.align_streams``); None when :func:`stream_is_used` is false.
+
+    The features come from ``prepared.backbone`` (the frozen backbone the cached features describe).
+    """
+    if not stream_is_used(config):
+        return None
+    key = stable_hash({"align_data": config.align_data.model_dump(mode="json"),
+                       "text": [config.text.encoder, config.text.long_policy],
+                       "backbone": config.backbone.model_dump(mode="json"), "image_size": config.data.image_size,
+                       "layers": _stream_layers(config),
+                       "shuffle": [config.captions.shuffle, config.captions.shuffle_seed]})
+    if key not in prepared.align_streams:
+        stream = load_align_stream(config, prepared.backbone, show_progress)
+        assert stream is not None
+        log.info("alignment stream %s: %d captioned images, weight %g", stream.source, len(stream.images),
+                 stream.weight)
+        prepared.align_streams[key] = stream
+    return prepared.align_streams[key]

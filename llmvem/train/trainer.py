@@ -484,8 +484,10 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
         n = {s: len(dataset.splits[s]) for s in SPLITS}
         identity = {"name": dataset.name, "n_train": n["train"], "n_val": n["val"], "n_test": n["test"],
                     "n_voxels": dataset.n_voxels}
-        if align_stream is not None and align_stream.weight > 0 and config.model.lambda_align > 0:
-            identity["n_align_stream"] = len(align_stream.images)
+        used_stream = align_stream if align_stream is not None and align_stream.weight > 0 \
+            and config.model.lambda_align > 0 else None
+        if used_stream is not None:
+            identity["n_align_stream"] = len(used_stream.images)
         fingerprint = config_fingerprint(config)
         fit = fit_keys(config, [source], backbone, out_dir, info, resume=resume, fingerprint=fingerprint,
                        data_identity=identity, show_progress=show_progress, callback=callback,
@@ -504,7 +506,8 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
                 "pca_components": getattr(network.readout, "n_components", None),
                 "lambda_align": float(config.model.lambda_align), "precision": engine.precision,
                 "device": str(info.device), "world_size": info.world_size, "seconds": fit.seconds,
-                "config_hash": fingerprint})
+                "config_hash": fingerprint,
+                "align_stream": used_stream.describe() if used_stream is not None else None})
         barrier(info)
         return TrainResult(out_dir=out_dir, network=network, predictions=predictions, metrics=metrics,
                            curves=copy.deepcopy(engine.curves), config=config, stages=copy.deepcopy(engine.stages))
