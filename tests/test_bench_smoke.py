@@ -49,7 +49,8 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     s = res["sessions"]["210325"]
     # 640 images -> 60 kept: 45 train, 5 val, 10 test (proportions of 481 / 53 / 106)
     assert (s["n_neurons"], s["n_train"], s["n_val"], s["n_test"]) == (50, 45, 5, 10)
-    assert set(s["models"]) == {"ridge", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned"}
+    assert set(s["models"]) == set(bench_v4.DEFAULT_MODELS)  # the default, grid ridge and λ = 0 spatial included
+    assert {"ridge_grid", "lambda0_spatial_frozen", "lambda0_spatial_finetuned"} <= set(s["models"])
     for m in s["models"].values():
         assert len(m["r"]) == 50
         assert -1.0 <= m["mean_r"] <= 1.0 and -1.0 <= m["median_r"] <= 1.0
@@ -57,9 +58,16 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     # the frozen features predict V4: even 45 training images give a clearly positive mean test r
     assert s["models"]["ridge"]["mean_r"] > 0.1
     assert s["ridge_layers"] in (["block10"], ["block8", "block12", "pooled"])  # the --quick candidates
+    assert s["ridge_grid_layers"] in (["block10@grid4"], ["block8@grid2", "block12@grid2"])
+    assert s["spatial_layers"] == list(bench_v4.SPATIAL_LAYERS) and s["spatial_readout"] == "factorized"
+    # stage seconds of every LLM-VEM model; only the fine-tuned ones have a stage 2
+    assert set(s["stage_seconds"]) == {m for m in bench_v4.DEFAULT_MODELS if not m.startswith("ridge")}
+    assert all(st["stage1"] > 0 and ("stage2" in st) == name.endswith("finetuned")
+               for name, st in s["stage_seconds"].items())
     assert 0.0 < s["noise_ceiling_mean"] < 1.0
     assert s["captions_example"].startswith("A photo that looks like")  # the label captioner
-    assert set(res["pooled"]) == {f"{b}_vs_{a}" for a, b in bench_v4.COMPARISONS}
+    assert set(res["pooled"]) == {f"{b}_vs_{a}" for a, b in bench_v4.COMPARISONS
+                                  if a in bench_v4.DEFAULT_MODELS and b in bench_v4.DEFAULT_MODELS}
     pooled = res["pooled"]["lambda_finetuned_vs_lambda0_finetuned"]
     assert pooled["bootstrap_all_neurons"]["n_neurons"] == 50
     assert pooled["over_sessions"]["n_sessions"] == 1
@@ -69,6 +77,8 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     assert any(line.split()[:2] == ["210325", "50"] for line in printed.splitlines() if line.strip())
     assert "210325: noise-normalised accuracy" in printed
     assert "lambda_finetuned_vs_ridge: Δ mean r over 50 neurons" in printed
+    assert "lambda0_spatial_finetuned_vs_lambda0_finetuned: Δ mean r over 50 neurons" in printed
+    assert "210325: ridge grid layers" in printed and "train s (stage 1/stage 2)" in printed
     on_disk = json.loads(out.read_text(encoding="utf-8"))
     assert on_disk["sessions"]["210325"]["models"]["ridge"]["mean_r"] == pytest.approx(s["models"]["ridge"]["mean_r"])
 
