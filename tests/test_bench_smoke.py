@@ -269,3 +269,20 @@ def test_spatial_v4_ridge_on_a_tiny_subset(capsys):
     assert fam["grid2"]["vs_pooled"]["diff"] == pytest.approx(fam["grid2"]["test_mean_r"] - fam["pooled"]["test_mean_r"],
                                                                abs=1e-6)
     assert "| grid2 |" in capsys.readouterr().out
+
+
+def test_spatial_vb_per_voxel_choice_takes_the_better_model_on_validation():
+    vb = _load("bench_spatial_vb")
+    rng = np.random.default_rng(0)
+    y_val, y_test = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
+    noise = {s: rng.normal(size=y.shape) for s, y in (("val", y_val), ("test", y_test))}
+    # a predicts voxels 0-2 well and 3-5 badly; b the other way round
+    good = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    a = {f"pred_{s}": np.where(good, y, n) for s, y, n in (("val", y_val, noise["val"]), ("test", y_test, noise["test"]))}
+    b = {f"pred_{s}": np.where(~good, y, n) for s, y, n in (("val", y_val, noise["val"]),
+                                                           ("test", y_test, noise["test"]))}
+    masks = {"early_visual": good, "semantic": ~good}
+    out = vb.per_voxel_choice(y_val, a, b, y_test, masks)
+    np.testing.assert_array_equal(out["pred_test"], y_test)  # every voxel took the model that predicts it
+    assert out["fraction_b"] == {"all": 0.5, "early_visual": 0.0, "semantic": 1.0}
+    assert out["test"]["all"] == pytest.approx(1.0)
