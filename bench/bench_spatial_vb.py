@@ -9,6 +9,10 @@ with the pooled readout by a paired bootstrap over test images, per ROI (``early
 wall time of the two is reported from the same run (train loops only, per epoch as well, since early stopping
 may end them at different epochs).
 
+A third row, **per-voxel choice**, needs no training: each voxel keeps the pooled or the chosen spatial model's
+prediction, whichever has the higher validation r for that voxel (so semantic voxels that the spatial residual
+does not help can keep the pooled readout); it is bootstrapped against the pooled readout as well.
+
 Usage::
 
     python bench/bench_spatial_vb.py      # factorized on block5@grid7: ~7 min on the loaded 2-core box
@@ -68,7 +72,31 @@ def train_one(config, ds, feats, out: Path) -> dict[str, Any]:
             "test": roi_r(ds.test.responses, res.predictions["test"], ds.roi_masks),
             "stage1_s": float(st["train_seconds"]), "epochs": int(st["epochs_run"]),
             "s_per_epoch": float(st["train_seconds"]) / max(int(st["epochs_run"]), 1),
-            "pred_test": res.predictions["test"]}
+            "pred_test": res.predictions["test"], "pred_val": res.predictions["val"]}
+
+
+def per_voxel_choice(y_val: np.ndarray, a: dict[str, Any], b: dict[str, Any], y_test: np.ndarray,
+                     masks: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per voxel, run ``b``'s predictions where its validation r beats ``a``'s, else ``a``'s.
+
+    Parameters
+    ----------
+    y_val : array of shape (n_val, n_voxels)
+    a, b : dict
+        Runs of :func:`train_one` (``pred_val``, ``pred_test`` of shapes (n_val | n_test, n_voxels)).
+    y_test : array of shape (n_test, n_voxels)
+    masks : dict of ROI → bool array of shape (n_voxels,)
+
+    Returns
+    -------
+    dict shaped like a run of :func:`train_one` (no training time) plus ``fraction_b`` per ROI.
+    """
+    use_b = pearson_r(y_val, b["pred_val"]) > pearson_r(y_val, a["pred_val"])
+    pred_val = np.where(use_b[None, :], b["pred_val"], a["pred_val"])
+    pred_test = np.where(use_b[None, :], b["pred_test"], a["pred_test"])
+    return {"val": roi_r(y_val, pred_val, masks), "test": roi_r(y_test, pred_test, masks), "stage1_s": 0.0,
+            "epochs": 0, "s_per_epoch": 0.0, "pred_test": pred_test, "pred_val": pred_val,
+            "fraction_b": {"all": float(use_b.mean()), **{k: float(use_b[masks[k]].mean()) for k in ROIS}}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -98,6 +126,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     masks = {k: ds.roi_masks[k] for k in ROIS}
     boot = paired_bootstrap(ds.test.responses, runs["pooled"]["pred_test"], runs[best]["pred_test"],
                             n_boot=args.n_boot, seed=0, roi_masks=masks)
+    choice = f"per-voxel choice (pooled or {best})"
+    runs[choice] = per_voxel_choice(ds.val.responses, runs["pooled"], runs[best], ds.test.responses, ds.roi_masks)
+    boot_choice = paired_bootstrap(ds.test.responses, runs["pooled"]["pred_test"], runs[choice]["pred_test"],
+                                   n_boot=args.n_boot, seed=0, roi_masks=masks)
 
     print(f"\nvirtual brain {config.data.n_train}/{config.data.n_test}, {config.backbone.name} {config.backbone.layers}, "
           f"λ = 0, stage 1 only; "
@@ -108,21 +140,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mark = " (chosen)" if name == best else ""
         print(f"| {name}{mark} | {r['val']['all']:.3f} | {r['test']['all']:.3f} | {r['test']['early_visual']:.3f} | "
               f"{r['test']['semantic']:.3f} | {r['stage1_s']:.1f} | {r['epochs']} | {r['s_per_epoch']:.2f} |")
-    print(f"\npaired bootstrap over {boot['n_images']} test images ({args.n_boot} resamples), {best} − pooled:\n")
-    print("| voxels | n | Δ mean r | 95% CI | p | fraction improved |")
-    print("|---|---|---|---|---|---|")
-    for label, g in [("all", boot["overall"]), *boot["per_roi"].items()]:
-        c = g["r"]
-        print(f"| {label} | {g['n_voxels']} | {c['diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | "
-              f"{c['p_value']:.3g} | {g['fraction_improved']:.2f} |")
+    fr = runs[choice]["fraction_b"]
+    print(f"\n{choice}: fraction of voxels taking the spatial model: all {fr['all']:.2f}, "
+          + ", ".join(f"{k} {fr[k]:.2f}" for k in ROIS))
+    for name, bt in ((best, boot), (choice, boot_choice)):
+        print(f"\npaired bootstrap over {bt['n_images']} test images ({args.n_boot} resamples), {name} − pooled:\n")
+        print("| voxels | n | Δ mean r | 95% CI | p | fraction improved |")
+        print("|---|---|---|---|---|---|")
+        for label, g in [("all", bt["overall"]), *bt["per_roi"].items()]:
+            c = g["r"]
+            print(f"| {label} | {g['n_voxels']} | {c['diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | "
+                  f"{c['p_value']:.3g} | {g['fraction_improved']:.2f} |")
     ratio = runs[best]["stage1_s"] / max(runs["pooled"]["stage1_s"], 1e-9)
     ratio_ep = runs[best]["s_per_epoch"] / max(runs["pooled"]["s_per_epoch"], 1e-9)
     print(f"\nstage-1 wall time, {best} / pooled: {ratio:.2f}× in total, {ratio_ep:.2f}× per epoch")
     result = {"setting": {"config": "demo", "overrides": base, "maps": maps, "readouts": kinds},
               "feature_seconds": feat_s, "chosen": best, "stage1_time_ratio": ratio,
               "stage1_time_ratio_per_epoch": ratio_ep,
-              "runs": {k: {kk: vv for kk, vv in v.items() if kk != "pred_test"} for k, v in runs.items()},
-              "bootstrap": boot, "machine": {"platform": platform.platform(), "torch": torch.__version__,
+              "runs": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("pred_")} for k, v in runs.items()},
+              "bootstrap": boot, "bootstrap_per_voxel_choice": boot_choice, "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                              "threads": torch.get_num_threads()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -11,10 +11,18 @@ the others, seeded, are the validation split), the script fits on the same image
 * **ridge** — :class:`llmvem.estimators.RidgeEncoder` (the one feature standardiser, voxelwise RidgeCV) on frozen
   EfficientNet-Lite0 features; the layer set is chosen among ``RIDGE_LAYER_SETS`` by the mean validation r of a
   ridge fitted on the training split only, then refitted on train + val (the pipeline's baseline convention);
+* **ridge_grid** — the same ridge on grid-pooled block features (``block8@grid4`` ..., :mod:`llmvem.embed.spatial`,
+  flattened), the layer set chosen among ``RIDGE_GRID_LAYER_SETS`` on validation the same way: the baseline
+  with space (issue 15), reported beside the pooled one;
 * **LLM-VEM λ = 0** and **LLM-VEM λ > 0** (:class:`llmvem.estimators.LLMVEMEncoder`), each with the backbone frozen
   (stage 1 only: heads on cached features) and fine-tuned (stage 1, then stage 2 on images). Captions come from
   the offline ImageNet-label captioner (``captions.backend = "labels"``; weak, see
-  :mod:`llmvem.captions.labels`), embedded with the bundled MiniLM.
+  :mod:`llmvem.captions.labels`), embedded with the bundled MiniLM;
+* **LLM-VEM with a spatial readout** (``lambda0_spatial_*``, ``lambda_spatial_*``): the same networks plus a
+  factorized readout (``model.spatial_readout``, residual mode: PCA voxel mapping on the pooled layers + per
+  neuron a spatial mask × channel weights) on the maps ``--spatial-layers`` (default ``SPATIAL_LAYERS``), trained
+  in stage 1 on the cached maps and, fine-tuned, end to end in stage 2. Seconds of stage 1 and stage 2 of every
+  LLM-VEM model are recorded per session (``stage_seconds``) so their costs compare within one run.
 
 Reported per session: mean and median test r across neurons (and, for sessions with raw repeats such as 210325,
 the noise-normalised accuracy); paired bootstraps over test images (λ > 0 vs λ = 0, and each LLM-VEM vs ridge);
@@ -60,6 +68,17 @@ RIDGE_LAYER_SETS: tuple[tuple[str, ...], ...] = (
     ("block5", "block10", "pooled"), ("block8", "block10", "block12"), ("block8", "block12", "pooled"),
 )
 QUICK_RIDGE_LAYER_SETS: tuple[tuple[str, ...], ...] = (("block10",), ("block8", "block12", "pooled"))
+#: Grid-pooled layer sets of ``ridge_grid`` (at 112 px block8/10 maps are 7×7, block12 4×4). From the measured
+#: session-210322 run (BENCHMARKS.md, "Spatial features"): block8@grid4 + block12@grid4 best on validation (0.446),
+#: the 2×2 pair next (0.437); block10 alone and block12 alone on a 4×4 grid are the single-block candidates.
+RIDGE_GRID_LAYER_SETS: tuple[tuple[str, ...], ...] = (
+    ("block8@grid4", "block12@grid4"), ("block8@grid2", "block12@grid2"), ("block10@grid4",), ("block12@grid4",),
+)
+QUICK_RIDGE_GRID_LAYER_SETS: tuple[tuple[str, ...], ...] = (("block10@grid4",), ("block8@grid2", "block12@grid2"))
+#: Maps of the spatial readout: block8 at 112 px is a 7×7 map (@grid7 = the full map, 112 channels). block8 is in
+#: the pooled ridge's validation choice of 8 of 9 sessions and in the best grid set; a factorized mask learns the
+#: receptive field, so it gets the full resolution rather than the ridge's 4×4 average.
+SPATIAL_LAYERS: tuple[str, ...] = ("block8@grid7",)
 
 #: The benchmark's LLM-VEM settings, on top of the shipped ``demo`` config. Tuned on the VALIDATION split of
 #: sessions 190925 and 210322 (the tuning table is in BENCHMARKS.md). The readout layers are the ridge
@@ -85,7 +104,13 @@ BENCH_OVERRIDES = [
 ]
 QUICK_OVERRIDES = ["train.stage1.epochs=15", "train.stage2.epochs=1", "train.stage2.unfreeze_last_n=1"]
 
-MODELS = ("ridge", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned")
+SPATIAL_MODELS = ("lambda0_spatial_frozen", "lambda_spatial_frozen", "lambda0_spatial_finetuned",
+                  "lambda_spatial_finetuned")
+MODELS = ("ridge", "ridge_grid", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned",
+          *SPATIAL_MODELS)
+#: Fitted without ``--models``: all but the λ > 0 spatial twins, which cost as much as the λ = 0 ones and are opt-in
+#: (on V4 the label captions' alignment changes the pooled models by < 0.005 r; see BENCHMARKS.md).
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("lambda_spatial_frozen", "lambda_spatial_finetuned"))
 #: (reference a, challenger b) pairs compared per session and pooled.
 COMPARISONS = (
     ("lambda0_frozen", "lambda_frozen"),
@@ -93,6 +118,12 @@ COMPARISONS = (
     ("ridge", "lambda0_finetuned"),
     ("ridge", "lambda_finetuned"),
     ("ridge", "lambda_frozen"),
+    ("ridge", "ridge_grid"),
+    ("lambda0_frozen", "lambda0_spatial_frozen"),
+    ("lambda0_finetuned", "lambda0_spatial_finetuned"),
+    ("ridge", "lambda0_spatial_finetuned"),
+    ("ridge_grid", "lambda0_spatial_finetuned"),
+    ("lambda0_spatial_finetuned", "lambda_spatial_finetuned"),
 )
 
 
@@ -107,8 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="short training, 2 ridge layer sets, 200 bootstrap resamples (code-path check)")
     ap.add_argument("--max-images", type=int, default=None,
                     help="keep only the first N images of each session (split proportions kept; for tests)")
-    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
-                    help="models to fit (default: all five; fewer for tuning runs)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS),
+                    help="models to fit (default: all but the λ > 0 spatial twins; fewer for tuning runs)")
+    ap.add_argument("--spatial-layers", nargs="+", default=list(SPATIAL_LAYERS),
+                    help="maps read by the spatial models' readout (default: %(default)s)")
+    ap.add_argument("--spatial-readout", choices=("factorized", "gaussian"), default="factorized",
+                    help="spatial readout of the *_spatial_* models (default: %(default)s)")
     ap.add_argument("--llmvem-layers", choices=("ridge", "config"), default="ridge",
                     help="LLM-VEM readout layers: the ridge baseline's validation choice (default) or "
                          "backbone.layers of the config")
@@ -188,14 +223,19 @@ def select_ridge_layers(config, inputs, layer_sets) -> tuple[tuple[str, ...], di
 
 
 def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress: bool,
-               models: tuple[str, ...] | list[str] = MODELS, llmvem_layers: str = "ridge"
+               models: tuple[str, ...] | list[str] = DEFAULT_MODELS, llmvem_layers: str = "ridge",
+               grid_layer_sets=RIDGE_GRID_LAYER_SETS, spatial_layers: tuple[str, ...] | list[str] = SPATIAL_LAYERS,
+               spatial_readout: str = "factorized"
                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """Ridge and the four LLM-VEM variants of one session (those in ``models``); predictions per model and
-    split, plus details (ridge layer choice and validation scores, training summaries, seconds).
+    """Ridge (pooled and grid) and the LLM-VEM variants of one session (those in ``models``); predictions per
+    model and split, plus details (ridge layer choices and validation scores, training summaries, seconds).
 
-    ``llmvem_layers = "ridge"`` gives the LLM-VEM readout the layer set the ridge baseline chose on validation
-    (the alignment head always reads ``pooled``); ``"config"`` keeps ``config.backbone.layers``.
+    ``llmvem_layers = "ridge"`` gives the LLM-VEM readout the layer set the pooled ridge baseline chose on
+    validation (the alignment head always reads ``pooled``); ``"config"`` keeps ``config.backbone.layers``. The
+    ``*_spatial_*`` models add a ``spatial_readout`` (residual mode) on the maps ``spatial_layers``.
+    ``info["stage_seconds"][name]`` holds the train-loop seconds of stage 1 and stage 2 of each LLM-VEM model.
     """
+    from llmvem.config import apply_overrides
     from llmvem.experiment import fit_predict
     from llmvem.pipeline import llmvem_spec, ridge_spec
 
@@ -209,25 +249,42 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
         info["seconds"]["ridge_layer_choice"] = time.perf_counter() - t
         if "ridge" in models:
             specs["ridge"] = ridge_spec(config, best)
+    if "ridge_grid" in models:
+        t = time.perf_counter()
+        best, val_scores = select_ridge_layers(config, inputs, grid_layer_sets)
+        info["ridge_grid_layers"] = list(best)
+        info["ridge_grid_val_r_by_layers"] = val_scores
+        info["seconds"]["ridge_grid_layer_choice"] = time.perf_counter() - t
+        specs["ridge_grid"] = ridge_spec(config, best)
     layers = info["ridge_layers"] if llmvem_layers == "ridge" else list(config.backbone.layers)
     info["llmvem_layers"] = layers
+    if any(m in SPATIAL_MODELS for m in models):
+        info["spatial_layers"] = list(spatial_layers)
+        info["spatial_readout"] = spatial_readout
     epochs2 = config.train.stage2.epochs
     for kind, stage2 in (("frozen", 0), ("finetuned", epochs2)):
         if kind == "finetuned" and stage2 == 0:
             continue
-        cfg = config.model_copy(deep=True)
-        cfg.train.stage2.epochs = stage2
-        cfg.backbone.layers = layers
-        for name, lam_m in ((f"lambda0_{kind}", 0.0), (f"lambda_{kind}", lam)):
-            if name in models:
-                specs[name] = llmvem_spec(cfg, lam_m, name, show_progress)
+        for spatial in ("", "spatial_"):
+            cfg = config.model_copy(deep=True)
+            cfg.train.stage2.epochs = stage2
+            cfg.backbone.layers = layers
+            if spatial:  # validated like a user's override (spatial_readout needs spatial_layers)
+                cfg = apply_overrides(cfg, [f"backbone.spatial_layers=[{', '.join(spatial_layers)}]",
+                                            f"model.spatial_readout={spatial_readout}", "model.spatial_mode=residual"])
+            for name, lam_m in ((f"lambda0_{spatial}{kind}", 0.0), (f"lambda_{spatial}{kind}", lam)):
+                if name in models:
+                    specs[name] = llmvem_spec(cfg, lam_m, name, show_progress)
     preds, _ = fit_predict(specs, inputs, work, timing=info["seconds"])
     for name in specs:
-        if name == "ridge":
+        if name.startswith("ridge"):
             continue
         training = json.loads((work / name / "training.json").read_text(encoding="utf-8"))
         info.setdefault("training", {})[name] = {
             k: v for k, v in training["metrics"].items() if k.endswith(("best_epoch", "best_val_mean_r"))}
+        info.setdefault("stage_seconds", {})[name] = {
+            st: float(training["stages"][st]["train_seconds"]) for st in ("stage1", "stage2")
+            if st in training.get("stages", {})}
     return preds, info
 
 
@@ -301,6 +358,17 @@ def session_tests(diffs: list[float]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- one session
+def extraction_layers(models, grid_layer_sets, spatial_layers) -> list[str]:
+    """Layer specs extracted (and cached) once per session: the pooled candidates, plus the grid sets of
+    ``ridge_grid`` and the maps of the spatial models when those are fitted."""
+    out = list(CANDIDATE_LAYERS)
+    if "ridge_grid" in models:
+        out += [spec for ls in grid_layer_sets for spec in ls]
+    if any(m in SPATIAL_MODELS for m in models):
+        out += list(spatial_layers)
+    return list(dict.fromkeys(out))
+
+
 def run_session(args: argparse.Namespace, session: str, work_root: Path, n_boot: int) -> tuple[dict, dict]:
     """Everything for one session: (JSON-ready record, test predictions and responses for pooling)."""
     from llmvem.evaluate.metrics import evaluate_predictions
@@ -312,12 +380,13 @@ def run_session(args: argparse.Namespace, session: str, work_root: Path, n_boot:
     ds = load_config_dataset(config)
     if args.max_images:
         ds = truncate_dataset(ds, args.max_images)
-    prep_cfg = config.model_copy(deep=True)
-    prep_cfg.backbone.layers = list(CANDIDATE_LAYERS)  # one cached extraction serves every layer choice
-    inputs = prepare_inputs(prep_cfg, show_progress=args.progress, dataset=ds)
     layer_sets = QUICK_RIDGE_LAYER_SETS if args.quick else RIDGE_LAYER_SETS
+    grid_sets = QUICK_RIDGE_GRID_LAYER_SETS if args.quick else RIDGE_GRID_LAYER_SETS
+    prep_cfg = config.model_copy(deep=True)
+    prep_cfg.backbone.layers = extraction_layers(args.models, grid_sets, args.spatial_layers)
+    inputs = prepare_inputs(prep_cfg, show_progress=args.progress, dataset=ds)
     preds, info = fit_models(config, inputs, args.lam, work_root / session, layer_sets, args.progress, args.models,
-                             args.llmvem_layers)
+                             args.llmvem_layers, grid_sets, args.spatial_layers, args.spatial_readout)
 
     y_test, y_val = ds.test.responses, ds.val.responses
     models: dict[str, Any] = {}
@@ -325,8 +394,8 @@ def run_session(args: argparse.Namespace, session: str, work_root: Path, n_boot:
         ev = evaluate_predictions(y_test, p["test"], ds.noise_ceiling)
         s = ev["summary"]
         # ridge is refitted on train + val: its validation score is the one of the layer choice (train only)
-        val_r = info["ridge_val_r_by_layers"]["+".join(info["ridge_layers"])] if name == "ridge" else \
-            _mean_r(y_val, p["val"])
+        val_r = info[f"{name}_val_r_by_layers"]["+".join(info[f"{name}_layers"])] if name.startswith("ridge") \
+            else _mean_r(y_val, p["val"])
         models[name] = {"mean_r": s["mean_r"], "median_r": s["median_r"], "val_mean_r": val_r,
                         "r": [round(float(v), 4) for v in ev["r"]]}
         if ds.noise_ceiling is not None:
@@ -354,8 +423,10 @@ def format_table(results: dict[str, Any]) -> str:
     """The printed table: one row per session, mean / median test r per model, then the pooled tests."""
     names = [m for m in MODELS if any(m in s["models"] for s in results["sessions"].values())]
     lam = results["settings"]["lambda"]
-    label = {"ridge": "ridge", "lambda0_frozen": "λ0 frz", "lambda_frozen": f"λ{lam:g} frz",
-             "lambda0_finetuned": "λ0 ft", "lambda_finetuned": f"λ{lam:g} ft"}
+    label = {"ridge": "ridge", "ridge_grid": "ridge grid", "lambda0_frozen": "λ0 frz", "lambda_frozen": f"λ{lam:g} frz",
+             "lambda0_finetuned": "λ0 ft", "lambda_finetuned": f"λ{lam:g} ft", "lambda0_spatial_frozen": "λ0 sp frz",
+             "lambda_spatial_frozen": f"λ{lam:g} sp frz", "lambda0_spatial_finetuned": "λ0 sp ft",
+             "lambda_spatial_finetuned": f"λ{lam:g} sp ft"}
     head = ["session", "neurons", "ridge layers"] + [label[m] for m in names] + ["best"]
     rows = [head]
     for sid, s in results["sessions"].items():
@@ -371,7 +442,22 @@ def format_table(results: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("cells: mean / median test r across neurons; frz = backbone frozen (stage 1), ft = fine-tuned")
+    lines.append("cells: mean / median test r across neurons; frz = backbone frozen (stage 1), ft = fine-tuned; "
+                 "sp = + spatial readout")
+    means = {m: float(np.mean([s["models"][m]["mean_r"] for s in results["sessions"].values() if m in s["models"]]))
+             for m in names}
+    lines.append("mean over sessions of mean test r: " + ", ".join(f"{label[m]} {v:.3f}" for m, v in means.items()))
+    for sid, s in results["sessions"].items():
+        extra = []
+        if "ridge_grid_layers" in s:
+            extra.append("ridge grid layers " + "+".join(s["ridge_grid_layers"]))
+        if "spatial_layers" in s:
+            extra.append(f"spatial readout {s['spatial_readout']} on " + "+".join(s["spatial_layers"]))
+        if s.get("stage_seconds"):
+            extra.append("train s (stage 1/stage 2): " + ", ".join(
+                f"{label[m]} {st.get('stage1', 0):.0f}/{st.get('stage2', 0):.0f}" for m, st in s["stage_seconds"].items()))
+        if extra:
+            lines.append(f"{sid}: " + "; ".join(extra))
     for sid, s in results["sessions"].items():
         lines.append(f"{sid}: validation mean r: " + ", ".join(f"{label[m]} {s['models'][m]['val_mean_r']:.4f}"
                                                              for m in names if m in s["models"]))

@@ -264,12 +264,57 @@ def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone
                            layers: Sequence[str] | None = None, show_progress: bool = True
                            ) -> dict[str, dict[str, np.ndarray]]:
     """Frozen backbone features of every split (from the HDF5 feature cache when already computed); with a
-    spatial readout (``model.spatial_readout``) also the maps of ``backbone.spatial_layers``."""
+    spatial readout (``model.spatial_readout``) also the maps of ``backbone.spatial_layers``.
+
+    Fitted specs (``"block8@pca64"``, :class:`llmvem.embed.spatial.MapPCA`) are computed from the layer's
+    ``@map`` of every split with a projection fitted on the ``train`` split's maps only (:func:`fit_map_pca`).
+    """
+    from llmvem.embed.spatial import parse_layer_spec
+
     layers = list(layers or config.backbone.layers)
     if config.model.spatial_readout != "none":
         layers += [k for k in config.backbone.spatial_layers if k not in layers]
-    return {split: extract_image_features(config, dataset.splits[split].images, backbone, layers, show_progress)
-            for split in dataset.splits}
+    fitted = [parse_layer_spec(k) for k in layers if parse_layer_spec(k).fitted]
+    direct = list(dict.fromkeys([k for k in layers if not parse_layer_spec(k).fitted] + [f.source for f in fitted]))
+    feats = {split: extract_image_features(config, dataset.splits[split].images, backbone, direct, show_progress)
+             for split in dataset.splits}
+    for spec in fitted:
+        if "train" not in feats:
+            raise DataValidationError(f"features: layers: {spec.name!r} is fitted on the training split, and the "
+                                      f"dataset has none (splits {sorted(feats)})")
+        pca = fit_map_pca(config, backbone, spec.name, feats["train"][spec.source])
+        for split_feats in feats.values():
+            split_feats[spec.name] = pca.transform(split_feats[spec.source])
+    unrequested = [k for k in direct if k not in layers and k != "pooled"]
+    return {split: {k: v for k, v in f.items() if k not in unrequested} for split, f in feats.items()}
+
+
+def fit_map_pca(config: RunConfig, backbone: ImageBackbone, spec: str, train_maps: np.ndarray):
+    """The :class:`~llmvem.embed.spatial.MapPCA` of a ``"<layer>@pca<K>"`` spec fitted on ``train_maps``
+    (n_train, C, H, W), cached under ``<cache_dir>/map_pca/`` by a key of the spec, the backbone, the storage
+    dtype and a fingerprint of the training maps (so another training split is another entry)."""
+    import hashlib
+
+    from llmvem.embed.spatial import MapPCA, parse_layer_spec
+
+    k = int(parse_layer_spec(spec).size or 0)
+    x = np.ascontiguousarray(train_maps)
+    fingerprint = hashlib.sha256(x.tobytes()).hexdigest()[:16]
+    key = stable_hash({"backbone": backbone.config_dict(), "spec": spec, "dtype": config.backbone.feature_dtype,
+                       "train_maps": fingerprint, "shape": list(x.shape), "seed": config.seed})
+    path = cache_root(config) / "map_pca" / f"{key}.npz"
+    pca = MapPCA(k, seed=config.seed)
+    if path.is_file():
+        with np.load(path) as z:
+            pca.mean_, pca.components_ = z["mean"], z["components"]
+            pca.explained_variance_ratio_ = z["explained_variance_ratio"]
+        return pca
+    pca.fit(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mean=pca.mean_, components=pca.components_, explained_variance_ratio=pca.explained_variance_ratio_)
+    tmp.replace(path)
+    return pca
 
 
 def challenge_images(dataset: EncodingDataset) -> Any:

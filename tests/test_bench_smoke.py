@@ -49,7 +49,8 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     s = res["sessions"]["210325"]
     # 640 images -> 60 kept: 45 train, 5 val, 10 test (proportions of 481 / 53 / 106)
     assert (s["n_neurons"], s["n_train"], s["n_val"], s["n_test"]) == (50, 45, 5, 10)
-    assert set(s["models"]) == {"ridge", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned"}
+    assert set(s["models"]) == set(bench_v4.DEFAULT_MODELS)  # the default, grid ridge and λ = 0 spatial included
+    assert {"ridge_grid", "lambda0_spatial_frozen", "lambda0_spatial_finetuned"} <= set(s["models"])
     for m in s["models"].values():
         assert len(m["r"]) == 50
         assert -1.0 <= m["mean_r"] <= 1.0 and -1.0 <= m["median_r"] <= 1.0
@@ -57,9 +58,16 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     # the frozen features predict V4: even 45 training images give a clearly positive mean test r
     assert s["models"]["ridge"]["mean_r"] > 0.1
     assert s["ridge_layers"] in (["block10"], ["block8", "block12", "pooled"])  # the --quick candidates
+    assert s["ridge_grid_layers"] in (["block10@grid4"], ["block8@grid2", "block12@grid2"])
+    assert s["spatial_layers"] == list(bench_v4.SPATIAL_LAYERS) and s["spatial_readout"] == "factorized"
+    # stage seconds of every LLM-VEM model; only the fine-tuned ones have a stage 2
+    assert set(s["stage_seconds"]) == {m for m in bench_v4.DEFAULT_MODELS if not m.startswith("ridge")}
+    assert all(st["stage1"] > 0 and ("stage2" in st) == name.endswith("finetuned")
+               for name, st in s["stage_seconds"].items())
     assert 0.0 < s["noise_ceiling_mean"] < 1.0
     assert s["captions_example"].startswith("A photo that looks like")  # the label captioner
-    assert set(res["pooled"]) == {f"{b}_vs_{a}" for a, b in bench_v4.COMPARISONS}
+    assert set(res["pooled"]) == {f"{b}_vs_{a}" for a, b in bench_v4.COMPARISONS
+                                  if a in bench_v4.DEFAULT_MODELS and b in bench_v4.DEFAULT_MODELS}
     pooled = res["pooled"]["lambda_finetuned_vs_lambda0_finetuned"]
     assert pooled["bootstrap_all_neurons"]["n_neurons"] == 50
     assert pooled["over_sessions"]["n_sessions"] == 1
@@ -69,6 +77,8 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     assert any(line.split()[:2] == ["210325", "50"] for line in printed.splitlines() if line.strip())
     assert "210325: noise-normalised accuracy" in printed
     assert "lambda_finetuned_vs_ridge: Δ mean r over 50 neurons" in printed
+    assert "lambda0_spatial_finetuned_vs_lambda0_finetuned: Δ mean r over 50 neurons" in printed
+    assert "210325: ridge grid layers" in printed and "train s (stage 1/stage 2)" in printed
     on_disk = json.loads(out.read_text(encoding="utf-8"))
     assert on_disk["sessions"]["210325"]["models"]["ridge"]["mean_r"] == pytest.approx(s["models"]["ridge"]["mean_r"])
 
@@ -259,3 +269,20 @@ def test_spatial_v4_ridge_on_a_tiny_subset(capsys):
     assert fam["grid2"]["vs_pooled"]["diff"] == pytest.approx(fam["grid2"]["test_mean_r"] - fam["pooled"]["test_mean_r"],
                                                                abs=1e-6)
     assert "| grid2 |" in capsys.readouterr().out
+
+
+def test_spatial_vb_per_voxel_choice_takes_the_better_model_on_validation():
+    vb = _load("bench_spatial_vb")
+    rng = np.random.default_rng(0)
+    y_val, y_test = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
+    noise = {s: rng.normal(size=y.shape) for s, y in (("val", y_val), ("test", y_test))}
+    # a predicts voxels 0-2 well and 3-5 badly; b the other way round
+    good = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    a = {f"pred_{s}": np.where(good, y, n) for s, y, n in (("val", y_val, noise["val"]), ("test", y_test, noise["test"]))}
+    b = {f"pred_{s}": np.where(~good, y, n) for s, y, n in (("val", y_val, noise["val"]),
+                                                           ("test", y_test, noise["test"]))}
+    masks = {"early_visual": good, "semantic": ~good}
+    out = vb.per_voxel_choice(y_val, a, b, y_test, masks)
+    np.testing.assert_array_equal(out["pred_test"], y_test)  # every voxel took the model that predicts it
+    assert out["fraction_b"] == {"all": 0.5, "early_visual": 0.0, "semantic": 1.0}
+    assert out["test"]["all"] == pytest.approx(1.0)

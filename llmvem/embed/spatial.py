@@ -12,6 +12,8 @@ spec                   shape per image       what it is
 ``block5@grid4``       (C, 4, 4)             adaptive-average pooled to a G×G grid (G ≥ 1, e.g. 1, 2, 4, 7)
 ``block5@map``         (C, H, W)             the full map; for ViTs the patch tokens as a (D, h, w) map
 ``block5@proj512``     (512,)                a fixed, seeded very sparse random projection of the flattened map
+``block5@pca64``       (64,)                 the flattened map's first K principal components, fitted on the
+                                             TRAINING images only (:class:`MapPCA`)
 =====================  ====================  =================================================================
 
 ViT patch tokens are maps (``@map``, ``@grid<G>``); class/register tokens are never part of a map, and ``@cls``
@@ -22,6 +24,13 @@ same for training and test images by construction and needs no training split; i
 map that may hold 10⁵ (Johnson–Lindenstrauss: distances between images, and hence ridge and RSA on them, are
 preserved up to ~1/√K). It is the very sparse projection of Li, Hastie & Church (2006): entries ±√(s/K) with
 probability 1/(2s) each, s = √(C·H·W), so E‖Px‖² = ‖x‖².
+
+``@pca<K>`` is fitted, so a backbone cannot compute it image by image: :func:`llmvem.inputs.extract_split_features`
+extracts the layer's ``@map`` for every split, fits :class:`MapPCA` on the training split's maps only and projects
+every split with it (test and validation images never move the projection). The fitted projection is cached
+beside the feature cache under a key of the spec, the backbone and a fingerprint of the training maps it was
+fitted on. It is a frozen-feature option (stage 1 and ridge); stage 2, which recomputes features from images,
+refuses it.
 
 The spec string is what the feature cache keys and names datasets by, so every choice is its own cache entry.
 """
@@ -42,11 +51,11 @@ from torch.nn import functional as F
 
 from llmvem.errors import ConfigError
 
-__all__ = ["LayerSpec", "SpatialMode", "parse_layer_spec", "projection_matrix", "random_projection",
+__all__ = ["LayerSpec", "MapPCA", "SpatialMode", "parse_layer_spec", "projection_matrix", "random_projection",
            "spatial_output", "validate_layer_specs"]
 
-SpatialMode = Literal["mean", "cls", "grid", "map", "proj"]
-_SPEC = re.compile(r"^(?P<layer>[^@\s]+)(?:@(?P<mode>mean|cls|map|grid|proj)(?P<size>\d+)?)?$")
+SpatialMode = Literal["mean", "cls", "grid", "map", "proj", "pca"]
+_SPEC = re.compile(r"^(?P<layer>[^@\s]+)(?:@(?P<mode>mean|cls|map|grid|proj|pca)(?P<size>\d+)?)?$")
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,9 @@ class LayerSpec:
     ----------
     layer : str
         Backbone layer name (``"block5"``, ``"stage2"``, ``"pooled"``...).
-    mode : {"mean", "cls", "grid", "map", "proj"}
+    mode : {"mean", "cls", "grid", "map", "proj", "pca"}
     size : int or None
-        Grid side G for ``"grid"``, output size K for ``"proj"``, else None.
+        Grid side G for ``"grid"``, output size K for ``"proj"`` and ``"pca"``, else None.
     """
 
     layer: str
@@ -78,9 +87,19 @@ class LayerSpec:
         """Whether the feature keeps space as its last two axes (``grid`` and ``map``)."""
         return self.mode in ("grid", "map")
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the feature is fitted on training images (``pca``), so not computable image by image."""
+        return self.mode == "pca"
+
+    @property
+    def source(self) -> str:
+        """The spec whose features a fitted spec is computed from (``"block5@map"`` for ``"block5@pca64"``)."""
+        return f"{self.layer}@map" if self.fitted else self.name
+
 
 def parse_layer_spec(spec: str) -> LayerSpec:
-    """Parse ``"<layer>[@mean|@cls|@map|@grid<G>|@proj<K>]"``.
+    """Parse ``"<layer>[@mean|@cls|@map|@grid<G>|@proj<K>|@pca<K>]"``.
 
     Raises
     ------
@@ -88,12 +107,12 @@ def parse_layer_spec(spec: str) -> LayerSpec:
         Unknown mode, a size missing or given where none belongs, or a mode on ``"pooled"``.
     """
     m = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
-    expected = ("expected '<layer>' or '<layer>@mean', '@cls', '@map', '@grid<G>' (G ≥ 1) or '@proj<K>' (K ≥ 1), "
-                "e.g. 'block5@grid4'")
+    expected = ("expected '<layer>' or '<layer>@mean', '@cls', '@map', '@grid<G>' (G ≥ 1), '@proj<K>' or "
+                "'@pca<K>' (K ≥ 1), e.g. 'block5@grid4'")
     if m is None:
         raise ConfigError(f"features: layers: cannot parse {spec!r}; {expected}")
     layer, mode, size = m["layer"], m["mode"] or "mean", m["size"]
-    if mode in ("grid", "proj"):
+    if mode in ("grid", "proj", "pca"):
         if size is None or int(size) < 1:
             raise ConfigError(f"features: layers: {spec!r} needs a size ≥ 1 after @{mode}; {expected}")
         n: int | None = int(size)
@@ -120,7 +139,8 @@ def validate_layer_specs(layers: Sequence[str], layer_names: Sequence[str], mode
                and s.layer not in layer_names]
     if unknown:
         raise ConfigError(f"{model_id}: layers: unknown layer(s) {unknown}; expected 'pooled' or one of "
-                          f"{list(layer_names)}, optionally with @mean, @cls, @map, @grid<G> or @proj<K>")
+                          f"{list(layer_names)}, optionally with @mean, @cls, @map, @grid<G>, @proj<K> or "
+                          "@pca<K>")
     return [name for name in layers if name != "pooled"]
 
 
@@ -202,7 +222,71 @@ def spatial_output(hidden: torch.Tensor, spec: LayerSpec, n_prefix: int = 0,
         return F.adaptive_avg_pool2d(fmap, int(spec.size))  # type: ignore[arg-type]
     if spec.mode == "map":
         return fmap
+    if spec.mode == "pca":
+        raise ConfigError(f"features: layers: {spec.name!r} is fitted on training images and cannot be computed "
+                          "image by image; extract it with llmvem.inputs.extract_split_features (frozen features), "
+                          f"or use {spec.layer}@proj{spec.size} (fixed projection) for fine-tuning")
     flat = fmap.flatten(1).float()
     proj = projection_matrix(spec, flat.shape[1])
     with torch.autocast(flat.device.type, enabled=False):
         return torch.sparse.mm(proj.to(flat.device), flat.t()).t()
+
+
+class MapPCA:
+    """Principal components of flattened feature maps, fitted on training images only.
+
+    Parameters
+    ----------
+    n_components : int
+        K, the number of components kept (at most min(n_train, D)).
+    seed : int
+        Seed of the randomized SVD (used when K is small against the data; exact SVD otherwise).
+
+    Attributes
+    ----------
+    mean_ : ndarray of shape (D,)
+        Training mean of the flattened maps.
+    components_ : ndarray of shape (K, D)
+        Orthonormal principal axes, largest variance first (sign fixed: largest |entry| positive).
+    explained_variance_ratio_ : ndarray of shape (K,)
+        Share of the training maps' total variance along each axis.
+    """
+
+    def __init__(self, n_components: int, seed: int = 0):
+        self.n_components, self.seed = int(n_components), int(seed)
+
+    def fit(self, maps: np.ndarray) -> MapPCA:
+        """Fit on the training maps, array of shape (n_train, ...) (flattened to (n_train, D), in float64)."""
+        x = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+        k = self.n_components
+        if not 1 <= k <= min(x.shape):
+            raise ConfigError(f"features: layers: @pca{k} needs 1 ≤ K ≤ min(training images, map size) = "
+                              f"{min(x.shape)}; lower K")
+        self.mean_ = x.mean(axis=0)
+        xc = torch.from_numpy(x - self.mean_)
+        if 4 * k < min(x.shape):
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(self.seed)
+            try:
+                _, sv, v = torch.svd_lowrank(xc, q=min(min(x.shape), k + 10), niter=4)
+            finally:
+                torch.random.set_rng_state(gen_state)
+            vt = v.t()[:k]
+            sv = sv[:k]
+        else:
+            _, sv, vt = torch.linalg.svd(xc, full_matrices=False)
+            vt, sv = vt[:k], sv[:k]
+        comp = vt.numpy()
+        sign = np.sign(comp[np.arange(k), np.abs(comp).argmax(axis=1)])
+        self.components_ = comp * sign[:, None]
+        total = float((xc ** 2).sum())
+        self.explained_variance_ratio_ = (sv.numpy() ** 2) / total if total > 0 else np.zeros(k)
+        return self
+
+    def transform(self, maps: np.ndarray) -> np.ndarray:
+        """Project maps of shape (n, ...) (same D as in ``fit``) to their components, (n, K) float32."""
+        x = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+        if x.shape[1] != self.mean_.shape[0]:
+            raise ConfigError(f"features: layers: @pca{self.n_components}: maps of {x.shape[1]} values, fitted on "
+                              f"{self.mean_.shape[0]}")
+        return ((x - self.mean_) @ self.components_.T).astype(np.float32)
