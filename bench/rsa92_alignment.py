@@ -8,8 +8,9 @@ Rows (model RDMs of the 92 Kriegeskorte images, correlation distance; :func:`llm
 * ``backbone<size>_<layer>`` — frozen EfficientNet-Lite0 layers (block12, block14, pooled) at 224 px (and 112 px);
 * ``flickr8k_aligned`` / ``flickr8k_aligned_core`` — an encoder aligned on Flickr8k captions only, no brain data
   (``../shared/data/flickr8k_1000``: a linear shared core + alignment head trained with the contrastive loss on
-  cached EfficientNet-Lite0 features at 224 px, :func:`llmvem.train.train_alignment_model`): aligned embedding
-  (head output) and core output; ``flickr8k_backbone`` — the standardised backbone features it reads;
+  cached EfficientNet-Lite0 features at 224 px, :func:`llmvem.train.train_alignment_model`; its epochs chosen
+  on held-out Flickr8k image → caption retrieval, never on RSA): aligned embedding (head output) and core
+  output; ``flickr8k_backbone`` — the standardised backbone features it reads;
 * ``v4_lambda0`` (core output), ``v4_aligned`` / ``v4_aligned_flickr`` (aligned embedding; ``_core``: core
   output) — LLM-VEM with the same linear core trained on one V4 session (bench_v4 settings, 112 px, stage 1 on
   cached features) with λ = 0, λ = ``V4_LAMBDA`` on the label captions, and the same plus the Flickr8k stream
@@ -46,13 +47,14 @@ FLICKR_LAYERS = BACKBONE_LAYERS
 V4_LAMBDA = 1.0
 V4_SESSION = "210322"
 
-#: Sizes of each mode: bootstrap resamples, backbone sizes, Flickr8k images / epochs, V4 images / epochs.
+#: Sizes of each mode: bootstrap resamples, backbone sizes, Flickr8k images / candidate epochs (chosen on held-out
+#: Flickr8k retrieval), V4 images / epochs.
 MODES: dict[str, dict[str, Any]] = {
-    "full": {"n_boot": 1000, "sizes": (224, 112), "flickr_images": None, "flickr_epochs": 40, "v4_images": None,
-             "v4_epochs": 60},
-    "quick": {"n_boot": 200, "sizes": (224,), "flickr_images": 300, "flickr_epochs": 20, "v4_images": 400,
+    "full": {"n_boot": 1000, "sizes": (224, 112), "flickr_images": None, "flickr_epochs": (5, 10, 20, 40),
+             "v4_images": None, "v4_epochs": 60},
+    "quick": {"n_boot": 200, "sizes": (224,), "flickr_images": 300, "flickr_epochs": (10, 20), "v4_images": 400,
               "v4_epochs": 15},
-    "smoke": {"n_boot": 50, "sizes": (224,), "flickr_images": 40, "flickr_epochs": 2, "v4_images": 60,
+    "smoke": {"n_boot": 50, "sizes": (224,), "flickr_images": 40, "flickr_epochs": (1, 2), "v4_images": 60,
               "v4_epochs": 2},
 }
 
@@ -214,28 +216,49 @@ def network_patterns(network: Any, features: Mapping[str, np.ndarray], prefix: s
 def flickr_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, k92: Mapping[str, np.ndarray], flickr: Path,
                     seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train the Flickr8k-only aligned encoder and apply it to the 92 images, whose 224 px features of
-    ``FLICKR_LAYERS`` are ``k92`` (layer → (92, d_layer))."""
+    ``FLICKR_LAYERS`` are ``k92`` (layer → (92, d_layer)).
+
+    A captions-only run has no brain data to validate on, so the number of epochs is chosen here on held-out
+    captioned images: the encoder is trained on the first 90% of the Flickr8k images for each of
+    ``mode["flickr_epochs"]`` and the one with the best image → caption top-1 retrieval among the last 10% is kept.
+    """
+    from bench_alignment import retrieval_top1
+
+    from llmvem.config import apply_overrides
     from llmvem.inputs import load_config_backbone
     from llmvem.train import train_alignment_model
-    from llmvem.train.stream import load_align_stream
+    from llmvem.train.stream import CaptionStream, load_align_stream
 
     t = time.perf_counter()
     layers = ",".join(FLICKR_LAYERS)
     cfg = text_config(cache_dir, "backbone.image_size=224", f"backbone.layers=[{layers}]", "model.core=linear",
                       "model.core_dim=256", "model.core_dropout=0.1", "model.feature_dropout=0.1",
-                      "model.lambda_align=1", f"train.stage1.epochs={mode['flickr_epochs']}",
-                      "train.stage1.batch_size=128", "train.stage1.lr=0.001", "train.stage2.epochs=0",
-                      "train.checkpoint_every=100000", f"align_data.spec={flickr}", f"seed={seed}",
-                      *([f"align_data.max_images={mode['flickr_images']}"] if mode["flickr_images"] else []))
+                      "model.lambda_align=1", "train.stage1.batch_size=128", "train.stage1.lr=0.001",
+                      "train.stage2.epochs=0", "train.checkpoint_every=100000", f"align_data.spec={flickr}",
+                      f"seed={seed}", *([f"align_data.max_images={mode['flickr_images']}"] if mode["flickr_images"]
+                                        else []))
     backbone = load_config_backbone(cfg)
     stream = load_align_stream(cfg, backbone, show_progress=False)
-    assert stream is not None
-    net = train_alignment_model(cfg, stream, out_dir=work / "flickr8k_aligned", show_progress=False)
-    rows = network_patterns(net, k92, "flickr8k_aligned")
+    assert stream is not None and stream.features is not None
+    n = len(stream.images)
+    n_fit = n - max(4, n // 10)
+    fit = CaptionStream(stream.images.subset(np.arange(n_fit)), stream.text_embeddings[:n_fit],
+                        {k: np.asarray(v)[:n_fit] for k, v in stream.features.items()}, stream.weight, None)
+    held = {k: np.asarray(v)[n_fit:] for k, v in stream.features.items()}
+    val_top1: dict[str, float] = {}
+    best: tuple[float, int, Any] | None = None
+    for epochs in mode["flickr_epochs"]:
+        net = train_alignment_model(apply_overrides(cfg, [f"train.stage1.epochs={epochs}"]), fit,
+                                    out_dir=work / f"flickr8k_aligned_e{epochs}", show_progress=False)
+        val_top1[str(epochs)] = top1 = retrieval_top1(net.cpu().eval(), held, stream.text_embeddings[n_fit:])
+        if best is None or top1 > best[0]:
+            best = (top1, epochs, net)
+    assert best is not None
+    rows = network_patterns(best[2], k92, "flickr8k_aligned")
     rows["flickr8k_backbone"] = rows.pop("input")
-    return rows, {"n_images": len(stream.images), "layers": list(FLICKR_LAYERS), "image_size": 224,
-                  "epochs": mode["flickr_epochs"], "core": "linear", "core_dim": 256, "seconds":
-                  time.perf_counter() - t}
+    return rows, {"n_images": n_fit, "n_heldout": n - n_fit, "layers": list(FLICKR_LAYERS), "image_size": 224,
+                  "epochs": best[1], "heldout_top1": val_top1, "chance_top1": 1.0 / (n - n_fit), "core": "linear",
+                  "core_dim": 256, "seconds": time.perf_counter() - t}
 
 
 def v4_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, images: Any, v4_data: Path, flickr: Path,
