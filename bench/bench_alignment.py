@@ -16,7 +16,10 @@ images, λ > 0 (chosen on validation) with λ = 0 **with the same core**, by a p
 Diagnostics (why λ helps or not): ridge from the core output (fitted on the training images) to the 17 ground-
 truth relational attributes, test r; image→caption top-1 retrieval among the validation images. Learning curves:
 mean test r on the relational voxels against the number of training images for ridge, λ = 0, λ > 0 and λ > 0 with
-the stream, with bootstrap 95% CIs.
+the stream, with bootstrap 95% CIs. ``rsa92``: the 92-image RSA of language-aligned encoders (descriptions and
+label captions → MiniLM, backbone layers, an encoder aligned on Flickr8k captions only, LLM-VEM on V4 with and
+without the Flickr8k stream) with a bootstrap over images (``bench/rsa92_alignment.py``; skipped without
+``../shared/data``).
 
 Usage::
 
@@ -300,9 +303,16 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
             preds["aligned_extra"] = runner.train(dn, features, tn, core, chosen[True], stream).predictions["test"]
         for name, p in preds.items():
             curves[name][str(n)] = mean_r_ci(dn, p, n_boot, seed)
+    # 5. 92-image RSA of the aligned encoders (bench/rsa92_alignment.py; rows skipped without ../shared/data)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, also when imported from elsewhere
+    import rsa92_alignment
+
+    rsa92 = rsa92_alignment.alignment_rows(mode_name, cache_dir, work / "rsa92", seed=seed, log_fn=log_fn)
     out = {**results, "learning_curves": {"roi": "relational", "n_train": mode["curve"], "models": curves},
            "diagnostics": diag, "sweep": sweep,
-           "rsa92": {}, "rsa92_note": "92-image RSA (issue 14 item 5) is not part of this benchmark yet",
+           "rsa92": rsa92.get("rows", {}), "rsa92_settings": rsa92.get("settings", rsa92),
            "settings": {"mode": mode_name, **mode, "seed": seed, "core_chosen": core, "lambda_chosen": chosen[False],
                         "lambda_chosen_extra": chosen[True], "runs": runner.count, "selection": "validation r, "
                         "relational voxels", "inputs_s": t_inputs},
@@ -339,6 +349,11 @@ def print_tables(res: dict[str, Any]) -> None:
     for name, row in lc["models"].items():
         print(f"{name:<16}" + "".join(f"{row[str(n)]['mean_r']:>7.3f} {_fmt_ci(row[str(n)]['ci']):>14}"
                                       for n in lc["n_train"]))
+    if res["rsa92"]:
+        import rsa92_alignment
+
+        print("\n92-image RSA of aligned encoders (Spearman r with human / monkey IT RDMs)")
+        print(rsa92_alignment.format_rows(res["rsa92"]))
     print("\nValidation sweep (relational voxels): " + ", ".join(
         f"{s['core']}/λ={s['lambda']:g}{'+extra' if s['stream'] else ''}: {s['val_r']:.3f}" for s in res["sweep"]))
 

@@ -26,6 +26,11 @@ Usage::
     python bench/bench_rsa92.py                     # 1-2 min with warm caches (trains 3 LLM-VEM models)
     python bench/bench_rsa92.py --quick             # short training
     python bench/bench_rsa92.py --no-llmvem         # backbone and caption RDMs only (< 1 min)
+    python bench/bench_rsa92.py --alignment-only    # only the aligned-encoder rows with bootstrap CIs
+
+The aligned-encoder rows (descriptions and label captions → MiniLM, backbone layers, an encoder aligned on
+Flickr8k captions only, LLM-VEM on V4 with and without the Flickr8k stream; :mod:`rsa92_alignment`) come with
+95% CIs of a bootstrap over the 92 images and are printed as a second table (JSON key ``alignment``).
 
 Writes ``bench/results/rsa92.json`` (``--out``) and prints the table. Exits 0 with a message when the data
 folder is absent.
@@ -47,6 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_v4  # noqa: E402  (the V4 benchmark's settings and helpers)
+import rsa92_alignment  # noqa: E402  (the rows of language-aligned encoders, bootstrap over images)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kriegeskorte92"
@@ -70,12 +76,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="short training (bench_v4 --quick settings)")
     ap.add_argument("--max-images", type=int, default=None, help="train on the first N images of the V4 session")
     ap.add_argument("--no-llmvem", action="store_true", help="skip the LLM-VEM models (no V4 data needed)")
+    ap.add_argument("--alignment-mode", choices=("full", "quick", "smoke", "off"), default=None,
+                    help="rows of language-aligned encoders with a bootstrap over images (bench/rsa92_alignment.py):"
+                         " sizes of that run (default: full, or quick with --quick)")
+    ap.add_argument("--alignment-only", action="store_true", help="only the aligned-encoder rows (a few minutes)")
+    ap.add_argument("--flickr", type=Path, default=rsa92_alignment.DATA / "flickr8k_1000",
+                    help="Flickr8k folder of the Flickr8k-aligned rows (default: %(default)s)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override KEY=VALUE")
     ap.add_argument("--cache-dir", default="~/.cache/llmvem", help="captions / features cache (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     return ap.parse_args(argv)
+
+
+def alignment_mode(args: argparse.Namespace) -> str:
+    """Sizes of the aligned-encoder rows: ``--alignment-mode``, else quick with ``--quick``, else full."""
+    return args.alignment_mode or ("quick" if args.quick else "full")
 
 
 def v4_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -244,13 +261,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     pixels = np.stack([images.load_array(i) for i in range(len(images))])  # uint8 (92, 175, 175, 3)
     patterns: dict[str, np.ndarray] = {}
     for size in BACKBONE_SIZES:
-        patterns.update(backbone_patterns(images, size, BACKBONE_LAYERS + (SPATIAL_LAYERS if size == 224 else [])))
+        if args.alignment_only and size not in rsa92_alignment.MODES[alignment_mode(args)]["sizes"]:
+            continue
+        layers = BACKBONE_LAYERS if args.alignment_only else BACKBONE_LAYERS + (SPATIAL_LAYERS if size == 224 else [])
+        patterns.update(backbone_patterns(images, size, layers))
     config = bench_v4.session_config(v4_args(args), args.v4_session)
     text, captions = caption_patterns(config, images)
     patterns.update(text)
     llm_info: dict[str, Any] = {}
-    if args.no_llmvem:
-        llm_info["skipped"] = "--no-llmvem"
+    if args.no_llmvem or args.alignment_only:
+        llm_info["skipped"] = "--no-llmvem" if args.no_llmvem else "--alignment-only"
     elif not args.v4_data.is_dir():
         llm_info["skipped"] = f"V4 data folder {args.v4_data} is absent"
         print(f"bench_rsa92: {llm_info['skipped']}; LLM-VEM rows skipped", file=sys.stderr)
@@ -258,6 +278,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         with tempfile.TemporaryDirectory(prefix="llmvem_bench_rsa92_") as tmp:
             llm_patterns, llm_info = llmvem_patterns(args, pixels, Path(tmp))
         patterns.update(llm_patterns)
+    aligned: dict[str, Any] = {"skipped": "--alignment-mode off"}
+    if alignment_mode(args) != "off":
+        given = {"label_captions_minilm": next(iter(text.values()))}
+        given.update({f"backbone{size}_{layer}": patterns[f"EfficientNet-Lite0@{size} {layer}"]
+                      for size in BACKBONE_SIZES for layer in rsa92_alignment.BACKBONE_LAYERS
+                      if f"EfficientNet-Lite0@{size} {layer}" in patterns})
+        with tempfile.TemporaryDirectory(prefix="llmvem_bench_rsa92_align_") as tmp:
+            aligned = rsa92_alignment.alignment_rows(
+                alignment_mode(args), Path(args.cache_dir).expanduser(), Path(tmp), k92=args.data,
+                flickr=args.flickr, v4_data=args.v4_data, v4_session=args.v4_session, precomputed=given,
+                log_fn=lambda m: print(m, file=sys.stderr))
+    if args.alignment_only:
+        patterns = {}
     lower, upper = leave_one_subject_out_ceiling(rset.human_it_per_subject)
     results = {
         "benchmark": "kriegeskorte92_rsa",
@@ -269,13 +302,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "noise_ceiling": {"lower": lower, "upper": upper, "method": "leave one subject out, Spearman, "
                           "per-subject RDMs averaged over the 2 sessions"},
         "monkey_vs_human": compare_rdms(rset.monkey_it, rset.human_it_mean),
-        "models": score_rdms(patterns, rset),
+        "models": score_rdms(patterns, rset, reference=not args.alignment_only),
         "llmvem": llm_info,
+        "alignment": aligned,
         "captions_examples": {rset.images.ids[i]: captions[i] for i in (0, 20, 45, 70)},
         "seconds_total": time.perf_counter() - t0,
     }
     bench_v4.write_results(args.out, results)
-    print(format_table(results))
+    if results["models"]:
+        print(format_table(results))
+    if "rows" in aligned:
+        print("\nLanguage-aligned encoders (Spearman r; hIT subj. mean = mean over the 4 subjects' RDMs)")
+        print(rsa92_alignment.format_rows(aligned["rows"]))
     print(f"results: {args.out}  ({results['seconds_total'] / 60:.1f} min)")
     return results
 

@@ -179,8 +179,8 @@ class LLMVEM(nn.Module):
             if n_voxels is None or n_train is None:
                 raise ValueError("pass n_voxels and n_train (one data key) or keys={key: (n_voxels, n_train)}")
             keys = {DEFAULT_KEY: (int(n_voxels), int(n_train))}
-        if not keys:
-            raise ValueError("keys: expected at least one data key")
+        if not keys and not alignment:  # no readout and no head: nothing to train
+            raise ValueError("keys: expected at least one data key (or the alignment head of a captions-only model)")
         bad = [k for k in keys if not re.fullmatch(r"[A-Za-z0-9_-]+", k)]
         if bad:
             raise ValueError(f"data keys {bad}: expected letters, digits, '_' and '-' only")

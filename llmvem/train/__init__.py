@@ -3,6 +3,7 @@
 
 The scikit-learn-style wrapper ``LLMVEMEncoder`` lives in :mod:`llmvem.estimators`."""
 
+from llmvem.train.captions_only import train_alignment_model
 from llmvem.train.checkpoint import CheckpointManager, load_weights, save_weights
 from llmvem.train.distributed import DistInfo, setup_distributed
 from llmvem.train.engine import Engine
@@ -31,5 +32,6 @@ __all__ = [
     "prepare_run_folder",
     "save_weights",
     "setup_distributed",
+    "train_alignment_model",
     "train_encoding_model",
 ]

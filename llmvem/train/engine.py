@@ -13,6 +13,9 @@ Data keys are interleaved as in neuralpredictors' cyclers: every epoch each key'
 into batches (a seeded :class:`~torch.utils.data.DistributedSampler` per key) and all keys' batches are visited
 in one seeded random order (:func:`key_schedule`). With one key the order is that key's sampler order.
 
+Without a key with responses (a captions-only run: only caption streams) there is nothing to validate on:
+every epoch runs (no early stopping) and the last epoch's weights are kept.
+
 Model selection (``train.selection``): ``"global"`` keeps the epoch with the best mean r over keys; ``"per_key"``
 additionally keeps, for each key, the trained parameters of the epoch with that key's own best r (shared parts
 and its own readout) and predicts the key with them; training then stops when no key improved for
@@ -272,6 +275,8 @@ class Engine:
     def _validate(self, stage: int) -> tuple[float, float, dict[str, float]]:
         """Validation (mean r over keys, mean MSE over keys, r per key), identical on every process."""
         per, losses = {}, []
+        if not self.scored:  # captions-only run: no responses to validate on
+            return float("nan"), float("nan"), per
         for key in self.scored:
             pred = self.predict(key, "val", stage)
             y = key.responses["val"].cpu().numpy()
@@ -375,7 +380,7 @@ class Engine:
                     raise ConfigError(f"training diverged in stage {stage}, epoch {epoch + 1}: the loss is {mean[0]}; "
                                       f"lower train.stage{stage}.lr (now {cfg.lr:g}) or set a grad_clip")
                 val_r, val_loss, per = self._validate(stage)
-                improved = val_r > best_r
+                improved = val_r > best_r or not self.scored  # captions-only: keep the last epoch
                 if improved:
                     best_r, best_epoch = val_r, epoch
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model_state(stage).items()}
@@ -391,8 +396,8 @@ class Engine:
                 stopped = cfg.early_stopping_patience is not None and bad >= cfg.early_stopping_patience
                 row = {"stage": f"stage{stage}", "epoch": epoch + 1, "step": step_offset + step,
                        "train_loss": mean[0], "train_voxel_loss": mean[1],
-                       "train_align_loss": mean[2] if self.task.lam > 0 else None, "val_mean_r": val_r,
-                       "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"],
+                       "train_align_loss": mean[2] if self.task.lam > 0 else None,
+                       "val_mean_r": val_r if self.scored else None, "val_loss": val_loss if self.scored else None, "lr": optimizer.param_groups[0]["lr"],
                        "temperature": float(1.0 / self.network.logit_scale().item()),
                        "images_per_s": n_seen * info.world_size / max(train_s, 1e-9), "seconds": train_s}
                 if len(per) > 1:

@@ -181,8 +181,11 @@ def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: I
     lam, readout_layers, layers = float(config.model.lambda_align), list(config.backbone.layers), \
         _feature_layers(config)
     names = [s.name for s in sources]
-    if not names:
-        raise ConfigError("training needs at least one data key (subject)")
+    if not names and not streams:
+        raise ConfigError("training needs at least one data key (a subject, or a caption stream)")
+    if not names and (lam <= 0 or not any(st.weight > 0 for st in streams)):
+        raise ConfigError("a captions-only run (caption streams, no subject) trains only the contrastive term: it "
+                          f"needs model.lambda_align > 0 (got {lam}) and a stream weight > 0")
     if len(set(names)) != len(names):
         raise ConfigError(f"subject names must be unique, got {names}")
     s2 = config.train.stage2
@@ -306,13 +309,14 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
     text = [k.text["train"] for k in keys if "train" in k.text]
     text_dim = int(text[0].shape[1]) if text else (cfg.align_dim or embed_dim)
     brain = [k for k in keys if k.has_responses]  # captions-only keys have no readout, nor a say in the statistics
+    stats_keys = brain or list(keys)  # ... unless there is no brain key (a captions-only run)
     network = LLMVEM.from_config(cfg, layer_dims, text_dim=text_dim, backbone=backbone,
                                  alignment=alignment_head and embed_dim is not None, seed=config.seed,
                                  embed_dim=embed_dim,
                                  keys={k.name: (int(k.responses["train"].shape[1]), k.n["train"]) for k in brain},
                                  map_shapes=map_shapes)  # type: ignore[arg-type]
-    x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in brain])
-    maps = {k.name: {m: k.features["train"][m].cpu() for m in network.spatial_layers} for k in brain}
+    x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in stats_keys])
+    maps = {k.name: {m: k.features["train"][m].cpu() for m in network.spatial_layers} for k in stats_keys}
     network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x, maps)
     return network
 
