@@ -101,6 +101,10 @@ BENCH_OVERRIDES = [
     "train.stage2.warmup_steps=0",
     "train.stage2.early_stopping_patience=2",
     "evaluate.ridge_folds=5",
+    # spatial readouts only (the *_spatial_* models): sparsity of mask × channel weights, tuned on the validation
+    # split of session 210322, stage 1 (λ0 spatial frozen val r: 0 → 0.437, 3e-5 → 0.444, 1e-4 → 0.456,
+    # 3e-4 → 0.465, 1e-3 → 0.454; 1e-4 with smoothness 1e-3 → 0.438; block8@grid7 + block12@grid4 → 0.420)
+    "model.spatial_l1=0.0003",
 ]
 QUICK_OVERRIDES = ["train.stage1.epochs=15", "train.stage2.epochs=1", "train.stage2.unfreeze_last_n=1"]
 
