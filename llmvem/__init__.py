@@ -32,6 +32,7 @@ _API = {
     "train_encoding_model": "llmvem.train",
     "LLMVEMEncoder": "llmvem.estimators",
     "RidgeEncoder": "llmvem.estimators",
+    "PerVoxelChoice": "llmvem.estimators",
     "load_trained_model": "llmvem.train.load",
     "evaluate_predictions": "llmvem.evaluate.metrics",
     "paired_bootstrap": "llmvem.evaluate.stats",

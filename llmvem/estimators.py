@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from llmvem.model.network import LLMVEM
     from llmvem.train.stream import CaptionStream
 
-__all__ = ["RIDGE_FILE", "LLMVEMEncoder", "MultiSubjectEncoder", "RidgeEncoder", "model_name"]
+__all__ = ["RIDGE_FILE", "LLMVEMEncoder", "MultiSubjectEncoder", "PerVoxelChoice", "RidgeEncoder", "model_name"]
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +404,105 @@ class LLMVEMEncoder(BaseEstimator):
               y: np.ndarray) -> np.ndarray:
         """Pearson r between ``y`` (n, n_voxels) and the predictions for ``X``, per voxel, shape (n_voxels,)."""
         return pearson_r(y, self.predict(X))
+
+
+# ------------------------------------------------------------------------------------------ per-voxel choice
+class PerVoxelChoice(BaseEstimator):
+    """Per voxel, the predictions of whichever of several estimators has the highest **validation** r.
+
+    The usual per-voxel model selection of encoding studies (e.g. a spatial readout for retinotopic voxels and
+    a pooled one for the rest): every candidate is fitted on the training split, scored per voxel on the
+    validation split, and each voxel keeps its best candidate; the test split plays no part. The combined
+    model's validation r is therefore in-sample (``fit_splits_`` includes ``"val"``, so the experiment never
+    chooses between models by it).
+
+    Parameters
+    ----------
+    estimators : dict of name to estimator
+        Unfitted estimators with ``fit_inputs``/``predict_inputs`` that do not fit on the validation split
+        (e.g. ``RidgeEncoder(fit_splits=("train",))``, ``LLMVEMEncoder``). Cloned before fitting.
+
+    Attributes
+    ----------
+    names_ : list of str
+        The candidates, in order.
+    choice_ : array of int, shape (n_voxels,)
+        Index into ``names_`` of each voxel's candidate.
+    val_r_ : array of shape (n_candidates, n_voxels)
+        Each candidate's validation r.
+    estimators_ : dict of name to fitted estimator
+    fit_splits_ : tuple of str
+
+    Examples
+    --------
+    >>> both = PerVoxelChoice({"pooled": LLMVEMEncoder(config), "spatial": LLMVEMEncoder(spatial_config)})  # doctest: +SKIP
+    >>> run_models(config, inputs, {"choice": ModelSpec(both, "per-voxel choice", "llmvem")}, "out")  # doctest: +SKIP
+    """
+
+    def __init__(self, estimators: Mapping[str, Any] | None = None):
+        self.estimators = estimators
+
+    def fit_inputs(self, inputs: PreparedInputs) -> PerVoxelChoice:
+        """Fit every candidate on ``inputs`` and choose one per voxel by validation r."""
+        from sklearn.base import clone
+
+        ds = inputs.dataset
+        if not self.estimators:
+            raise DataValidationError(None, "estimators", "expected at least one candidate estimator")
+        if ds.val is None or ds.val.responses is None or len(ds.val.responses) < 3:
+            raise DataValidationError(None, "dataset.val", "a per-voxel choice needs a validation split with "
+                                      "responses (at least 3 images)")
+        fitted: dict[str, Any] = {}
+        val_r = []
+        for name, est in self.estimators.items():
+            e = clone(est).fit_inputs(inputs)
+            if "val" in getattr(e, "fit_splits_", ()):
+                raise DataValidationError(None, f"estimators[{name!r}]", "is fitted on the validation split; a "
+                                          "per-voxel choice by validation r needs candidates that do not see it "
+                                          "(e.g. RidgeEncoder(fit_splits=('train',)))")
+            fitted[name] = e
+            r = pearson_r(ds.val.responses, e.predict_inputs(inputs)["val"])
+            val_r.append(np.where(np.isfinite(r), r, -np.inf))
+        self.names_ = list(fitted)
+        self.estimators_ = fitted
+        self.val_r_ = np.stack(val_r)
+        self.choice_ = np.argmax(self.val_r_, axis=0)
+        splits = {s for e in fitted.values() for s in getattr(e, "fit_splits_", ("train",))}
+        self.fit_splits_ = (*sorted(splits), "val")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        """Fraction of voxels that take each candidate."""
+        return {n: float(np.mean(self.choice_ == i)) for i, n in enumerate(self.names_)}
+
+    def combine(self, predictions: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per-voxel pick from each candidate's predictions (name → array (n, n_voxels)) by ``choice_``."""
+        stacked = np.stack([np.asarray(predictions[n]) for n in self.names_])
+        return np.take_along_axis(stacked, self.choice_[None, None, :], axis=0)[0]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the choice (``per_voxel_choice.json``: candidates, each voxel's index, validation r) and each
+        candidate that can save itself into ``folder/<name>/``."""
+        from llmvem.utils import write_json
+
+        if not hasattr(self, "choice_"):
+            raise RuntimeError("PerVoxelChoice: call fit_inputs() before save()")
+        folder = Path(folder)
+        for name, est in self.estimators_.items():
+            if hasattr(est, "save"):
+                est.save(folder / name)
+        path = folder / "per_voxel_choice.json"
+        write_json(path, {"candidates": self.names_, "choice": self.choice_.tolist(), "fractions": self.fractions(),
+                          "val_r": np.where(np.isfinite(self.val_r_), self.val_r_, np.nan).tolist()})
+        return path
+
+    def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:
+        """Predictions of the ``val`` and ``test`` splits, each voxel from its chosen candidate."""
+        if not hasattr(self, "choice_"):
+            raise RuntimeError("PerVoxelChoice: call fit_inputs() before predict_inputs()")
+        per = {n: e.predict_inputs(inputs) for n, e in self.estimators_.items()}
+        return {s: self.combine({n: per[n][s] for n in self.names_}) for s in PREDICT_SPLITS
+                if all(s in p for p in per.values())}
 
 
 # ------------------------------------------------------------------------------------------ multi-subject

@@ -65,3 +65,51 @@ def test_run_folder_written_once_with_validation_r(tmp_path, monkeypatch):
     again = run_models(cfg, tiny_inputs(), models, out, resume=True)
     for name in models:
         np.testing.assert_allclose(again.predictions[name]["test"], run.predictions[name]["test"], atol=1e-6)
+
+
+def planted_two_layer_inputs(seed=0):
+    """Voxels 0-4 driven by layer A, voxels 5-9 by layer B (independent random features)."""
+    from llmvem.data.dataset import EncodingDataset, Split
+    from llmvem.data.images import ArrayImages
+
+    rng = np.random.default_rng(seed)
+    sizes = {"train": 120, "val": 60, "test": 60}
+    splits, feats = {}, {}
+    for s, n in sizes.items():
+        a, b = rng.normal(size=(n, 6)).astype(np.float32), rng.normal(size=(n, 6)).astype(np.float32)
+        y = np.concatenate([a @ np.ones((6, 5)), b @ np.ones((6, 5))], 1) + rng.normal(0, 1.0, (n, 10))
+        splits[s] = Split(ArrayImages(np.zeros((n, 4, 4, 3), np.uint8), [f"{s}{i}" for i in range(n)]),
+                          y.astype(np.float32))
+        feats[s] = {"A": a, "B": b}
+    captions = {s: [[f"image {i}"] for i in range(n)] for s, n in sizes.items()}
+    return PreparedInputs(EncodingDataset("planted", splits), captions,
+                          {"backend": "file", "model_id": "planted", "config_hash": "x"}, {}, None, feats)
+
+
+def test_per_voxel_choice_picks_each_voxels_model_on_validation_through_run_models(tmp_path):
+    from llmvem.errors import DataValidationError
+    from llmvem.estimators import PerVoxelChoice, RidgeEncoder
+    from llmvem.evaluate.metrics import pearson_r
+    from llmvem.experiment import ModelSpec
+
+    inputs = planted_two_layer_inputs()
+    cands = {n: RidgeEncoder(layers=[n], cv=3, device="cpu", fit_splits=("train",)) for n in ("A", "B")}
+    models = {"ridge_A": ModelSpec(cands["A"], "ridge on A", "ridge"),
+              "ridge_B": ModelSpec(cands["B"], "ridge on B", "ridge"),
+              "choice": ModelSpec(PerVoxelChoice(cands), "per-voxel choice", "ridge")}
+    cfg = tiny_config("evaluate.bootstrap=50")
+    run = run_models(cfg, inputs, models, tmp_path / "run")
+    est = run.estimators["choice"]
+    assert est.names_ == ["A", "B"] and est.choice_.tolist() == [0] * 5 + [1] * 5
+    assert est.fractions() == {"A": 0.5, "B": 0.5} and est.fit_splits_ == ("train", "val")
+    y = inputs.dataset.test.responses
+    pa, pb, pc = (run.predictions[k]["test"] for k in ("ridge_A", "ridge_B", "choice"))
+    np.testing.assert_array_equal(pc, np.concatenate([pa[:, :5], pb[:, 5:]], 1))
+    r = {k: float(np.mean(pearson_r(y, p))) for k, p in (("A", pa), ("B", pb), ("choice", pc))}
+    assert r["choice"] > max(r["A"], r["B"]) + 0.3  # each half-model is near chance on the other half
+    rec = run.metrics["models"]["choice"]
+    assert rec["val_in_fit"] is True and run.metrics["selected_model"] != "choice"  # in-sample val never chooses
+    saved = json.loads((tmp_path / "run" / "models" / "choice" / "per_voxel_choice.json").read_text())
+    assert saved["candidates"] == ["A", "B"] and saved["choice"] == est.choice_.tolist()
+    with pytest.raises(DataValidationError, match="validation split"):  # a candidate that saw val is refused
+        PerVoxelChoice({"A": RidgeEncoder(layers=["A"], cv=3, device="cpu")}).fit_inputs(inputs)
