@@ -36,6 +36,7 @@ import torch
 
 from llmvem.config import apply_overrides, load_config
 from llmvem.evaluate.metrics import pearson_r
+from llmvem.evaluate.selection import choose_per_voxel, pick_per_voxel
 from llmvem.evaluate.stats import paired_bootstrap
 from llmvem.inputs import extract_split_features, load_config_backbone, load_config_dataset
 from llmvem.train import train_encoding_model
@@ -91,9 +92,10 @@ def per_voxel_choice(y_val: np.ndarray, a: dict[str, Any], b: dict[str, Any], y_
     -------
     dict shaped like a run of :func:`train_one` (no training time) plus ``fraction_b`` per ROI.
     """
-    use_b = pearson_r(y_val, b["pred_val"]) > pearson_r(y_val, a["pred_val"])
-    pred_val = np.where(use_b[None, :], b["pred_val"], a["pred_val"])
-    pred_test = np.where(use_b[None, :], b["pred_test"], a["pred_test"])
+    choice, _ = choose_per_voxel(y_val, [a["pred_val"], b["pred_val"]])  # ties keep a (pooled)
+    use_b = choice == 1
+    pred_val = pick_per_voxel([a["pred_val"], b["pred_val"]], choice)
+    pred_test = pick_per_voxel([a["pred_test"], b["pred_test"]], choice)
     return {"val": roi_r(y_val, pred_val, masks), "test": roi_r(y_test, pred_test, masks), "stage1_s": 0.0,
             "epochs": 0, "s_per_epoch": 0.0, "pred_test": pred_test, "pred_val": pred_val,
             "fraction_b": {"all": float(use_b.mean()), **{k: float(use_b[masks[k]].mean()) for k in ROIS}}}

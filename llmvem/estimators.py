@@ -452,8 +452,10 @@ class PerVoxelChoice(BaseEstimator):
         if ds.val is None or ds.val.responses is None or len(ds.val.responses) < 3:
             raise DataValidationError(None, "dataset.val", "a per-voxel choice needs a validation split with "
                                       "responses (at least 3 images)")
+        from llmvem.evaluate.selection import choose_per_voxel
+
         fitted: dict[str, Any] = {}
-        val_r = []
+        val_preds = []
         for name, est in self.estimators.items():
             e = clone(est).fit_inputs(inputs)
             if "val" in getattr(e, "fit_splits_", ()):
@@ -461,12 +463,10 @@ class PerVoxelChoice(BaseEstimator):
                                           "per-voxel choice by validation r needs candidates that do not see it "
                                           "(e.g. RidgeEncoder(fit_splits=('train',)))")
             fitted[name] = e
-            r = pearson_r(ds.val.responses, e.predict_inputs(inputs)["val"])
-            val_r.append(np.where(np.isfinite(r), r, -np.inf))
+            val_preds.append(e.predict_inputs(inputs)["val"])
         self.names_ = list(fitted)
         self.estimators_ = fitted
-        self.val_r_ = np.stack(val_r)
-        self.choice_ = np.argmax(self.val_r_, axis=0)
+        self.choice_, self.val_r_ = choose_per_voxel(ds.val.responses, val_preds)
         splits = {s for e in fitted.values() for s in getattr(e, "fit_splits_", ("train",))}
         self.fit_splits_ = (*sorted(splits), "val")
         return self
@@ -477,8 +477,9 @@ class PerVoxelChoice(BaseEstimator):
 
     def combine(self, predictions: Mapping[str, np.ndarray]) -> np.ndarray:
         """Per-voxel pick from each candidate's predictions (name → array (n, n_voxels)) by ``choice_``."""
-        stacked = np.stack([np.asarray(predictions[n]) for n in self.names_])
-        return np.take_along_axis(stacked, self.choice_[None, None, :], axis=0)[0]
+        from llmvem.evaluate.selection import pick_per_voxel
+
+        return pick_per_voxel([predictions[n] for n in self.names_], self.choice_)
 
     def save(self, folder: str | Path) -> Path:
         """Write the choice (``per_voxel_choice.json``: candidates, each voxel's index, validation r) and each

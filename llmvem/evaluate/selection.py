@@ -24,9 +24,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from llmvem.report.tables import fmt_number
 
-__all__ = ["select_on_validation", "selection_line"]
+__all__ = ["choose_per_voxel", "pick_per_voxel", "select_on_validation", "selection_line"]
 
 
 def _finite(x: Any) -> bool:
@@ -78,3 +80,31 @@ def selection_line(selection: Mapping[str, Any] | None, setting: str | None = No
         what = f"{setting}, {what}"
     return (f"validation chose {what} (val mean r {fmt_number(selection['val_mean_r'])}); "
             f"its test mean r {fmt_number(selection.get('test_mean_r'))}")
+
+
+def choose_per_voxel(y_val: np.ndarray, val_predictions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each voxel's best candidate by validation Pearson r (a voxel whose r is undefined everywhere gets 0).
+
+    Parameters
+    ----------
+    y_val : array of shape (n_val, n_voxels)
+    val_predictions : list of arrays of shape (n_val, n_voxels), one per candidate
+
+    Returns
+    -------
+    choice : array of int, shape (n_voxels,)
+        Index of each voxel's candidate.
+    val_r : array of shape (n_candidates, n_voxels)
+        Validation r of every candidate (-inf where undefined).
+    """
+    from llmvem.evaluate.metrics import pearson_r
+
+    r = np.stack([pearson_r(y_val, p) for p in val_predictions])
+    r = np.where(np.isfinite(r), r, -np.inf)
+    return np.argmax(r, axis=0), r
+
+
+def pick_per_voxel(predictions: list[np.ndarray], choice: np.ndarray) -> np.ndarray:
+    """Predictions of shape (n, n_voxels) assembled voxel by voxel from the candidates ``choice`` names."""
+    stacked = np.stack([np.asarray(p) for p in predictions])
+    return np.take_along_axis(stacked, np.asarray(choice)[None, None, :], axis=0)[0]
