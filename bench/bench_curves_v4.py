@@ -36,7 +36,6 @@ CI bands), and prints the tables. Exits 0 with a message when the data are absen
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -379,11 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     pooled_sizes.sort(key=lambda c: c["n_train_mean"])
     stream = next(iter(streams.values()), None)
     results = {
-        "benchmark": "curves_v4",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/bench_curves_v4.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                           else sys.argv[1:])),
-        "machine": bench_v4.machine(),
+        **bench_v4.result_header("curves_v4", "bench_curves_v4.py", argv),
         "settings": {"sessions": settings["sessions"], "sizes": settings["sizes"], "lambda_grid": lambdas,
                      "lambda_chosen": chosen, "lambda_val_r": val_scores, "bootstrap": n_boot,
                      "max_images": settings["max_images"], "quick": args.quick, "smoke": args.smoke,

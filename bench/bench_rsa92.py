@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -293,11 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         patterns = {}
     lower, upper = leave_one_subject_out_ceiling(rset.human_it_per_subject)
     results = {
-        "benchmark": "kriegeskorte92_rsa",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/bench_rsa92.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                         else sys.argv[1:])),
-        "machine": bench_v4.machine(),
+        **bench_v4.result_header("kriegeskorte92_rsa", "bench_rsa92.py", argv),
         "subjects": list(rset.human_it_subjects),
         "noise_ceiling": {"lower": lower, "upper": upper, "method": "leave one subject out, Spearman, "
                           "per-subject RDMs averaged over the 2 sessions"},

@@ -488,6 +488,13 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
+def result_header(benchmark: str, script: str, argv: list[str] | None) -> dict[str, str]:
+    """The first keys of every benchmark's results JSON: name, date, the command as run, the machine."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"),
+            "command": f"python bench/{script} " + " ".join(shlex.quote(a) for a in args), "machine": machine()}
+
+
 def offline_runtime(progress: bool, threads: int | None) -> None:
     """Hub access off (nothing downloads), progress bars only when asked, and the torch CPU threads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -535,11 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         }
     config = session_config(args, sessions[0])
     results = {
-        "benchmark": "v4_cowley2023",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/bench_v4.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                      else sys.argv[1:])),
-        "machine": machine(),
+        **result_header("v4_cowley2023", "bench_v4.py", argv),
         "settings": {"lambda": args.lam, "quick": args.quick, "models": list(args.models),
                      "llmvem_layers": args.llmvem_layers, "max_images": args.max_images, "bootstrap": n_boot,
                      "overrides": [o for o in bench_overrides(args) if not o.startswith("cache_dir=")],
