@@ -25,7 +25,7 @@ from llmvem.data.images import ImageCollection
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import DataValidationError
 from llmvem.train.task import KeyData
-from llmvem.train.tensors import backbone_features, load_image_tensor
+from llmvem.train.tensors import backbone_features, load_image_tensor, readout_layers
 from llmvem.utils import stable_hash
 
 if TYPE_CHECKING:
@@ -121,15 +121,6 @@ def stream_is_used(config: RunConfig) -> bool:
     return a.spec is not None and a.weight > 0 and config.model.lambda_align > 0
 
 
-def _stream_layers(config: RunConfig) -> list[str]:
-    """The layers a stream needs: the readout layers plus, with a spatial readout, its map layers (the cache adds
-    ``"pooled"``)."""
-    layers = list(config.backbone.layers)
-    if config.model.spatial_readout != "none":
-        layers += [k for k in config.backbone.spatial_layers if k not in layers]
-    return layers
-
-
 def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress: bool = True,
                       layers: Sequence[str] | None = None) -> CaptionStream | None:
     """The stream ``config.align_data`` names, with cached caption embeddings and backbone features.
@@ -156,7 +147,7 @@ def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress:
         captions = inputs.shuffle_caption_sets(captions, config.captions.shuffle_seed)
     text = inputs.embed_captions(config, captions, show_progress)["train"]
     features = inputs.extract_image_features(config, data.images, backbone,
-                                             _stream_layers(config) if layers is None else layers, show_progress)
+                                             readout_layers(config) if layers is None else layers, show_progress)
     return CaptionStream(data.images, text, features, weight=a.weight, batch_size=a.batch_size, source=data.source)
 
 
@@ -172,7 +163,7 @@ def stream_for_inputs(config: RunConfig, prepared: PreparedInputs, show_progress
     key = stable_hash({"align_data": config.align_data.model_dump(mode="json"),
                        "text": [config.text.encoder, config.text.long_policy],
                        "backbone": config.backbone.model_dump(mode="json"), "image_size": config.data.image_size,
-                       "layers": _stream_layers(config),
+                       "layers": readout_layers(config),
                        "shuffle": [config.captions.shuffle, config.captions.shuffle_seed]})
     if key not in prepared.align_streams:
         stream = load_align_stream(config, prepared.backbone, show_progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,10 @@ from llmvem.data.images import ImageCollection
 from llmvem.embed.base import ImageBackbone
 from llmvem.utils import progress
 
-__all__ = ["autocast", "augment_images", "backbone_features", "load_image_tensor", "predict_network",
+if TYPE_CHECKING:
+    from llmvem.config import RunConfig
+
+__all__ = ["readout_layers", "autocast", "augment_images", "backbone_features", "load_image_tensor", "predict_network",
            "resolve_precision"]
 
 
@@ -137,3 +141,12 @@ def predict_network(network: torch.nn.Module, n: int, device: torch.device, *,
         return torch.cat(out).numpy()
     n_vox = network.n_voxels if key is None else network.n_voxels_of(key)  # type: ignore[operator]
     return np.zeros((0, n_vox), dtype=np.float32)
+
+
+def readout_layers(config: RunConfig) -> list[str]:
+    """The layers the network reads: ``backbone.layers`` plus, with a spatial readout, the maps of
+    ``backbone.spatial_layers`` not already among them."""
+    layers = list(config.backbone.layers)
+    if config.model.spatial_readout != "none":
+        layers += [k for k in config.backbone.spatial_layers if k not in layers]
+    return layers

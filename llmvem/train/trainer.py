@@ -33,7 +33,7 @@ from llmvem.train.distributed import DistInfo, barrier, cleanup_distributed, set
 from llmvem.train.engine import Engine, mean_r
 from llmvem.train.stream import CaptionStream, stream_key_data
 from llmvem.train.task import SPLITS, EncodingTask, KeyData
-from llmvem.train.tensors import backbone_features, load_image_tensor, resolve_precision
+from llmvem.train.tensors import backbone_features, load_image_tensor, readout_layers, resolve_precision
 from llmvem.utils import prepare_run_folder as _prepare_folder
 from llmvem.utils import seed_everything, stable_hash, versions, write_json
 
@@ -140,7 +140,7 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
 def _feature_layers(config: RunConfig) -> list[str]:
     """Layers each key's features must hold: the readout layers, the spatial readout's maps, plus ``"pooled"``
     for a head without core."""
-    layers = list(config.backbone.layers) + _map_layers(config)
+    layers = readout_layers(config)
     if config.model.lambda_align > 0 and config.model.core is None and EMBED_LAYER not in layers:
         layers.append(EMBED_LAYER)
     return layers
@@ -162,13 +162,6 @@ def warn_if_alignment_inert(config: RunConfig) -> None:
         log.warning("model.lambda_align = %g cannot change any prediction: there is no core (model.core) and no "
                     "stage 2 (train.stage2.epochs = 0), so the alignment head shares no parameter with the readout; "
                     "set model.core=linear|mlp or train.stage2.epochs > 0", config.model.lambda_align)
-
-
-def _map_layers(config: RunConfig) -> list[str]:
-    """The spatial readout's map layers (``backbone.spatial_layers``; none without a spatial readout)."""
-    if config.model.spatial_readout == "none":
-        return []
-    return [k for k in config.backbone.spatial_layers if k not in config.backbone.layers]
 
 
 def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageBackbone | None,
