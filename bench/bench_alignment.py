@@ -36,6 +36,7 @@ Writes ``bench/results/alignment.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import tempfile
@@ -65,11 +66,13 @@ SPLITS = ("train", "val", "test")
 MODES: dict[str, dict[str, Any]] = {
     "full": {"n_train": 150, "n_val": 50, "n_test": 200, "n_extra": 2000, "cores": ["linear", "mlp"],
              "lambdas": [0.1, 0.3, 1.0, 3.0], "curve": [50, 100, 200, 400], "epochs": 100, "n_boot": 2000,
-             "image_size": 96},
+             "image_size": 96, "stage2_epochs": 4},
     "quick": {"n_train": 150, "n_val": 50, "n_test": 200, "n_extra": 500, "cores": ["linear"],
-              "lambdas": [1.0, 3.0], "curve": [50, 150], "epochs": 30, "n_boot": 1000, "image_size": 96},
+              "lambdas": [1.0, 3.0], "curve": [50, 150], "epochs": 30, "n_boot": 1000, "image_size": 96,
+              "stage2_epochs": 0},
     "smoke": {"n_train": 30, "n_val": 16, "n_test": 30, "n_extra": 60, "cores": ["linear"], "lambdas": [1.0],
-              "curve": [20, 30], "epochs": 3, "n_boot": 50, "image_size": 48},
+              "curve": [20, 30], "epochs": 3, "n_boot": 50, "image_size": 48,
+              "stage2_epochs": 1},
 }
 
 
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", type=Path, default=None, help="caption-embedding / feature cache (default: temp)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the virtual brain and of training")
+    ap.add_argument("--stage2", type=int, default=None, metavar="EPOCHS",
+                    help="fine-tune the backbone this many epochs in the stage-2 positive control (0: skip it; "
+                         "default: 4 full, 0 --quick, 1 --smoke)")
     return ap.parse_args(argv)
 
 
@@ -120,6 +126,8 @@ def base_config(mode: dict[str, Any], cache_dir: Path, seed: int) -> RunConfig:
         "backbone.device=cpu", "text.device=cpu", "train.device=cpu", "train.precision=fp32",
         f"train.stage1.epochs={mode['epochs']}", "train.stage1.batch_size=32", "train.stage1.lr=0.002",
         "train.stage1.early_stopping_patience=8", "train.stage2.epochs=0", "train.checkpoint_every=100000",
+        "train.stage2.batch_size=32", "train.stage2.lr=0.0003", "train.stage2.backbone_lr=0.0001",
+        "train.stage2.unfreeze_last_n=4", "train.stage2.warmup_steps=0", "train.stage2.early_stopping_patience=2",
         "model.core_dim=128", "model.core_dropout=0.1", "model.feature_dropout=0", "align_data.batch_size=128"])
 
 
@@ -130,17 +138,23 @@ class Runner:
         self.mode, self.work, self.seed = mode, work, seed
         self.config = base_config(mode, cache_dir, seed)
         self.count = 0
+        self.backbone: Any = None  # the frozen backbone, set by run(); needed by stage 2
 
     def train(self, ds: EncodingDataset, features: dict, text: dict | None, core: str, lam: float,
-              stream: CaptionStream | None = None) -> Any:
-        cfg = apply_overrides(self.config, [f"model.core={core}", f"model.lambda_align={lam}"])
+              stream: CaptionStream | None = None, stage2: int = 0) -> Any:
+        cfg = apply_overrides(self.config, [f"model.core={core}", f"model.lambda_align={lam}",
+                                            f"train.stage2.epochs={stage2}"])
         self.count += 1
         sub = {s: features[s] for s in SPLITS}
         if len(ds.train) != len(features["train"]["pooled"]):
             sub["train"] = {k: v[: len(ds.train)] for k, v in features["train"].items()}
+        if text is not None and len(text["train"]) != len(ds.train):  # the first images, as for the features
+            text = {**text, "train": text["train"][: len(ds.train)]}
+        # stage 2 fine-tunes the backbone in place: each model gets a private copy of the frozen one
+        backbone = copy.deepcopy(self.backbone) if stage2 else None
         return train_encoding_model(cfg, ds, text_embeddings=text if lam > 0 else None, features=sub,
-                                    out_dir=self.work / f"run{self.count:03d}", show_progress=False,
-                                    align_stream=stream)
+                                    backbone=backbone, out_dir=self.work / f"run{self.count:03d}",
+                                    show_progress=False, align_stream=stream)
 
 
 def rel_r(ds: EncodingDataset, pred: np.ndarray, split: str) -> float:
@@ -155,6 +169,20 @@ def compare(ds: EncodingDataset, pred_a: np.ndarray, pred_b: np.ndarray, n_boot:
     r = res["overall"]["r"]
     return {"a": r["a"], "b": r["b"], "delta_mean_r": r["diff"], "ci": [r["ci_low"], r["ci_high"]],
             "p": r["p_value"], "fraction_improved": res["overall"]["fraction_improved"]}
+
+
+def comparison_record(ds: EncodingDataset, zero: Any, best: Any, shuf: Any, n_boot: int, seed: int) -> dict[str, Any]:
+    """One positive-control row: aligned and shuffled − λ = 0 on the relational test voxels (paired bootstraps),
+    plus the three models' validation r."""
+    c = compare(ds, zero.predictions["test"], best.predictions["test"], n_boot, seed)
+    s = compare(ds, zero.predictions["test"], shuf.predictions["test"], n_boot, seed)
+    return {"delta_mean_r": c["delta_mean_r"], "ci": c["ci"], "p": c["p"],
+            "shuffled_delta_mean_r": s["delta_mean_r"], "shuffled_ci": s["ci"], "shuffled_p": s["p"],
+            "lambda_mean_r": c["a"], "aligned_mean_r": c["b"], "shuffled_mean_r": s["b"],
+            "fraction_improved": c["fraction_improved"],
+            "val_r": {"lambda0": rel_r(ds, zero.predictions["val"], "val"),
+                      "aligned": rel_r(ds, best.predictions["val"], "val"),
+                      "shuffled": rel_r(ds, shuf.predictions["val"], "val")}}
 
 
 def mean_r_ci(ds: EncodingDataset, pred: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
@@ -208,14 +236,15 @@ def attribute_r(ds: EncodingDataset, X: dict[str, np.ndarray]) -> dict[str, floa
 
 
 # ------------------------------------------------------------------------------------------------- main
-def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = print) -> dict[str, Any]:
-    mode = MODES[mode_name]
+def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = print, stage2: int | None = None
+        ) -> dict[str, Any]:
+    mode = {**MODES[mode_name], **({} if stage2 is None else {"stage2_epochs": stage2})}
     t0 = time.perf_counter()
     n_max = max(mode["n_train"], *mode["curve"])
     ds_all = make_brain(n_max, mode["n_val"], mode["n_test"], mode["image_size"], seed)
     runner = Runner(mode, cache_dir, work, seed)
     cfg = runner.config
-    backbone = inputs.load_config_backbone(cfg)
+    backbone = runner.backbone = inputs.load_config_backbone(cfg)
     features = inputs.extract_split_features(cfg, ds_all, backbone, show_progress=False)
     captions = {s: ds_all.captions_for(s) for s in SPLITS}
     text = inputs.embed_captions(cfg, captions, show_progress=False)
@@ -257,16 +286,22 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
         best = trained[(lam, with_stream)]
         shuf = runner.train(ds, features, text_shuf, core, lam, stream_shuf if with_stream else None)
         shuffled_runs[with_stream] = shuf
-        c = compare(ds, zero.predictions["test"], best.predictions["test"], n_boot, seed)
-        s = compare(ds, zero.predictions["test"], shuf.predictions["test"], n_boot, seed)
-        results[label] = {"delta_mean_r": c["delta_mean_r"], "ci": c["ci"], "p": c["p"],
-                          "shuffled_delta_mean_r": s["delta_mean_r"], "shuffled_ci": s["ci"], "shuffled_p": s["p"],
-                          "lambda_mean_r": c["a"], "aligned_mean_r": c["b"], "shuffled_mean_r": s["b"],
-                          "fraction_improved": c["fraction_improved"], "lambda": lam, "core": core,
-                          "n_extra": mode["n_extra"] if with_stream else 0,
-                          "val_r": {"lambda0": rel_r(ds, zero.predictions["val"], "val"),
-                                    "aligned": rel_r(ds, best.predictions["val"], "val"),
-                                    "shuffled": rel_r(ds, shuf.predictions["val"], "val")}}
+        results[label] = {**comparison_record(ds, zero, best, shuf, n_boot, seed), "lambda": lam, "core": core,
+                          "n_extra": mode["n_extra"] if with_stream else 0}
+    # 2b. the same comparison with the backbone fine-tuned (stage 2: blocks 8-15 and the head; the stream's images
+    # go through the backbone too), settings as chosen above on validation; one λ = 0 model for both runs
+    if mode["stage2_epochs"]:
+        t2 = time.perf_counter()
+        e2 = mode["stage2_epochs"]
+        zero2 = runner.train(ds, features, None, core, 0.0, stage2=e2)
+        for with_stream, label in ((False, "positive_control_stage2"), (True, "positive_control_extra_stage2")):
+            lam = chosen[with_stream]
+            best = runner.train(ds, features, text, core, lam, stream if with_stream else None, stage2=e2)
+            shuf = runner.train(ds, features, text_shuf, core, lam, stream_shuf if with_stream else None, stage2=e2)
+            results[label] = {**comparison_record(ds, zero2, best, shuf, n_boot, seed), "lambda": lam, "core": core,
+                              "n_extra": mode["n_extra"] if with_stream else 0, "stage2_epochs": e2}
+        results["stage2_seconds"] = time.perf_counter() - t2
+        log_fn(f"stage-2 positive control in {results['stage2_seconds']:.0f} s")
     # 3. diagnostics: does the core output encode the relational attributes better after alignment?
     feat_cat = {s: np.concatenate([features[s][k] for k in cfg.backbone.layers], 1) for s in SPLITS}
     feat_cat["train"] = feat_cat["train"][: len(ds.train)]
@@ -314,7 +349,8 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
            "diagnostics": diag, "sweep": sweep,
            "rsa92": rsa92.get("rows", {}), "rsa92_settings": rsa92.get("settings", rsa92),
            "settings": {"mode": mode_name, **mode, "seed": seed, "core_chosen": core, "lambda_chosen": chosen[False],
-                        "lambda_chosen_extra": chosen[True], "runs": runner.count, "selection": "validation r, "
+                        "lambda_chosen_extra": chosen[True], "runs": runner.count,
+                        "selection": "validation r, "
                         "relational voxels", "inputs_s": t_inputs},
            "seconds": time.perf_counter() - t0}
     return out
@@ -326,11 +362,14 @@ def _fmt_ci(ci: list[float]) -> str:
 
 def print_tables(res: dict[str, Any]) -> None:
     print("\nPositive control (relational voxels, test; paired bootstrap over test images)")
-    print(f"{'run':<24}{'core':>7}{'λ':>6}{'λ=0 r':>8}{'λ>0 r':>8}{'Δ r':>8}{'95% CI':>20}{'p':>7}"
+    print(f"{'run':<30}{'core':>7}{'λ':>6}{'λ=0 r':>8}{'λ>0 r':>8}{'Δ r':>8}{'95% CI':>20}{'p':>7}"
           f"{'shuffled Δ':>12}{'shuffled CI':>20}")
-    for label in ("positive_control", "positive_control_extra"):
+    for label in ("positive_control", "positive_control_extra", "positive_control_stage2",
+                  "positive_control_extra_stage2"):
+        if label not in res:
+            continue
         r = res[label]
-        print(f"{label:<24}{r['core']:>7}{r['lambda']:>6g}{r['lambda_mean_r']:>8.3f}{r['aligned_mean_r']:>8.3f}"
+        print(f"{label:<30}{r['core']:>7}{r['lambda']:>6g}{r['lambda_mean_r']:>8.3f}{r['aligned_mean_r']:>8.3f}"
               f"{r['delta_mean_r']:>+8.3f}{_fmt_ci(r['ci']):>20}{r['p']:>7.3f}{r['shuffled_delta_mean_r']:>+12.3f}"
               f"{_fmt_ci(r['shuffled_ci']):>20}")
     d = res["diagnostics"]
@@ -374,7 +413,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
-        res = run(mode, cache, Path(tmp) / "runs", args.seed)
+        res = run(mode, cache, Path(tmp) / "runs", args.seed, stage2=args.stage2)
     print_tables(res)
     print(f"\n{mode} run: {res['seconds']:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -110,8 +110,13 @@ QUICK_OVERRIDES = ["train.stage1.epochs=15", "train.stage2.epochs=1", "train.sta
 
 SPATIAL_MODELS = ("lambda0_spatial_frozen", "lambda_spatial_frozen", "lambda0_spatial_finetuned",
                   "lambda_spatial_finetuned")
+#: Derived, not trained: ``BLEND[0]`` and ``BLEND[1]``'s predictions averaged with the weight of ``BLEND[0]`` chosen
+#: on the validation split (``BLEND_WEIGHTS``), the grid ridge's validation predictions taken from its train-only
+#: fit (the one its layer choice scores), so the weight is chosen on data neither model was fitted on.
+BLEND = ("lambda0_spatial_finetuned", "ridge_grid")
+BLEND_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 MODELS = ("ridge", "ridge_grid", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned",
-          *SPATIAL_MODELS)
+          *SPATIAL_MODELS, "spatial_blend")
 #: Fitted without ``--models``: all but the λ > 0 spatial twins, which cost as much as the λ = 0 ones and are opt-in
 #: (on V4 the label captions' alignment changes the pooled models by < 0.005 r; see BENCHMARKS.md).
 DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("lambda_spatial_frozen", "lambda_spatial_finetuned"))
@@ -128,6 +133,9 @@ COMPARISONS = (
     ("ridge", "lambda0_spatial_finetuned"),
     ("ridge_grid", "lambda0_spatial_finetuned"),
     ("lambda0_spatial_finetuned", "lambda_spatial_finetuned"),
+    ("lambda0_spatial_finetuned", "spatial_blend"),
+    ("ridge_grid", "spatial_blend"),
+    ("lambda0_finetuned", "spatial_blend"),
 )
 
 
@@ -207,23 +215,47 @@ def _mean_r(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def select_ridge_layers(config, inputs, layer_sets) -> tuple[tuple[str, ...], dict[str, float]]:
+def select_ridge_layers(config, inputs, layer_sets
+                        ) -> tuple[tuple[str, ...], dict[str, float], np.ndarray]:
     """Layer set with the best mean validation r of a ridge fitted on the training split only.
 
     Returns
     -------
     best : tuple of str
     val_r : dict of "a+b" to mean validation r
+    val_pred : array of shape (n_val, n_neurons)
+        Validation predictions of the train-only ridge on ``best``.
     """
     from llmvem.estimators import RidgeEncoder
 
     ds = inputs.dataset
     scores: dict[str, float] = {}
+    val_preds: dict[str, np.ndarray] = {}
     for layers in layer_sets:  # standardised exactly as the final fit (llmvem.model.features.FeatureStandardizer)
+        key = "+".join(layers)
         ridge = RidgeEncoder.from_config(config, layers).fit(inputs.features["train"], ds.train.responses)
-        scores["+".join(layers)] = _mean_r(ds.val.responses, ridge.predict(inputs.features["val"]))
+        val_preds[key] = ridge.predict(inputs.features["val"])
+        scores[key] = _mean_r(ds.val.responses, val_preds[key])
     best = max(layer_sets, key=lambda ls: scores["+".join(ls)])
-    return tuple(best), scores
+    return tuple(best), scores, val_preds["+".join(best)]
+
+
+def blend(preds: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, ridge_val: np.ndarray
+          ) -> tuple[dict[str, np.ndarray], float, dict[str, float]]:
+    """``spatial_blend``: w · ``BLEND[0]`` + (1 − w) · ``BLEND[1]``, w in ``BLEND_WEIGHTS`` chosen on validation
+    mean r, with ``ridge_val`` (the train-only ridge) standing in for ``BLEND[1]``'s validation predictions.
+
+    Returns
+    -------
+    predictions : dict of split to array
+        ``"val"`` is the blend with ``ridge_val`` (its score chose w, so it is in-sample for w).
+    weight : float
+    val_r : dict of str(w) to validation mean r
+    """
+    a, b = (preds[m] for m in BLEND)
+    val_r = {str(w): _mean_r(y_val, w * a["val"] + (1 - w) * ridge_val) for w in BLEND_WEIGHTS}
+    w = float(max(BLEND_WEIGHTS, key=lambda v: val_r[str(v)]))
+    return {"val": w * a["val"] + (1 - w) * ridge_val, "test": w * a["test"] + (1 - w) * b["test"]}, w, val_r
 
 
 def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress: bool,
@@ -247,7 +279,7 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
     specs = {}
     if "ridge" in models or llmvem_layers == "ridge":
         t = time.perf_counter()
-        best, val_scores = select_ridge_layers(config, inputs, layer_sets)
+        best, val_scores, _ = select_ridge_layers(config, inputs, layer_sets)
         info["ridge_layers"] = list(best)
         info["ridge_val_r_by_layers"] = val_scores
         info["seconds"]["ridge_layer_choice"] = time.perf_counter() - t
@@ -255,7 +287,7 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
             specs["ridge"] = ridge_spec(config, best)
     if "ridge_grid" in models:
         t = time.perf_counter()
-        best, val_scores = select_ridge_layers(config, inputs, grid_layer_sets)
+        best, val_scores, grid_val = select_ridge_layers(config, inputs, grid_layer_sets)
         info["ridge_grid_layers"] = list(best)
         info["ridge_grid_val_r_by_layers"] = val_scores
         info["seconds"]["ridge_grid_layer_choice"] = time.perf_counter() - t
@@ -280,8 +312,11 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
                 if name in models:
                     specs[name] = llmvem_spec(cfg, lam_m, name, show_progress)
     preds, _ = fit_predict(specs, inputs, work, timing=info["seconds"])
+    if "spatial_blend" in models and all(m in preds for m in BLEND):
+        preds["spatial_blend"], info["spatial_blend_weight"], info["spatial_blend_val_r_by_weight"] = blend(
+            preds, inputs.dataset.val.responses, grid_val)
     for name in specs:
-        if name.startswith("ridge"):
+        if name.startswith("ridge") or name == "spatial_blend":
             continue
         training = json.loads((work / name / "training.json").read_text(encoding="utf-8"))
         info.setdefault("training", {})[name] = {
@@ -430,7 +465,7 @@ def format_table(results: dict[str, Any]) -> str:
     label = {"ridge": "ridge", "ridge_grid": "ridge grid", "lambda0_frozen": "λ0 frz", "lambda_frozen": f"λ{lam:g} frz",
              "lambda0_finetuned": "λ0 ft", "lambda_finetuned": f"λ{lam:g} ft", "lambda0_spatial_frozen": "λ0 sp frz",
              "lambda_spatial_frozen": f"λ{lam:g} sp frz", "lambda0_spatial_finetuned": "λ0 sp ft",
-             "lambda_spatial_finetuned": f"λ{lam:g} sp ft"}
+             "lambda_spatial_finetuned": f"λ{lam:g} sp ft", "spatial_blend": "λ0 sp ft+grid"}
     head = ["session", "neurons", "ridge layers"] + [label[m] for m in names] + ["best"]
     rows = [head]
     for sid, s in results["sessions"].items():
@@ -455,6 +490,8 @@ def format_table(results: dict[str, Any]) -> str:
         extra = []
         if "ridge_grid_layers" in s:
             extra.append("ridge grid layers " + "+".join(s["ridge_grid_layers"]))
+        if "spatial_blend_weight" in s:
+            extra.append(f"blend weight of λ0 sp ft (validation) {s['spatial_blend_weight']:.1f}")
         if "spatial_layers" in s:
             extra.append(f"spatial readout {s['spatial_readout']} on " + "+".join(s["spatial_layers"]))
         if s.get("stage_seconds"):

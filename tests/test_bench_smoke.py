@@ -62,7 +62,11 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     assert s["ridge_grid_layers"] in (["block10@grid4"], ["block8@grid2", "block12@grid2"])
     assert s["spatial_layers"] == list(bench_v4.SPATIAL_LAYERS) and s["spatial_readout"] == "factorized"
     # stage seconds of every LLM-VEM model; only the fine-tuned ones have a stage 2
-    assert set(s["stage_seconds"]) == {m for m in bench_v4.DEFAULT_MODELS if not m.startswith("ridge")}
+    assert set(s["stage_seconds"]) == {m for m in bench_v4.DEFAULT_MODELS
+                                       if not m.startswith("ridge") and m != "spatial_blend"}
+    assert s["spatial_blend_weight"] in bench_v4.BLEND_WEIGHTS  # chosen on validation (derived, not trained)
+    assert max(s["spatial_blend_val_r_by_weight"].values()) == pytest.approx(
+        s["spatial_blend_val_r_by_weight"][str(s["spatial_blend_weight"])])
     assert all(st["stage1"] > 0 and ("stage2" in st) == name.endswith("finetuned")
                for name, st in s["stage_seconds"].items())
     assert 0.0 < s["noise_ceiling_mean"] < 1.0
@@ -82,6 +86,23 @@ def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
     assert "210325: ridge grid layers" in printed and "train s (stage 1/stage 2)" in printed
     on_disk = json.loads(out.read_text(encoding="utf-8"))
     assert on_disk["sessions"]["210325"]["models"]["ridge"]["mean_r"] == pytest.approx(s["models"]["ridge"]["mean_r"])
+
+
+def test_v4_blend_weight_is_chosen_on_validation(bench_v4):
+    """Two predictors with independent, equal noise: validation picks w = 0.5; the test blend uses the weight and
+    the second model's own test predictions (not the train-only ridge's validation stand-in)."""
+    rng = np.random.default_rng(0)
+    y = {s: rng.normal(size=(400, 20)) for s in ("val", "test")}
+    noisy = {m: {s: y[s] + rng.normal(size=y[s].shape) for s in y} for m in bench_v4.BLEND}
+    ridge_val = y["val"] + rng.normal(size=y["val"].shape)
+    pred, w, val_r = bench_v4.blend(noisy, y["val"], ridge_val)
+    assert w == 0.5 and set(val_r) == {str(v) for v in bench_v4.BLEND_WEIGHTS}
+    a, b = (noisy[m]["test"] for m in bench_v4.BLEND)
+    np.testing.assert_allclose(pred["test"], 0.5 * a + 0.5 * b)
+    np.testing.assert_allclose(pred["val"], 0.5 * noisy[bench_v4.BLEND[0]]["val"] + 0.5 * ridge_val)
+    # a useless second model: all weight on the first
+    noisy[bench_v4.BLEND[1]] = {s: rng.normal(size=y[s].shape) for s in y}
+    assert bench_v4.blend(noisy, y["val"], rng.normal(size=y["val"].shape))[1] == 1.0
 
 
 def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
@@ -308,6 +329,12 @@ def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
         assert pc["ci"][0] <= pc["delta_mean_r"] <= pc["ci"][1] and 0.0 < pc["p"] <= 1.0
         assert pc["delta_mean_r"] == pytest.approx(pc["aligned_mean_r"] - pc["lambda_mean_r"])
     assert saved["positive_control_extra"]["n_extra"] == 60 and saved["positive_control"]["n_extra"] == 0
+    # the stage-2 runs (backbone fine-tuned, 1 epoch in --smoke): same keys, their own models
+    for label in ("positive_control_stage2", "positive_control_extra_stage2"):
+        pc = saved[label]
+        assert pc["stage2_epochs"] == 1 and pc["ci"][0] <= pc["delta_mean_r"] <= pc["ci"][1]
+        assert pc["lambda_mean_r"] != saved["positive_control"]["lambda_mean_r"]  # fine-tuning changed λ = 0
+    assert saved["positive_control_stage2"]["lambda_mean_r"] == saved["positive_control_extra_stage2"]["lambda_mean_r"]
     curves = saved["learning_curves"]["models"]
     assert set(curves) == {"ridge", "lambda0", "aligned", "aligned_extra"}
     assert all(set(row) == {"20", "30"} for row in curves.values())
