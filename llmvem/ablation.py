@@ -52,6 +52,7 @@ from llmvem.inputs import (
 )
 from llmvem.pipeline import llmvem_spec, ridge_spec
 from llmvem.report.ablation import ablation_section_html, ablation_table, plot_ablation
+from llmvem.train.stream import check_align_data
 from llmvem.train.trainer import alignment_is_inert
 from llmvem.utils import write_json
 
@@ -218,6 +219,8 @@ def run_ablation(config: RunConfig, sources: str | Sequence[str] | Sequence[Capt
     ------
     ConfigError
         ``model.lambda_align`` is 0, or a source is malformed.
+    DataValidationError
+        ``align_data.spec`` is malformed or names a missing folder / caption file (before anything is computed).
     RunFolderError
         ``out_dir`` is used and neither ``resume`` nor ``overwrite`` is given.
     """
@@ -227,6 +230,7 @@ def run_ablation(config: RunConfig, sources: str | Sequence[str] | Sequence[Capt
     if lam <= 0:
         raise ConfigError("model.lambda_align = 0: without the alignment loss every caption source trains the same "
                           "model; set model.lambda_align > 0, e.g. --set model.lambda_align=0.1")
+    check_align_data(config)  # a bad align_data.spec fails here, not when the first aligned model is fitted
     warning = None
     if alignment_is_inert(config):
         warning = ("train.stage2.epochs = 0: with the backbone frozen, no model.core and model.readout_aligned = "

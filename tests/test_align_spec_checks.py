@@ -1,9 +1,10 @@
-"""A bad ``align_data.spec`` is reported by ``llmvem config validate`` up front, with the
+"""A bad ``align_data.spec`` is reported by ``llmvem config validate`` and ``llmvem ablate`` up front, with the
 message training gives; a good one passes without reading an image."""
 
 from __future__ import annotations
 
 import pytest
+from test_ablation import _config
 
 from llmvem.cli import main
 from llmvem.config import RunConfig, apply_overrides
@@ -70,3 +71,17 @@ def test_config_validate_passes_a_good_align_spec_without_reading_images(tmp_pat
                                                                        "model.lambda_align=0"]))
     assert check_align_data(RunConfig()) is None
 
+
+def test_ablate_fails_on_a_bad_align_spec_before_any_model_is_written(tmp_path, capsys):
+    cfg = _config(tmp_path, tmp_path / "cache")
+    bad = _bad_specs(tmp_path)
+    for case in ("no caption file", "malformed"):
+        expected = _training_message(bad[case])
+        out = tmp_path / f"ablation_{case.replace(' ', '_')}"
+        argv = ["ablate", "--config", cfg, "--sources", "dataset,shuffled", "--out", str(out)]
+        for o in bad[case]:
+            argv += ["--set", o]
+        assert main(argv) == 2, case
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (case, err)
+        assert not out.exists() and not (tmp_path / "cache").exists(), case
