@@ -150,10 +150,10 @@ class ModelConfig(_Section):
 
     ``pca_components`` = None uses ``min(2048, n_train, n_voxels)``. ``voxel_loss`` = ``"pca"`` computes the MSE
     between predicted and true PCA scores instead of voxel responses. ``align_dim`` = None projects to the text
-    embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect).
-    ``spatial_readout`` reads the maps of ``backbone.spatial_layers`` (factorized masks or Gaussian positions,
-    :mod:`llmvem.model.spatial`); ``spatial_mode`` = ``"residual"`` adds it to the flat readout, ``"alone"``
-    predicts with it only. ``"none"`` is the network without spatial readout. ``readout_aligned`` feeds the flat
+    embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect,
+    unless ``readout_aligned``). ``spatial_readout`` reads the maps of ``backbone.spatial_layers`` (factorized
+    masks or Gaussian positions, :mod:`llmvem.model.spatial`); ``spatial_mode`` = ``"residual"`` adds it to the
+    flat readout, ``"alone"`` predicts with it only. ``"none"`` is the network without spatial readout. ``readout_aligned`` feeds the flat
     readout the alignment head's embedding next to the features (or core output): λ then shapes the predictions
     already in stage 1 without a core; at λ = 0 the head is trained by the voxel loss alone (the same-architecture
     baseline; set ``align_dim`` to the caption-embedding size so that the λ = 0 head has the same size).
