@@ -97,13 +97,19 @@ def test_lambda_changes_stage_1_predictions_without_a_core_only_with_the_option(
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llmvem.train.trainer"):
         a0, a1 = _fit(tmp_path, "a0", on0, text=False), _fit(tmp_path, "a1", on1)
-    assert not [r for r in caplog.records if INERT in r.getMessage()]
+    assert not [r for r in caplog.records if INERT in r.getMessage() or "align_dim" in r.getMessage()]
     np.testing.assert_array_equal(p0.predictions["test"], p1.predictions["test"])  # λ is inert without the option
     assert np.abs(a0.predictions["test"] - a1.predictions["test"]).max() > 1e-3
     assert a1.curves[0]["train_align_loss"] > 0 and a0.curves[0]["train_align_loss"] is None
     # λ = 0: the head is trained by the voxel loss alone (it moved from its seeded initialisation)
     fresh = LLMVEM.from_config(on0.model, {"block0": 8, "pooled": 16}, 10, 64, text_dim=8, seed=on0.seed)
     assert not torch.equal(fresh.head.proj.weight, a0.network.head.proj.weight.cpu())
+    # λ = 0 without model.align_dim and without captions: the head cannot know the caption size; it says so
+    with caplog.at_level(logging.WARNING, logger="llmvem.train.trainer"):
+        unsized = tiny_config(*base[:2], "model.lambda_align=0", "model.readout_aligned=true")
+        sized = _fit(tmp_path, "a0_sized", unsized, text=False)
+    assert sized.network.readout.n_features == 24 + 16  # the pooled size, not the caption size (8)
+    assert [r for r in caplog.records if "set model.align_dim" in r.getMessage()]
     # the run folder keeps the option: the reloaded model predicts the same from images (needs 'pooled')
     enc = load_trained_model(tmp_path / "a1", backbone=backbone())
     ds, _ = make_dataset()

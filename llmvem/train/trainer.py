@@ -304,6 +304,10 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
         embed_dim = None
     text = [k.text["train"] for k in keys if "train" in k.text]
     text_dim = int(text[0].shape[1]) if text else (cfg.align_dim or embed_dim)
+    if cfg.readout_aligned and not text and cfg.align_dim is None:
+        log.warning("model.readout_aligned without caption embeddings or model.align_dim: the readout reads a "
+                    "%s-dim embedding, not one of the caption size a λ > 0 model reads; set model.align_dim to "
+                    "the text encoder's size to compare λ = 0 and λ > 0 with the same architecture", text_dim)
     brain = [k for k in keys if k.has_responses]  # captions-only keys have no readout, nor a say in the statistics
     stats_keys = brain or list(keys)  # ... unless there is no brain key (a captions-only run)
     network = LLMVEM.from_config(cfg, layer_dims, text_dim=text_dim, backbone=backbone,
