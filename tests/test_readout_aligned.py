@@ -133,7 +133,7 @@ def test_the_option_trains_with_a_core_and_in_stage_2(tmp_path):
     np.testing.assert_allclose(enc.predict(make_dataset()[0].test.images), res.predictions["test"], atol=1e-5)
 
 
-def planted(n_train=40, n_val=40, n_test=80, n_extra=400, k=4, d=64, n_voxels=20, seed=1):
+def planted(n_train=40, n_val=40, n_test=80, n_extra=300, k=4, d=64, n_voxels=20, seed=1):
     """Voxels linear in a k-dimensional caption embedding c (unit norm); the features hold c only noisily,
     spread over d dimensions (c A + 2 · noise), so a readout must average many features. ``n_extra`` captioned
     images without responses (a caption stream) show the head the clean c of many more images."""
@@ -156,7 +156,7 @@ def planted(n_train=40, n_val=40, n_test=80, n_extra=400, k=4, d=64, n_voxels=20
 
 def test_planted_caption_voxels_are_predicted_better_with_the_option(tmp_path):
     ds, feats, text, stream = planted()
-    base = ["backbone.layers=[pooled]", "train.stage1.epochs=15", "train.stage1.batch_size=16", "train.stage1.lr=0.01",
+    base = ["backbone.layers=[pooled]", "train.stage1.epochs=12", "train.stage1.batch_size=16", "train.stage1.lr=0.01",
             "train.stage1.early_stopping_patience=null", "train.stage2.epochs=0", "model.feature_dropout=0.5",
             "model.align_dim=4", "train.device=cpu"]
     r = {}
@@ -168,5 +168,5 @@ def test_planted_caption_voxels_are_predicted_better_with_the_option(tmp_path):
                                    text_embeddings=text if lam else None, out_dir=tmp_path / name,
                                    show_progress=False, align_stream=stream if lam else None)
         r[name] = float(np.mean(pearson_r(ds.test.responses, res.predictions["test"])))
-    # measured (seed 1): without 0.369, with 0.456, with at λ = 0 0.393 (test mean r)
+    # measured (seed 1): without 0.374, with 0.451, with at λ = 0 0.401 (test mean r)
     assert r["with"] > r["without"] + 0.04 and r["with"] > r["with_lambda0"] + 0.03, r
