@@ -21,9 +21,10 @@ then compares every source with λ = 0 and with each other by the paired bootstr
 folder is a normal run folder (the report reads it) plus ``ablation.json``, ``ablation.md`` and the report
 section ``extra_sections/caption_ablation.json``.
 
-With the backbone frozen (``train.stage2.epochs = 0``) the alignment head and the voxel readout share no
-parameter, so the captions cannot change the voxel predictions (only the joint gradient-norm clipping couples
-them): the ablation is only meaningful with stage 2 fine-tuning, and warns otherwise.
+With the backbone frozen (``train.stage2.epochs = 0``), no core (``model.core``) and a readout that does not read
+the aligned embedding (``model.readout_aligned``), the alignment head and the voxel readout share no parameter, so
+the captions cannot change the voxel predictions (only the joint gradient-norm clipping couples them): the
+ablation then warns (:func:`llmvem.train.trainer.alignment_is_inert`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from llmvem.inputs import (
 )
 from llmvem.pipeline import llmvem_spec, ridge_spec
 from llmvem.report.ablation import ablation_section_html, ablation_table, plot_ablation
+from llmvem.train.stream import check_align_data
+from llmvem.train.trainer import alignment_is_inert
 from llmvem.utils import write_json
 
 __all__ = ["ABLATION_OUTPUTS", "CaptionSource", "ablation_table", "parse_sources", "run_ablation",
@@ -216,6 +219,8 @@ def run_ablation(config: RunConfig, sources: str | Sequence[str] | Sequence[Capt
     ------
     ConfigError
         ``model.lambda_align`` is 0, or a source is malformed.
+    DataValidationError
+        ``align_data.spec`` is malformed or names a missing folder / caption file (before anything is computed).
     RunFolderError
         ``out_dir`` is used and neither ``resume`` nor ``overwrite`` is given.
     """
@@ -225,12 +230,13 @@ def run_ablation(config: RunConfig, sources: str | Sequence[str] | Sequence[Capt
     if lam <= 0:
         raise ConfigError("model.lambda_align = 0: without the alignment loss every caption source trains the same "
                           "model; set model.lambda_align > 0, e.g. --set model.lambda_align=0.1")
+    check_align_data(config)  # a bad align_data.spec fails here, not when the first aligned model is fitted
     warning = None
-    if config.train.stage2.epochs == 0:
-        warning = ("train.stage2.epochs = 0: with the backbone frozen the alignment head and the voxel readout share "
-                   "no parameter, so the captions cannot change the voxel predictions (differences come only from "
-                   "the joint gradient clipping); set train.stage2.epochs >= 1 to let the captions shape the "
-                   "fine-tuned backbone blocks")
+    if alignment_is_inert(config):
+        warning = ("train.stage2.epochs = 0: with the backbone frozen, no model.core and model.readout_aligned = "
+                   "false the alignment head and the voxel readout share no parameter, so the captions cannot change "
+                   "the voxel predictions (differences come only from the joint gradient clipping); set "
+                   "train.stage2.epochs >= 1, model.core=linear or model.readout_aligned=true")
         warnings.warn(warning, UserWarning, stacklevel=2)
     out_dir = Path(out_dir)
     say = on_stage or log.info

@@ -150,10 +150,13 @@ class ModelConfig(_Section):
 
     ``pca_components`` = None uses ``min(2048, n_train, n_voxels)``. ``voxel_loss`` = ``"pca"`` computes the MSE
     between predicted and true PCA scores instead of voxel responses. ``align_dim`` = None projects to the text
-    embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect).
-    ``spatial_readout`` reads the maps of ``backbone.spatial_layers`` (factorized masks or Gaussian positions,
-    :mod:`llmvem.model.spatial`); ``spatial_mode`` = ``"residual"`` adds it to the flat readout, ``"alone"``
-    predicts with it only. ``"none"`` is the network without spatial readout.
+    embedding size. ``lambda_align`` = 0 trains the plain encoding model (the alignment head then has no effect,
+    unless ``readout_aligned``). ``spatial_readout`` reads the maps of ``backbone.spatial_layers`` (factorized
+    masks or Gaussian positions, :mod:`llmvem.model.spatial`); ``spatial_mode`` = ``"residual"`` adds it to the
+    flat readout, ``"alone"`` predicts with it only. ``"none"`` is the network without spatial readout. ``readout_aligned`` feeds the flat
+    readout the alignment head's embedding next to the features (or core output): λ then shapes the predictions
+    already in stage 1 without a core; at λ = 0 the head is trained by the voxel loss alone (the same-architecture
+    baseline; set ``align_dim`` to the caption-embedding size so that the λ = 0 head has the same size).
     """
 
     readout: Literal["pca", "linear"] = "pca"
@@ -171,12 +174,21 @@ class ModelConfig(_Section):
                                                   "features and the readouts; None = read the features directly")
     core_dim: int = Field(256, ge=1, description="units of the core (with model.core)")
     core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
+    readout_aligned: bool = Field(False, description="the flat readout also reads the alignment head's embedding "
+                                  "(features or core output ⊕ embedding); needs a flat readout")
     spatial_readout: Literal["none", "factorized", "gaussian"] = Field(
         "none", description="spatial readout on the maps of backbone.spatial_layers")
     spatial_mode: Literal["residual", "alone"] = Field(
         "residual", description="flat (PCA) readout + spatial residual, or the spatial readout alone")
     spatial_l1: float = Field(0.0, ge=0.0, description="sparsity penalty of the spatial readout")
     spatial_smoothness: float = Field(0.0, ge=0.0, description="smoothness penalty of factorized masks")
+
+    @model_validator(mode="after")
+    def _aligned_needs_flat_readout(self) -> ModelConfig:
+        if self.readout_aligned and self.spatial_readout != "none" and self.spatial_mode == "alone":
+            raise ValueError("readout_aligned needs the flat readout that reads the embedding: set "
+                             "model.spatial_mode=residual (spatial_mode=alone has no flat readout)")
+        return self
 
 
 class StageConfig(_Section):

@@ -137,16 +137,24 @@ def check_config(config: RunConfig) -> list[tuple[str, str]]:
     Returns
     -------
     list of (what, resolved) pairs
-        One line each for the data, captioner, text encoder, backbone, caches and every device field.
+        One line each for the data, captioner, text encoder, backbone, caches, the alignment stream's captioned
+        images (``align_data.spec``, when set) and every device field.
 
     Raises
     ------
     ConfigError
         A path that does not exist, a malformed model name, or a device this machine lacks (one line, naming the
         field).
+    DataValidationError
+        A bad ``align_data.spec`` (the message training gives, :func:`llmvem.train.stream.check_align_data`).
     """
+    from llmvem.train.stream import check_align_data
+
     lines = [("data", _data(config)), ("captions", _captions(config)), ("text encoder", _text_encoder(config)),
              ("backbone", _backbone(config)), ("cache", _caches(config))]
+    align = check_align_data(config)
+    if align is not None:
+        lines.append(("align data", align))
     for field in _DEVICE_FIELDS:
         device = str(_get(config, field))
         lines.append((field, f"{device} -> {check_device(field, device)}"))

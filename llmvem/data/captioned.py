@@ -17,7 +17,7 @@ from pathlib import Path
 from llmvem.data.images import FileImages, ImageCollection
 from llmvem.errors import DataValidationError
 
-__all__ = ["CaptionedImages", "load_captioned_images"]
+__all__ = ["CaptionedImages", "CaptionedSpec", "load_captioned_images", "parse_captioned_spec"]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _CAPTION_FILES = ("captions.csv", "captions.tsv", "captions.json", "captions.jsonl")
@@ -45,6 +45,85 @@ class CaptionedImages:
         return len(self.captions)
 
 
+@dataclass(frozen=True)
+class CaptionedSpec:
+    """A checked spec (:func:`parse_captioned_spec`): virtual scenes, or a folder and its caption file.
+
+    Attributes
+    ----------
+    spec : str
+    n, seed : int or None
+        Scenes and seed of ``"virtual-scenes:..."``.
+    root, captions_file : Path or None
+        The folder (holding ``images/``) and its caption file.
+    """
+
+    spec: str
+    n: int | None = None
+    seed: int | None = None
+    root: Path | None = None
+    captions_file: Path | None = None
+
+    def describe(self) -> str:
+        """One line: what the spec names."""
+        if self.root is None:
+            return f"{self.n} virtual scenes (seed {self.seed}) with their exact descriptions"
+        return f"captioned folder {self.root} (images/, caption file {self.captions_file})"
+
+
+def parse_captioned_spec(spec: str, captions_file: str | Path | None = None) -> CaptionedSpec:
+    """Check a spec's syntax and paths without reading an image or the caption file.
+
+    Parameters
+    ----------
+    spec : str
+        ``"virtual-scenes:n=N,seed=S"`` or a folder with ``images/`` and a caption file.
+    captions_file : str or Path, optional
+        Caption file of a folder spec (relative paths are relative to the folder); default: found in it.
+
+    Raises
+    ------
+    DataValidationError
+        Unknown or malformed virtual-scenes options, a folder that does not exist or lacks ``images/``, no
+        caption file (naming the spec / folder / file and what was expected).
+    """
+    if spec.startswith("virtual-scenes"):
+        from llmvem.data import parse_options
+
+        try:
+            options = parse_options(spec.split(":", 1)[1]) if ":" in spec else {}
+        except DataValidationError as exc:  # name the whole spec and the field, not only the options
+            raise DataValidationError(spec, "align_data.spec", f"{exc.problem}; expected "
+                                      "'virtual-scenes:n=N,seed=S'") from exc
+        unknown = set(options) - {"n", "seed"}
+        if unknown:
+            raise DataValidationError(spec, "virtual-scenes options", f"unknown {sorted(unknown)}; expected n, seed")
+        n, seed = options.get("n", 1000), options.get("seed", 7)
+        for key, value, low in (("n", n, 2), ("seed", seed, 0)):
+            if not isinstance(value, int) or value < low:
+                raise DataValidationError(spec, f"virtual-scenes option {key}", f"got {value!r}; expected an "
+                                          f"integer >= {low}")
+        return CaptionedSpec(spec, n=n, seed=seed)
+    root = Path(spec).expanduser()
+    if not (root / "images").is_dir():
+        what = "folder has no images/ subfolder" if root.is_dir() else "is not a folder"
+        raise DataValidationError(root, "align_data.spec", f"{what}; expected 'virtual-scenes:n=N,seed=S' or a "
+                                  "folder with images/ and a caption file")
+    if captions_file is not None:
+        path = Path(captions_file).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise DataValidationError(path, "align_data.captions_file", "is not a file; expected a caption file "
+                                      "(absolute, or relative to the folder)")
+    else:
+        found = [root / name for name in _CAPTION_FILES if (root / name).is_file()]
+        if not found:
+            raise DataValidationError(root, "captions file", f"none of {list(_CAPTION_FILES)}; set "
+                                      "align_data.captions_file")
+        path = found[0]
+    return CaptionedSpec(spec, root=root, captions_file=path)
+
+
 def load_captioned_images(spec: str, captions_file: str | Path | None = None, image_size: int = 64,
                           max_images: int | None = None) -> CaptionedImages:
     """Load the captioned images a spec names (see the module docstring).
@@ -63,41 +142,19 @@ def load_captioned_images(spec: str, captions_file: str | Path | None = None, im
     Raises
     ------
     DataValidationError
-        Naming the spec / folder / file and what was expected.
+        Naming the spec / folder / file and what was expected (:func:`parse_captioned_spec` first).
     """
-    if spec.startswith("virtual-scenes"):
-        from llmvem.data import parse_options
+    parsed = parse_captioned_spec(spec, captions_file)
+    if parsed.root is None:
         from llmvem.data.virtual_brain import make_virtual_scenes
 
-        options = parse_options(spec.split(":", 1)[1]) if ":" in spec else {}
-        unknown = set(options) - {"n", "seed"}
-        if unknown:
-            raise DataValidationError(spec, "virtual-scenes options", f"unknown {sorted(unknown)}; expected n, seed")
-        n, seed = options.get("n", 1000), options.get("seed", 7)
-        for key, value, low in (("n", n, 2), ("seed", seed, 0)):
-            if not isinstance(value, int) or value < low:
-                raise DataValidationError(spec, f"virtual-scenes option {key}", f"got {value!r}; expected an "
-                                          f"integer >= {low}")
-        if max_images is not None:
-            n = min(n, max_images)
-        images, descriptions, _ = make_virtual_scenes(n, image_size=image_size, seed=seed)
+        n = parsed.n if max_images is None else min(parsed.n, max_images)  # type: ignore[type-var]
+        images, descriptions, _ = make_virtual_scenes(n, image_size=image_size, seed=parsed.seed)
         return CaptionedImages(images, [[d] for d in descriptions], spec)
     from llmvem.captions.existing import read_caption_file
 
-    root = Path(spec).expanduser()
-    if not (root / "images").is_dir():
-        what = "folder has no images/ subfolder" if root.is_dir() else "is not a folder"
-        raise DataValidationError(root, "align_data.spec", f"{what}; expected 'virtual-scenes:n=N,seed=S' or a "
-                                  "folder with images/ and a caption file")
-    if captions_file is not None:
-        path = Path(captions_file).expanduser()
-        path = path if path.is_absolute() else root / path
-    else:
-        found = [root / name for name in _CAPTION_FILES if (root / name).is_file()]
-        if not found:
-            raise DataValidationError(root, "captions file", f"none of {list(_CAPTION_FILES)}; set "
-                                      "align_data.captions_file")
-        path = found[0]
+    root, path = parsed.root, parsed.captions_file
+    assert path is not None
     table = read_caption_file(path)
     files = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     paths, captions = [], []

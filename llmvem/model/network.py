@@ -20,7 +20,7 @@ channel z-scored with training statistics. ``spatial_mode="residual"`` adds them
 mapping on the flat features + spatial residual, :class:`~llmvem.model.spatial.FlatPlusSpatialReadout`);
 ``"alone"`` predicts with the spatial readout only. Each data key gets its own spatial readout. The alignment
 head keeps reading the pooled features (or the core); with a core, the core acts on the flat features only and
-the spatial readout reads the maps directly.
+the spatial readout reads the maps directly. ``readout_aligned``: the flat readout also reads the embedding.
 
 Nothing here knows about files or datasets.
 """
@@ -62,7 +62,7 @@ class ModelOutput:
     voxels : tensor of shape (B, n_voxels) or None
         Predicted responses of the key's readout (None with ``with_voxels=False``).
     readout_input : tensor of shape (B, n_features) or (B, core_dim)
-        Concatenated, standardised, dropped-out features; the core output when there is a core.
+        Standardised, dropped-out features, or the core output (without the ``readout_aligned`` embedding).
     latent : tensor of shape (B, n_components) or None
         Predicted PCA scores (PCA readout).
     embedding : tensor of shape (B, align_dim) or None
@@ -160,6 +160,11 @@ class LLMVEM(nn.Module):
         Sparsity penalty of the spatial readout (factorized: Σ‖mask‖₁‖w‖₁; Gaussian: ‖channel weights‖₁).
     spatial_smoothness : float
         Laplacian smoothness penalty of factorized masks.
+    readout_aligned : bool
+        The flat readout reads ``[x, √D · embedding]`` (B, D + align_dim), x its usual input of D columns: the
+        unit-norm embedding weighs as much as D standardised features (scaled by √align_dim, Adam's per-weight
+        steps let the D feature weights outrun it). Needs the head and a flat readout. At λ = 0 the head is
+        trained by the voxel loss alone: the same architecture as λ > 0, differing only by the contrastive term.
     """
 
     def __init__(self, layer_dims: Mapping[str, int], n_voxels: int | None = None, n_train: int | None = None, *,
@@ -171,7 +176,8 @@ class LLMVEM(nn.Module):
                  feature_dropout: float = 0.0, standardize_features: bool = True,
                  backbone: ImageBackbone | None = None, alignment: bool = True, head_seed: int = 0,
                  map_shapes: Mapping[str, tuple[int, int, int]] | None = None, spatial_readout: str = "none",
-                 spatial_mode: str = "residual", spatial_l1: float = 0.0, spatial_smoothness: float = 0.0):
+                 spatial_mode: str = "residual", spatial_l1: float = 0.0, spatial_smoothness: float = 0.0,
+                 readout_aligned: bool = False):
         super().__init__()
         if not layer_dims:
             raise ValueError("layer_dims: expected at least one readout layer")
@@ -219,6 +225,12 @@ class LLMVEM(nn.Module):
         self.map_shapes: dict[str, tuple[int, int, int]] = shapes  # type: ignore[assignment]
         self.spatial_layers: list[str] = list(shapes)
         self.map_norm = nn.ModuleDict({k: _ChannelNorm(c) for k, (c, _, _) in shapes.items()})
+        self.readout_aligned = bool(readout_aligned)
+        if self.readout_aligned:
+            if not alignment or (shapes and spatial_mode == "alone") or not (align_dim or text_dim):
+                raise ValueError("readout_aligned: the flat readout reads the head's embedding; it needs the "
+                                 "alignment head, its size (text_dim or align_dim) and spatial_mode='residual'")
+            readout_dim += int(align_dim or text_dim)  # type: ignore[arg-type]
         readouts: dict[str, Readout] = {}
         for i, (k, (nv, nt)) in enumerate(keys.items()):
             flat = None if shapes and spatial_mode == "alone" else \
@@ -324,7 +336,11 @@ class LLMVEM(nn.Module):
                   feature_dropout=config.feature_dropout, standardize_features=config.standardize_features,
                   backbone=backbone, alignment=head is not None, head_seed=seed,
                   **_spatial_kwargs(config, map_shapes))
-        missing, unexpected = net.load_state_dict(dict(state), strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(dict(state), strict=False)
+        except RuntimeError as exc:  # size mismatch, e.g. weights saved with another model.readout_aligned
+            raise ValueError(f"weights do not fit the network of the config ({str(exc).splitlines()[-1].strip()}; "
+                             f"model.readout_aligned = {config.readout_aligned})") from exc
         bad_missing = [k for k in missing if not k.startswith("backbone.")]
         if bad_missing or unexpected:
             raise ValueError(f"weights do not fit the network of the config (missing {bad_missing[:5]}, "
@@ -402,9 +418,9 @@ class LLMVEM(nn.Module):
 
     def required_layers(self, with_embedding: bool) -> list[str]:
         """Backbone layers a forward pass needs: the readout layers and maps, plus ``"pooled"`` for the
-        embedding."""
+        embedding (also for the voxels with ``readout_aligned``)."""
         layers = list(self.layers) + [k for k in self.spatial_layers if k not in self.layers]
-        if with_embedding and self.core is None and EMBED_LAYER not in layers:
+        if (with_embedding or self.readout_aligned) and self.core is None and EMBED_LAYER not in layers:
             layers.append(EMBED_LAYER)
         return layers
 
@@ -473,24 +489,30 @@ class LLMVEM(nn.Module):
             x = (x - self.feature_mean) / self.feature_std
         x = self.dropout(x)
         z = self.core(x) if self.core is not None else x
+        embedding = logit_scale = None
+        if with_embedding or (with_voxels and self.readout_aligned):
+            embedding = self._embed(z, features)
+            logit_scale = self.logit_scale() if with_embedding else None
         voxels = latent = None
         if with_voxels:
             flat_in = self.core_dropout(z)
+            if embedding is not None and self.readout_aligned:
+                flat_in = torch.cat([flat_in, embedding.to(flat_in.dtype) * math.sqrt(flat_in.shape[1])], dim=1)
             inputs: tuple = (flat_in,)
             if self.spatial_layers:
                 maps = self.maps(features)
                 inputs = (maps,) if self.spatial_mode == "alone" else (flat_in, maps)
             voxels, latent = self._readout(key).forward_latent(*inputs)
-        embedding = logit_scale = None
-        if with_embedding:
-            if self.head is None:
-                raise RuntimeError("this network was built without an alignment head")
-            if self.core is None and EMBED_LAYER not in features:
-                raise KeyError(f"the alignment head needs the {EMBED_LAYER!r} layer among the features")
-            embedding = self.head(z if self.core is not None else features[EMBED_LAYER])
-            logit_scale = self.logit_scale()
-        return ModelOutput(voxels=voxels, readout_input=z, latent=latent, embedding=embedding,
-                           logit_scale=logit_scale)
+        return ModelOutput(voxels=voxels, readout_input=z, latent=latent,
+                           embedding=embedding if with_embedding else None, logit_scale=logit_scale)
+
+    def _embed(self, z: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The head's embedding (B, align_dim) of the core output ``z``, or of the pooled features without core."""
+        if self.head is None:
+            raise RuntimeError("this network was built without an alignment head")
+        if self.core is None and EMBED_LAYER not in features:
+            raise KeyError(f"the alignment head needs the {EMBED_LAYER!r} layer among the features")
+        return self.head(z if self.core is not None else features[EMBED_LAYER])
 
     def voxel_loss(self, out: ModelOutput, targets: torch.Tensor, key: str | None = None) -> torch.Tensor:
         """The readout's MSE (voxel or PCA space) of ``out`` against targets (B, n_voxels)."""
@@ -562,10 +584,10 @@ def _make_spatial(kind: str, shapes: Mapping[str, tuple[int, int, int]], n_voxel
 
 
 def _spatial_kwargs(config: ModelConfig, map_shapes: Mapping[str, tuple[int, int, int]] | None) -> dict:
-    """The spatial-readout arguments of :class:`LLMVEM` from a ``model`` config section."""
+    """The spatial-readout (and ``readout_aligned``) arguments of :class:`LLMVEM` from a ``model`` section."""
     return {"map_shapes": map_shapes, "spatial_readout": config.spatial_readout,
             "spatial_mode": config.spatial_mode, "spatial_l1": config.spatial_l1,
-            "spatial_smoothness": config.spatial_smoothness}
+            "spatial_smoothness": config.spatial_smoothness, "readout_aligned": config.readout_aligned}
 
 
 def _head_dims(state: Mapping[str, torch.Tensor], projection: str) -> tuple[int, int] | None:

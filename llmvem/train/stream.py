@@ -31,8 +31,8 @@ from llmvem.utils import stable_hash
 if TYPE_CHECKING:
     from llmvem.inputs import PreparedInputs
 
-__all__ = ["ALIGN_KEY", "CaptionStream", "load_align_stream", "stream_for_inputs", "stream_is_used",
-           "stream_key_data"]
+__all__ = ["ALIGN_KEY", "CaptionStream", "check_align_data", "load_align_stream", "stream_for_inputs",
+           "stream_is_used", "stream_key_data"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,30 @@ def stream_is_used(config: RunConfig) -> bool:
     ``model.lambda_align > 0``)."""
     a = config.align_data
     return a.spec is not None and a.weight > 0 and config.model.lambda_align > 0
+
+
+def check_align_data(config: RunConfig) -> str | None:
+    """Check ``config.align_data`` cheaply, before anything trains: the spec's syntax and paths (no image and no
+    caption is read), with the errors :func:`load_align_stream` gives (both run
+    :func:`~llmvem.data.captioned.parse_captioned_spec`).
+
+    Returns
+    -------
+    str or None
+        One line saying what the spec names (and whether the stream is used); None when there is no spec.
+
+    Raises
+    ------
+    DataValidationError
+        A malformed ``virtual-scenes:`` spec, a missing folder, a folder without ``images/`` or caption file.
+    """
+    from llmvem.data.captioned import parse_captioned_spec
+
+    a = config.align_data
+    if a.spec is None:
+        return None
+    line = parse_captioned_spec(a.spec, a.captions_file).describe()
+    return line + ("" if stream_is_used(config) else " (unused: model.lambda_align or align_data.weight is 0)")
 
 
 def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress: bool = True,

@@ -148,14 +148,15 @@ class EncodingTask(nn.Module):
     def set_stage1_trainable(self, learn_temperature: bool) -> None:
         """Freeze everything but the core, the readouts and (with λ > 0) the head and temperature.
 
-        With λ = 0 the head is built (from its own random stream) but frozen and never run.
+        With λ = 0 the head is built (from its own random stream) but frozen and never run, unless the readout
+        reads its embedding (``readout_aligned``): the voxel loss alone then trains it.
         """
         net = self.network
         net.requires_grad_(False)
         if net.core is not None:
             net.core.requires_grad_(True)
         net.readouts.requires_grad_(True)
-        if self.lam > 0 and net.head is not None:
+        if (self.lam > 0 or net.readout_aligned) and net.head is not None:
             net.head.requires_grad_(True)
         net.log_logit_scale.requires_grad_(self.lam > 0 and learn_temperature)
 

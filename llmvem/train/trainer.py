@@ -139,9 +139,10 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
 # -------------------------------------------------------------------------------------------- checks
 def _feature_layers(config: RunConfig) -> list[str]:
     """Layers each key's features must hold: the readout layers, the spatial readout's maps, plus ``"pooled"``
-    for a head without core."""
+    for a head without core (trained with λ > 0, or read by the readout with ``model.readout_aligned``)."""
     layers = readout_layers(config)
-    if config.model.lambda_align > 0 and config.model.core is None and EMBED_LAYER not in layers:
+    m = config.model
+    if (m.lambda_align > 0 or m.readout_aligned) and m.core is None and EMBED_LAYER not in layers:
         layers.append(EMBED_LAYER)
     return layers
 
@@ -150,10 +151,11 @@ def alignment_is_inert(config: RunConfig) -> bool:
     """Whether ``model.lambda_align > 0`` cannot change any voxel prediction.
 
     Without a core the alignment head and the readout share no trained parameter in stage 1, so the contrastive
-    loss reaches the predictions only through the backbone blocks that stage 2 fine-tunes (the readout never
-    reads the aligned embedding).
+    loss reaches the predictions only through the backbone blocks that stage 2 fine-tunes, unless the readout
+    reads the aligned embedding (``model.readout_aligned``).
     """
-    return config.model.lambda_align > 0 and config.model.core is None and config.train.stage2.epochs == 0
+    m = config.model
+    return m.lambda_align > 0 and m.core is None and not m.readout_aligned and config.train.stage2.epochs == 0
 
 
 def warn_if_alignment_inert(config: RunConfig) -> None:
@@ -161,7 +163,8 @@ def warn_if_alignment_inert(config: RunConfig) -> None:
     if alignment_is_inert(config):
         log.warning("model.lambda_align = %g cannot change any prediction: there is no core (model.core) and no "
                     "stage 2 (train.stage2.epochs = 0), so the alignment head shares no parameter with the readout; "
-                    "set model.core=linear|mlp or train.stage2.epochs > 0", config.model.lambda_align)
+                    "set model.core=linear|mlp, model.readout_aligned=true or train.stage2.epochs > 0",
+                    config.model.lambda_align)
 
 
 def check_sources(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageBackbone | None,
@@ -301,6 +304,10 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
         embed_dim = None
     text = [k.text["train"] for k in keys if "train" in k.text]
     text_dim = int(text[0].shape[1]) if text else (cfg.align_dim or embed_dim)
+    if cfg.readout_aligned and not text and cfg.align_dim is None:
+        log.warning("model.readout_aligned without caption embeddings or model.align_dim: the readout reads a "
+                    "%s-dim embedding, not one of the caption size a λ > 0 model reads; set model.align_dim to "
+                    "the text encoder's size to compare λ = 0 and λ > 0 with the same architecture", text_dim)
     brain = [k for k in keys if k.has_responses]  # captions-only keys have no readout, nor a say in the statistics
     stats_keys = brain or list(keys)  # ... unless there is no brain key (a captions-only run)
     network = LLMVEM.from_config(cfg, layer_dims, text_dim=text_dim, backbone=backbone,
