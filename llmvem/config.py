@@ -243,6 +243,10 @@ class EvaluateConfig(_Section):
     baselines: list[Literal["ridge", "lambda0"]] = Field(default_factory=lambda: ["ridge", "lambda0"])
     text_to_brain: bool = Field(True, description="fit text-to-brain readouts of the λ > 0 model and add the "
                                 "text-to-brain and voxel-description report sections (llmvem.explain)")
+    per_voxel_choice: bool = Field(
+        False, description="with model.spatial_readout set: also train the λ = 0 model without the spatial readout "
+        "(llmvem_lambda0_pooled) and report a model that takes, per voxel, the pooled or the spatial λ = 0 "
+        "model's prediction, whichever has the higher validation r (per_voxel_choice; its val r is in-sample)")
 
 
 class MultiSubjectConfig(_Section):
@@ -305,6 +309,10 @@ class RunConfig(_Section):
         if self.model.spatial_readout != "none" and not self.backbone.spatial_layers:
             raise ValueError(f"model.spatial_readout = {self.model.spatial_readout!r} needs maps: set "
                              "backbone.spatial_layers, e.g. ['block5@grid7']")
+        if self.evaluate.per_voxel_choice and self.model.spatial_readout == "none":
+            raise ValueError("evaluate.per_voxel_choice = true chooses between the pooled and the spatial readout "
+                             "per voxel: set model.spatial_readout (factorized or gaussian) and "
+                             "backbone.spatial_layers, or turn it off")
         return self
 
 

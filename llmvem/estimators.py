@@ -431,6 +431,11 @@ class PerVoxelChoice(BaseEstimator):
     val_r_ : array of shape (n_candidates, n_voxels)
         Each candidate's validation r.
     estimators_ : dict of name to fitted estimator
+    reused_ : list of str
+        Candidates passed already fitted to :meth:`fit_inputs` (not trained again).
+    choice_summary_ : dict
+        ``candidates``, ``fractions`` (of all voxels) and ``fractions_per_roi`` ({roi: {candidate: fraction}});
+        the experiment runner records it in ``metrics.json`` as the model's ``per_voxel_choice``.
     fit_splits_ : tuple of str
 
     Examples
@@ -442,22 +447,36 @@ class PerVoxelChoice(BaseEstimator):
     def __init__(self, estimators: Mapping[str, Any] | None = None):
         self.estimators = estimators
 
-    def fit_inputs(self, inputs: PreparedInputs) -> PerVoxelChoice:
-        """Fit every candidate on ``inputs`` and choose one per voxel by validation r."""
+    def fit_inputs(self, inputs: PreparedInputs, fitted: Mapping[str, Any] | None = None) -> PerVoxelChoice:
+        """Fit every candidate on ``inputs`` and choose one per voxel by validation r.
+
+        Parameters
+        ----------
+        inputs : PreparedInputs
+        fitted : dict of name to fitted estimator, optional
+            Candidates (names of ``estimators``) already fitted on ``inputs``, used as they are instead of
+            fitting a clone (the experiment runner passes the models it trained anyway); recorded in
+            ``reused_`` and not saved again by :meth:`save`.
+        """
         from sklearn.base import clone
 
         ds = inputs.dataset
         if not self.estimators:
             raise DataValidationError(None, "estimators", "expected at least one candidate estimator")
+        unknown = sorted(set(fitted or {}) - set(self.estimators))
+        if unknown:
+            raise DataValidationError(None, "fitted", f"names {unknown} are not candidates; expected some of "
+                                      f"{list(self.estimators)}")
         if ds.val is None or ds.val.responses is None or len(ds.val.responses) < 3:
             raise DataValidationError(None, "dataset.val", "a per-voxel choice needs a validation split with "
                                       "responses (at least 3 images)")
         from llmvem.evaluate.selection import choose_per_voxel
 
-        fitted: dict[str, Any] = {}
+        given = dict(fitted or {})
+        fitted = {}
         val_preds = []
         for name, est in self.estimators.items():
-            e = clone(est).fit_inputs(inputs)
+            e = given[name] if name in given else clone(est).fit_inputs(inputs)
             if "val" in getattr(e, "fit_splits_", ()):
                 raise DataValidationError(None, f"estimators[{name!r}]", "is fitted on the validation split; a "
                                           "per-voxel choice by validation r needs candidates that do not see it "
@@ -466,14 +485,20 @@ class PerVoxelChoice(BaseEstimator):
             val_preds.append(e.predict_inputs(inputs)["val"])
         self.names_ = list(fitted)
         self.estimators_ = fitted
+        self.reused_ = [n for n in self.names_ if n in given]
         self.choice_, self.val_r_ = choose_per_voxel(ds.val.responses, val_preds)
         splits = {s for e in fitted.values() for s in getattr(e, "fit_splits_", ("train",))}
         self.fit_splits_ = (*sorted(splits), "val")
+        self.choice_summary_ = {"candidates": self.names_, "fractions": self.fractions(),
+                                "fractions_per_roi": {roi: self.fractions(mask) for roi, mask in
+                                                      ds.roi_masks.items()}}
         return self
 
-    def fractions(self) -> dict[str, float]:
-        """Fraction of voxels that take each candidate."""
-        return {n: float(np.mean(self.choice_ == i)) for i, n in enumerate(self.names_)}
+    def fractions(self, mask: np.ndarray | None = None) -> dict[str, float]:
+        """Fraction of voxels that take each candidate: of all voxels, or of those in ``mask`` (bool array of
+        shape (n_voxels,), e.g. an ROI; NaN for an empty mask)."""
+        choice = self.choice_ if mask is None else self.choice_[np.asarray(mask, dtype=bool)]
+        return {n: float(np.mean(choice == i)) if choice.size else float("nan") for i, n in enumerate(self.names_)}
 
     def combine(self, predictions: Mapping[str, np.ndarray]) -> np.ndarray:
         """Per-voxel pick from each candidate's predictions (name → array (n, n_voxels)) by ``choice_``."""
@@ -490,10 +515,11 @@ class PerVoxelChoice(BaseEstimator):
             raise RuntimeError("PerVoxelChoice: call fit_inputs() before save()")
         folder = Path(folder)
         for name, est in self.estimators_.items():
-            if hasattr(est, "save"):
+            if hasattr(est, "save") and name not in self.reused_:
                 est.save(folder / name)
         path = folder / "per_voxel_choice.json"
         write_json(path, {"candidates": self.names_, "choice": self.choice_.tolist(), "fractions": self.fractions(),
+                          "fractions_per_roi": self.choice_summary_["fractions_per_roi"], "reused": self.reused_,
                           "val_r": np.where(np.isfinite(self.val_r_), self.val_r_, np.nan).tolist()})
         return path
 

@@ -66,6 +66,10 @@ class ModelSpec:
         λ of an LLM-VEM model (its point on the λ curve); None for other models.
     inputs : PreparedInputs, optional
         What this model is fitted on, when it differs from the experiment's (another caption source).
+    reuses : dict of str to str, optional
+        For an estimator whose ``fit_inputs`` takes ``fitted`` (:class:`~llmvem.estimators.PerVoxelChoice`):
+        candidate name → name of an **earlier** model of the experiment, whose fitted estimator is passed on
+        instead of training that candidate again.
     """
 
     estimator: Any
@@ -73,6 +77,7 @@ class ModelSpec:
     kind: str = "llmvem"
     lam: float | None = None
     inputs: PreparedInputs | None = None
+    reuses: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -196,7 +201,7 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
     """Clone, fit and predict every model (``val`` and ``test``), in order.
 
     An estimator with an ``out_dir`` parameter trains into ``models_dir / name`` (with ``resume``: a finished
-    training there is reused). Returns (predictions {name: {split: array (n, n_voxels)}}, fitted estimators);
+    training there is reused); one with ``spec.reuses`` gets the earlier models it names, fitted. Returns (predictions {name: {split: array (n, n_voxels)}}, fitted estimators);
     ``timing[name]`` gets the seconds of each model.
     """
     from sklearn.base import clone
@@ -211,7 +216,15 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
         say(f"fitting {spec.label}")
         t = time.perf_counter()
         own = spec.inputs or inputs
-        predictions[name] = est.fit_inputs(own).predict_inputs(own)
+        if spec.reuses:
+            missing = [m for m in spec.reuses.values() if m not in fitted]
+            if missing:
+                raise ValueError(f"model {name!r} reuses {missing}, which are not fitted before it; expected "
+                                 f"earlier models of {list(models)}")
+            est.fit_inputs(own, fitted={c: fitted[m] for c, m in spec.reuses.items()})
+        else:
+            est.fit_inputs(own)
+        predictions[name] = est.predict_inputs(own)
         fitted[name] = est
         if timing is not None:
             timing[name] = time.perf_counter() - t
@@ -237,6 +250,8 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
                          "val_mean_r": val, "val_in_fit": "val" in getattr(fitted[name], "fit_splits_", ())}
         if getattr(fitted[name], "align_stream_", None) is not None:  # captioned images without brain data
             records[name]["align_stream"] = fitted[name].align_stream_
+        if getattr(fitted[name], "choice_summary_", None) is not None:  # a per-voxel choice among candidates
+            records[name]["per_voxel_choice"] = fitted[name].choice_summary_
         voxel[f"r__{name}"] = ev["r"]
         if ev["accuracy"] is not None:
             voxel[f"accuracy__{name}"] = ev["accuracy"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from llmvem.utils import stable_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OTHER_CAPTIONS", "PreparedInputs", "build_captioner", "cache_root", "caption_dataset",
+__all__ = ["OTHER_CAPTIONS", "PreparedInputs", "add_map_pca", "build_captioner", "cache_root", "caption_dataset",
            "caption_store_path", "challenge_images",
-           "embed_captions", "extract_image_features", "extract_split_features", "feature_layers", "load_config_backbone", "load_config_dataset", "prepare_inputs",
+           "embed_captions", "extract_image_features", "extract_split_features", "feature_layers", "fit_map_pca", "load_config_backbone", "load_config_dataset", "prepare_inputs",
            "shuffle_caption_sets"]
 
 
@@ -278,21 +278,49 @@ def extract_split_features(config: RunConfig, dataset: EncodingDataset, backbone
     direct = list(dict.fromkeys([k for k in layers if not parse_layer_spec(k).fitted] + [f.source for f in fitted]))
     feats = {split: extract_image_features(config, dataset.splits[split].images, backbone, direct, show_progress)
              for split in dataset.splits}
-    for spec in fitted:
-        if "train" not in feats:
-            raise DataValidationError(f"features: layers: {spec.name!r} is fitted on the training split, and the "
-                                      f"dataset has none (splits {sorted(feats)})")
-        pca = fit_map_pca(config, backbone, spec.name, feats["train"][spec.source])
-        for split_feats in feats.values():
-            split_feats[spec.name] = pca.transform(split_feats[spec.source])
+    if fitted and "train" not in feats:
+        raise DataValidationError(dataset.source, "features: layers", f"{fitted[0].name!r} is fitted on the "
+                                  f"training split, and the dataset has none (splits {sorted(feats)})")
+    if fitted:
+        add_map_pca([f.name for f in fitted], feats["train"], list(feats.values()), cache_root(config), backbone,
+                    config.backbone.feature_dtype, config.seed)
     unrequested = [k for k in direct if k not in layers and k != "pooled"]
     return {split: {k: v for k, v in f.items() if k not in unrequested} for split, f in feats.items()}
 
 
-def fit_map_pca(config: RunConfig, backbone: ImageBackbone, spec: str, train_maps: np.ndarray):
+def add_map_pca(specs: Sequence[str], fit_features: Mapping[str, np.ndarray],
+                targets: Sequence[dict[str, np.ndarray]], cache_dir: Path, backbone: ImageBackbone,
+                dtype: str, seed: int) -> None:
+    """Add the ``"<layer>@pca<K>"`` features of ``specs`` to every dict of ``targets``, each projection fitted
+    (:func:`fit_map_pca`) on the maps of ``fit_features`` only.
+
+    Parameters
+    ----------
+    specs : sequence of str
+        Fitted specs, e.g. ``["block8@pca64"]``.
+    fit_features : dict of spec to array
+        Holds each spec's source map (``"block8@map"``, shape (n_fit, C, H, W)): the images the PCA is fitted on.
+    targets : sequence of dict of spec to array
+        Feature dicts holding the source maps (n, C, H, W); each gets ``spec`` → array (n, K), float32.
+    cache_dir : path
+        Cache folder; the fitted projections go to ``cache_dir/map_pca/``.
+    dtype, seed
+        Storage dtype of the maps and the seed of the randomized SVD (both part of the cache key).
+    """
+    from llmvem.embed.spatial import parse_layer_spec
+
+    for name in specs:
+        source = parse_layer_spec(name).source
+        pca = fit_map_pca(cache_dir, backbone, name, fit_features[source], dtype, seed)
+        for feats in targets:
+            feats[name] = pca.transform(feats[source])
+
+
+def fit_map_pca(cache_dir: Path, backbone: ImageBackbone, spec: str, train_maps: np.ndarray, dtype: str,
+                seed: int):
     """The :class:`~llmvem.embed.spatial.MapPCA` of a ``"<layer>@pca<K>"`` spec fitted on ``train_maps``
     (n_train, C, H, W), cached under ``<cache_dir>/map_pca/`` by a key of the spec, the backbone, the storage
-    dtype and a fingerprint of the training maps (so another training split is another entry)."""
+    ``dtype``, ``seed`` and a fingerprint of the training maps (so another training split is another entry)."""
     import hashlib
 
     from llmvem.embed.spatial import MapPCA, parse_layer_spec
@@ -300,10 +328,10 @@ def fit_map_pca(config: RunConfig, backbone: ImageBackbone, spec: str, train_map
     k = int(parse_layer_spec(spec).size or 0)
     x = np.ascontiguousarray(train_maps)
     fingerprint = hashlib.sha256(x.tobytes()).hexdigest()[:16]
-    key = stable_hash({"backbone": backbone.config_dict(), "spec": spec, "dtype": config.backbone.feature_dtype,
-                       "train_maps": fingerprint, "shape": list(x.shape), "seed": config.seed})
-    path = cache_root(config) / "map_pca" / f"{key}.npz"
-    pca = MapPCA(k, seed=config.seed)
+    key = stable_hash({"backbone": backbone.config_dict(), "spec": spec, "dtype": dtype,
+                       "train_maps": fingerprint, "shape": list(x.shape), "seed": seed})
+    path = Path(cache_dir).expanduser() / "map_pca" / f"{key}.npz"
+    pca = MapPCA(k, seed=seed)
     if path.is_file():
         with np.load(path) as z:
             pca.mean_, pca.components_ = z["mean"], z["components"]

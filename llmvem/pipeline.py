@@ -1,4 +1,5 @@
-"""The whole LLM-VEM experiment of one configuration: ridge, LLM-VEM at λ = 0 and at each λ > 0.
+"""The whole LLM-VEM experiment of one configuration: ridge, LLM-VEM at λ = 0 and at each λ > 0 (and, with
+``evaluate.per_voxel_choice`` and a spatial readout, the pooled λ = 0 model and a per-voxel choice between them).
 
 :func:`run_experiment` prepares the inputs (:func:`llmvem.inputs.prepare_inputs`, every stage cached), builds
 the estimators (:func:`experiment_models`) and hands them to the one experiment runner
@@ -19,13 +20,18 @@ from typing import Any
 
 from llmvem.config import RunConfig
 from llmvem.estimators import LLMVEMEncoder, RidgeEncoder, model_name
-from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, run_models
+from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, default_pairs, run_models
 from llmvem.inputs import PreparedInputs, prepare_inputs
 
-__all__ = ["EXPERIMENT_OUTPUTS", "PreparedInputs", "experiment_lambdas", "experiment_models", "llmvem_spec",
-           "load_model_streams", "prepare_inputs", "ridge_spec", "run_experiment"]
+__all__ = ["EXPERIMENT_OUTPUTS", "PER_VOXEL_CHOICE", "POOLED_LAMBDA0", "PreparedInputs", "experiment_lambdas",
+           "experiment_models", "experiment_pairs", "llmvem_spec", "load_model_streams", "per_voxel_choice_specs",
+           "pooled_config", "prepare_inputs", "ridge_spec", "run_experiment"]
 
 log = logging.getLogger(__name__)
+
+#: Model names ``evaluate.per_voxel_choice`` adds: the λ = 0 model without spatial readout, and the choice.
+POOLED_LAMBDA0 = "llmvem_lambda0_pooled"
+PER_VOXEL_CHOICE = "per_voxel_choice"
 
 
 def experiment_lambdas(config: RunConfig) -> list[float]:
@@ -52,16 +58,71 @@ def ridge_spec(config: RunConfig, layers: Sequence[str] | None = None) -> ModelS
     return ModelSpec(RidgeEncoder.from_config(config, layers), "Ridge (frozen features)", kind="ridge")
 
 
+def pooled_config(config: RunConfig) -> RunConfig:
+    """``config`` without its spatial readout (``model.spatial_readout = "none"``, no ``backbone.spatial_layers``):
+    the pooled model a per-voxel choice compares the spatial one with."""
+    cfg = config.model_copy(deep=True)
+    cfg.evaluate.per_voxel_choice = False
+    cfg.model.spatial_readout = "none"
+    cfg.backbone.spatial_layers = []
+    return cfg
+
+
+def per_voxel_choice_specs(config: RunConfig, trained: Sequence[str] = (), show_progress: bool = False
+                           ) -> dict[str, ModelSpec]:
+    """The models ``evaluate.per_voxel_choice`` adds to an experiment with a spatial readout.
+
+    ``POOLED_LAMBDA0``: the λ = 0 model of :func:`pooled_config` (not a point of the λ curve), and
+    ``PER_VOXEL_CHOICE``: a :class:`~llmvem.estimators.PerVoxelChoice` between it (``"pooled"``) and the λ = 0
+    model with the spatial readout (``"spatial"``), each voxel taking the one with the higher validation r. The
+    choice reuses the fitted pooled model and, when ``model_name(0)`` is among ``trained`` (the experiment's
+    other models), the fitted spatial one; otherwise it trains its spatial candidate itself.
+
+    Raises
+    ------
+    ConfigError
+        ``evaluate.per_voxel_choice`` is set but ``model.spatial_readout`` is ``"none"``.
+    """
+    from llmvem.errors import ConfigError
+    from llmvem.estimators import PerVoxelChoice
+
+    if config.model.spatial_readout == "none":
+        raise ConfigError("evaluate.per_voxel_choice = true chooses between the pooled and the spatial readout "
+                          "per voxel: set model.spatial_readout (factorized or gaussian) and "
+                          "backbone.spatial_layers, or turn it off")
+    pooled = llmvem_spec(pooled_config(config), 0.0, label="LLM-VEM λ=0, pooled readout (no spatial readout)",
+                         show_progress=show_progress)
+    pooled.lam = None  # the λ curve is the spatial models'
+    spatial = llmvem_spec(config, 0.0, show_progress=show_progress).estimator
+    reuses = {"pooled": POOLED_LAMBDA0, **({"spatial": model_name(0.0)} if model_name(0.0) in trained else {})}
+    choice = ModelSpec(PerVoxelChoice({"pooled": pooled.estimator, "spatial": spatial}),
+                       "per-voxel choice (pooled vs spatial, on validation r)", kind="per_voxel_choice",
+                       reuses=reuses)
+    return {POOLED_LAMBDA0: pooled, PER_VOXEL_CHOICE: choice}
+
+
 def experiment_models(config: RunConfig, lambdas: Sequence[float] | None = None, show_progress: bool = False
                       ) -> dict[str, ModelSpec]:
     """The models of :func:`run_experiment`: ``ridge`` (when in ``evaluate.baselines``), then
-    ``llmvem_lambda<λ>`` for each λ (default :func:`experiment_lambdas`)."""
+    ``llmvem_lambda<λ>`` for each λ (default :func:`experiment_lambdas`), then, with ``evaluate.per_voxel_choice``,
+    the models of :func:`per_voxel_choice_specs`."""
     models: dict[str, ModelSpec] = {}
     if "ridge" in config.evaluate.baselines:
         models["ridge"] = ridge_spec(config)
     for lam in sorted({float(x) for x in (experiment_lambdas(config) if lambdas is None else lambdas)}):
         models[model_name(lam)] = llmvem_spec(config, lam, show_progress=show_progress)
+    if config.evaluate.per_voxel_choice:
+        models.update(per_voxel_choice_specs(config, list(models), show_progress))
     return models
+
+
+def experiment_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """The bootstrap comparisons of :func:`run_experiment`: :func:`~llmvem.experiment.default_pairs`, plus the
+    per-voxel choice against the pooled λ = 0 model when both are among ``names``."""
+    pairs = default_pairs(names)
+    if POOLED_LAMBDA0 in names and PER_VOXEL_CHOICE in names:
+        pairs.append((POOLED_LAMBDA0, PER_VOXEL_CHOICE))
+    return pairs
 
 
 def load_model_streams(models: Mapping[str, ModelSpec], inputs: PreparedInputs, show_progress: bool = True,
@@ -138,7 +199,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[flo
         return prepared
 
     result = run_models(config, prepare, models, out_dir, resume=resume, overwrite=overwrite, extra_stages=stages,
-                        say=say, started=t0)
+                        pairs=experiment_pairs(list(models)), say=say, started=t0)
     metrics = result.metrics
     if report:
         say("writing the report")

@@ -106,3 +106,55 @@ def test_pca_spec_is_fitted_on_training_images_only(tmp_path):
     other_train = replace(ds, splits={**ds.splits, "train": _noise_images(ds.train, 3)})
     extract_split_features(config, other_train, net, layers=layers, show_progress=False)
     assert len(list((tmp_path / "map_pca").glob("*.npz"))) == 2  # another training split, another fitted entry
+
+
+def test_cli_embed_pca_is_fitted_on_the_listed_images_only(tmp_path, capsys, monkeypatch):
+    import llmvem.data
+    from llmvem.cli import main
+    from llmvem.embed.cache import compute_features
+
+    spec = "virtual:n_train=16,n_test=6,image_size=48,n_early=4,n_semantic=4"
+    ds = llmvem.data.load_dataset(spec)
+    listed = list(ds.train.images.ids)
+    fit_file = tmp_path / "train.txt"
+    fit_file.write_text("# the training images\n" + "\n".join(listed) + "\n\n")
+    cache = tmp_path / "f.h5"
+    args = ["embed", spec, "--images", "--backbone", "timm:test_resnet", "--random-init", "--layers",
+            "pooled,layer2@pca4", "--cache", str(cache), "--device", "cpu", "--pca-fit-on", str(fit_file)]
+    assert main([*args, "--pca-out", str(tmp_path / "a.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "PCA fitted on: 16 of 22 images" in out and "layer2@pca4 4-d" in out
+    a = np.load(tmp_path / "a.npz")
+    assert a["layer2@pca4"].shape == (22, 4) and a["fit_on"].tolist() == [True] * 16 + [False] * 6
+    assert list(a["image_ids"][:16]) == listed
+    # the same projection as MapPCA fitted on the listed images' maps alone (the maps the run cached)
+    from llmvem.embed.cache import FeatureCache
+
+    net = load_backbone("timm:test_resnet", pretrained=False)
+    maps = compute_features(ds.all_images(), net, layers=["pooled", "layer2@map"], cache=FeatureCache(cache), device="cpu",
+                            show_progress=False)
+    assert maps.n_cached == 22
+    maps = maps.features["layer2@map"]
+    np.testing.assert_allclose(a["layer2@pca4"], MapPCA(4, seed=0).fit(maps[:16]).transform(maps), rtol=1e-4,
+                               atol=1e-4)
+    # the other images replaced by noise: the listed rows and the fitted projection do not move
+    noise = np.random.default_rng(5).integers(0, 256, (len(ds.test), 48, 48, 3), dtype=np.uint8)
+    poisoned = replace(ds, splits={"train": ds.train,
+                                   "test": Split(ArrayImages(noise, list(ds.test.images.ids)), ds.test.responses)})
+    monkeypatch.setattr(llmvem.data, "load_dataset", lambda *a, **k: poisoned)
+    assert main([*args, "--pca-out", str(tmp_path / "b.npz")]) == 0
+    b = np.load(tmp_path / "b.npz")
+    np.testing.assert_array_equal(b["layer2@pca4"][:16], a["layer2@pca4"][:16])
+    assert not np.allclose(b["layer2@pca4"][16:], a["layer2@pca4"][16:])
+    assert len(list((tmp_path / "map_pca").glob("*.npz"))) == 1  # one fitted projection, found again
+    capsys.readouterr()
+    # without --pca-fit-on a @pca layer is refused in one line naming the flag; an unknown name is refused too
+    assert main(args[:-2]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--pca-fit-on" in err and "layer2@pca4" in err
+    fit_file.write_text("no_such_image\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--pca-fit-on" in err and "no_such_image" in err
+    assert main(["embed", "--help"]) == 0
+    assert "--pca-fit-on train_images.txt" in capsys.readouterr().out

