@@ -328,7 +328,7 @@ class LLMVEMEncoder(BaseEstimator):
     def fit_inputs(self, inputs: PreparedInputs) -> LLMVEMEncoder:
         """Train on prepared inputs; caption embeddings (and the alignment stream of ``config.align_data``,
         loaded once per inputs by :func:`~llmvem.train.stream.stream_for_inputs`) are used only when
-        ``model.lambda_align > 0``."""
+        ``model.lambda_align > 0`` (with ``model.readout_aligned`` the captions also size the λ = 0 head)."""
         from llmvem.train.stream import stream_for_inputs
 
         config = self._resolved_config()
@@ -336,7 +336,8 @@ class LLMVEMEncoder(BaseEstimator):
         # stage 2 fine-tunes the backbone in place: train a private copy, so the next model starts from the same
         # frozen backbone that the cached features describe
         backbone = copy.deepcopy(inputs.backbone) if config.train.stage2.epochs > 0 else inputs.backbone
-        text = inputs.text_embeddings if config.model.lambda_align > 0 else None
+        # at λ = 0 with readout_aligned the captions only size the head like the λ > 0 twin's (no contrastive term)
+        text = inputs.text_embeddings if config.model.lambda_align > 0 or config.model.readout_aligned else None
         return self.fit(inputs.dataset, text, backbone=backbone, features=inputs.features, align_stream=stream)
 
     def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:

@@ -89,3 +89,17 @@ def test_ridge_encoder_save_load_round_trip(tmp_path):
     np.testing.assert_allclose(loaded.predict(X), ridge.predict(X), rtol=1e-6)
     with pytest.raises(CheckpointError, match="ridge.npz: missing"):
         RidgeEncoder.load(tmp_path / "nowhere")
+
+
+def test_readout_aligned_lambda0_head_takes_the_caption_size_through_fit_inputs():
+    """With ``model.readout_aligned`` the λ = 0 baseline has the λ > 0 model's architecture: fit_inputs hands it
+    the caption embeddings so its head projects to the caption size (no contrastive term at λ = 0)."""
+    ds, text = make_dataset()
+    inputs = PreparedInputs(ds, {}, {}, text, backbone(), frozen_features(ds))
+    dims = {}
+    for lam in (0.0, 0.5):
+        cfg = tiny_config("train.stage2.epochs=0", "train.stage1.epochs=1", "model.readout_aligned=true",
+                          f"model.lambda_align={lam}")
+        net = LLMVEMEncoder(cfg).fit_inputs(inputs).network_
+        dims[lam] = (net.head.proj.out_features, net.readout.n_features)
+    assert dims[0.0] == dims[0.5] and dims[0.0][0] == text["train"].shape[1]
