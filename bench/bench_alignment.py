@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stage2", type=int, default=None, metavar="EPOCHS",
                     help="fine-tune the backbone this many epochs in the stage-2 positive control (0: skip it; "
                          "default: 4 full, 0 --quick, 1 --smoke)")
+    ap.add_argument("--readout-aligned", action="store_true",
+                    help="also compare λ > 0 with λ = 0 without a core and with model.readout_aligned (the readout "
+                         "reads the aligned embedding next to the features)")
     return ap.parse_args(argv)
 
 
@@ -141,9 +144,9 @@ class Runner:
         self.backbone: Any = None  # the frozen backbone, set by run(); needed by stage 2
 
     def train(self, ds: EncodingDataset, features: dict, text: dict | None, core: str, lam: float,
-              stream: CaptionStream | None = None, stage2: int = 0) -> Any:
+              stream: CaptionStream | None = None, stage2: int = 0, extra: tuple[str, ...] = ()) -> Any:
         cfg = apply_overrides(self.config, [f"model.core={core}", f"model.lambda_align={lam}",
-                                            f"train.stage2.epochs={stage2}"])
+                                            f"train.stage2.epochs={stage2}", *extra])
         self.count += 1
         sub = {s: features[s] for s in SPLITS}
         if len(ds.train) != len(features["train"]["pooled"]):
@@ -236,8 +239,8 @@ def attribute_r(ds: EncodingDataset, X: dict[str, np.ndarray]) -> dict[str, floa
 
 
 # ------------------------------------------------------------------------------------------------- main
-def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = print, stage2: int | None = None
-        ) -> dict[str, Any]:
+def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = print, stage2: int | None = None,
+        readout_aligned: bool = False) -> dict[str, Any]:
     mode = {**MODES[mode_name], **({} if stage2 is None else {"stage2_epochs": stage2})}
     t0 = time.perf_counter()
     n_max = max(mode["n_train"], *mode["curve"])
@@ -302,6 +305,20 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
                               "n_extra": mode["n_extra"] if with_stream else 0, "stage2_epochs": e2}
         results["stage2_seconds"] = time.perf_counter() - t2
         log_fn(f"stage-2 positive control in {results['stage2_seconds']:.0f} s")
+    # 2c. no core, the readout reads the aligned embedding next to the features (model.readout_aligned): the
+    # head is the only place captions act, the features reach the readout unchanged; λ chosen on validation
+    if readout_aligned:
+        extra = ("model.readout_aligned=true", f"model.align_dim={text['train'].shape[1]}")
+        zero_ra = runner.train(ds, features, None, "null", 0.0, extra=extra)
+        for with_stream, label in ((False, "readout_aligned"), (True, "readout_aligned_extra")):
+            runs = {lam: runner.train(ds, features, text, "null", lam, stream if with_stream else None, extra=extra)
+                    for lam in mode["lambdas"]}
+            lam = max(runs, key=lambda v: rel_r(ds, runs[v].predictions["val"], "val"))
+            shuf = runner.train(ds, features, text_shuf, "null", lam, stream_shuf if with_stream else None,
+                                extra=extra)
+            results[label] = {**comparison_record(ds, zero_ra, runs[lam], shuf, n_boot, seed), "lambda": lam,
+                              "core": "none", "n_extra": mode["n_extra"] if with_stream else 0,
+                              "val_r_by_lambda": {str(v): rel_r(ds, r.predictions["val"], "val") for v, r in runs.items()}}
     # 3. diagnostics: does the core output encode the relational attributes better after alignment?
     feat_cat = {s: np.concatenate([features[s][k] for k in cfg.backbone.layers], 1) for s in SPLITS}
     feat_cat["train"] = feat_cat["train"][: len(ds.train)]
@@ -365,7 +382,7 @@ def print_tables(res: dict[str, Any]) -> None:
     print(f"{'run':<30}{'core':>7}{'λ':>6}{'λ=0 r':>8}{'λ>0 r':>8}{'Δ r':>8}{'95% CI':>20}{'p':>7}"
           f"{'shuffled Δ':>12}{'shuffled CI':>20}")
     for label in ("positive_control", "positive_control_extra", "positive_control_stage2",
-                  "positive_control_extra_stage2"):
+                  "positive_control_extra_stage2", "readout_aligned", "readout_aligned_extra"):
         if label not in res:
             continue
         r = res[label]
@@ -413,7 +430,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
-        res = run(mode, cache, Path(tmp) / "runs", args.seed, stage2=args.stage2)
+        res = run(mode, cache, Path(tmp) / "runs", args.seed, stage2=args.stage2,
+                  readout_aligned=args.readout_aligned)
     print_tables(res)
     print(f"\n{mode} run: {res['seconds']:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

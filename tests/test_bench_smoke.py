@@ -320,7 +320,7 @@ def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
 def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
     bench = _load("bench_alignment")
     out = tmp_path / "alignment.json"
-    res = bench.main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    res = bench.main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--readout-aligned"])
     saved = json.loads(out.read_text())
     assert set(saved) >= {"positive_control", "positive_control_extra", "learning_curves", "rsa92"}
     for label in ("positive_control", "positive_control_extra"):
@@ -335,6 +335,11 @@ def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
         assert pc["stage2_epochs"] == 1 and pc["ci"][0] <= pc["delta_mean_r"] <= pc["ci"][1]
         assert pc["lambda_mean_r"] != saved["positive_control"]["lambda_mean_r"]  # fine-tuning changed λ = 0
     assert saved["positive_control_stage2"]["lambda_mean_r"] == saved["positive_control_extra_stage2"]["lambda_mean_r"]
+    # no core, the readout reads the aligned embedding (--readout-aligned): λ chosen on validation per run
+    for label in ("readout_aligned", "readout_aligned_extra"):
+        pc = saved[label]
+        assert pc["core"] == "none" and str(pc["lambda"]) in {str(k) for k in pc["val_r_by_lambda"]}
+        assert pc["delta_mean_r"] == pytest.approx(pc["aligned_mean_r"] - pc["lambda_mean_r"])
     curves = saved["learning_curves"]["models"]
     assert set(curves) == {"ridge", "lambda0", "aligned", "aligned_extra"}
     assert all(set(row) == {"20", "30"} for row in curves.values())
