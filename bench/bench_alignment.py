@@ -23,12 +23,15 @@ without the Flickr8k stream) with a bootstrap over images (``bench/rsa92_alignme
 
 Usage::
 
-    python bench/bench_alignment.py            # full: 2 cores, 100 epochs, 2,000 extra scenes (not yet timed)
-    python bench/bench_alignment.py --quick    # λ ∈ {1, 3}, 500 extra scenes, n ∈ {50, 150}
+    python bench/bench_alignment.py            # full: 100 epochs, 2,000 extra scenes, + stage 2 (4 epochs)
+    python bench/bench_alignment.py --quick    # λ ∈ {1, 3}, 500 extra scenes, n ∈ {50, 150}, no stage 2
+    python bench/bench_alignment.py --quick --readout-aligned   # + the no-core readout-on-the-embedding rows
     python bench/bench_alignment.py --smoke    # tiny, for the test suite
 
-Timing on the shared dev box (load average ~10 on 2 cores, 2026-12-01): ``--quick`` ~4 min to embed and extract
-features from a cold cache, then ~1-3 min per trained model; far less on an idle machine (not measured).
+``positive_control_stage2`` / ``positive_control_extra_stage2`` repeat the comparison with the backbone fine-tuned
+(``--stage2 EPOCHS``; blocks 8-15 and the head; one λ = 0 fine-tuned model for both). Timing on the shared dev
+box (2026-12-02, load average ~3.5-4 on 2 cores, one thread): full 1,813 s (932 s of it stage 2); ``--quick``
+657 s (2026-12-02, beside two V4 runs).
 
 Writes ``bench/results/alignment.json`` (``--out``).
 """
