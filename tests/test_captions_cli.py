@@ -135,9 +135,7 @@ def test_killed_midway_then_rerun_gives_exactly_one_caption_each(tmp_path, sig, 
     # app() itself returns the command's exit status (130 after Ctrl-C); see test_main_returns_1_when_images_fail
     code = ("import sys; from llmvem.cli import app; "
             "sys.exit(app(args=sys.argv[1:], prog_name='llmvem', standalone_mode=False) or 0)")
-    # 0.25 s per request, 2 in flight: ~5 s for the 40 images, the signal at ~10 rows leaves seconds of margin
-    # even on a loaded machine (at 0.1 s a starved polling loop saw the run finish before it could interrupt it)
-    with FakeOpenAIServer(delay_s=0.25, max_lifetime_s=120) as srv:
+    with FakeOpenAIServer(delay_s=0.1, max_lifetime_s=120) as srv:
         args = [sys.executable, "-c", code, "caption", "--images", str(tmp_path / "imgs"), "--store", str(store),
                 "--backend", "openai", "--model", "fake-vlm", "--base-url", srv.base_url, "--max-in-flight", "2",
                 "--batch-size", "2"]
