@@ -168,9 +168,10 @@ def rel_r(ds: EncodingDataset, pred: np.ndarray, split: str) -> float:
     return float(np.nanmean(pearson_r(ds.splits[split].responses[:, mask], pred[:, mask])))
 
 
-def compare(ds: EncodingDataset, pred_a: np.ndarray, pred_b: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Paired bootstrap over test images, relational voxels: b − a in mean r."""
-    mask = ds.roi_masks["relational"]
+def compare(ds: EncodingDataset, pred_a: np.ndarray, pred_b: np.ndarray, n_boot: int, seed: int,
+            roi: str = "relational") -> dict[str, Any]:
+    """Paired bootstrap over test images, the voxels of ``roi``: b − a in mean r."""
+    mask = ds.roi_masks[roi]
     res = paired_bootstrap(ds.test.responses[:, mask], pred_a[:, mask], pred_b[:, mask], n_boot=n_boot, seed=seed)
     r = res["overall"]["r"]
     return {"a": r["a"], "b": r["b"], "delta_mean_r": r["diff"], "ci": [r["ci_low"], r["ci_high"]],
@@ -191,10 +192,11 @@ def comparison_record(ds: EncodingDataset, zero: Any, best: Any, shuf: Any, n_bo
                       "shuffled": rel_r(ds, shuf.predictions["val"], "val")}}
 
 
-def mean_r_ci(ds: EncodingDataset, pred: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Mean test r on the relational voxels with a bootstrap 95% CI over test images (the paired bootstrap
+def mean_r_ci(ds: EncodingDataset, pred: np.ndarray, n_boot: int, seed: int, roi: str = "relational"
+              ) -> dict[str, Any]:
+    """Mean test r on the voxels of ``roi`` with a bootstrap 95% CI over test images (the paired bootstrap
     against a constant prediction, whose r is 0 in every resample)."""
-    c = compare(ds, np.zeros_like(pred), pred, n_boot, seed)
+    c = compare(ds, np.zeros_like(pred), pred, n_boot, seed, roi)
     return {"mean_r": c["b"], "ci": c["ci"]}
 
 
@@ -342,6 +344,8 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
 
     # 4. learning curves on the relational voxels (settings chosen above, on validation)
     curves: dict[str, dict[str, Any]] = {"ridge": {}, "lambda0": {}, "aligned": {}, "aligned_extra": {}}
+    # the same models on the virtual brain's default voxel kinds (retinotopic early / category semantic)
+    curves_other = {roi: {name: {} for name in curves} for roi in ("early_visual", "semantic")}
     for n in mode["curve"]:
         dn = subset_train(ds_all, n)
         X = {s: feat_cat[s] if s != "train" else np.concatenate(
@@ -358,6 +362,8 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
             preds["aligned_extra"] = runner.train(dn, features, tn, core, chosen[True], stream).predictions["test"]
         for name, p in preds.items():
             curves[name][str(n)] = mean_r_ci(dn, p, n_boot, seed)
+            for roi, table in curves_other.items():
+                table[name][str(n)] = mean_r_ci(dn, p, n_boot, seed, roi)
     # 5. 92-image RSA of the aligned encoders (bench/rsa92_alignment.py; rows skipped without ../shared/data)
     import sys
 
@@ -365,7 +371,8 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
     import rsa92_alignment
 
     rsa92 = rsa92_alignment.alignment_rows(mode_name, cache_dir, work / "rsa92", seed=seed, log_fn=log_fn)
-    out = {**results, "learning_curves": {"roi": "relational", "n_train": mode["curve"], "models": curves},
+    out = {**results, "learning_curves": {"roi": "relational", "n_train": mode["curve"], "models": curves,
+                                              "other_rois": curves_other},
            "diagnostics": diag, "sweep": sweep,
            "rsa92": rsa92.get("rows", {}), "rsa92_settings": rsa92.get("settings", rsa92),
            "settings": {"mode": mode_name, **mode, "seed": seed, "core_chosen": core, "lambda_chosen": chosen[False],
@@ -408,6 +415,11 @@ def print_tables(res: dict[str, Any]) -> None:
     for name, row in lc["models"].items():
         print(f"{name:<16}" + "".join(f"{row[str(n)]['mean_r']:>7.3f} {_fmt_ci(row[str(n)]['ci']):>14}"
                                       for n in lc["n_train"]))
+    for roi, table in lc.get("other_rois", {}).items():
+        print(f"\nLearning curves: mean test r, {roi} voxels (settings chosen on the relational voxels)")
+        for name, row in table.items():
+            print(f"{name:<16}" + "".join(f"{row[str(n)]['mean_r']:>7.3f} {_fmt_ci(row[str(n)]['ci']):>14}"
+                                          for n in lc["n_train"]))
     if res["rsa92"]:
         import rsa92_alignment
 

@@ -343,6 +343,9 @@ def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
     curves = saved["learning_curves"]["models"]
     assert set(curves) == {"ridge", "lambda0", "aligned", "aligned_extra"}
     assert all(set(row) == {"20", "30"} for row in curves.values())
+    other = saved["learning_curves"]["other_rois"]  # the default voxel kinds, same models and sizes
+    assert set(other) == {"early_visual", "semantic"} and all(set(t) == set(curves) for t in other.values())
+    assert all(-1 < row["30"]["mean_r"] < 1 for t in other.values() for row in t.values())
     # the exact descriptions encode the number of objects almost perfectly (the control's premise)
     assert saved["diagnostics"]["description_embeddings"]["attribute_r"]["n_objects"] > 0.8
     assert res["settings"]["lambda_chosen"] == 1.0
