@@ -33,7 +33,7 @@ Usage::
 box (2026-12-02, load average ~3.5-4 on 2 cores, one thread): full 1,813 s (932 s of it stage 2); ``--quick``
 657 s (2026-12-02, beside two V4 runs).
 
-Writes ``bench/results/alignment.json`` (``--out``).
+Writes ``bench/results/alignment.json`` (``--out``) and the learning-curve plot beside it (``alignment.png``).
 """
 
 from __future__ import annotations
@@ -241,6 +241,42 @@ def attribute_r(ds: EncodingDataset, X: dict[str, np.ndarray]) -> dict[str, floa
     groups = {"n_objects": [0], "positions": [1, 2, 3, 4, 5], "same_category": [6],
               "category_pairs": list(range(7, len(names)))}
     return {"mean": float(np.nanmean(r)), **{g: float(np.nanmean(r[i])) for g, i in groups.items()}}
+
+
+CURVE_LABELS = {"ridge": "ridge (frozen features)", "lambda0": "LLM-VEM λ = 0", "aligned": "λ > 0, brain captions",
+                "aligned_extra": "λ > 0 + extra captioned scenes"}
+
+
+def plot_curves(res: dict[str, Any], path: Path) -> None:
+    """Learning curves as a PNG: mean test r vs training images (log axis) with 95% CI bands, one panel per voxel
+    kind (relational, then ``other_rois`` when present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lc = res["learning_curves"]
+    panels = [(lc["roi"], lc["models"]), *lc.get("other_rois", {}).items()]
+    x = lc["n_train"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (roi, table) in zip(axes[0], panels, strict=True):
+        for name, row in table.items():
+            mean = [row[str(n)]["mean_r"] for n in x]
+            (line,) = ax.plot(x, mean, marker="o", label=CURVE_LABELS.get(name, name))
+            ax.fill_between(x, [row[str(n)]["ci"][0] for n in x], [row[str(n)]["ci"][1] for n in x],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [str(n) for n in x])
+        ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.set_title(f"{roi} voxels")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean test r (95% CI)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -451,6 +487,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{mode} run: {res['seconds']:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=float))
+    plot_curves(res, args.out.with_suffix(".png"))
+    print(f"results: {args.out}, learning-curve plot: {args.out.with_suffix('.png')}")
     return res
 
 

@@ -351,6 +351,7 @@ def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
     assert res["settings"]["lambda_chosen"] == 1.0
     printed = capsys.readouterr().out
     assert "Positive control" in printed
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the learning-curve plot
     if (REPO_ROOT.parent / "shared" / "data" / "kriegeskorte92").is_dir():  # the 92-image RSA needs real data
         check_alignment_rows(saved["rsa92"], n_boot=50)
         assert "92-image RSA of aligned encoders" in printed
