@@ -249,34 +249,19 @@ CURVE_LABELS = {"ridge": "ridge (frozen features)", "lambda0": "LLM-VEM λ = 0",
 
 def plot_curves(res: dict[str, Any], path: Path) -> None:
     """Learning curves as a PNG: mean test r vs training images (log axis) with 95% CI bands, one panel per voxel
-    kind (relational, then ``other_rois`` when present)."""
-    import matplotlib
+    kind (relational, then ``other_rois`` when present); drawn by ``bench_curves_v4.plot_panels``."""
+    import sys
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, also when imported from elsewhere
+    from bench_curves_v4 import plot_panels
 
     lc = res["learning_curves"]
-    panels = [(lc["roi"], lc["models"]), *lc.get("other_rois", {}).items()]
     x = lc["n_train"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (roi, table) in zip(axes[0], panels, strict=True):
-        for name, row in table.items():
-            mean = [row[str(n)]["mean_r"] for n in x]
-            (line,) = ax.plot(x, mean, marker="o", label=CURVE_LABELS.get(name, name))
-            ax.fill_between(x, [row[str(n)]["ci"][0] for n in x], [row[str(n)]["ci"][1] for n in x],
-                            color=line.get_color(), alpha=0.15)
-        ax.set_xscale("log")
-        ax.set_xticks(x, [str(n) for n in x])
-        ax.minorticks_off()
-        ax.set_xlabel("training images")
-        ax.set_title(f"{roi} voxels")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean test r (95% CI)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [(f"{roi} voxels", x, {CURVE_LABELS.get(name, name): (
+        [row[str(n)]["mean_r"] for n in x], [row[str(n)]["ci"][0] for n in x], [row[str(n)]["ci"][1] for n in x])
+        for name, row in table.items()})
+        for roi, table in [(lc["roi"], lc["models"]), *lc.get("other_rois", {}).items()]]
+    plot_panels(panels, path)
 
 
 # ------------------------------------------------------------------------------------------------- main

@@ -256,28 +256,37 @@ def format_tables(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Mean test r vs n_train (log axis), one line per model with its CI band: pooled, then each session."""
+    panels = [(sid, s["sizes"]) for sid, s in results["sessions"].items()]
+    if len(panels) > 1:
+        panels.insert(0, ("pooled", results["pooled"]["sizes"]))
+    out = []
+    for title, cells in panels:
+        x = [c["n_train"] if isinstance(c["n_train"], int) else c["n_train_mean"] for c in cells]
+        lines = {LABELS[m]: ([c["models"][m]["mean_r"] for c in cells], [c["models"][m]["ci"][0] for c in cells],
+                             [c["models"][m]["ci"][1] for c in cells]) for m in MODELS}
+        out.append((title if title == "pooled" else f"session {title}", x, lines))
+    plot_panels(out, path)
+
+
+def plot_panels(panels: list[tuple[str, list[float], dict[str, tuple[list[float], list[float], list[float]]]]],
+                path: Path) -> None:
+    """Learning-curve PNG: one panel per (title, training-set sizes, {label: (mean, ci_low, ci_high)}), mean test r
+    against the number of training images on a log axis, each line with its 95% CI band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(sid, s["sizes"]) for sid, s in results["sessions"].items()]
-    if len(panels) > 1:
-        panels.insert(0, ("pooled", results["pooled"]["sizes"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (title, cells) in zip(axes[0], panels, strict=True):
-        x = [c["n_train"] if isinstance(c["n_train"], int) else c["n_train_mean"] for c in cells]
-        for m in MODELS:
-            mean = [c["models"][m]["mean_r"] for c in cells]
-            lo = [c["models"][m]["ci"][0] for c in cells]
-            hi = [c["models"][m]["ci"][1] for c in cells]
-            (line,) = ax.plot(x, mean, marker="o", label=LABELS[m])
+    for ax, (title, x, lines) in zip(axes[0], panels, strict=True):
+        for label, (mean, lo, hi) in lines.items():
+            (line,) = ax.plot(x, mean, marker="o", label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
         ax.set_xscale("log")
         ax.set_xticks(x, [f"{v:.0f}" for v in x])
         ax.minorticks_off()
         ax.set_xlabel("training images")
-        ax.set_title(title if title == "pooled" else f"session {title}")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean test r (95% CI)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
