@@ -117,11 +117,16 @@ SPATIAL_MODELS = ("lambda0_spatial_frozen", "lambda_spatial_frozen", "lambda0_sp
 #: fit (the one its layer choice scores), so the weight is chosen on data neither model was fitted on.
 BLEND = ("lambda0_spatial_finetuned", "ridge_grid")
 BLEND_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+#: Opt-in: the λ = 0 spatial fine-tuned model trained again with ``seed + 1`` (``SEED_TWIN``); ``spatial_2seeds``
+#: averages the two (nothing chosen), ``spatial_2seeds_blend`` blends that average with the grid ridge as above.
+SEED_TWIN = "lambda0_spatial_finetuned_seed1"
+DERIVED = ("spatial_blend", "spatial_2seeds", "spatial_2seeds_blend")
 MODELS = ("ridge", "ridge_grid", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned",
-          *SPATIAL_MODELS, "spatial_blend")
+          *SPATIAL_MODELS, SEED_TWIN, *DERIVED)
 #: Fitted without ``--models``: all but the λ > 0 spatial twins, which cost as much as the λ = 0 ones and are opt-in
 #: (on V4 the label captions' alignment changes the pooled models by < 0.005 r; see BENCHMARKS.md).
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("lambda_spatial_frozen", "lambda_spatial_finetuned"))
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("lambda_spatial_frozen", "lambda_spatial_finetuned",
+                                                     SEED_TWIN, "spatial_2seeds", "spatial_2seeds_blend"))
 #: (reference a, challenger b) pairs compared per session and pooled.
 COMPARISONS = (
     ("lambda0_frozen", "lambda_frozen"),
@@ -138,6 +143,9 @@ COMPARISONS = (
     ("lambda0_spatial_finetuned", "spatial_blend"),
     ("ridge_grid", "spatial_blend"),
     ("lambda0_finetuned", "spatial_blend"),
+    ("lambda0_spatial_finetuned", "spatial_2seeds"),
+    ("ridge_grid", "spatial_2seeds_blend"),
+    ("spatial_blend", "spatial_2seeds_blend"),
 )
 
 
@@ -242,9 +250,9 @@ def select_ridge_layers(config, inputs, layer_sets
     return tuple(best), scores, val_preds["+".join(best)]
 
 
-def blend(preds: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, ridge_val: np.ndarray
+def blend(preds: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, ridge_val: np.ndarray, first: str = BLEND[0]
           ) -> tuple[dict[str, np.ndarray], float, dict[str, float]]:
-    """``spatial_blend``: w · ``BLEND[0]`` + (1 − w) · ``BLEND[1]``, w in ``BLEND_WEIGHTS`` chosen on validation
+    """``spatial_blend``: w · ``first`` + (1 − w) · ``BLEND[1]``, w in ``BLEND_WEIGHTS`` chosen on validation
     mean r, with ``ridge_val`` (the train-only ridge) standing in for ``BLEND[1]``'s validation predictions.
 
     Returns
@@ -254,7 +262,7 @@ def blend(preds: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, ridge_val:
     weight : float
     val_r : dict of str(w) to validation mean r
     """
-    a, b = (preds[m] for m in BLEND)
+    a, b = preds[first], preds[BLEND[1]]
     val_r = {str(w): _mean_r(y_val, w * a["val"] + (1 - w) * ridge_val) for w in BLEND_WEIGHTS}
     w = float(max(BLEND_WEIGHTS, key=lambda v: val_r[str(v)]))
     return {"val": w * a["val"] + (1 - w) * ridge_val, "test": w * a["test"] + (1 - w) * b["test"]}, w, val_r
@@ -313,12 +321,22 @@ def fit_models(config, inputs, lam: float, work: Path, layer_sets, show_progress
             for name, lam_m in ((f"lambda0_{spatial}{kind}", 0.0), (f"lambda_{spatial}{kind}", lam)):
                 if name in models:
                     specs[name] = llmvem_spec(cfg, lam_m, name, show_progress)
+            if spatial and kind == "finetuned" and SEED_TWIN in models:
+                twin = cfg.model_copy(deep=True)
+                twin.seed = cfg.seed + 1
+                specs[SEED_TWIN] = llmvem_spec(twin, 0.0, SEED_TWIN, show_progress)
     preds, _ = fit_predict(specs, inputs, work, timing=info["seconds"])
     if "spatial_blend" in models and all(m in preds for m in BLEND):
         preds["spatial_blend"], info["spatial_blend_weight"], info["spatial_blend_val_r_by_weight"] = blend(
             preds, inputs.dataset.val.responses, grid_val)
+    if {"spatial_2seeds", "spatial_2seeds_blend"} & set(models) and all(m in preds for m in (BLEND[0], SEED_TWIN)):
+        preds["spatial_2seeds"] = {s: 0.5 * (preds[BLEND[0]][s] + preds[SEED_TWIN][s]) for s in ("val", "test")}
+        if "spatial_2seeds_blend" in models and BLEND[1] in preds:
+            (preds["spatial_2seeds_blend"], info["spatial_2seeds_blend_weight"],
+             info["spatial_2seeds_blend_val_r_by_weight"]) = blend(preds, inputs.dataset.val.responses, grid_val,
+                                                                  first="spatial_2seeds")
     for name in specs:
-        if name.startswith("ridge") or name == "spatial_blend":
+        if name.startswith("ridge") or name in DERIVED:
             continue
         training = json.loads((work / name / "training.json").read_text(encoding="utf-8"))
         info.setdefault("training", {})[name] = {
@@ -467,7 +485,8 @@ def format_table(results: dict[str, Any]) -> str:
     label = {"ridge": "ridge", "ridge_grid": "ridge grid", "lambda0_frozen": "λ0 frz", "lambda_frozen": f"λ{lam:g} frz",
              "lambda0_finetuned": "λ0 ft", "lambda_finetuned": f"λ{lam:g} ft", "lambda0_spatial_frozen": "λ0 sp frz",
              "lambda_spatial_frozen": f"λ{lam:g} sp frz", "lambda0_spatial_finetuned": "λ0 sp ft",
-             "lambda_spatial_finetuned": f"λ{lam:g} sp ft", "spatial_blend": "λ0 sp ft+grid"}
+             "lambda_spatial_finetuned": f"λ{lam:g} sp ft", "spatial_blend": "λ0 sp ft+grid",
+             SEED_TWIN: "λ0 sp ft seed+1", "spatial_2seeds": "λ0 sp ft 2 seeds", "spatial_2seeds_blend": "2 seeds+grid"}
     head = ["session", "neurons", "ridge layers"] + [label[m] for m in names] + ["best"]
     rows = [head]
     for sid, s in results["sessions"].items():
