@@ -103,6 +103,11 @@ def test_v4_blend_weight_is_chosen_on_validation(bench_v4):
     # a useless second model: all weight on the first
     noisy[bench_v4.BLEND[1]] = {s: rng.normal(size=y[s].shape) for s in y}
     assert bench_v4.blend(noisy, y["val"], rng.normal(size=y["val"].shape))[1] == 1.0
+    # the two-seed average blends the same way when named as the first model
+    noisy["spatial_2seeds"] = {s: 0.5 * (noisy[bench_v4.BLEND[0]][s] + y[s]) for s in y}
+    pred2, w2, _ = bench_v4.blend(noisy, y["val"], rng.normal(size=y["val"].shape), first="spatial_2seeds")
+    np.testing.assert_allclose(pred2["test"], w2 * noisy["spatial_2seeds"]["test"]
+                               + (1 - w2) * noisy[bench_v4.BLEND[1]]["test"])
 
 
 def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
