@@ -22,7 +22,12 @@ the others, seeded, are the validation split), the script fits on the same image
   factorized readout (``model.spatial_readout``, residual mode: PCA voxel mapping on the pooled layers + per
   neuron a spatial mask × channel weights) on the maps ``--spatial-layers`` (default ``SPATIAL_LAYERS``), trained
   in stage 1 on the cached maps and, fine-tuned, end to end in stage 2. Seconds of stage 1 and stage 2 of every
-  LLM-VEM model are recorded per session (``stage_seconds``) so their costs compare within one run.
+  LLM-VEM model are recorded per session (``stage_seconds``) so their costs compare within one run;
+* **spatial_blend** (derived, nothing trained): w · λ = 0 spatial fine-tuned + (1 − w) · ridge_grid, w chosen on
+  the validation split (:func:`blend`; the grid ridge's validation predictions from its train-only fit);
+* opt-in (``--models …``): ``lambda0_spatial_finetuned_seed1`` (the same model trained with ``seed + 1``),
+  ``spatial_2seeds`` (the two seeds' predictions averaged) and ``spatial_2seeds_blend`` (that average blended with
+  the grid ridge like ``spatial_blend``).
 
 Reported per session: mean and median test r across neurons (and, for sessions with raw repeats such as 210325,
 the noise-normalised accuracy); paired bootstraps over test images (λ > 0 vs λ = 0, and each LLM-VEM vs ridge);
