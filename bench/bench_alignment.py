@@ -42,6 +42,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, also when imported from elsewhere
 
 from llmvem import inputs
 from llmvem.config import RunConfig, apply_overrides
@@ -250,9 +253,6 @@ CURVE_LABELS = {"ridge": "ridge (frozen features)", "lambda0": "LLM-VEM λ = 0",
 def plot_curves(res: dict[str, Any], path: Path) -> None:
     """Learning curves as a PNG: mean test r vs training images (log axis) with 95% CI bands, one panel per voxel
     kind (relational, then ``other_rois`` when present); drawn by ``bench_curves_v4.plot_panels``."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, also when imported from elsewhere
     from bench_curves_v4 import plot_panels
 
     lc = res["learning_curves"]
@@ -386,9 +386,6 @@ def run(mode_name: str, cache_dir: Path, work: Path, seed: int, log_fn: Any = pr
             for roi, table in curves_other.items():
                 table[name][str(n)] = mean_r_ci(dn, p, n_boot, seed, roi)
     # 5. 92-image RSA of the aligned encoders (bench/rsa92_alignment.py; rows skipped without ../shared/data)
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, also when imported from elsewhere
     import rsa92_alignment
 
     rsa92 = rsa92_alignment.alignment_rows(mode_name, cache_dir, work / "rsa92", seed=seed, log_fn=log_fn)
