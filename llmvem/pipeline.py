@@ -24,8 +24,7 @@ from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, default_pairs, run_
 from llmvem.inputs import PreparedInputs, prepare_inputs
 
 __all__ = ["EXPERIMENT_OUTPUTS", "PER_VOXEL_CHOICE", "POOLED_LAMBDA0", "PreparedInputs", "experiment_lambdas",
-           "experiment_models", "experiment_pairs", "llmvem_spec", "load_model_streams", "per_voxel_choice_specs",
-           "pooled_config", "prepare_inputs", "ridge_spec", "run_experiment"]
+           "experiment_models", "llmvem_spec", "load_model_streams", "prepare_inputs", "ridge_spec", "run_experiment"]
 
 log = logging.getLogger(__name__)
 

@@ -396,3 +396,57 @@ def test_spatial_vb_per_voxel_choice_takes_the_better_model_on_validation():
     np.testing.assert_array_equal(out["pred_test"], y_test)  # every voxel took the model that predicts it
     assert out["fraction_b"] == {"all": 0.5, "early_visual": 0.0, "semantic": 1.0}
     assert out["test"]["all"] == pytest.approx(1.0)
+
+
+@pytest.mark.shared_data
+def test_spatial_speed_benchmark_on_a_tiny_subset(tmp_path, capsys):
+    """bench_spatial_speed: every model's stage seconds and epochs are read from its run, ratios are the quotients
+    of those seconds, the fit order rotates with the session index, and the table prints the medians."""
+    data = needs_shared("v4_cowley2023")
+    bench = _load("bench_spatial_speed")
+    assert bench.main(["--data", str(tmp_path / "absent")]) is None
+    out = tmp_path / "speed.json"
+    res = bench.main(["--data", str(data), "--sessions", "210325", "--max-images", "60", "--quick",
+                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    s = res["sessions"]["210325"]
+    assert s["order"] == ["pooled", "factorized", "gaussian"]  # session 0: no rotation
+    assert s["map_shapes"] == {"block5@grid7": [80, 7, 7], "block8@grid7": [112, 7, 7]}
+    assert set(s["models"]) == {name for name, _, _ in bench.MODELS}
+    for name, m in s["models"].items():
+        assert m["fit_s"] > m["stage1"]["loop_s"] > 0 and 1 <= m["stage1"]["epochs"] <= 15  # --quick: 15 epochs
+        assert ("stage2" in m) == name.endswith("finetuned")
+        if "stage2" in m:
+            assert m["stage2"]["epochs"] == 1  # fixed: no early stopping in the stage-2 figure
+    m = s["models"]
+    for kind in bench.READOUTS:
+        r = s["ratios"][kind]
+        assert r["stage1_loop"] == pytest.approx(m[f"{kind}_frozen"]["stage1"]["loop_s"]
+                                                 / m["pooled_frozen"]["stage1"]["loop_s"])
+        assert r["stage2_loop"] == pytest.approx(m[f"{kind}_finetuned"]["stage2"]["loop_s"]
+                                                 / m["pooled_finetuned"]["stage2"]["loop_s"])
+        assert res["medians"][kind]["stage1_fit"]["median"] == pytest.approx(r["stage1_fit"])
+    assert s["gemm_floor_ms"] > 0 and s["stage1_steps_per_epoch"] == 1  # 45 training images, batch 64
+    printed = capsys.readouterr().out
+    assert "| 210325 |" in printed and "| stage1_loop |" in printed
+    on_disk = json.loads(out.read_text(encoding="utf-8"))["medians"]
+    assert on_disk["gaussian"]["stage1_loop"] == pytest.approx(res["medians"]["gaussian"]["stage1_loop"])
+
+
+def test_spatial_speed_medians_over_sessions():
+    bench = _load("bench_spatial_speed")
+
+    def model(loop1: float, loop2: float, fit: float, epochs: int = 10) -> dict:
+        return {"fit_s": fit, "stage1": {"loop_s": loop1, "epochs": epochs, "loop_s_per_epoch": loop1 / epochs},
+                "stage2": {"loop_s": loop2, "epochs": 1, "loop_s_per_epoch": loop2}}
+
+    sessions = {}
+    for i, k in enumerate((1.0, 2.0, 4.0)):
+        models = {"pooled_frozen": model(1.0, 0, 10.0), "pooled_finetuned": model(1.0, 10.0, 20.0)}
+        for kind in bench.READOUTS:
+            models[f"{kind}_frozen"] = model(3.0 * k, 0, 12.0, epochs=20)
+            models[f"{kind}_finetuned"] = model(3.0 * k, 10.0 * k, 30.0)
+        sessions[str(i)] = {"ratios": bench.ratios(models)}
+    med = bench.medians(sessions)["factorized"]
+    assert med["stage1_loop"] == {"median": 6.0, "min": 3.0, "max": 12.0}
+    assert med["stage1_loop_per_epoch"]["median"] == pytest.approx(3.0)  # twice the epochs, same time per epoch
+    assert med["stage2_loop"] == {"median": 2.0, "min": 1.0, "max": 4.0} and med["stage1_fit"]["median"] == 1.2
