@@ -89,7 +89,6 @@ def _v4_args(args: argparse.Namespace) -> argparse.Namespace:
     """bench_v4's arguments for this run (its settings, the fixed stage-2 epochs)."""
     v4 = bench_v4.parse_args(["--data", str(args.data), "--stage2-epochs", str(args.stage2_epochs),
                               "--cache-dir", args.cache_dir] + (["--quick"] if args.quick else []))
-    v4.max_images = args.max_images
     return v4
 
 
@@ -111,13 +110,17 @@ def run_session(args: argparse.Namespace, session: str, work: Path, turn: int = 
     spatial_models = ["lambda0_spatial_frozen", "lambda0_spatial_finetuned"]
     prep.backbone.layers = bench_v4.extraction_layers(spatial_models, (), bench_v4.SPATIAL_LAYERS)
     inputs = prepare_inputs(prep, dataset=ds)
+    # the readout layers: the ridge baseline's validation choice (as bench_v4), chosen once for the three readouts
+    layers, _, _ = bench_v4.select_ridge_layers(config, inputs, layer_sets)
+    config = config.model_copy(deep=True)
+    config.backbone.layers = list(layers)
     models: dict[str, dict[str, Any]] = {}
     kinds = ("pooled", *READOUTS)
     order = kinds[turn % len(kinds):] + kinds[:turn % len(kinds)]
     for readout in order:
         names = ["lambda0_frozen", "lambda0_finetuned"] if readout == "pooled" else spatial_models
         out = work / session / readout
-        _, info = bench_v4.fit_models(config, inputs, 0.0, out, layer_sets, False, names, "ridge",
+        _, info = bench_v4.fit_models(config, inputs, 0.0, out, layer_sets, False, names, "config",
                                       spatial_layers=bench_v4.SPATIAL_LAYERS,
                                       spatial_readout="factorized" if readout == "pooled" else readout)
         for name, v4_name, kind in MODELS:
@@ -132,7 +135,8 @@ def run_session(args: argparse.Namespace, session: str, work: Path, turn: int = 
             models[name] = rec
     shapes = {k: [int(n) for n in inputs.features["train"][k].shape[1:]] for k in bench_v4.SPATIAL_LAYERS}
     batch = config.train.stage1.batch_size
-    return {"n_neurons": ds.n_voxels, "n_train": len(ds.train), "map_shapes": shapes, "order": list(order),
+    return {"n_neurons": ds.n_voxels, "n_train": len(ds.train), "llmvem_layers": list(layers),
+            "map_shapes": shapes, "order": list(order),
             "models": models, "ratios": ratios(models), "gemm_floor_ms": gemm_floor_ms(shapes, ds.n_voxels, batch),
             "stage1_steps_per_epoch": -(-len(ds.train) // batch)}
 

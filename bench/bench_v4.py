@@ -130,8 +130,9 @@ MODELS = ("ridge", "ridge_grid", "lambda0_frozen", "lambda_frozen", "lambda0_fin
           *SPATIAL_MODELS, SEED_TWIN, *DERIVED)
 #: Fitted without ``--models``: all but the λ > 0 spatial twins, which cost as much as the λ = 0 ones and are opt-in
 #: (on V4 the label captions' alignment changes the pooled models by < 0.005 r; see BENCHMARKS.md).
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("lambda_spatial_frozen", "lambda_spatial_finetuned",
-                                                     SEED_TWIN, "spatial_2seeds", "spatial_2seeds_blend"))
+OPT_IN_MODELS = ("lambda_spatial_frozen", "lambda_spatial_finetuned", SEED_TWIN, "spatial_2seeds",
+                 "spatial_2seeds_blend")
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in OPT_IN_MODELS)
 #: (reference a, challenger b) pairs compared per session and pooled.
 COMPARISONS = (
     ("lambda0_frozen", "lambda_frozen"),

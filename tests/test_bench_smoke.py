@@ -410,6 +410,7 @@ def test_spatial_speed_benchmark_on_a_tiny_subset(tmp_path, capsys):
                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     s = res["sessions"]["210325"]
     assert s["order"] == ["pooled", "factorized", "gaussian"]  # session 0: no rotation
+    assert s["llmvem_layers"] in (["block10"], ["block8", "block12", "pooled"])  # ridge's --quick candidates
     assert s["map_shapes"] == {"block5@grid7": [80, 7, 7], "block8@grid7": [112, 7, 7]}
     assert set(s["models"]) == {name for name, _, _ in bench.MODELS}
     for name, m in s["models"].items():
