@@ -128,8 +128,9 @@ SEED_TWIN = "lambda0_spatial_finetuned_seed1"
 DERIVED = ("spatial_blend", "spatial_2seeds", "spatial_2seeds_blend")
 MODELS = ("ridge", "ridge_grid", "lambda0_frozen", "lambda_frozen", "lambda0_finetuned", "lambda_finetuned",
           *SPATIAL_MODELS, SEED_TWIN, *DERIVED)
-#: Fitted without ``--models``: all but the λ > 0 spatial twins, which cost as much as the λ = 0 ones and are opt-in
-#: (on V4 the label captions' alignment changes the pooled models by < 0.005 r; see BENCHMARKS.md).
+#: Fitted without ``--models``: all but ``OPT_IN_MODELS`` — the λ > 0 spatial twins, which cost as much as the λ = 0
+#: ones (on V4 the label captions' alignment changes the pooled models by < 0.005 r; see BENCHMARKS.md), and the
+#: seed twin with the models derived from it (a second stage-2 run per session).
 OPT_IN_MODELS = ("lambda_spatial_frozen", "lambda_spatial_finetuned", SEED_TWIN, "spatial_2seeds",
                  "spatial_2seeds_blend")
 DEFAULT_MODELS = tuple(m for m in MODELS if m not in OPT_IN_MODELS)
