@@ -24,6 +24,16 @@ Usage::
     OMP_NUM_THREADS=1 python bench/bench_spatial_speed.py --threads 1          # 9 sessions, ~25-35 min
     python bench/bench_spatial_speed.py --sessions 210322 --max-images 200     # code-path check
 
+On a GPU machine (every stage runs on the GPU when one is visible; ``bench/gpu_checks.sh`` does this), which cannot
+read ``../shared`` nor load the text encoder, stage the sessions first, here::
+
+    python bench/bench_spatial_speed.py --stage .gpu_data --sessions 190928 210224 210305 210322
+
+``--stage DIR`` copies those sessions' files to ``DIR/v4_cowley2023`` and embeds their captions into
+``DIR/cache`` (the cache key holds the encoder and the texts, so the GPU run finds them and never loads the text
+encoder); then ``--data DIR/v4_cowley2023 --cache-dir DIR/cache`` there. Image features are not staged (the GPU
+extracts them in seconds; the cached file is gigabytes).
+
 Exits 0 with a message when the data folder is absent. Results: ``bench/results/spatial_speed.json``.
 """
 
@@ -62,27 +72,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default="~/.cache/llmvem", help="captions / features cache (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--stage", type=Path, default=None, metavar="DIR",
+                    help="copy --sessions' data and caption embeddings to DIR for a machine without ../shared "
+                         "(see the module docstring), then exit")
     return ap.parse_args(argv)
 
 
-def gemm_floor_ms(shapes: dict[str, list[int]], n_units: int, batch: int, repeats: int = 30) -> float:
+def gemm_floor_ms(shapes: dict[str, list[int]], n_units: int, batch: int, repeats: int = 30,
+                  device: str = "cpu") -> float:
     """Median milliseconds of the two matrix products per step of a factorized readout on maps ``shapes``
-    ({layer: (C, H, W)}): ``x @ Wᵀ`` (B, C·H·W) × (C·H·W, V) and ``dyᵀ @ x`` (V, B) × (B, C·H·W), all layers."""
+    ({layer: (C, H, W)}): ``x @ Wᵀ`` (B, C·H·W) × (C·H·W, V) and ``dyᵀ @ x`` (V, B) × (B, C·H·W), all layers,
+    on ``device`` (a CUDA device is synchronised before each clock reading)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(batch, c * h * w, generator=gen) for c, h, w in shapes.values()]
-    ws = [torch.randn(n_units, x.shape[1], generator=gen) for x in xs]
-    dy = torch.randn(batch, n_units, generator=gen)
+    xs = [torch.randn(batch, c * h * w, generator=gen).to(device) for c, h, w in shapes.values()]
+    ws = [torch.randn(n_units, x.shape[1], generator=gen).to(device) for x in xs]
+    dy = torch.randn(batch, n_units, generator=gen).to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
     for i in range(repeats + 3):
+        sync()
         t = time.perf_counter()
         for x, w in zip(xs, ws, strict=True):
             x @ w.t()
             dy.t() @ x
+        sync()
         if i >= 3:
             times.append((time.perf_counter() - t) * 1e3)
     return float(statistics.median(times))
+
+
+def stage_sessions(args: argparse.Namespace, sessions: list[str], dest: Path) -> dict[str, Any]:
+    """Copy ``sessions``' files from ``args.data`` to ``dest/v4_cowley2023`` and embed their captions into
+    ``dest/cache``, as the benchmark will ask for them there (same settings and ``--max-images``, the staged data
+    folder).
+
+    Returns the staged files (relative to ``dest``) and their total bytes.
+    """
+    import shutil
+
+    from llmvem.data.v4 import _AVERAGED, _RAW
+    from llmvem.inputs import caption_dataset, embed_captions, load_config_dataset
+
+    data = dest / "v4_cowley2023"
+    files = []
+    for session in sessions:
+        rels = [f"images/images_{session}.zip", *(a.format(s=session) for a in _AVERAGED), _RAW.format(s=session)]
+        found = [r for r in rels if (args.data / r).is_file()]
+        if not any(r.startswith("images/") for r in found) or len(found) < 2:
+            raise FileNotFoundError(f"{args.data}: session {session} lacks its image zip or responses")
+        for rel in found:
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(args.data / rel, data / rel)
+            files.append(f"v4_cowley2023/{rel}")
+    staged = argparse.Namespace(**{**vars(args), "data": data, "cache_dir": str(dest / "cache")})
+    for session in sessions:
+        config = bench_v4.session_config(_v4_args(staged), session)
+        ds = load_config_dataset(config)  # then as run_session and prepare_inputs: truncated, a validation split
+        if args.max_images:
+            ds = bench_v4.truncate_dataset(ds, args.max_images)
+        if ds.val is None:
+            ds = ds.with_validation_split(config.data.val_fraction, config.data.seed)
+        embed_captions(config, caption_dataset(config, ds, False)[0], False)
+    files += sorted(str(p.relative_to(dest)) for p in (dest / "cache").rglob("*") if p.is_file())
+    return {"files": files, "bytes": sum((dest / f).stat().st_size for f in files)}
 
 
 def _v4_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -137,8 +191,16 @@ def run_session(args: argparse.Namespace, session: str, work: Path, turn: int = 
     batch = config.train.stage1.batch_size
     return {"n_neurons": ds.n_voxels, "n_train": len(ds.train), "llmvem_layers": list(layers),
             "map_shapes": shapes, "order": list(order),
-            "models": models, "ratios": ratios(models), "gemm_floor_ms": gemm_floor_ms(shapes, ds.n_voxels, batch),
+            "models": models, "ratios": ratios(models),
+            "gemm_floor_ms": gemm_floor_ms(shapes, ds.n_voxels, batch, device=_torch_device(config.train.device)),
             "stage1_steps_per_epoch": -(-len(ds.train) // batch)}
+
+
+def _torch_device(name: str) -> str:
+    """The device ``train.device`` resolves to (``"auto"``: CUDA when visible)."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def ratios(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -199,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from llmvem.data.v4 import list_v4_sessions
 
     sessions = args.sessions or list_v4_sessions(args.data)
+    if args.stage is not None:
+        staged = stage_sessions(args, sessions, args.stage)
+        print(f"staged {len(sessions)} sessions in {args.stage}: {len(staged['files'])} files, "
+              f"{staged['bytes'] / 2**20:.1f} MiB")
+        return staged
     t0 = time.perf_counter()
     records: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="llmvem_bench_speed_") as tmp:

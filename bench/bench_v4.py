@@ -549,8 +549,9 @@ def format_table(results: dict[str, Any]) -> str:
 def machine() -> str:
     import torch
 
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}")
 
 
 def result_header(benchmark: str, script: str, argv: list[str] | None) -> dict[str, str]:

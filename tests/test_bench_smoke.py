@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, needs_shared
+from conftest import REPO_ROOT, SHARED_DATA, needs_shared
 
 BENCH = REPO_ROOT / "bench"
 
@@ -306,7 +306,7 @@ def test_ridge_benchmark_reports_a_failed_worker_and_keeps_the_other_rows(tmp_pa
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
-    """bench/gpu_checks.sh is what a short GPU lease runs; its tiny mode runs the same four steps on a CPU."""
+    """bench/gpu_checks.sh is what a short GPU lease runs; its tiny mode runs the same five steps on a CPU."""
     import os
     import subprocess
 
@@ -315,8 +315,11 @@ def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
                           timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "gpu_checks.log").read_text()
-    for step in ("versions", "cuda-tests", "train", "ridge"):
+    for step in ("versions", "cuda-tests", "train", "spatial", "ridge"):
         assert f"== {step}: exit 0 after" in log
+    if (SHARED_DATA / "v4_cowley2023").is_dir():  # else the spatial step says so, exit 0
+        speed = json.loads((tmp_path / "spatial_speed_gpu.json").read_text(encoding="utf-8"))
+        assert list(speed["sessions"]) == ["210325"] and set(speed["medians"]) == {"factorized", "gaussian"}
     assert log.count("eager fp32 timm loop") == 2 and "speed-up x" in log  # frozen and fine-tuned rows
     assert "500x2000x128            himalaya" in log and "== all steps done, status 0" in log
 
@@ -399,15 +402,34 @@ def test_spatial_vb_per_voxel_choice_takes_the_better_model_on_validation():
 
 
 @pytest.mark.shared_data
-def test_spatial_speed_benchmark_on_a_tiny_subset(tmp_path, capsys):
+def test_spatial_speed_benchmark_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     """bench_spatial_speed: every model's stage seconds and epochs are read from its run, ratios are the quotients
-    of those seconds, the fit order rotates with the session index, and the table prints the medians."""
+    of those seconds, the fit order rotates with the session index, and the table prints the medians. The run
+    reads a staged copy (``--stage``, what a GPU machine gets): the session's files and its caption embeddings,
+    so that it never loads the text encoder."""
+    import llmvem.embed.text
+
     data = needs_shared("v4_cowley2023")
     bench = _load("bench_spatial_speed")
     assert bench.main(["--data", str(tmp_path / "absent")]) is None
+    tiny = ["--sessions", "210325", "--max-images", "60"]
+    staged = bench.main(["--data", str(data), *tiny, "--stage", str(tmp_path / "stage")])
+    copied = [f for f in staged["files"] if f.startswith("v4_cowley2023/")]
+    assert sorted(copied) == ["v4_cowley2023/images/images_210325.zip",
+                              "v4_cowley2023/responses_raw/responses_210325.npy",
+                              "v4_cowley2023/responses_repeat_averaged/responses_210325.npy"]
+    for f in copied:
+        assert (tmp_path / "stage" / f).read_bytes() == (data / f.split("/", 1)[1]).read_bytes()
+    assert sum(f.startswith("cache/text_embeddings/") for f in staged["files"]) == 3  # train, val, test
+    assert staged["bytes"] == sum((tmp_path / "stage" / f).stat().st_size for f in staged["files"])
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the staged caption embeddings were not found")
+
+    monkeypatch.setattr(llmvem.embed.text, "load_text_encoder", no_encoder)
     out = tmp_path / "speed.json"
-    res = bench.main(["--data", str(data), "--sessions", "210325", "--max-images", "60", "--quick",
-                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    res = bench.main(["--data", str(tmp_path / "stage" / "v4_cowley2023"), *tiny, "--quick",
+                      "--cache-dir", str(tmp_path / "stage" / "cache"), "--out", str(out)])
     s = res["sessions"]["210325"]
     assert s["order"] == ["pooled", "factorized", "gaussian"]  # session 0: no rotation
     assert s["llmvem_layers"] in (["block10"], ["block8", "block12", "pooled"])  # ridge's --quick candidates

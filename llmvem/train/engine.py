@@ -372,10 +372,12 @@ class Engine:
                     align_part = parts.align.detach() if parts.align is not None else torch.zeros_like(parts.voxel)
                     sums += torch.stack([parts.total.detach(), parts.voxel.detach(), align_part]).double() * k
                     bar.update(1)
+                # the loss sums come to the host first: on a GPU that waits for the epoch's last kernels, so the
+                # loop's seconds are the work done, not the work queued
+                mean = (sums / max(n_seen, 1)).cpu().tolist()
                 train_s = time.perf_counter() - t0
                 train_total_s += train_s
                 seen_total += n_seen * info.world_size
-                mean = (sums / max(n_seen, 1)).cpu().tolist()
                 if not math.isfinite(mean[0]):
                     raise ConfigError(f"training diverged in stage {stage}, epoch {epoch + 1}: the loss is {mean[0]}; "
                                       f"lower train.stage{stage}.lr (now {cfg.lr:g}) or set a grad_clip")
