@@ -112,20 +112,20 @@ def stage_sessions(args: argparse.Namespace, sessions: list[str], dest: Path) ->
     """
     import shutil
 
-    from llmvem.data.v4 import _AVERAGED, _RAW
     from llmvem.inputs import caption_dataset, embed_captions, load_config_dataset
 
     data = dest / "v4_cowley2023"
     files = []
-    for session in sessions:
-        rels = [f"images/images_{session}.zip", *(a.format(s=session) for a in _AVERAGED), _RAW.format(s=session)]
-        found = [r for r in rels if (args.data / r).is_file()]
-        if not any(r.startswith("images/") for r in found) or len(found) < 2:
-            raise FileNotFoundError(f"{args.data}: session {session} lacks its image zip or responses")
+    for session in sessions:  # its image zip and response arrays, wherever the layout puts them
+        found = sorted(p.relative_to(args.data) for p in args.data.rglob(f"*_{session}.*")
+                       if p.is_file() and p.suffix in (".zip", ".npy"))
+        if not found:
+            raise FileNotFoundError(f"{args.data}: no files of session {session} (images_{session}.zip, "
+                                    f"responses_{session}.npy)")
         for rel in found:
             (data / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.data / rel, data / rel)
-            files.append(f"v4_cowley2023/{rel}")
+            files.append(f"v4_cowley2023/{rel.as_posix()}")
     staged = argparse.Namespace(**{**vars(args), "data": data, "cache_dir": str(dest / "cache")})
     for session in sessions:
         config = bench_v4.session_config(_v4_args(staged), session)

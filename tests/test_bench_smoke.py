@@ -412,6 +412,8 @@ def test_spatial_speed_benchmark_on_a_tiny_subset(tmp_path, capsys, monkeypatch)
     data = needs_shared("v4_cowley2023")
     bench = _load("bench_spatial_speed")
     assert bench.main(["--data", str(tmp_path / "absent")]) is None
+    with pytest.raises(FileNotFoundError, match="no files of session 999999"):
+        bench.main(["--data", str(data), "--sessions", "999999", "--stage", str(tmp_path / "bad")])
     tiny = ["--sessions", "210325", "--max-images", "60"]
     staged = bench.main(["--data", str(data), *tiny, "--stage", str(tmp_path / "stage")])
     copied = [f for f in staged["files"] if f.startswith("v4_cowley2023/")]
