@@ -182,6 +182,9 @@ class ModelConfig(_Section):
         "residual", description="flat (PCA) readout + spatial residual, or the spatial readout alone")
     spatial_l1: float = Field(0.0, ge=0.0, description="sparsity penalty of the spatial readout")
     spatial_smoothness: float = Field(0.0, ge=0.0, description="smoothness penalty of factorized masks")
+    spatial_init: Literal["ridge", "random"] = Field(
+        "ridge", description="factorized readouts start at the rank-1 part of a ridge fit on the training maps, "
+                             "or at small random weights")
 
     @model_validator(mode="after")
     def _aligned_needs_flat_readout(self) -> ModelConfig:

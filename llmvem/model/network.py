@@ -40,7 +40,13 @@ from torch import nn
 from llmvem.embed.base import ImageBackbone
 from llmvem.model.features import FeatureStandardizer
 from llmvem.model.readout import LinearVoxelReadout, PCAVoxelReadout, Readout, default_pca_components
-from llmvem.model.spatial import FactorizedReadout, FlatPlusSpatialReadout, GaussianReadout, SpatialReadout
+from llmvem.model.spatial import (
+    ChannelNorm,
+    FactorizedReadout,
+    FlatPlusSpatialReadout,
+    GaussianReadout,
+    make_spatial_readout,
+)
 
 if TYPE_CHECKING:
     from llmvem.config import ModelConfig
@@ -160,6 +166,9 @@ class LLMVEM(nn.Module):
         Sparsity penalty of the spatial readout (factorized: Σ‖mask‖₁‖w‖₁; Gaussian: ‖channel weights‖₁).
     spatial_smoothness : float
         Laplacian smoothness penalty of factorized masks.
+    spatial_init : {"ridge", "random"}
+        Start of factorized readouts in :meth:`initialize`: the rank-1 part of a ridge fit on the training maps
+        (:meth:`~llmvem.model.spatial.FactorizedReadout.initialize_from_ridge`), or small random weights.
     readout_aligned : bool
         The flat readout reads ``[x, √D · embedding]`` (B, D + align_dim), x its usual input of D columns: the
         unit-norm embedding weighs as much as D standardised features (scaled by √align_dim, Adam's per-weight
@@ -177,7 +186,7 @@ class LLMVEM(nn.Module):
                  backbone: ImageBackbone | None = None, alignment: bool = True, head_seed: int = 0,
                  map_shapes: Mapping[str, tuple[int, int, int]] | None = None, spatial_readout: str = "none",
                  spatial_mode: str = "residual", spatial_l1: float = 0.0, spatial_smoothness: float = 0.0,
-                 readout_aligned: bool = False):
+                 spatial_init: str = "ridge", readout_aligned: bool = False):
         super().__init__()
         if not layer_dims:
             raise ValueError("layer_dims: expected at least one readout layer")
@@ -214,6 +223,9 @@ class LLMVEM(nn.Module):
             self.core_dim = readout_dim = int(core_dim)
             if core_dropout > 0:
                 self.core_dropout = nn.Dropout(core_dropout)
+        if spatial_init not in ("ridge", "random"):
+            raise ValueError(f"spatial_init: expected 'ridge' or 'random', got {spatial_init!r}")
+        self.spatial_init = spatial_init
         if spatial_readout not in ("none", *SPATIAL_READOUTS) or spatial_mode not in ("residual", "alone"):
             raise ValueError(f"spatial_readout / spatial_mode: expected one of {('none', *SPATIAL_READOUTS)} / "
                              f"'residual' or 'alone', got {spatial_readout!r} / {spatial_mode!r}")
@@ -224,7 +236,7 @@ class LLMVEM(nn.Module):
         self.spatial_readout, self.spatial_mode = spatial_readout, spatial_mode
         self.map_shapes: dict[str, tuple[int, int, int]] = shapes  # type: ignore[assignment]
         self.spatial_layers: list[str] = list(shapes)
-        self.map_norm = nn.ModuleDict({k: _ChannelNorm(c) for k, (c, _, _) in shapes.items()})
+        self.map_norm = nn.ModuleDict({k: ChannelNorm(c) for k, (c, _, _) in shapes.items()})
         self.readout_aligned = bool(readout_aligned)
         if self.readout_aligned:
             if not alignment or (shapes and spatial_mode == "alone") or not (align_dim or text_dim):
@@ -235,7 +247,8 @@ class LLMVEM(nn.Module):
         for i, (k, (nv, nt)) in enumerate(keys.items()):
             flat = None if shapes and spatial_mode == "alone" else \
                 _make_readout(readout, readout_dim, nv, nt, n_components, voxel_loss, readout_l2)
-            spatial = _make_spatial(spatial_readout, shapes, nv, spatial_l1, spatial_smoothness, head_seed + i) \
+            spatial = make_spatial_readout(spatial_readout, shapes, nv, spatial_l1, spatial_smoothness,
+                                           head_seed + i) \
                 if shapes else None
             readouts[k] = (flat if spatial is None else spatial if flat is None  # type: ignore[assignment]
                            else FlatPlusSpatialReadout(flat, spatial))
@@ -366,7 +379,8 @@ class LLMVEM(nn.Module):
             Each key's training maps of the spatial layers; needed with a spatial readout (per-channel
             statistics over every key's images and positions, with ``standardize_features``; Gaussian
             readouts start at the position that best predicts each unit, see
-            :meth:`~llmvem.model.spatial.GaussianReadout.initialize_positions`).
+            :meth:`~llmvem.model.spatial.GaussianReadout.initialize_positions`; factorized ones, with
+            ``spatial_init="ridge"``, at a ridge fit of the centred responses on the maps).
         """
         responses = train_responses if isinstance(train_responses, Mapping) else {self._key(None): train_responses}
         for key, y in responses.items():
@@ -389,6 +403,9 @@ class LLMVEM(nn.Module):
             spatial = readout.spatial if isinstance(readout, FlatPlusSpatialReadout) else readout
             if isinstance(spatial, GaussianReadout) and key in train_maps:
                 spatial.initialize_positions(self.maps(train_maps[key]), y)
+            elif isinstance(spatial, FactorizedReadout) and key in train_maps and self.spatial_init == "ridge":
+                # the flat readout (or the bias) starts at the mean response: the maps fit what is left
+                spatial.initialize_from_ridge(self.maps(train_maps[key]), y - y.mean(dim=0))
 
     def n_voxels_of(self, key: str | None = None) -> int:
         """Number of voxels of ``key``'s readout (None: the only key)."""
@@ -554,40 +571,12 @@ def _make_readout(kind: str, n_features: int, n_voxels: int, n_train: int, n_com
     raise ValueError(f"readout: expected 'pca' or 'linear', got {kind!r}")
 
 
-class _ChannelNorm(nn.Module):
-    """Per-channel z-scoring of maps (B, C, H, W) with training statistics (buffers ``mean``, ``std`` of (C,))."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("std", torch.ones(channels))
-
-    @torch.no_grad()
-    def fit(self, maps: torch.Tensor) -> None:
-        """Statistics over images and positions of training maps (n, C, H, W), in float64."""
-        x = maps.detach().to(torch.float64).transpose(0, 1).flatten(1)  # (C, n·H·W)
-        self.mean.copy_(x.mean(dim=1).to(self.mean))
-        sd = x.std(dim=1)
-        self.std.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)).to(self.std))
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return (maps - self.mean.view(1, -1, 1, 1).to(maps.dtype)) / self.std.view(1, -1, 1, 1).to(maps.dtype)
-
-
-def _make_spatial(kind: str, shapes: Mapping[str, tuple[int, int, int]], n_voxels: int, l1: float,
-                  smoothness: float, seed: int) -> SpatialReadout:
-    if kind == "factorized":
-        return FactorizedReadout(shapes, n_voxels, sparsity=l1, smoothness=smoothness, seed=seed)
-    if kind == "gaussian":
-        return GaussianReadout(shapes, n_voxels, feature_l1=l1, seed=seed)
-    raise ValueError(f"spatial_readout: expected 'none', 'factorized' or 'gaussian', got {kind!r}")
-
-
 def _spatial_kwargs(config: ModelConfig, map_shapes: Mapping[str, tuple[int, int, int]] | None) -> dict:
     """The spatial-readout (and ``readout_aligned``) arguments of :class:`LLMVEM` from a ``model`` section."""
     return {"map_shapes": map_shapes, "spatial_readout": config.spatial_readout,
             "spatial_mode": config.spatial_mode, "spatial_l1": config.spatial_l1,
-            "spatial_smoothness": config.spatial_smoothness, "readout_aligned": config.readout_aligned}
+            "spatial_smoothness": config.spatial_smoothness, "spatial_init": config.spatial_init,
+            "readout_aligned": config.readout_aligned}
 
 
 def _head_dims(state: Mapping[str, torch.Tensor], projection: str) -> tuple[int, int] | None:

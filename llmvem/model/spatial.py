@@ -25,6 +25,7 @@ features plus a spatial residual).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -34,8 +35,8 @@ from torch.nn import functional as F
 
 from llmvem.model.readout import PCAVoxelReadout, Readout
 
-__all__ = ["FactorizedReadout", "FlatPlusSpatialReadout", "GaussianReadout", "Maps", "SpatialReadout",
-           "map_shapes"]
+__all__ = ["ChannelNorm", "FactorizedReadout", "FlatPlusSpatialReadout", "GaussianReadout", "Maps", "SpatialReadout",
+           "make_spatial_readout", "map_shapes"]
 
 Maps = torch.Tensor | Mapping[str, torch.Tensor]
 _SINGLE = "map"
@@ -161,6 +162,57 @@ class FactorizedReadout(SpatialReadout):
                 pooled = x.flatten(2) @ mask.flatten(1).t()  # (B, C, V): each unit's mask
                 out = out + (pooled * channels.t()).sum(dim=1)
         return out
+
+    #: Ridge penalties tried by :meth:`initialize_from_ridge`, as fractions of the mean squared row norm of the maps.
+    RIDGE_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+    @torch.no_grad()
+    def initialize_from_ridge(self, maps: Maps, targets: torch.Tensor) -> float:
+        """Start each unit at the rank-1 part of a ridge regression of ``targets`` on the maps.
+
+        The ridge maps every map value (all layers, C·H·W each) to each unit, fitted in its dual form on the
+        training images (an n × n kernel, so the cost does not grow with the map size) with the penalty chosen by
+        leave-one-out error (exact for ridge, from one eigendecomposition) among :attr:`RIDGE_ALPHAS`. Each unit's
+        (C, H·W) weight block of a layer is then replaced by its first singular pair: the mask is the spatial
+        singular vector (unit norm, as :meth:`mask` uses it) and the channel weights carry the singular value.
+
+        Parameters
+        ----------
+        maps : tensor (n_train, C, H, W) or mapping of layer to such tensors
+            The training maps, as fed to :meth:`forward`.
+        targets : tensor of shape (n_train, n_voxels)
+            What the readout should predict (without its bias: centred responses, or a residual).
+
+        Returns
+        -------
+        float
+            The chosen penalty, as a fraction of the mean squared row norm.
+        """
+        items = self._maps(maps)
+        x = torch.cat([v.detach().flatten(1).to(torch.float64).cpu() for v in items.values()], dim=1)
+        y = targets.detach().to(torch.float64).cpu()
+        if x.shape[0] != y.shape[0] or y.shape[1] != self.n_voxels:
+            raise ValueError(f"targets: expected shape ({x.shape[0]}, {self.n_voxels}), got {tuple(y.shape)}")
+        scale = float((x * x).sum(1).mean()) or 1.0
+        evals, evecs = torch.linalg.eigh(x @ x.t())
+        evals = evals.clamp_min(0.0)
+        proj = evecs.t() @ y
+        best = (math.inf, 0.0)
+        for frac in self.RIDGE_ALPHAS:
+            shrink = evals / (evals + frac * scale)
+            hat_diag = (evecs ** 2) @ shrink
+            loo = ((y - evecs @ (shrink[:, None] * proj)) / (1.0 - hat_diag)[:, None].clamp_min(1e-12)).pow(2).mean()
+            best = min(best, (float(loo), frac))
+        frac = best[1]
+        weight = x.t() @ (evecs @ (proj / (evals + frac * scale)[:, None]))  # (C·H·W summed over layers, V)
+        start = 0
+        for k, (c, h, w) in self.in_shapes.items():
+            block = weight[start:start + c * h * w].t().reshape(self.n_voxels, c, h * w)
+            start += c * h * w
+            u, sv, vh = torch.linalg.svd(block, full_matrices=False)
+            self.spatial[k].copy_(vh[:, 0].reshape(self.n_voxels, h, w))
+            self.channels[k].copy_(sv[:, :1] * u[:, :, 0])
+        return frac
 
     def regularizer(self) -> torch.Tensor:
         total = self.bias.new_zeros(())
@@ -366,3 +418,33 @@ class FlatPlusSpatialReadout(Readout):
 
     def loss(self, voxels: torch.Tensor, targets: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         return self.flat.loss(voxels, targets, latent)
+
+
+class ChannelNorm(nn.Module):
+    """Per-channel z-scoring of maps (B, C, H, W) with training statistics (buffers ``mean``, ``std`` of (C,))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit(self, maps: torch.Tensor) -> None:
+        """Statistics over images and positions of training maps (n, C, H, W), in float64."""
+        x = maps.detach().to(torch.float64).transpose(0, 1).flatten(1)  # (C, n·H·W)
+        self.mean.copy_(x.mean(dim=1).to(self.mean))
+        sd = x.std(dim=1)
+        self.std.copy_(torch.where(sd > 1e-8, sd, torch.ones_like(sd)).to(self.std))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return (maps - self.mean.view(1, -1, 1, 1).to(maps.dtype)) / self.std.view(1, -1, 1, 1).to(maps.dtype)
+
+
+def make_spatial_readout(kind: str, shapes: Mapping[str, tuple[int, int, int]], n_voxels: int, l1: float,
+                         smoothness: float, seed: int) -> SpatialReadout:
+    """The spatial readout ``kind`` ("factorized" or "gaussian") on maps ``shapes`` with penalty ``l1``."""
+    if kind == "factorized":
+        return FactorizedReadout(shapes, n_voxels, sparsity=l1, smoothness=smoothness, seed=seed)
+    if kind == "gaussian":
+        return GaussianReadout(shapes, n_voxels, feature_l1=l1, seed=seed)
+    raise ValueError(f"spatial_readout: expected 'none', 'factorized' or 'gaussian', got {kind!r}")
