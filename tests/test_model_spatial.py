@@ -144,6 +144,36 @@ def test_spatial_readouts_learn_planted_units(kind):
         torch.testing.assert_close(peak, rows * 7 + cols)
 
 
+def test_factorized_ridge_start_recovers_planted_rank_one_units():
+    """The ridge start (dual form, penalty by leave-one-out error) keeps each unit's first singular pair: on
+    units that ARE rank-1 per layer (a mask × channel weights, two layers) it predicts held-out images almost
+    exactly before any training, where the random start predicts nothing."""
+    shapes = {"a": (8, 5, 5), "b": (6, 5, 5)}
+    truth = FactorizedReadout(shapes, 7, init_noise=1.0, seed=3)
+
+    def data(n: int, seed: int) -> tuple[dict, torch.Tensor]:
+        maps = {k: _maps(n, *s, seed=seed + i) for i, (k, s) in enumerate(shapes.items())}
+        with torch.no_grad():
+            y = truth(maps) + 0.1 * torch.randn(n, 7, generator=torch.Generator().manual_seed(seed + 9))
+        return maps, y
+
+    (x, y), (xt, yt) = data(400, 0), data(200, 100)
+    ro = FactorizedReadout(shapes, 7, seed=1)
+    frac = ro.initialize_from_ridge(x, y - y.mean(0))
+    assert frac in FactorizedReadout.RIDGE_ALPHAS
+    ro.initialize(y)  # the bias: the mean response
+    with torch.no_grad():
+        pred = ro(xt)
+        for k in shapes:  # stored as used: unit-norm masks, the scale in the channel weights
+            torch.testing.assert_close(ro.spatial[k].pow(2).sum(dim=(1, 2)), torch.ones(7))
+        random_start = FactorizedReadout(shapes, 7, seed=1)(xt)
+    r = [np.corrcoef(pred[:, v].numpy(), yt[:, v].numpy())[0, 1] for v in range(7)]
+    assert min(r) > 0.99, r
+    assert float((random_start - random_start.mean(0)).abs().max()) < 0.05  # ~0: the random start predicts nothing
+    with pytest.raises(ValueError, match=r"targets: expected shape \(400, 7\)"):
+        ro.initialize_from_ridge(x, y[:, :3])
+
+
 def test_several_layers_at_once_sum_per_layer_readouts():
     maps = {"block5@grid4": _maps(2, 6, 4, 4), "block9@map": _maps(2, 3, 7, 7, seed=1)}
     shapes = map_shapes(maps)

@@ -127,6 +127,28 @@ def test_spatial_readout_alone_from_cached_maps_and_its_penalty(tmp_path, resnet
     np.testing.assert_allclose(enc.predict(feats["test"]), res.predictions["test"], atol=1e-5)
 
 
+def test_factorized_readouts_start_from_a_ridge_fit_of_each_keys_maps():
+    """``LLMVEM.initialize`` starts factorized readouts at a ridge fit of each key's centred responses on its own
+    (standardised) maps (``spatial_init="ridge"``, the default); ``"random"`` keeps the random start."""
+    shapes = {"m@grid4": (6, 4, 4)}
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(200, 6, 4, 4, generator=g) * 3 + 1
+    y = maps[:, 2, 1, 3:4] * 2.0 - maps[:, 4, 1, 3:4] + 0.05 * torch.randn(200, 1, generator=g)  # one cell
+    feats = {"pooled": maps.mean(dim=(2, 3)), **{k: maps for k in shapes}}
+    starts = {}
+    for init in ("ridge", "random"):
+        net = LLMVEM({"pooled": 6}, 1, 200, map_shapes=shapes, spatial_readout="factorized", spatial_init=init,
+                     alignment=False).eval()
+        net.initialize(y, feats["pooled"], {"main": {k: feats[k] for k in shapes}})
+        with torch.no_grad():
+            starts[init] = net.readout.spatial(net.maps(feats))[:, 0]
+    r = np.corrcoef(starts["ridge"].numpy(), (y - y.mean(0))[:, 0].numpy())[0, 1]
+    assert r > 0.95 and float(starts["random"].abs().max()) < 0.05, (r, float(starts["random"].abs().max()))
+    with pytest.raises(ValueError, match="spatial_init: expected 'ridge' or 'random'"):
+        LLMVEM({"pooled": 6}, 1, 200, map_shapes=shapes, spatial_readout="factorized", spatial_init="pca")
+    assert RunConfig().model.spatial_init == "ridge"
+
+
 def test_keyed_spatial_readouts_and_config_errors():
     shapes = {"b@grid4": (6, 4, 4), "c@map": (5, 8, 8)}
     net = LLMVEM({"pooled": 10}, keys={"s1": (7, 30), "s2": (9, 30)}, map_shapes=shapes, spatial_readout="factorized",
