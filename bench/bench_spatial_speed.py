@@ -6,7 +6,8 @@ so the ratios share the machine's load): for every V4 session, four LLM-VEM mode
 
 * ``pooled`` — today's model: PCA voxel mapping on globally pooled layers;
 * ``factorized`` / ``gaussian`` — the same plus a spatial readout residual (``bench_v4.SPATIAL_LAYERS``: cached
-  7×7 maps of block5 and block8 at the stimuli's 112 px).
+  7×7 maps of block5 and block8 at the stimuli's 112 px); the factorized one as ``bench_v4`` fits it (ridge
+  start, stage-1 patience ``bench_v4.SPATIAL_STAGE1_PATIENCE``), the Gaussian one with the pooled model's patience.
 
 Each is fitted twice: frozen (stage 1 only, ``bench_v4``'s stage-1 settings with early stopping) and fine-tuned
 with a fixed number of stage-2 epochs (``--stage2-epochs``, default 1, so that stage-2 time does not depend on
@@ -21,7 +22,7 @@ early stopping). Reported per session and as medians over sessions, each spatial
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/bench_spatial_speed.py --threads 1          # 9 sessions, ~25-35 min
+    OMP_NUM_THREADS=1 python bench/bench_spatial_speed.py --threads 1          # 9 sessions, ~13-35 min
     python bench/bench_spatial_speed.py --sessions 210322 --max-images 200     # code-path check
 
 On a GPU machine (every stage runs on the GPU when one is visible; ``bench/gpu_checks.sh`` does this), which cannot
