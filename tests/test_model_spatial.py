@@ -172,6 +172,19 @@ def test_factorized_ridge_start_recovers_planted_rank_one_units():
     assert float((random_start - random_start.mean(0)).abs().max()) < 0.05  # ~0: the random start predicts nothing
     with pytest.raises(ValueError, match=r"targets: expected shape \(400, 7\)"):
         ro.initialize_from_ridge(x, y[:, :3])
+    # beyond RIDGE_MAX_IMAGES: a seeded subset, the same start twice, still the planted units
+    small = FactorizedReadout(shapes, 7, seed=1)
+    small.RIDGE_MAX_IMAGES = 250
+    again = FactorizedReadout(shapes, 7, seed=1)
+    again.RIDGE_MAX_IMAGES = 250
+    small.initialize_from_ridge(x, y - y.mean(0))
+    again.initialize_from_ridge(x, y - y.mean(0))
+    assert all(torch.equal(a, b) for a, b in zip(small.parameters(), again.parameters(), strict=True))
+    assert not torch.equal(small.spatial["a"], ro.spatial["a"])  # not all 400 images
+    small.initialize(y)
+    with torch.no_grad():
+        pred = small(xt)
+    assert min(np.corrcoef(pred[:, v].numpy(), yt[:, v].numpy())[0, 1] for v in range(7)) > 0.9  # 250 images, 350 values
 
 
 def test_several_layers_at_once_sum_per_layer_readouts():
