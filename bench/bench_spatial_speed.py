@@ -113,7 +113,7 @@ def stage_sessions(args: argparse.Namespace, sessions: list[str], dest: Path) ->
     """
     import shutil
 
-    from llmvem.inputs import caption_dataset, embed_captions, load_config_dataset
+    from llmvem.inputs import caption_dataset, embed_captions
 
     data = dest / "v4_cowley2023"
     files = []
@@ -129,11 +129,8 @@ def stage_sessions(args: argparse.Namespace, sessions: list[str], dest: Path) ->
             files.append(f"v4_cowley2023/{rel.as_posix()}")
     staged = argparse.Namespace(**{**vars(args), "data": data, "cache_dir": str(dest / "cache")})
     for session in sessions:
-        config = bench_v4.session_config(_v4_args(staged), session)
-        ds = load_config_dataset(config)  # then as run_session and prepare_inputs: truncated, a validation split
-        if args.max_images:
-            ds = bench_v4.truncate_dataset(ds, args.max_images)
-        if ds.val is None:
+        config, ds = _session(staged, session)
+        if ds.val is None:  # as prepare_inputs does before captioning
             ds = ds.with_validation_split(config.data.val_fraction, config.data.seed)
         embed_captions(config, caption_dataset(config, ds, False)[0], False)
     files += sorted(str(p.relative_to(dest)) for p in (dest / "cache").rglob("*") if p.is_file())
@@ -147,19 +144,24 @@ def _v4_args(args: argparse.Namespace) -> argparse.Namespace:
     return v4
 
 
+def _session(args: argparse.Namespace, session: str):
+    """A session's config (bench_v4's settings) and its dataset, cut to ``--max-images`` when given."""
+    from llmvem.inputs import load_config_dataset
+
+    config = bench_v4.session_config(_v4_args(args), session)
+    ds = load_config_dataset(config)
+    return config, (bench_v4.truncate_dataset(ds, args.max_images) if args.max_images else ds)
+
+
 def run_session(args: argparse.Namespace, session: str, work: Path, turn: int = 0) -> dict[str, Any]:
     """The models (frozen and fine-tuned) of one session: seconds, epochs and ratios to ``pooled``.
 
     The three readouts are fitted in an order rotated by ``turn`` (the session's index), so that across sessions
     each comes first equally often: the first fit of a process pays for warm-up (allocations, library set-up).
     """
-    from llmvem.inputs import load_config_dataset, prepare_inputs
+    from llmvem.inputs import prepare_inputs
 
-    v4 = _v4_args(args)
-    config = bench_v4.session_config(v4, session)
-    ds = load_config_dataset(config)
-    if args.max_images:
-        ds = bench_v4.truncate_dataset(ds, args.max_images)
+    config, ds = _session(args, session)
     layer_sets = bench_v4.QUICK_RIDGE_LAYER_SETS if args.quick else bench_v4.RIDGE_LAYER_SETS
     prep = config.model_copy(deep=True)
     spatial_models = ["lambda0_spatial_frozen", "lambda0_spatial_finetuned"]
