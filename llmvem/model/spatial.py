@@ -25,16 +25,15 @@ features plus a spatial residual).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from llmvem.model.readout import PCAVoxelReadout, Readout
-from llmvem.model.ridge import RidgeCV
 
 __all__ = ["ChannelNorm", "FactorizedReadout", "FlatPlusSpatialReadout", "GaussianReadout", "Maps", "SpatialReadout",
            "make_spatial_readout", "map_shapes"]
@@ -164,31 +163,35 @@ class FactorizedReadout(SpatialReadout):
                 out = out + (pooled * channels.t()).sum(dim=1)
         return out
 
+    #: Ridge penalties tried by :meth:`initialize_from_ridge`, as fractions of the mean squared row norm of the maps.
+    RIDGE_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     #: :meth:`initialize_from_ridge` fits on at most this many training images (a seeded random subset beyond it).
     RIDGE_MAX_IMAGES = 4000
 
     @torch.no_grad()
-    def initialize_from_ridge(self, maps: Maps, targets: torch.Tensor) -> np.ndarray:
+    def initialize_from_ridge(self, maps: Maps, targets: torch.Tensor) -> float:
         """Start each unit at the rank-1 part of a ridge regression of ``targets`` on the maps.
 
-        The regression is the project's voxelwise :class:`~llmvem.model.ridge.RidgeCV` (one penalty per unit by
-        5-fold cross-validation, with an intercept) from every map value (all layers, C·H·W each) to each unit.
-        Each unit's (C, H·W) weight block of a layer is then replaced by its first singular pair: the mask is the
-        spatial singular vector (unit norm, as :meth:`mask` uses it) and the channel weights carry the singular
-        value. It is a start, not the fit, so beyond :attr:`RIDGE_MAX_IMAGES` images it uses a seeded random
-        subset (V4's 900 images of two 7 × 7 maps: ~1 s on one core).
+        The ridge maps every map value (all layers, C·H·W each) to each unit, fitted in its dual form on the
+        training images (an n × n kernel, so the cost does not grow with the map size) with the penalty chosen by
+        leave-one-out error (exact for ridge, from one eigendecomposition) among :attr:`RIDGE_ALPHAS`. Each unit's
+        (C, H·W) weight block of a layer is then replaced by its first singular pair: the mask is the spatial
+        singular vector (unit norm, as :meth:`mask` uses it) and the channel weights carry the singular value.
+        It is a start, not the fit, so beyond :attr:`RIDGE_MAX_IMAGES` images it uses a seeded random subset: the
+        n × n kernel and the (n, C·H·W) maps are held in float64 on the CPU (4,000 images of 192 × 14 × 14 maps:
+        ~1.2 GB, under a minute on a few cores; V4's 900 images of two 7 × 7 maps: ~1 s).
 
         Parameters
         ----------
         maps : tensor (n_train, C, H, W) or mapping of layer to such tensors
             The training maps, as fed to :meth:`forward`.
         targets : tensor of shape (n_train, n_voxels)
-            What the readout should predict besides its bias (responses, or a residual).
+            What the readout should predict (without its bias: centred responses, or a residual).
 
         Returns
         -------
-        array of shape (n_voxels,)
-            Each unit's chosen ridge penalty.
+        float
+            The chosen penalty, as a fraction of the mean squared row norm.
         """
         items = self._maps(maps)
         n = next(iter(items.values())).shape[0]
@@ -197,13 +200,22 @@ class FactorizedReadout(SpatialReadout):
         rows = None
         if n > self.RIDGE_MAX_IMAGES:
             rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:self.RIDGE_MAX_IMAGES].sort().values
-        x = torch.cat([(v.detach()[rows.to(v.device)] if rows is not None else v.detach()).flatten(1).float().cpu()
-                       for v in items.values()], dim=1)
-        y = targets.detach().float().cpu()
+        x = torch.cat([(v.detach()[rows.to(v.device)] if rows is not None else v.detach()).flatten(1)
+                       .to(torch.float64).cpu() for v in items.values()], dim=1)
+        y = targets.detach().to(torch.float64).cpu()
         y = y[rows] if rows is not None else y
-        fit = RidgeCV(progress_bar=False, device=str(next(iter(items.values())).device)).fit(
-            x.numpy(), np.ascontiguousarray(y.numpy()))
-        weight = torch.from_numpy(fit.coef_).to(torch.float64)  # (C·H·W summed over layers, V)
+        scale = float((x * x).sum(1).mean()) or 1.0
+        evals, evecs = torch.linalg.eigh(x @ x.t())
+        evals = evals.clamp_min(0.0)
+        proj = evecs.t() @ y
+        best = (math.inf, 0.0)
+        for frac in self.RIDGE_ALPHAS:
+            shrink = evals / (evals + frac * scale)
+            hat_diag = (evecs ** 2) @ shrink
+            loo = ((y - evecs @ (shrink[:, None] * proj)) / (1.0 - hat_diag)[:, None].clamp_min(1e-12)).pow(2).mean()
+            best = min(best, (float(loo), frac))
+        frac = best[1]
+        weight = x.t() @ (evecs @ (proj / (evals + frac * scale)[:, None]))  # (C·H·W summed over layers, V)
         start = 0
         for k, (c, h, w) in self.in_shapes.items():
             block = weight[start:start + c * h * w].t().reshape(self.n_voxels, c, h * w)
@@ -211,7 +223,7 @@ class FactorizedReadout(SpatialReadout):
             u, sv, vh = torch.linalg.svd(block, full_matrices=False)
             self.spatial[k].copy_(vh[:, 0].reshape(self.n_voxels, h, w))
             self.channels[k].copy_(sv[:, :1] * u[:, :, 0])
-        return fit.best_alphas_
+        return frac
 
     def regularizer(self) -> torch.Tensor:
         total = self.bias.new_zeros(())
