@@ -12,9 +12,9 @@ ablation (:func:`llmvem.ablation.run_ablation`) and the benchmarks call. It take
 
 ``metrics.json`` holds, per model, the test summary (mean/median r, accuracy, per ROI) and the **validation**
 mean r (``val_mean_r``, with ``val_in_fit`` true when the model was fitted on the validation split, as the ridge
-baseline is), ``selected_model`` (best validation mean r among models not fitted on it), the paired bootstrap
-comparisons (λ = 0 against every LLM-VEM model, ridge against all), the LLM-VEM model chosen on validation
-(``selection``, :func:`llmvem.evaluate.selection.select_on_validation`) and, in ``dataset``, where the noise
+baseline is), the paired bootstrap comparisons (λ = 0 against every LLM-VEM model, ridge against all), the
+model chosen on validation by the one selection rule (``selection``, with its reason, and its name in
+``selected_model``; :func:`llmvem.evaluate.selection.choose_model`) and, in ``dataset``, where the noise
 ceiling came from (``noise_ceiling_source``: the held-out test images' repeats when known).
 """
 
@@ -33,12 +33,12 @@ from llmvem.config import RunConfig, save_config
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.data.noise_ceiling import held_out_noise_ceiling
 from llmvem.estimators import model_name
-from llmvem.evaluate.selection import select_on_validation
+from llmvem.evaluate.selection import choose_model
 from llmvem.inputs import PreparedInputs
 from llmvem.utils import prepare_run_folder, seed_everything, versions, write_json
 
 __all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary",
-           "default_pairs", "fit_predict", "flatten_comparison", "run_models", "selected_model", "versions",
+           "default_pairs", "fit_predict", "flatten_comparison", "run_models", "versions",
            "write_gallery", "write_model_outputs"]
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,6 @@ def dataset_summary(ds: EncodingDataset) -> dict[str, Any]:
     if ds.meta.get("roi_classes"):
         out["roi_classes"] = {str(c): list(rois) for c, rois in ds.meta["roi_classes"].items()}
     return out
-
-
-def selected_model(records: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """The model with the best validation mean r; models fitted on the validation split (``val_in_fit``) are
-    chosen only when no other model has a validation score."""
-    scored = {n: r["val_mean_r"] for n, r in records.items() if r.get("val_mean_r") is not None}
-    fair = {n: v for n, v in scored.items() if not records[n].get("val_in_fit")}
-    pool = fair or scored
-    return max(pool, key=lambda n: pool[n]) if pool else None
 
 
 def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapping[str, Mapping[str, np.ndarray]],
@@ -337,12 +328,13 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
         t = time.perf_counter()
         stage(inputs)
         timing[key] = time.perf_counter() - t
+    selection = choose_model(records)
     metrics = {
         "dataset": dataset_summary(ds),
         "models": records,
-        "selected_model": selected_model(records),
+        "selected_model": selection.model,
         "comparisons": comparisons,
-        "selection": select_on_validation(records),
+        "selection": selection.to_record(),
         "captions": inputs.caption_info if caption_info is None else
         caption_info() if callable(caption_info) else caption_info,
         "timing": {"total_s": time.perf_counter() - t0, "stages": timing},

@@ -129,14 +129,30 @@ def _check_run_matches(run: RunResults, layout: SubjectLayout, subject_dir: Path
 
 
 def choose_model(run: RunResults) -> str:
-    """The model with the highest validation mean r (``val_mean_r``); the highest test mean r when no model
-    recorded one (logged as a warning, since that choice looks at the test split)."""
-    with_val = {n: m.val_mean_r for n, m in run.models.items() if math.isfinite(m.val_mean_r)}
-    if with_val:
-        return max(with_val, key=lambda n: with_val[n])
-    logger.warning("%s: no model records val_mean_r; exporting the best model by test mean r", run.path)
-    return max(run.models, key=lambda n: -math.inf if math.isnan(run.models[n].overall.mean_r)
-               else run.models[n].overall.mean_r)
+    """The model :func:`llmvem.evaluate.selection.choose_model` chooses on validation for ``run`` — the one the
+    CLI summary and the report name (a ridge fitted on train + val is not eligible: its validation r is in-sample).
+
+    Raises
+    ------
+    DataValidationError
+        No model is eligible (none recorded a validation mean r outside its fit); the message says why and
+        that ``--model`` names one.
+    """
+    from llmvem.evaluate.selection import choose_model as choose
+
+    sel = choose(run.models)
+    if sel.model is None:
+        raise DataValidationError(run.path / "metrics.json", "models", f"{sel.reason()}; name the model to "
+                                  "submit with --model")
+    logger.info("%s: exporting %s (%s)", run.path, sel.model, sel.reason())
+    return sel.model
+
+
+def choose_selection_reason(run: RunResults) -> str:
+    """Why :func:`choose_model` chose the model of ``run`` (one sentence, as the report says it)."""
+    from llmvem.evaluate.selection import choose_model as choose
+
+    return choose(run.models).reason()
 
 
 def _challenge_predictions(run: RunResults, model: str, layout: SubjectLayout) -> np.ndarray:
@@ -286,6 +302,7 @@ def export_algonauts(runs: Sequence[str | Path], subject_dirs: Sequence[str | Pa
             offset += n
         files += _vertex_maps(run, folder)
         rows += result_rows(run, layout.name, n_boot=n_boot, seed=seed)
-        summary["subjects"][layout.name] = {"model": name, "files": files}  # type: ignore[index]
+        why = "named with --model" if model else choose_selection_reason(run)
+        summary["subjects"][layout.name] = {"model": name, "why": why, "files": files}  # type: ignore[index]
     summary["results"] = write_results_table(rows, out)
     return summary

@@ -110,13 +110,23 @@ def test_readme_real_data_route_computes_each_stage_once(tmp_path, monkeypatch, 
         assert writes > 0 and loads == 2
         for subj in subjects:
             out = step("train", "--config", cfg, "--out", str(tmp_path / "runs" / subj.name), subj=subj)
-            assert "selected (best validation mean r)" in out
+            assert "selected: llmvem_lambda0.5 (chosen on validation among llmvem_lambda0.5; ridge not eligible: " \
+                   "fitted on val)" in out
         assert srv.n_requests == n_requests  # train captioned nothing ...
         assert len(feature_writes) == writes and len(encoder_loads) == loads  # ... and embedded nothing
         run1, run2 = (tmp_path / "runs" / s.name for s in subjects)
         # README step 3: the report of a train folder
         index = Path(step("report", str(run1)).strip())
-        assert index.is_file() and "FFA-1" in index.read_text()
+        page = index.read_text()
+        assert index.is_file() and "FFA-1" in page
+        # one answer to "which model won": the ridge, refitted on train + val, has the higher (in-sample) val r,
+        # but the summary, metrics.json, the report and export all name the validation-chosen LLM-VEM model
+        metrics = json.loads((run1 / "metrics.json").read_text())
+        recs = metrics["models"]
+        assert recs["ridge"]["val_in_fit"] and recs["ridge"]["val_mean_r"] > recs["llmvem_lambda0.5"]["val_mean_r"]
+        assert metrics["selected_model"] == metrics["selection"]["model"] == "llmvem_lambda0.5"
+        assert page.count("(chosen on validation)") == 1
+        assert "validation chose LLM-VEM λ=0.5" in page and "llmvem export submits this model" in page
         # README step 4: predictions of the ridge for the challenge test images
         preds = tmp_path / "ridge_preds.h5"
         step("predict", "--run", str(run1), "--model", "ridge", "--images",
@@ -133,10 +143,18 @@ def test_readme_real_data_route_computes_each_stage_once(tmp_path, monkeypatch, 
         sub = tmp_path / "submission"
         step("export", str(run1), str(run2), "--format", "algonauts", "--subject-dir", str(subjects[0]),
              "--subject-dir", str(subjects[1]), "--out", str(sub), "--n-boot", "20")
-        for subj, n_vert in zip(subjects, N_VERT, strict=True):
+        for subj, n_vert, run in zip(subjects, N_VERT, (run1, run2), strict=True):
+            chosen = json.loads((run / "metrics.json").read_text())["selected_model"]
+            ids = json.loads((run / "challenge_test_ids.json").read_text())
+            submitted = np.load(run / "models" / chosen / "predictions_challenge_test.npy")[np.argsort(ids)]
+            parts = []
             for h, n in n_vert.items():
                 pred = np.load(sub / subj.name / f"{h}_pred_test.npy")
                 assert pred.shape == (N_CHALLENGE, n) and pred.dtype == np.float32
+                parts.append(pred)
+            # export submitted the chosen model (not the in-sample-best ridge)
+            assert chosen == "llmvem_lambda0.5"
+            np.testing.assert_allclose(np.concatenate(parts, axis=1), submitted, rtol=1e-6)
         with open(sub / "results.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         metrics = json.loads((run1 / "metrics.json").read_text())

@@ -21,6 +21,8 @@ ROIS = {"early_visual": slice(0, 35), "higher_visual": slice(35, N_VOX)}
 MODELS = {"ridge": ("Ridge (frozen features)", "ridge", None, 0.20),
           "llmvem_lambda0": ("LLM-VEM λ=0", "llmvem", 0.0, 0.30),
           "llmvem_lambda0.1": ("LLM-VEM λ=0.1", "llmvem", 0.1, 0.33)}
+#: validation mean r: the ridge (fitted on train + val) is in-sample-best; validation chooses λ = 0.1
+VAL_R = {"ridge": 0.5, "llmvem_lambda0": 0.28, "llmvem_lambda0.1": 0.31}
 SECTIONS = ["Summary", "ROI accuracy", "Voxel scatter", "Comparisons", "λ curve", "Training curves",
             "Caption gallery", "Cortical map", "Configuration"]
 
@@ -42,7 +44,8 @@ def make_run(root: Path, name: str = "run", seed: int = 0, full: bool = True, fs
     acc = {m: 100 * r[m] ** 2 / nc for m in MODELS}
     models = {}
     for m, (label, kind, lam, _) in MODELS.items():
-        entry = {"label": label, "kind": kind, "lambda": lam, **_stats(r[m], acc[m])}
+        entry = {"label": label, "kind": kind, "lambda": lam, **_stats(r[m], acc[m]),
+                 "val_mean_r": VAL_R[m], "val_in_fit": kind == "ridge"}
         entry["per_roi"] = {roi: _stats(r[m][sl], acc[m][sl]) for roi, sl in ROIS.items()}
         entry["per_hemisphere"] = {"lh": _stats(r[m][:30], acc[m][:30]), "rh": _stats(r[m][30:], acc[m][30:])}
         models[m] = entry
@@ -172,12 +175,14 @@ def test_full_report_has_every_section_and_valid_links(tmp_path):
     # Summary: one row per model with its mean r as recorded (3 decimals) and per-ROI columns.
     metrics = json.loads((run / "metrics.json").read_text())
     summary = page.tables[0]
-    assert summary[0][:6] == ["Model", "kind", "λ", "test mean r", "test median r", "test mean acc. (%)"]
+    assert summary[0][:7] == ["Model", "kind", "λ", "val mean r", "test mean r", "test median r",
+                              "test mean acc. (%)"]
     assert summary[0][-2:] == ["early_visual test mean r", "higher_visual test mean r"]
     for name, m in metrics["models"].items():
         row = next(r for r in summary[1:] if name in r[0])
-        assert row[3] == f"{m['mean_r']:.3f}"
-        assert row[5] == f"{m['mean_accuracy']:.1f}"
+        assert row[3] == f"{m['val_mean_r']:.3f}" + (" (in fit)" if name == "ridge" else "")
+        assert row[4] == f"{m['mean_r']:.3f}"
+        assert row[6] == f"{m['mean_accuracy']:.1f}"
         assert row[-1] == f"{m['per_roi']['higher_visual']['mean_r']:.3f}"
 
     # Scatter: fraction of voxels where λ=0.1 beats λ=0, from the per-voxel arrays.
@@ -188,8 +193,10 @@ def test_full_report_has_every_section_and_valid_links(tmp_path):
     # records no test responses, so the hemisphere facets have no interval and the caption says so.
     assert "Test mean noise-normalised accuracy" in html and "over voxels" not in html.split("ROI chart")[1][:2000]
     assert "no interval where the run folder has neither test_responses.npy" in html
-    # No validation mean r recorded: the chosen λ falls back on test r, visibly.
-    assert "records no validation mean r (val_mean_r)" in html
+    # The chosen model is the validation choice (not the in-sample ridge), marked once and said why.
+    assert html.count("(chosen on validation)") == 1
+    assert ("validation chose LLM-VEM λ=0.1 (val mean r 0.310): chosen on validation among llmvem_lambda0, "
+            "llmvem_lambda0.1; ridge not eligible: fitted on val. llmvem export submits this model.") in html
     # Comparisons table: the recorded diff, p and percent improved, plus one sub-row per ROI.
     comp = metrics["comparisons"][0]
     rows = next(t for t in page.tables if t[0][0] == "Comparison (B vs A)")
@@ -254,8 +261,9 @@ def test_two_runs_prefix_colliding_model_names(tmp_path):
     for run in (run_a, run_b):
         metrics = json.loads((run / "metrics.json").read_text())
         for name, m in metrics["models"].items():
-            row = next(r for r in summary[1:] if r[0].removesuffix(" (chosen λ)").endswith(f"{run.name}/{name}"))
-            assert row[1] == run.name and row[4] == f"{m['mean_r']:.3f}"
+            row = next(r for r in summary[1:]
+                       if r[0].removesuffix(" (chosen on validation)").endswith(f"{run.name}/{name}"))
+            assert row[1] == run.name and row[5] == f"{m['mean_r']:.3f}"
     html = index.read_text(encoding="utf-8")
     assert "<h3>Run run_a</h3>" in html and "<h3>Run run_b</h3>" in html
     assert (index.parent / "lambda_curve_run_a.png").is_file() and (index.parent / "lambda_curve_run_b.png").is_file()
@@ -413,3 +421,16 @@ def test_cli_report_command(tmp_path):
     assert "<title>T</title>" in (tmp_path / "rep" / "index.html").read_text()
     (tmp_path / "bad").mkdir()
     assert main(["report", str(tmp_path / "bad")]) == 2
+
+
+def test_a_run_without_validation_scores_chooses_nothing_and_never_uses_test_r(tmp_path):
+    run = make_run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for m in metrics["models"].values():
+        m.pop("val_mean_r")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    html = write_report([run]).read_text(encoding="utf-8")
+    assert "(chosen on validation)" not in html
+    assert "no model was chosen: nothing chosen: no model has a validation mean r outside its fit" in html
+    # the alignment comparison needs a λ > 0 model chosen on validation: none, so no scatter (no test-r fallback)
+    assert "voxels lie above the diagonal" not in html

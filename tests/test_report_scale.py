@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from llmvem.evaluate.metrics import noise_normalized_accuracy, pearson_r
 from llmvem.report import baseline_and_aligned, load_run
 from llmvem.report.figures import FacetBar, plot_training_curves, roi_facet_figure
-from llmvem.report.page import selection_basis
+from llmvem.report.page import chosen_model
 from llmvem.report.roi import ALGONAUTS_ROI_CLASSES, roi_classes, roi_values
 
 
@@ -82,11 +82,13 @@ def test_roi_values_bootstrap_over_images_and_choose_on_validation(tmp_path):
     assert r_v1v.ci[0] < r_v1v.mean < r_v1v.ci[1]
     assert next(v for v in both if v == v1v_lh) == v1v_lh  # same seed, same accuracy interval
     # validation picks λ = 0.1 (val 0.35) although λ = 1 is not in this 3-model run; test r plays no part
-    assert selection_basis(run) == "validation"
-    base, chosen = baseline_and_aligned(run)
-    assert base.name == "llmvem_lambda0" and chosen.name == "llmvem_lambda0.1"
-    run.models["llmvem_lambda0.1"].val_mean_r = 0.01  # now λ=0.1 is the only aligned model: still chosen
+    base, aligned = baseline_and_aligned(run)
+    assert base.name == "llmvem_lambda0" and aligned.name == "llmvem_lambda0.1"
+    run.models["llmvem_lambda0.1"].val_mean_r = 0.01  # now λ=0.1 is the only aligned model: still compared
     assert baseline_and_aligned(run)[1].name == "llmvem_lambda0.1"
+    assert chosen_model(run).model != "llmvem_lambda0.1"  # ... but the run's chosen model is another one
+    run.models["llmvem_lambda0.1"].val_mean_r = float("nan")  # no validation r: never chosen by test r
+    assert baseline_and_aligned(run)[1] is None
 
 
 def test_training_curves_draw_the_loss_terms(tmp_path):

@@ -20,7 +20,7 @@ from llmvem.data.noise_ceiling import (
 )
 from llmvem.data.splits import split_by_image_key
 from llmvem.estimators import model_name
-from llmvem.evaluate.selection import select_on_validation, selection_line
+from llmvem.evaluate.selection import choose_model, selection_line
 from llmvem.experiment import run_models
 from llmvem.pipeline import experiment_models
 
@@ -38,24 +38,57 @@ def _models(**val_test):
 
 def test_selection_uses_validation_never_test_nor_an_in_fit_val_r():
     models = _models(l0=(0.58, 0.640), l0_5=(0.61, 0.628), l1=(0.60, 0.700))  # λ=1 has the best *test* r
-    sel = select_on_validation(models)
-    assert sel["model"] == model_name(0.5) and sel["lambda"] == 0.5 and sel["n_candidates"] == 3
-    assert sel["test_mean_r"] == 0.628  # reported for the chosen model, not the best test r
+    sel = choose_model(models)
+    assert sel.model == model_name(0.5) and sel.lam == 0.5 and len(sel.candidates) == 3
+    assert sel.test_mean_r == 0.628  # reported for the chosen model, not the best test r
+    assert sel.excluded == {"ridge": "fitted on val"}
     assert selection_line(sel) == "validation chose λ=0.5 (val mean r 0.610); its test mean r 0.628"
-    # ties go to the first (smallest λ); no candidate → None and an honest line
-    tie = select_on_validation(_models(l0=(0.6, 0.1), l1=(0.6, 0.9)))
-    assert tie["lambda"] == 0.0
-    assert select_on_validation({"ridge": models["ridge"]}) is None
-    assert "validation chose nothing" in selection_line(None)
+    assert sel.reason() == ("chosen on validation among llmvem_lambda0, llmvem_lambda0.5, llmvem_lambda1; "
+                            "ridge not eligible: fitted on val")
+    rec = sel.to_record()
+    assert rec["model"] == model_name(0.5) and rec["n_candidates"] == 3 and rec["reason"] == sel.reason()
+    json.dumps(rec, allow_nan=False)  # strict JSON
+    # ties go to the first in order (the smaller λ) and are named; no candidate → None and an honest line
+    tie = choose_model(_models(l0=(0.6, 0.1), l1=(0.6, 0.9)))
+    assert tie.lam == 0.0 and tie.tied == (model_name(0.0), model_name(1.0))
+    assert "tied with llmvem_lambda1" in tie.reason()
+    none = choose_model({"ridge": models["ridge"]})
+    assert none.model is None and "ridge not eligible: fitted on val" in none.reason()
+    assert "validation chose nothing" in selection_line(none)
     no_val = _models(l0=(float("nan"), 0.5))
-    assert select_on_validation(no_val) is None
+    assert choose_model(no_val).model is None
+    assert choose_model(no_val).excluded[model_name(0.0)] == "no validation mean r"
+    # the same rule restricted to some candidates (text-to-brain: λ > 0 only)
+    aligned = choose_model(models, among=lambda _n, f: (f["lambda"] or 0) > 0)
+    assert aligned.model == model_name(0.5) and model_name(0.0) not in aligned.candidates
+    # a ridge fitted on train only is an ordinary candidate
+    fair = {**models, "ridge": {**models["ridge"], "val_in_fit": False}}
+    assert choose_model(fair).model == "ridge"
+
+
+def test_the_rule_reads_report_records_as_it_reads_metrics_json(tmp_path):
+    """The report's ModelResult objects and metrics.json dicts give the same choice (one rule, two readers)."""
+    from llmvem.report.page import chosen_model
+    from llmvem.report.runfolder import load_run
+    from llmvem.utils import write_json
+
+    models = _models(l0=(0.58, 0.640), l0_5=(0.61, 0.628))
+    for m in models.values():
+        m["per_roi"] = {}
+    write_json(tmp_path / "metrics.json", {"dataset": {"name": "x"}, "models": models, "comparisons": []})
+    run = load_run(tmp_path)
+    assert chosen_model(run).model == choose_model(models).model == model_name(0.5)
+    assert run.models["ridge"].val_in_fit is True
 
 
 def test_demo_summary_labels_test_columns_and_says_what_validation_chose(capsys):
     _print_summary({"models": _models(l0=(0.58, 0.640), l0_5=(0.61, 0.628)), "comparisons": []})
     out = capsys.readouterr().out
     assert "test mean r" in out and "val mean r" in out and "0.990 (in fit)" in out
-    assert out.strip().endswith("validation chose λ=0.5 (val mean r 0.610); its test mean r 0.628")
+    lines = out.strip().splitlines()
+    assert lines[-2] == "validation chose λ=0.5 (val mean r 0.610); its test mean r 0.628"
+    assert lines[-1] == ("selection: chosen on validation among llmvem_lambda0, llmvem_lambda0.5; ridge not "
+                         "eligible: fitted on val")
 
 
 def test_sweep_chooses_the_point_and_lambda_on_validation(capsys):
@@ -64,7 +97,7 @@ def test_sweep_chooses_the_point_and_lambda_on_validation(capsys):
     _print_sweep_selection(points)
     out = capsys.readouterr().out
     assert "test mean r" in out and out.count("feature_dropout0.2") >= 3
-    assert out.strip().splitlines()[-1] == ("validation chose feature_dropout0.2, λ=0.1 (val mean r 0.570); "
+    assert out.strip().splitlines()[-2] == ("validation chose feature_dropout0.2, λ=0.1 (val mean r 0.570); "
                                             "its test mean r 0.610")
 
 
@@ -134,3 +167,28 @@ def test_whole_set_or_given_ceilings_are_labelled_as_such():
     bare.splits["test"] = Split(bare.test.images, bare.test.responses)
     assert held_out_noise_ceiling(bare) == (None, "none: the data have no repeats of the test images and no "
                                                   "noise ceiling")
+
+
+def test_demo_folder_summary_and_report_name_the_same_model(tmp_path, capsys):
+    """A demo-shaped run (ridge on train + val, λ = 0, λ = 0.5): the CLI summary, metrics.json and the report name
+    one model, and the report's alignment comparison is not presented as the choice."""
+    import re
+
+    from llmvem.report import write_report
+
+    cfg = tiny_config("train.stage2.epochs=0", "train.stage1.epochs=2", "evaluate.bootstrap=0",
+                      "evaluate.ridge_folds=3", "evaluate.ridge_device=cpu", "backbone.layers=[block0]",
+                      "evaluate.compare_lambdas=[]", "model.lambda_align=0.5", "evaluate.text_to_brain=false")
+    run_models(cfg, tiny_inputs(), experiment_models(cfg), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    _print_summary(metrics)
+    out = capsys.readouterr().out
+    chosen = metrics["selected_model"]
+    assert chosen in (model_name(0.0), model_name(0.5)) and metrics["selection"]["model"] == chosen
+    label = metrics["models"][chosen]["label"]
+    lam = metrics["models"][chosen]["lambda"]
+    assert f"validation chose λ={lam:g}" in out
+    page = write_report([tmp_path / "run"]).read_text()
+    row = next(r for r in re.findall(r"<tr>.*?</tr>", page) if "(chosen on validation)" in r)
+    assert f'<span class="key">{chosen}</span>' in row and page.count("(chosen on validation)") == 1
+    assert f"validation chose {label}" in page.replace("&#x27;", "'")

@@ -190,7 +190,7 @@ def test_linear_readout_checks_its_input():
         ro.predict(np.ones((1, 4)))
 
 
-def test_select_text_model_prefers_the_configured_lambda(tmp_path):
+def test_select_text_model_chooses_on_validation_among_aligned_models(tmp_path):
     from llmvem.config import RunConfig
     from llmvem.explain import select_text_model
 
@@ -202,9 +202,9 @@ def test_select_text_model_prefers_the_configured_lambda(tmp_path):
         (d / "model.safetensors").write_bytes(b"")
         (d / "training.json").write_text(json.dumps({"lambda_align": lam, "metrics": {"val_mean_r": val_r}}))
     cfg = RunConfig()
-    cfg.model.lambda_align = 0.1
-    assert select_text_model(tmp_path, cfg).name == "llmvem_lambda0.1"
-    cfg.model.lambda_align = 0.0  # not > 0: the best λ > 0 by validation r
+    cfg.model.lambda_align = 0.1  # the configured λ does not override the rule: the best λ > 0 by validation r
+    assert select_text_model(tmp_path, cfg).name == "llmvem_lambda0.5"
+    cfg.model.lambda_align = 0.0
     assert select_text_model(tmp_path, cfg).name == "llmvem_lambda0.5"
     assert select_text_model(tmp_path / "nowhere", cfg) is None
 

@@ -71,7 +71,8 @@ def test_train_command_writes_a_run_folder_with_overrides(tmp_path, fake_inputs,
     assert metrics["selected_model"] == "llmvem_lambda0.25"  # the ridge is fitted on val: not chosen by it
     assert "mean_r" in metrics["models"]["ridge"] and (out / "test_responses.npy").is_file()
     assert (out / "models" / "ridge" / "ridge.npz").is_file()
-    assert "selected (best validation mean r): llmvem_lambda0.25" in stdout
+    assert "selected: llmvem_lambda0.25 (chosen on validation among llmvem_lambda0.25; ridge not eligible: " \
+           "fitted on val)" in stdout
 
 
 def test_used_folder_is_refused_before_preparing_inputs_then_resumed(tmp_path, fake_inputs, capsys):

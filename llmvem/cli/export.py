@@ -34,6 +34,6 @@ def export(
         raise ConfigError(f"--format {fmt!r}; expected 'algonauts'")
     summary = export_algonauts(runs, subject_dirs, out, model=model, n_boot=n_boot)
     for subject, info in summary["subjects"].items():  # type: ignore[union-attr]
-        typer.echo(f"{subject}: model {info['model']}, {len(info['files'])} files in {out / subject}")
+        typer.echo(f"{subject}: model {info['model']} ({info['why']}), {len(info['files'])} files in {out / subject}")
     for path in summary["results"]:  # type: ignore[union-attr]
         typer.echo(str(path))

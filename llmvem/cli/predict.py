@@ -68,8 +68,8 @@ def _echo_fit(evaluation: dict | None) -> None:
 def predict(
     run: Path = typer.Option(..., "--run", help="Experiment run folder (llmvem demo --out) or a trained-model "
                              "folder (config.yaml, model.safetensors)."),
-    model: str | None = typer.Option(None, "--model", help="Model under RUN/models (default: the model of the "
-                                     "run's model.lambda_align, or its only model with λ > 0)."),
+    model: str | None = typer.Option(None, "--model", help="Model under RUN/models (default: the model the run "
+                                     "chose on validation; for texts, the one chosen among its models with λ > 0)."),
     text: list[str] = typer.Option([], "--text", help="A text to predict responses to (repeatable)."),
     text_file: Path | None = typer.Option(None, "--text-file", help="UTF-8 file with one text per line (# "
                                           "comments and blank lines skipped)."),
@@ -118,7 +118,7 @@ def predict(
     if blank:
         raise ConfigError(f"--text: text {blank[0] + 1} is empty; expected words to predict responses to")
     check_output_file(out, "--out")
-    model_dir = resolve_model_dir(run, model)
+    model_dir = resolve_model_dir(run, model, for_text=images is None)
     if (model_dir / RIDGE_FILE).is_file() and (texts or fit_readouts):
         raise ConfigError(f"--model {model_dir.name}: a ridge on image features predicts from --images only "
                           "(texts need an LLM-VEM model with text-to-brain readouts)")
@@ -194,7 +194,7 @@ def describe(
 
     if readout not in READOUTS:
         raise ConfigError(f"--readout: expected one of {', '.join(READOUTS)}, got {readout!r}")
-    model_dir = resolve_model_dir(run, model)
+    model_dir = resolve_model_dir(run, model, for_text=True)
     t2b = TextToBrain.load(model_dir)
     vocab_path = vocabulary or model_dir / VOCABULARY_FILE
     if vocabulary is None and not vocab_path.is_file():

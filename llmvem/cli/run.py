@@ -21,7 +21,7 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 
 def _print_summary(metrics: dict) -> None:
-    from llmvem.evaluate.selection import select_on_validation, selection_line
+    from llmvem.evaluate.selection import choose_model, selection_line
     from llmvem.report.tables import fmt_number, text_table
 
     def val_cell(m: dict) -> str:
@@ -40,12 +40,14 @@ def _print_summary(metrics: dict) -> None:
     if any(m.get("val_in_fit") for m in metrics["models"].values()):
         typer.echo("(in fit): the model was fitted on train + val, so its val r is in-sample and not a selection "
                    "criterion")
-    typer.echo(selection_line(select_on_validation(metrics["models"])))
+    sel = choose_model(metrics["models"])
+    typer.echo(selection_line(sel))
+    typer.echo(f"selection: {sel.reason()}")
 
 
 def _print_sweep_selection(points: dict[str, dict]) -> None:
     """All (sweep point, λ) models with validation and **test** mean r, then the one validation chose."""
-    from llmvem.evaluate.selection import select_on_validation, selection_line
+    from llmvem.evaluate.selection import choose_model, selection_line
     from llmvem.report.tables import fmt_number, text_table
 
     flat = {f"{point}/{name}": {**m, "point": point} for point, metrics in points.items()
@@ -55,8 +57,9 @@ def _print_sweep_selection(points: dict[str, dict]) -> None:
              fmt_number(m["mean_r"])] for key, m in flat.items()]
     typer.echo("\n== all sweep points (test mean r shown for every model; selection uses val mean r only) ==")
     typer.echo(text_table(["sweep point", "model", "val mean r", "test mean r"], rows, n_left=2))
-    sel = select_on_validation(flat)
-    typer.echo(selection_line(sel, setting=None if sel is None else flat[sel["model"]]["point"]))
+    sel = choose_model(flat)
+    typer.echo(selection_line(sel, setting=None if sel.model is None else flat[sel.model]["point"]))
+    typer.echo(f"selection: {sel.reason()}")
 
 
 @app.command("demo")

@@ -99,7 +99,7 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
         elif rec.get("kind") == "llmvem" and rec.get("lambda") is not None and cfg.align_data.spec is not None:
             typer.echo(f"  alignment stream {cfg.align_data.spec} not used (λ = {rec['lambda']:g}, align_data.weight "
                        f"= {cfg.align_data.weight:g})")
-    typer.echo(f"selected (best validation mean r): {m['selected_model']}")
+    typer.echo(f"selected: {m['selected_model'] or 'none'} ({m['selection']['reason']})")
     typer.echo(f"run folder: {out}  (llmvem report {out})")
 
 

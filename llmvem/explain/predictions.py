@@ -45,7 +45,7 @@ def _positive_lambda_models(models: Path) -> list[tuple[Path, float]]:
     return out
 
 
-def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
+def resolve_model_dir(run: str | Path, model: str | None = None, for_text: bool = False) -> Path:
     """The trained-model folder that ``run`` designates.
 
     Parameters
@@ -54,16 +54,19 @@ def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
         A trained-model folder (``config.yaml`` + ``model.safetensors``), or an experiment run folder with
         ``models/<name>/`` (``llmvem demo``, ``llmvem train``).
     model : str, optional
-        Name of the model under ``run/models`` (e.g. ``llmvem_lambda0.1``, or ``ridge``: a saved ridge). Default: the model of the run's
-        ``model.lambda_align`` when it is > 0, else the only model trained with λ > 0.
+        Name of the model under ``run/models`` (e.g. ``llmvem_lambda0.1``, or ``ridge``: a saved ridge). Default: the
+        model the run chose on validation (``metrics.json``, :func:`llmvem.evaluate.selection.choose_model`) when
+        it can be loaded, else the only model trained with λ > 0.
+    for_text : bool
+        The model serves texts (text-to-brain readouts need an alignment head): the default is then chosen by the
+        same rule among the models trained with λ > 0, as the run's text-to-brain section was.
 
     Raises
     ------
     CheckpointError
         No such folder or model; the message lists the models that exist.
     """
-    from llmvem.config import load_config
-    from llmvem.estimators import RIDGE_FILE, model_name
+    from llmvem.estimators import RIDGE_FILE
     from llmvem.train.load import is_model_folder
 
     run = Path(run)
@@ -83,15 +86,39 @@ def resolve_model_dir(run: str | Path, model: str | None = None) -> Path:
             raise CheckpointError(f"{models / model}: no trained model of that name; models in {run}: "
                                   f"{', '.join(names) or 'none'}")
         return models / model
-    if (run / "config.yaml").is_file():
-        lam = float(load_config(run / "config.yaml").model.lambda_align)
-        if lam > 0 and model_name(lam) in names:
-            return models / model_name(lam)
+    positive_names = [d.name for d, lam in found if lam > 0]
+    chosen = _chosen_in_run(run, positive_names if for_text else names)
+    if chosen is not None:
+        return models / chosen
     positive = [d for d, lam in found if lam > 0]
     if len(positive) == 1:
         return positive[0]
     raise CheckpointError(f"{run}: cannot choose a model ({len(positive)} trained with λ > 0 among "
-                          f"{', '.join(names) or 'none'}); name one with --model")
+                          f"{', '.join(names) or 'none'}, and no metrics.json to choose on validation); name one "
+                          "with --model")
+
+
+def _chosen_in_run(run: Path, names: list[str]) -> str | None:
+    """The model the run's ``metrics.json`` records as chosen on validation (the one rule of
+    :func:`llmvem.evaluate.selection.choose_model`, recomputed from its model records), when it is one of the
+    loadable ``names``; None without a readable ``metrics.json``."""
+    import json
+
+    from llmvem.evaluate.selection import choose_model
+
+    path = run / "metrics.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8")).get("models")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        return None
+    sel = choose_model(records)
+    if sel.model in names:
+        return sel.model
+    # the chosen model cannot serve here (a per-voxel choice, say): the best loadable one by the same rule
+    sel = choose_model(records, among=names)
+    return sel.model
 
 
 def roi_masks_of(model_dir: str | Path) -> dict[str, np.ndarray]:
@@ -230,6 +257,9 @@ def write_predictions_h5(path: str | Path, responses: np.ndarray, *, image_ids: 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        from llmvem.utils import follow_umask
+
+        follow_umask(tmp)  # the mode open() would give, not mkstemp's 0600
         with h5py.File(tmp, "w") as f:
             f.create_dataset("responses", data=y, compression="gzip" if y.size > 65536 else None)
             f.create_dataset("image_ids" if texts is None else "texts", data=np.array(names, dtype=object),

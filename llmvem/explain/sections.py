@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,28 +57,28 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return fmt_number(x, digits, missing="–")
 
 
-def select_text_model(run_dir: str | Path, config: RunConfig) -> Path | None:
-    """The run's model for text-to-brain: the one of ``config.model.lambda_align`` when it is > 0 and trained,
-    else the λ > 0 model with the best validation mean r; None when no model was trained with λ > 0."""
-    from llmvem.estimators import model_name
+def select_text_model(run_dir: str | Path, config: RunConfig | None = None) -> Path | None:
+    """The run's model for text-to-brain: among the trained models with λ > 0 (their alignment head defines the
+    aligned space), the one :func:`llmvem.evaluate.selection.choose_model` chooses on validation (the rule every
+    other choice of llmvem uses; ``config`` is not consulted). None when no model was trained with λ > 0 or none
+    recorded a validation mean r."""
+    from llmvem.evaluate.selection import choose_model
     from llmvem.train.load import is_model_folder, read_training_summary
 
     models = Path(run_dir) / "models"
     if not models.is_dir():
         return None
-    lam = float(config.model.lambda_align)
-    if lam > 0 and is_model_folder(models / model_name(lam)):
-        return models / model_name(lam)
-    best: tuple[float, Path] | None = None
-    for d in sorted(p for p in models.iterdir() if is_model_folder(p)):
+    records: dict[str, dict[str, Any]] = {}
+    for d in (p for p in models.iterdir() if is_model_folder(p)):
         summary = read_training_summary(d)
-        if float(summary.get("lambda_align", 0.0)) <= 0:
-            continue
-        score = summary.get("metrics", {}).get("val_mean_r")
-        score = float(score) if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf
-        if best is None or score > best[0]:
-            best = (score, d)
-    return None if best is None else best[1]
+        lam = summary.get("lambda_align", 0.0)
+        lam = float(lam) if isinstance(lam, (int, float)) else 0.0
+        if lam > 0:
+            records[d.name] = {"kind": "llmvem", "lambda": lam,
+                               "val_mean_r": summary.get("metrics", {}).get("val_mean_r")}
+    ordered = dict(sorted(records.items(), key=lambda kv: (kv[1]["lambda"], kv[0])))
+    sel = choose_model(ordered)
+    return None if sel.model is None else models / sel.model
 
 
 # ------------------------------------------------------------------------------------------- text-to-brain

@@ -2,9 +2,10 @@
 
 The page is a single file: CSS inline and every image (figures, gallery thumbnails, extra figures) embedded as a
 base64 ``data:`` URI; the figures are also left as PNG files beside it for reuse. Sections whose inputs are absent
-are replaced by a one-line note. Test figures of the "best alignment weight" are those of the model chosen on the
-**validation** split (``val_mean_r`` in ``metrics.json``); runs that did not record it fall back to the test mean
-r, and the page says so.
+are replaced by a one-line note. The model marked "chosen" is the one :func:`llmvem.evaluate.selection.choose_model`
+picks on the **validation** split — the same model the CLI summary names and ``llmvem export`` submits; the
+alignment comparisons show the λ > 0 model the same rule picks among the aligned ones. The test split never
+chooses.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from llmvem.evaluate.selection import Selection, choose_model
 from llmvem.report import figures
 from llmvem.report.cortex import masks_to_fsaverage5, plot_surface_maps, voxels_to_fsaverage5
 from llmvem.report.roi import ALL_VOXELS, class_order, interval_note, roi_classes, roi_values
@@ -114,37 +116,37 @@ def _entries(runs: list[RunResults]) -> list[_Entry]:
             for run in runs for name, m in run.models.items()]
 
 
-def _score(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
+def chosen_model(run: RunResults) -> Selection:
+    """The run's model chosen on validation by the one rule (:func:`llmvem.evaluate.selection.choose_model`):
+    the model the CLI summary names and ``llmvem export`` submits."""
+    return choose_model(run.models)
 
 
 def baseline_and_aligned(run: RunResults) -> tuple[ModelResult | None, ModelResult | None]:
-    """The LLM-VEM model trained without alignment (λ = 0) and the best one with alignment (λ > 0).
+    """The LLM-VEM model trained without alignment (λ = 0) and the λ > 0 model that the same rule chooses on
+    validation among the aligned ones (the alignment comparisons of the report show this pair).
 
-    "Best" is the highest **validation** mean r (``val_mean_r``) when every aligned model recorded one, else the
-    highest test mean r (see :func:`selection_basis`). Either is None when the run has no such model.
+    Either is None when the run has no such model; the aligned one is None when no λ > 0 model recorded a
+    validation mean r outside its fit (the test split is never used to choose).
     """
     llmvem = [m for m in run.models.values() if m.kind == "llmvem" and m.lam is not None]
     base = next((m for m in llmvem if m.lam == 0), None)
-    aligned = [m for m in llmvem if m.lam is not None and m.lam > 0]
-    on_val = selection_basis(run) == "validation"
-    best = max(aligned, key=lambda m: _score(m.val_mean_r if on_val else m.overall.mean_r), default=None)
-    return base, best
+    sel = choose_model(run.models, among=lambda _name, f: f["kind"] == "llmvem" and (f["lambda"] or 0) > 0)
+    return base, None if sel.model is None else run.models[sel.model]
 
 
-def selection_basis(run: RunResults) -> str:
-    """``"validation"`` when every aligned LLM-VEM model recorded ``val_mean_r``, else ``"test"``."""
-    aligned = [m for m in run.models.values() if m.kind == "llmvem" and m.lam is not None and m.lam > 0]
-    return "validation" if aligned and all(math.isfinite(m.val_mean_r) for m in aligned) else "test"
-
-
-def _selection_note(run: RunResults, chosen: ModelResult) -> str:
-    if selection_basis(run) == "validation":
-        return (f"{chosen.label} was chosen as the best alignment weight by its validation mean r "
-                f"({_fmt(chosen.val_mean_r)}); the figures show its test results.")
-    return (f"Note: {run.name} records no validation mean r (val_mean_r), so the best alignment weight "
-            f"({chosen.label}) was chosen by test mean r, which favours it; rerun with a current llmvem to select "
-            "on validation.")
+def _selection_note(run: RunResults) -> str:
+    sel = chosen_model(run)
+    prefix = f"{run.name}: " if run.name else ""
+    if sel.model is None:
+        return f"{prefix}no model was chosen: {sel.reason()}."
+    note = (f"{prefix}validation chose {run.models[sel.model].label} (val mean r {_fmt(sel.val_mean_r)}): "
+            f"{sel.reason()}. llmvem export submits this model.")
+    aligned = baseline_and_aligned(run)[1]
+    if aligned is not None and aligned.name != sel.model:
+        note += (f" The alignment comparisons below show {aligned.label}, the λ > 0 model with the best validation "
+                 f"mean r (val mean r {_fmt(aligned.val_mean_r)}); it is not the chosen model.")
+    return note
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -205,18 +207,18 @@ def _section_summary(ctx: _Context) -> str:
     header += [] if many else [f"{_e(r)} test mean r" for r in rois]
     best = max((e.model.overall.mean_r for e in ctx.entries if math.isfinite(e.model.overall.mean_r)),
                default=math.nan)
-    chosen = {(run.path, m.name) for run in ctx.runs if (m := baseline_and_aligned(run)[1]) is not None}
+    chosen = {(run.path, sel.model) for run in ctx.runs if (sel := chosen_model(run)).model is not None}
     rows = []
     for e in ctx.entries:
         m = e.model.overall
-        mark = ' <span class="key">(chosen λ)</span>' if (e.run.path, e.model.name) in chosen else ""
+        mark = ' <span class="key">(chosen on validation)</span>' if (e.run.path, e.model.name) in chosen else ""
         cells = [f'<td class="text">{_e(e.model.label)} <span class="key">{_e(e.key)}</span>{mark}</td>']
         if ctx.multi:
             cells.append(f'<td class="text">{_e(e.run.name)}</td>')
         cells.append(f'<td class="text">{_e(e.model.kind)}</td>')
         cells.append(f"<td>{_fmt_lambda(e.model.lam)}</td>")
         if has_val:
-            cells.append(f"<td>{_fmt(e.model.val_mean_r)}</td>")
+            cells.append(f"<td>{_fmt(e.model.val_mean_r)}{' (in fit)' if e.model.val_in_fit else ''}</td>")
         cls = ' class="best"' if m.mean_r == best else ""
         cells.append(f"<td{cls}>{_fmt(m.mean_r)}</td><td>{_fmt(m.median_r)}</td>")
         if has_acc:
@@ -232,12 +234,10 @@ def _section_summary(ctx: _Context) -> str:
     roi_note = (f"The {len(rois)} ROIs are in the ROI section (and in results.csv from `llmvem export`). "
                 if many else "")
     out.append(f'<p class="caption">All models, on the <b>test</b> split: Pearson r between predicted and measured '
-               f"test responses, over voxels{'; val mean r is on the validation split' if has_val else ''}. "
+               f"test responses, over voxels{'; val mean r is on the validation split ((in fit): the model was fitted on it, so its val r is in-sample)' if has_val else ''}. "
                f"{acc_note}{roi_note}Bold: best test mean r.</p>")
     for run in ctx.runs:
-        chosen_model = baseline_and_aligned(run)[1]
-        if chosen_model is not None:
-            out.append(f'<p class="note">{_e(_selection_note(run, chosen_model))}</p>')
+        out.append(f'<p class="note">{_e(_selection_note(run))}</p>')
     return "".join(out)
 
 
@@ -408,7 +408,8 @@ def _section_cortex(ctx: _Context) -> str:
             out.append(_note("no cortical map: voxel_metrics.npz has fsaverage_index but no hemisphere"))
             continue
         base, aligned = baseline_and_aligned(run)
-        shown = aligned or max(run.models.values(), key=lambda m: np.nan_to_num(m.overall.mean_r, nan=-np.inf))
+        sel = chosen_model(run)
+        shown = run.models[sel.model] if sel.model is not None else next(iter(run.models.values()))
         use_acc = shown.name in vox.accuracy
         values = vox.accuracy[shown.name] if use_acc else vox.r[shown.name]
         what = "noise-normalised accuracy (%)" if use_acc else "Pearson r"

@@ -68,6 +68,8 @@ class ModelResult:
     per_hemisphere: dict[str, RegionMetrics] = field(default_factory=dict)
     #: Mean r on the validation split (``metrics.json`` ``val_mean_r``); NaN when the run did not record it.
     val_mean_r: float = math.nan
+    #: True when the model was fitted on the validation split (``val_in_fit``): its validation r is in-sample.
+    val_in_fit: bool = False
 
 
 @dataclass
@@ -277,7 +279,8 @@ def _parse_metrics(path: Path) -> dict[str, Any]:
         models[name] = ModelResult(
             name=name, label=str(m.get("label") or name), kind=str(m.get("kind") or "unknown"), lam=lam_f,
             overall=_region(m, path, pre), per_roi=per_roi, per_hemisphere=per_hemi,
-            val_mean_r=_number(m.get("val_mean_r"), path, pre + "val_mean_r"))
+            val_mean_r=_number(m.get("val_mean_r"), path, pre + "val_mean_r"),
+            val_in_fit=m.get("val_in_fit") is True)
 
     comparisons = []
     for i, c in enumerate(_list(data.get("comparisons", []), path, "comparisons")):
