@@ -85,17 +85,42 @@ def progress_bar(total: int, desc: str, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress_enabled(), dynamic_ncols=True)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (Linux: read from ``/proc``, which leaves the mask untouched)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, folder: bool = False) -> None:
+    """Give ``path`` the mode ``open()`` / ``mkdir()`` would have given it (0666 / 0777 less the umask).
+
+    ``tempfile.mkstemp`` and ``mkdtemp`` create 0600 / 0700 entries whatever the umask; a file renamed into place
+    from one would stay unreadable to the group and others (a report on a shared cluster, a web server).
+    """
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **kwargs: Any):
     """Write to a temporary file beside ``path`` and rename it into place on success.
 
-    A crash while writing leaves the previous file (or none) and never a half-written one.
+    A crash while writing leaves the previous file (or none) and never a half-written one. The file gets the
+    mode ``open()`` would give it (0666 less the umask), not the temporary file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        follow_umask(tmp)
         with open(tmp, mode, **kwargs) as fh:
             yield fh
             fh.flush()

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from llmvem.errors import CheckpointError
 from llmvem.train.distributed import DistInfo, barrier
-from llmvem.utils import atomic_write, write_json
+from llmvem.utils import atomic_write, follow_umask, write_json
 
 __all__ = [
     "CheckpointManager",
@@ -53,6 +53,7 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(_safe_tensors(state), str(tmp), metadata=metadata or {})
+    follow_umask(tmp)  # readable as open() would make it, whatever the writer's default
     tmp.replace(path)
 
 
