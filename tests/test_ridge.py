@@ -167,3 +167,55 @@ def test_inputs_are_not_modified():
     RidgeCV(alphas=ALPHAS, cv=4).fit(X32, Y32)
     np.testing.assert_array_equal(X32, X_before)
     np.testing.assert_array_equal(Y32, Y_before)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("shape", [(30, 6, 5), (25, 40, 4)], ids=["primal n>p", "dual p>n"])
+def test_leave_one_out_scores_equal_brute_force_refits(fit_intercept, shape):
+    """cv="loo" is exact: each sample's residual equals that of a ridge refitted without it."""
+    n, p, v = shape
+    X, Y = make_problem(n, p, v, seed=5)
+    alphas = np.logspace(-1, 3, 5)
+    ours = RidgeCV(alphas=alphas, cv="loo", scoring="neg_mse", fit_intercept=fit_intercept,
+                   dtype=torch.float64, device="cpu").fit(X, Y)
+    expected = np.zeros((len(alphas), v))
+    for k, a in enumerate(alphas):
+        for i in range(n):
+            keep = np.arange(n) != i
+            ref = Ridge(alpha=a, fit_intercept=fit_intercept).fit(X[keep], Y[keep])
+            expected[k] -= (Y[i] - ref.predict(X[i:i + 1])[0]) ** 2 / n
+    np.testing.assert_allclose(ours.cv_scores_, expected, rtol=1e-7)
+    assert ours.n_splits_ == n
+    # the refit is the ordinary ridge on all samples with each voxel's alpha
+    for j in range(v):
+        ref = Ridge(alpha=ours.best_alphas_[j], fit_intercept=fit_intercept).fit(X, Y[:, j])
+        np.testing.assert_allclose(ours.coef_[:, j], ref.coef_, rtol=1e-7, atol=1e-9)
+
+
+def test_shared_alpha_matches_sklearn_leave_one_out():
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    X, Y = make_problem(50, 12, 8, seed=3)
+    alphas = np.logspace(-2, 4, 13)
+    ours = RidgeCV(alphas=alphas, cv="loo", scoring="neg_mse", local_alpha=False, dtype=torch.float64,
+                   device="cpu").fit(X, Y)
+    ref = SkRidgeCV(alphas=alphas, alpha_per_target=False).fit(X, Y)
+    assert len(np.unique(ours.best_alphas_)) == 1 and ours.best_alphas_[0] == pytest.approx(ref.alpha_)
+    np.testing.assert_allclose(ours.coef_, ref.coef_.T, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.intercept_, ref.intercept_, rtol=1e-7, atol=1e-9)
+    # per-voxel α by the same leave-one-out scores: as sklearn's alpha_per_target
+    per = RidgeCV(alphas=alphas, cv="loo", scoring="neg_mse", dtype=torch.float64, device="cpu").fit(X, Y)
+    ref_per = SkRidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y)
+    np.testing.assert_allclose(per.best_alphas_, ref_per.alpha_)
+    # blocks do not change a shared α (it needs every voxel's score before the refit)
+    blocked = RidgeCV(alphas=alphas, cv="loo", scoring="neg_mse", local_alpha=False, dtype=torch.float64,
+                      device="cpu", voxel_batch=3).fit(X, Y)
+    np.testing.assert_allclose(blocked.coef_, ours.coef_, rtol=1e-10)
+
+
+def test_leave_one_out_refuses_bad_cv_and_tiny_data():
+    X, Y = make_problem(10, 3, 2)
+    with pytest.raises(DataValidationError, match="cv"):
+        RidgeCV(cv="lOO").fit(X, Y)
+    with pytest.raises(DataValidationError, match="at least 3 samples"):
+        RidgeCV(cv="loo").fit(X[:2], Y[:2])

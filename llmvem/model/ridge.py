@@ -1,4 +1,9 @@
-"""Voxelwise ridge regression with a per-voxel regularisation chosen by K-fold cross-validation.
+"""The one ridge solver of llmvem: voxelwise ridge with the regularisation chosen by K-fold cross-validation or
+by exact leave-one-out, per voxel or shared by all voxels.
+
+Every ridge of the package goes through :class:`RidgeCV` (the ridge baseline, the feature-matched and banded
+ridges of :mod:`llmvem.model.banded`, the spatial readout's ridge start, text-to-brain): one decomposition
+code, one α grid (:data:`DEFAULT_ALPHAS`).
 
 The baseline encoding model of the field: linear readout from fixed image features to every voxel, one alpha per
 voxel. It gives the same answer as ``himalaya.ridge.RidgeCV`` (same folds, alphas and scoring) and is written so
@@ -28,8 +33,10 @@ from llmvem.utils import progress, resolve_device
 
 Scoring = Literal["r2", "neg_mse"]
 
-#: Default alpha grid: 10 values from 1e-2 to 1e7, log-spaced.
+#: The α grid of llmvem: 10 values from 1e-2 to 1e7, log-spaced (``evaluate.ridge_alphas`` defaults to it).
 DEFAULT_ALPHAS = np.logspace(-2, 7, 10)
+#: ``cv`` value of exact leave-one-out.
+LOO = "loo"
 
 
 @dataclass
@@ -111,28 +118,150 @@ def _check_X(X: Any, name: str = "X", n_samples: int | None = None, n_features: 
     return arr
 
 
+class RidgePath:
+    """Ridge fits of one design for every α of a grid: cross-validated scores of response blocks, and refits.
+
+    The decompositions are made once, in float64 (one per fold and one of all samples, or only the latter for
+    leave-one-out); each block of responses then costs a few matrix products per α. :class:`RidgeCV` and
+    :class:`~llmvem.model.banded.BandedRidgeCV` (one path per band weighting) are built on it.
+
+    Parameters
+    ----------
+    X : tensor of shape (n_samples, n_features)
+        The design, on the device and in the precision of the products (float32 or float64).
+    folds : list of (train, validation) index arrays, or ``"loo"``
+        Cross-validation folds; ``"loo"``: exact leave-one-out from the decomposition of all samples (the
+        residual of sample i left out is ``e_i / (1 - h_ii)``, ``h_ii`` the diagonal of the ridge hat matrix,
+        with ``1/n`` added for the unpenalised intercept).
+    alphas : array of shape (n_alphas,)
+    fit_intercept : bool
+    """
+
+    def __init__(self, X: torch.Tensor, folds: list[tuple[np.ndarray, np.ndarray]] | str, alphas: np.ndarray,
+                 fit_intercept: bool = True):
+        device, dt = X.device, X.dtype
+        n_samples, n_features = X.shape
+        self.dtype, self.device, self.n_samples = dt, device, n_samples
+        self.fit_intercept = fit_intercept
+        self.loo = isinstance(folds, str)
+        self.n_alphas = len(alphas)
+        self.x_mean = X.mean(0) if fit_intercept else torch.zeros(n_features, dtype=dt, device=device)
+        alphas_t = torch.as_tensor(alphas, dtype=torch.float64, device=device)
+        # Per fold: A = X_val_c V (n_val, rank), U (n_train, rank), weights (rank, n_alphas).
+        self.fold_parts = []
+        if not self.loo:
+            for train, val in folds:
+                tr = torch.as_tensor(train, device=device)
+                va = torch.as_tensor(val, device=device)
+                Xtr, Xva = X[tr], X[va]
+                if fit_intercept:
+                    mu = Xtr.mean(0)
+                    Xtr, Xva = Xtr - mu, Xva - mu
+                f = _thin_svd(Xtr, dt)
+                A = (Xva.to(torch.float64) @ f.V.to(torch.float64)).to(dt)
+                w = (f.s[:, None] / (f.s[:, None] ** 2 + alphas_t[None, :])).to(dt)
+                self.fold_parts.append((tr, va, f.U, A, w))
+        self.full = _thin_svd(X - self.x_mean if fit_intercept else X, dt)
+        s_full = self.full.s[:, None]
+        self.w_full = (s_full / (s_full ** 2 + alphas_t[None, :])).to(dt)
+        if self.loo:
+            shrink = s_full ** 2 / (s_full ** 2 + alphas_t[None, :])  # (rank, n_alphas), float64
+            self.shrink = shrink.to(dt)
+            hat = (self.full.U.to(torch.float64) ** 2) @ shrink + (1.0 / n_samples if fit_intercept else 0.0)
+            self.one_minus_hat = (1.0 - hat).clamp_min(1e-12).to(dt)  # (n_samples, n_alphas)
+
+    def scores(self, Yb: torch.Tensor, scoring: Scoring = "r2") -> torch.Tensor:
+        """Cross-validated score of every α for a block of responses.
+
+        Parameters
+        ----------
+        Yb : tensor of shape (n_samples, n_block)
+            Responses (not modified).
+        scoring : {"r2", "neg_mse"}
+
+        Returns
+        -------
+        tensor of shape (n_alphas, n_block), float64
+            Averaged over folds (K-fold), or pooled over the left-out samples (leave-one-out).
+        """
+        eps = torch.finfo(self.dtype).eps
+        out = torch.zeros((self.n_alphas, Yb.shape[1]), dtype=torch.float64, device=self.device)
+        if self.loo:
+            Yc = Yb - Yb.mean(0) if self.fit_intercept else Yb
+            scale = Yb.abs().amax(0)
+            ss = (Yc * Yc).sum(0).to(torch.float64)
+            varies = ss > Yb.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
+            ss = torch.where(varies, ss, 1.0)
+            B = self.full.U.T @ Yc
+            for k in range(self.n_alphas):
+                resid = torch.addmm(Yc, self.full.U * self.shrink[:, k], B, beta=1.0, alpha=-1.0)
+                resid /= self.one_minus_hat[:, k:k + 1]
+                sse = (resid * resid).sum(0).to(torch.float64)
+                out[k] = torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yb.shape[0]
+            return out
+        for tr, va, U, A, w in self.fold_parts:
+            Ytr, Yva = Yb[tr], Yb[va]  # fresh copies: centre them in place
+            scale = Yva.abs().amax(0)
+            if self.fit_intercept:
+                m = Ytr.mean(0)
+                scale += m.abs()
+                Ytr.sub_(m)
+                Yva.sub_(m)
+            B = U.T @ Ytr  # (rank, n_block)
+            if scoring == "r2":
+                ss = ((Yva - Yva.mean(0)) ** 2).sum(0).to(torch.float64)
+                # a voxel constant on this fold has R² 0; rounding of its mean must not count as variance
+                varies = ss > Yva.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
+                ss = torch.where(varies, ss, 1.0)
+            for k in range(self.n_alphas):
+                resid = torch.addmm(Yva, A * w[:, k], B, beta=1.0, alpha=-1.0)
+                sse = (resid * resid).sum(0).to(torch.float64)
+                out[k] += torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yva.shape[0]
+        return out / len(self.fold_parts)
+
+    def refit(self, Yb: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights (n_features, n_block) and intercepts (n_block,) of each voxel of ``Yb`` refitted on all
+        samples with its own α (``alphas[idx]``, idx of shape (n_block,))."""
+        # coef = V (w[:, idx] ⊙ Uᵀ Yc); Uᵀ(Y - 1 ȳᵀ) = UᵀY - (Uᵀ1) ȳᵀ, without a centred copy of the block
+        full = self.full
+        B = full.U.T @ Yb
+        if self.fit_intercept:
+            y_mean = Yb.mean(0)
+            B -= full.U.sum(0)[:, None] * y_mean[None, :]
+        W = self.w_full[:, torch.as_tensor(idx, device=self.device)]
+        coef = full.V @ (W * B)
+        intercept = y_mean - self.x_mean @ coef if self.fit_intercept else torch.zeros(
+            Yb.shape[1], dtype=self.dtype, device=self.device)
+        return coef, intercept
+
+
 class RidgeCV:
-    """Ridge regression with one alpha per voxel chosen by K-fold cross-validation.
+    """Ridge regression with the alpha chosen by cross-validation: per voxel (default) or one for all voxels.
 
     Solves ``b* = argmin_b ||X b - y||² + α ||b||²`` for every voxel ``y`` and every ``α`` in ``alphas``,
-    scores each ``α`` on the held-out fold, averages the score over folds, and refits each voxel on all samples
-    with its best ``α`` (ties go to the larger ``α``). Equivalent to
+    scores each ``α`` on held-out samples (K-fold, averaged over folds; or exact leave-one-out), and refits each
+    voxel on all samples with its best ``α`` (ties go to the larger ``α``). With K folds it is equivalent to
     ``himalaya.ridge.RidgeCV(alphas, cv=cv, fit_intercept=...)`` with
     ``solver_params=dict(score_func=himalaya.scoring.r2_score)`` (``scoring="r2"``) or with himalaya's default
-    score (``scoring="neg_mse"``).
+    score (``scoring="neg_mse"``); with ``cv="loo"`` and ``local_alpha=False`` it chooses the α of
+    ``sklearn.linear_model.RidgeCV(alphas, alpha_per_target=False)`` (efficient leave-one-out).
 
     Parameters
     ----------
     alphas : array of shape (n_alphas,)
-        Positive regularisation strengths to try. Default: ``np.logspace(-2, 7, 10)``.
-    cv : int, scikit-learn splitter, or iterable of (train, validation) index arrays
+        Positive regularisation strengths to try. Default: :data:`DEFAULT_ALPHAS` (``np.logspace(-2, 7, 10)``).
+    cv : int, scikit-learn splitter, iterable of (train, validation) index arrays, or ``"loo"``
         Folds. An int ``k`` means ``KFold(n_splits=k)`` without shuffling (contiguous blocks), like himalaya and
         scikit-learn. Shuffle (``KFold(k, shuffle=True, random_state=seed)``) only if samples are exchangeable.
+        ``"loo"``: exact leave-one-out from the one decomposition of all samples (one decomposition instead of
+        k + 1; the score pools the left-out residuals: ``1 - Σ e_loo² / Σ (y - ȳ)²`` or ``-mean e_loo²``).
     fit_intercept : bool
         Centre X and Y on each training fold (and on all samples for the refit) and fit an intercept.
     scoring : {"r2", "neg_mse"}
         Score used to choose alpha: R² on the validation fold (``1 - SSE / SS``, 0 for a constant voxel), or
         minus the mean squared error (himalaya's default). Both are averaged over folds.
+    local_alpha : bool
+        One α per voxel (True), or one α for all voxels, the best mean score over voxels (False).
     device : str
         ``"auto"`` (CUDA when visible), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     dtype : torch.dtype
@@ -145,7 +274,7 @@ class RidgeCV:
     Attributes
     ----------
     best_alphas_ : array of shape (n_voxels,)
-        Selected alpha of each voxel.
+        Selected alpha of each voxel (all equal with ``local_alpha=False``).
     coef_ : array of shape (n_features, n_voxels)
         Weights refit on all samples.
     intercept_ : array of shape (n_voxels,)
@@ -160,7 +289,7 @@ class RidgeCV:
     def __init__(self, alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS, cv: Any = 5,
                  fit_intercept: bool = True, scoring: Scoring = "r2", device: str = "auto",
                  dtype: torch.dtype = torch.float32, voxel_batch: int | None = None,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, local_alpha: bool = True):
         self.alphas = alphas
         self.cv = cv
         self.fit_intercept = fit_intercept
@@ -169,6 +298,7 @@ class RidgeCV:
         self.dtype = dtype
         self.voxel_batch = voxel_batch
         self.progress_bar = progress_bar
+        self.local_alpha = local_alpha
 
     # ------------------------------------------------------------------------------------------ helpers
     def _check_params(self) -> np.ndarray:
@@ -181,6 +311,9 @@ class RidgeCV:
             raise DataValidationError(None, "dtype", f"expected torch.float32 or torch.float64, got {self.dtype}")
         if self.voxel_batch is not None and int(self.voxel_batch) < 1:
             raise DataValidationError(None, "voxel_batch", f"expected a positive int or None, got {self.voxel_batch}")
+        if isinstance(self.cv, str) and self.cv != LOO:
+            raise DataValidationError(None, "cv", f"expected a number of folds, a splitter or {LOO!r}, got "
+                                      f"{self.cv!r}")
         return alphas
 
     def _block_size(self, n_samples: int, n_voxels: int) -> int:
@@ -220,89 +353,44 @@ class RidgeCV:
                 None, "Y", f"expected shape ({n_samples}, n_voxels) to match X {X.shape}, got {Y.shape}")
         if not np.issubdtype(Y.dtype, np.number):
             raise DataValidationError(None, "Y", f"expected numbers, got dtype {Y.dtype}")
+        if self.cv == LOO and n_samples < 3:
+            raise DataValidationError(None, "cv", f"leave-one-out needs at least 3 samples, got {n_samples}")
         n_voxels = Y.shape[1]
-        folds = _resolve_cv(self.cv, n_samples)
+        folds = LOO if self.cv == LOO else _resolve_cv(self.cv, n_samples)
         device = resolve_device(self.device)
-        dt = self.dtype
 
         with torch.no_grad():
-            Xt = self._to_device(X, device)
-            x_mean = Xt.mean(0) if self.fit_intercept else torch.zeros(n_features, dtype=dt, device=device)
-
-            # Per-fold factors: A = X_val_c V (n_val, rank), U (n_train, rank), weights (rank, n_alphas).
-            alphas_t = torch.as_tensor(alphas, dtype=torch.float64, device=device)
-            fold_parts = []
-            for train, val in folds:
-                tr = torch.as_tensor(train, device=device)
-                va = torch.as_tensor(val, device=device)
-                Xtr, Xva = Xt[tr], Xt[va]
-                if self.fit_intercept:
-                    mu = Xtr.mean(0)
-                    Xtr, Xva = Xtr - mu, Xva - mu
-                f = _thin_svd(Xtr, dt)
-                A = (Xva.to(torch.float64) @ f.V.to(torch.float64)).to(dt)
-                w = (f.s[:, None] / (f.s[:, None] ** 2 + alphas_t[None, :])).to(dt)
-                fold_parts.append((tr, va, f.U, A, w))
-            full = _thin_svd(Xt - x_mean if self.fit_intercept else Xt, dt)
-            w_full = (full.s[:, None] / (full.s[:, None] ** 2 + alphas_t[None, :])).to(dt)
-            del Xt
-
+            path = RidgePath(self._to_device(X, device), folds, alphas, self.fit_intercept)
             cv_scores = np.empty((len(alphas), n_voxels), dtype=np.float64)
             best_idx = np.empty(n_voxels, dtype=np.int64)
-            coef = np.empty((n_features, n_voxels), dtype=np.float32 if dt == torch.float32 else np.float64)
+            coef = np.empty((n_features, n_voxels), dtype=np.float32 if self.dtype == torch.float32 else np.float64)
             intercept = np.zeros(n_voxels, dtype=coef.dtype)
-            eps = torch.finfo(dt).eps
             tie_break = np.log(alphas) * 1e-10  # prefer the larger alpha when scores tie (as himalaya does)
 
             step = self._block_size(n_samples, n_voxels)
             blocks = [slice(s, min(s + step, n_voxels)) for s in range(0, n_voxels, step)]
+
+            def refit(sl: slice, Yb: torch.Tensor) -> None:
+                cb, ib = path.refit(Yb, best_idx[sl])
+                coef[:, sl] = cb.cpu().numpy()
+                intercept[sl] = ib.cpu().numpy()
+
             for sl in progress(blocks, desc="ridge CV (voxel blocks)", total=len(blocks), unit="block",
                                disable=None if self.progress_bar else True):
                 Yb = self._to_device(Y[:, sl], device)
                 if not torch.isfinite(Yb).all():
                     raise DataValidationError(
                         None, "Y", f"contains NaN or Inf in voxels {sl.start}..{sl.stop - 1}; expected finite values")
-                scores = torch.zeros((len(alphas), Yb.shape[1]), dtype=torch.float64, device=device)
-                for tr, va, U, A, w in fold_parts:
-                    Ytr, Yva = Yb[tr], Yb[va]  # fresh copies: centre them in place
-                    scale = Yva.abs().amax(0)
-                    if self.fit_intercept:
-                        m = Ytr.mean(0)
-                        scale += m.abs()
-                        Ytr.sub_(m)
-                        Yva.sub_(m)
-                    B = U.T @ Ytr  # (rank, n_block)
-                    if self.scoring == "r2":
-                        ss = ((Yva - Yva.mean(0)) ** 2).sum(0).to(torch.float64)
-                        # a voxel constant on this fold has R² 0; rounding of its mean must not count as variance
-                        varies = ss > Yva.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
-                        ss = torch.where(varies, ss, 1.0)
-                    for k in range(len(alphas)):
-                        resid = torch.addmm(Yva, A * w[:, k], B, beta=1.0, alpha=-1.0)
-                        sse = (resid * resid).sum(0).to(torch.float64)
-                        if self.scoring == "r2":
-                            s = torch.where(varies, 1.0 - sse / ss, 0.0)
-                        else:
-                            s = -sse / Yva.shape[0]
-                        scores[k] += s
-                scores /= len(fold_parts)
-                sc = scores.cpu().numpy()
-                idx = np.argmax(sc + tie_break[:, None], axis=0)
+                sc = path.scores(Yb, self.scoring).cpu().numpy()
                 cv_scores[:, sl] = sc
-                best_idx[sl] = idx
-
-                # Refit on all samples with each voxel's alpha: coef = V (w[:, idx] ⊙ Uᵀ Yc).
-                # Uᵀ(Y - 1 ȳᵀ) = UᵀY - (Uᵀ1) ȳᵀ, without a centred copy of the block (Yb may be the user's array)
-                B = full.U.T @ Yb
-                if self.fit_intercept:
-                    y_mean = Yb.mean(0)
-                    B -= full.U.sum(0)[:, None] * y_mean[None, :]
-                W = w_full[:, torch.as_tensor(idx, device=device)]
-                cb = full.V @ (W * B)
-                coef[:, sl] = cb.cpu().numpy()
-                if self.fit_intercept:
-                    intercept[sl] = (y_mean - x_mean @ cb).cpu().numpy()
-                del Yb, B, W, cb
+                best_idx[sl] = np.argmax(sc + tie_break[:, None], axis=0)
+                if self.local_alpha:
+                    refit(sl, Yb)
+                del Yb
+            if not self.local_alpha:  # one α for every voxel: the best mean score, then a second pass to refit
+                best_idx[:] = int(np.argmax(cv_scores.mean(1) + tie_break))
+                for sl in blocks:
+                    refit(sl, self._to_device(Y[:, sl], device))
 
         self.alphas_ = alphas
         self.cv_scores_ = cv_scores
@@ -311,7 +399,7 @@ class RidgeCV:
         self.coef_ = coef
         self.intercept_ = intercept
         self.n_features_in_ = n_features
-        self.n_splits_ = len(folds)
+        self.n_splits_ = n_samples if folds == LOO else len(folds)
         return self
 
     # ------------------------------------------------------------------------------------------ predict

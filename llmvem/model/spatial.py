@@ -25,15 +25,16 @@ features plus a spatial residual).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from llmvem.model.readout import PCAVoxelReadout, Readout
+from llmvem.model.ridge import LOO, RidgeCV
 
 __all__ = ["ChannelNorm", "FactorizedReadout", "FlatPlusSpatialReadout", "GaussianReadout", "Maps", "SpatialReadout",
            "make_spatial_readout", "map_shapes"]
@@ -172,9 +173,10 @@ class FactorizedReadout(SpatialReadout):
     def initialize_from_ridge(self, maps: Maps, targets: torch.Tensor) -> float:
         """Start each unit at the rank-1 part of a ridge regression of ``targets`` on the maps.
 
-        The ridge maps every map value (all layers, C·H·W each) to each unit, fitted in its dual form on the
-        training images (an n × n kernel, so the cost does not grow with the map size) with the penalty chosen by
-        leave-one-out error (exact for ridge, from one eigendecomposition) among :attr:`RIDGE_ALPHAS`. Each unit's
+        The ridge maps every map value (all layers, C·H·W each) to each unit, fitted by the project's
+        :class:`~llmvem.model.ridge.RidgeCV` (in its dual form when the maps have more values than there are
+        images, so the cost does not grow with the map size) with one penalty for all units chosen by exact
+        leave-one-out error (``cv="loo"``, one eigendecomposition) among :attr:`RIDGE_ALPHAS`. Each unit's
         (C, H·W) weight block of a layer is then replaced by its first singular pair: the mask is the spatial
         singular vector (unit norm, as :meth:`mask` uses it) and the channel weights carry the singular value.
         It is a start, not the fit, so beyond :attr:`RIDGE_MAX_IMAGES` images it uses a seeded random subset: the
@@ -205,17 +207,12 @@ class FactorizedReadout(SpatialReadout):
         y = targets.detach().to(torch.float64).cpu()
         y = y[rows] if rows is not None else y
         scale = float((x * x).sum(1).mean()) or 1.0
-        evals, evecs = torch.linalg.eigh(x @ x.t())
-        evals = evals.clamp_min(0.0)
-        proj = evecs.t() @ y
-        best = (math.inf, 0.0)
-        for frac in self.RIDGE_ALPHAS:
-            shrink = evals / (evals + frac * scale)
-            hat_diag = (evecs ** 2) @ shrink
-            loo = ((y - evecs @ (shrink[:, None] * proj)) / (1.0 - hat_diag)[:, None].clamp_min(1e-12)).pow(2).mean()
-            best = min(best, (float(loo), frac))
-        frac = best[1]
-        weight = x.t() @ (evecs @ (proj / (evals + frac * scale)[:, None]))  # (C·H·W summed over layers, V)
+        # the project's one ridge solver: exact leave-one-out from one decomposition, one α for all units
+        ridge = RidgeCV(alphas=np.asarray(self.RIDGE_ALPHAS) * scale, cv=LOO, fit_intercept=False,
+                        scoring="neg_mse", local_alpha=False, dtype=torch.float64, device="cpu",
+                        progress_bar=False).fit(x.numpy(), y.numpy())
+        frac = float(ridge.best_alphas_[0]) / scale
+        weight = torch.from_numpy(ridge.coef_)  # (C·H·W summed over layers, V)
         start = 0
         for k, (c, h, w) in self.in_shapes.items():
             block = weight[start:start + c * h * w].t().reshape(self.n_voxels, c, h * w)
