@@ -74,7 +74,7 @@ def _thin_svd(Xc: torch.Tensor, dtype: torch.dtype) -> _Factors:
     return _Factors(U=U.to(dtype), s=s, V=V.to(dtype))
 
 
-def _resolve_cv(cv: Any, n_samples: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def resolve_folds(cv: Any, n_samples: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Folds as a list of (train, validation) index arrays; an int means unshuffled ``KFold(n_splits=cv)``."""
     if isinstance(cv, (int, np.integer)):
         if cv < 2:
@@ -102,7 +102,8 @@ def _resolve_cv(cv: Any, n_samples: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return folds
 
 
-def _check_X(X: Any, name: str = "X", n_samples: int | None = None, n_features: int | None = None) -> np.ndarray:
+def check_design(X: Any, name: str = "X", n_samples: int | None = None, n_features: int | None = None) -> np.ndarray:
+    """``X`` as a finite 2-D numeric array of the expected shape; otherwise a DataValidationError naming ``name``."""
     arr = np.asarray(X)
     if arr.ndim != 2:
         raise DataValidationError(None, name, f"expected shape (n_samples, n_features), got {arr.shape}")
@@ -342,7 +343,7 @@ class RidgeCV:
         self
         """
         alphas = self._check_params()
-        X = _check_X(X, "X")
+        X = check_design(X, "X")
         n_samples, n_features = X.shape
         Y = np.asarray(Y)
         self._ravel = Y.ndim == 1
@@ -356,7 +357,7 @@ class RidgeCV:
         if self.cv == LOO and n_samples < 3:
             raise DataValidationError(None, "cv", f"leave-one-out needs at least 3 samples, got {n_samples}")
         n_voxels = Y.shape[1]
-        folds = LOO if self.cv == LOO else _resolve_cv(self.cv, n_samples)
+        folds = LOO if self.cv == LOO else resolve_folds(self.cv, n_samples)
         device = resolve_device(self.device)
 
         with torch.no_grad():
@@ -419,7 +420,7 @@ class RidgeCV:
         array of shape (n_samples, n_voxels) (or (n_samples,) when fit on 1-D ``Y``), dtype of ``coef_``
         """
         self._check_fitted()
-        X = _check_X(X, "X", n_features=self.n_features_in_).astype(self.coef_.dtype, copy=False)
+        X = check_design(X, "X", n_features=self.n_features_in_).astype(self.coef_.dtype, copy=False)
         out = X @ self.coef_ + self.intercept_
         return out[:, 0] if self._ravel else out
 
