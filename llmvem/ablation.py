@@ -51,7 +51,7 @@ from llmvem.inputs import (
     load_config_dataset,
 )
 from llmvem.pipeline import llmvem_spec, ridge_spec
-from llmvem.report.ablation import ablation_section_html, ablation_table, plot_ablation
+from llmvem.report.ablation import ablation_section_blocks, ablation_table, plot_ablation
 from llmvem.train.stream import check_align_data
 from llmvem.train.trainer import alignment_is_inert
 from llmvem.utils import write_json
@@ -307,7 +307,7 @@ def run_ablation(config: RunConfig, sources: str | Sequence[str] | Sequence[Capt
     section_dir = out_dir / "extra_sections"
     section_dir.mkdir(exist_ok=True)
     figure = plot_ablation(result, section_dir / "caption_ablation.png")
-    write_json(section_dir / SECTION_FILE, {"title": "Caption-source ablation", "html": ablation_section_html(result),
+    write_json(section_dir / SECTION_FILE, {"title": "Caption-source ablation", "blocks": ablation_section_blocks(result),
                                             "figures": [figure.name] if figure is not None else []})
     if report:
         say("writing the report")

@@ -29,9 +29,11 @@ and ``OUT/results.csv`` (plus ``results.parquet`` when pyarrow is installed): on
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from llmvem.data.algonauts import FSAVERAGE_N_VERTICES, HEMISPHERES
-from llmvem.errors import DataValidationError
+from llmvem.data.safe_load import load_array
+from llmvem.errors import DataValidationError, OutputPathError, quote
 from llmvem.report.roi import roi_values
 from llmvem.report.runfolder import RunResults, load_run
-from llmvem.utils import atomic_write
+from llmvem.report.untrusted import load_run_array, read_run_json
+from llmvem.utils import atomic_write, follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +95,14 @@ def read_subject_layout(subject_dir: str | Path) -> SubjectLayout:
         if not fmri.is_file():
             raise DataValidationError(fmri, "training fmri", "missing; expected an Algonauts subjNN folder with "
                                       f"training_split/training_fmri/{h}_training_fmri.npy")
-        shape = np.load(fmri, mmap_mode="r", allow_pickle=False).shape
+        shape = load_array(fmri, "training fmri", mmap=True).shape
         if len(shape) != 2:
             raise DataValidationError(fmri, "training fmri", f"shape {shape}; expected (n_images, n_vertices)")
         n_vertices[h] = int(shape[1])
         mask_path = subject / "roi_masks" / f"{h}.all-vertices_fsaverage_space.npy"
         fs_index[h] = None
         if mask_path.is_file():
-            fs_index[h] = np.flatnonzero(np.load(mask_path, allow_pickle=False))
+            fs_index[h] = np.flatnonzero(load_array(mask_path, "fsaverage mask", ndim=1))
     test_dir = subject / "test_split" / "test_images"
     if not test_dir.is_dir():
         raise DataValidationError(test_dir, "challenge test images", "missing; expected test_split/test_images")
@@ -163,14 +167,11 @@ def _challenge_predictions(run: RunResults, model: str, layout: SubjectLayout) -
         raise DataValidationError(pred_path if not pred_path.is_file() else ids_path, "challenge test predictions",
                                   f"missing; the run has no predictions for the challenge test images (expected "
                                   f"models/<model>/{CHALLENGE_PREDICTIONS} and {CHALLENGE_IDS})")
-    try:
-        ids = json.loads(ids_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataValidationError(ids_path, "ids", f"not a JSON list of image ids ({exc})") from exc
+    ids = read_run_json(ids_path)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise DataValidationError(ids_path, "ids", "expected a JSON list of image ids (strings)")
     ids = [i.rsplit(".", 1)[0] if i.lower().endswith(_IMAGE_SUFFIXES) else i for i in ids]
-    pred = np.load(pred_path, mmap_mode="r", allow_pickle=False)
+    pred = load_run_array(pred_path, "challenge test predictions")
     n_vox = sum(layout.n_vertices.values())
     if pred.shape != (len(ids), n_vox):
         raise DataValidationError(pred_path, "shape", f"{pred.shape}; expected ({len(ids)} images in "
@@ -192,24 +193,61 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def _vertex_maps(run: RunResults, folder: Path) -> list[Path]:
+def _vertex_maps(run: RunResults) -> dict[str, np.ndarray]:
+    """``vertex_metrics/<model>/<h>_<metric>[_fsaverage].npy`` (relative to the subject folder) → array.
+
+    Model names are one path component (checked by :func:`llmvem.report.runfolder.load_run`), so every path
+    stays inside the subject folder.
+    """
     vox = run.voxels
     assert vox is not None and vox.hemisphere is not None
-    written = []
+    maps: dict[str, np.ndarray] = {}
     for model in run.models:
         metrics = {"r": vox.r[model]} | ({"accuracy": vox.accuracy[model]} if model in vox.accuracy else {})
         for metric, values in metrics.items():
             for h in HEMISPHERES:
                 sel = vox.hemisphere == h
-                base = folder / "vertex_metrics" / model
-                _save(base / f"{h}_{metric}.npy", values[sel].astype(np.float32))
-                written.append(base / f"{h}_{metric}.npy")
+                base = f"vertex_metrics/{model}/{h}_{metric}"
+                maps[f"{base}.npy"] = values[sel].astype(np.float32)
                 if vox.fsaverage_index is not None:
                     full = np.full(FSAVERAGE_N_VERTICES, np.nan, dtype=np.float32)
                     full[vox.fsaverage_index[sel]] = values[sel]
-                    _save(base / f"{h}_{metric}_fsaverage.npy", full)
-                    written.append(base / f"{h}_{metric}_fsaverage.npy")
-    return written
+                    maps[f"{base}_fsaverage.npy"] = full
+    return maps
+
+
+def _check_destinations(out: Path, relative: Sequence[str]) -> None:
+    """Refuse, before anything is written, an export whose files could not all be put in place: ``out`` or a
+    folder on the way is a file, a file's place is taken by a folder, or ``out``'s parent is not writable."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"{quote(str(out))}: exists and is not a folder; expected an export folder")
+    for rel in relative:
+        target = out / rel
+        if target.is_dir():
+            raise OutputPathError(f"{quote(str(target))}: is a folder where the export writes a file; move it away "
+                                  "or choose another export folder")
+        for parent in list(target.relative_to(out).parents)[:-1]:
+            if (out / parent).exists() and not (out / parent).is_dir():
+                raise OutputPathError(f"{quote(str(out / parent))}: is a file where the export needs a folder")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{quote(str(out))}: folder {probe} is not writable")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished export from ``staging`` to ``out``: one rename when ``out`` is new, else file by file
+    (each an atomic replace) into the existing folder."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, out)
+        return
+    for path in sorted(p for p in staging.rglob("*") if not p.is_dir()):
+        target = out / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def result_rows(run: RunResults, subject: str, n_boot: int = 1000, seed: int = 0) -> list[dict[str, object]]:
@@ -278,31 +316,50 @@ def export_algonauts(runs: Sequence[str | Path], subject_dirs: Sequence[str | Pa
     if len(runs) != len(subject_dirs):
         raise DataValidationError(None, "subject folders", f"{len(subject_dirs)} given for {len(runs)} runs; "
                                   "expected one --subject-dir per run, in the same order")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise DataValidationError(None, "n_boot", f"{quote(n_boot)}; expected a positive number of resamples")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {"subjects": {}}
     rows: list[dict[str, object]] = []
-    prepared = []
-    for run_dir, subject_dir in zip(runs, subject_dirs, strict=True):  # check everything before writing
+    arrays: dict[str, np.ndarray] = {}  # path relative to out -> array
+    for run_dir, subject_dir in zip(runs, subject_dirs, strict=True):  # everything is checked before writing
         run, layout = load_run(run_dir), read_subject_layout(subject_dir)
         _check_run_matches(run, layout, Path(subject_dir))
+        if layout.name in summary["subjects"]:  # type: ignore[operator]
+            raise DataValidationError(subject_dir, "subject folder", f"{layout.name!r} is given twice; expected one "
+                                      "run per subject")
         name = model or choose_model(run)
         if name not in run.models:
-            raise DataValidationError(run.path / "metrics.json", "models", f"no model {name!r}; expected one of "
-                                      f"{sorted(run.models)}")
-        prepared.append((run, layout, name, _challenge_predictions(run, name, layout)))
-    for run, layout, name, pred in prepared:
-        folder = out / layout.name
-        files = []
+            raise DataValidationError(run.path / "metrics.json", "models", f"no model {quote(name)}; expected one "
+                                      f"of {sorted(run.models)}")
+        pred = _challenge_predictions(run, name, layout)
+        files = {}
         offset = 0
         for h in HEMISPHERES:
             n = layout.n_vertices[h]
-            _save(folder / f"{h}_pred_test.npy", pred[:, offset:offset + n])
-            files.append(folder / f"{h}_pred_test.npy")
+            files[f"{layout.name}/{h}_pred_test.npy"] = pred[:, offset:offset + n]
             offset += n
-        files += _vertex_maps(run, folder)
+        files |= {f"{layout.name}/{rel}": a for rel, a in _vertex_maps(run).items()}
+        arrays |= files
         rows += result_rows(run, layout.name, n_boot=n_boot, seed=seed)
         why = "named with --model" if model else choose_selection_reason(run)
-        summary["subjects"][layout.name] = {"model": name, "why": why, "files": files}  # type: ignore[index]
-    summary["results"] = write_results_table(rows, out)
+        summary["subjects"][layout.name] = {"model": name, "why": why,  # type: ignore[index]
+                                            "files": [out / rel for rel in files]}
+    _check_destinations(out, [*arrays, "results.csv", "results.parquet"])
+    # Written into a staging folder beside --out and moved into place at the end: a refused or interrupted
+    # export leaves nothing (not even an empty --out), a finished one is complete.
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=probe))
+    try:
+        follow_umask(staging, folder=True)
+        for rel, array in arrays.items():
+            _save(staging / rel, array)
+        results = write_results_table(rows, staging)
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary["results"] = [out / p.relative_to(staging) for p in results]
     return summary

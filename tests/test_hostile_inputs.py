@@ -812,6 +812,171 @@ def _(tmp: Path) -> Case:
     return ["describe", "--run", str(tmp / "nope"), "--vocabulary", str(tmp / "vocab.txt")], ["nope"]
 
 
+# ============================================================= untrusted run folders (copied from someone else)
+def _report(run: Path, tmp: Path) -> list[str]:
+    return ["report", str(run), "--out", str(tmp / "rep")]
+
+
+def _tiny_run(tmp: Path, metrics: dict | str | None = None) -> Path:
+    """A run folder holding only ``metrics.json`` (what ``llmvem report`` needs at least)."""
+    run = tmp / "run"
+    run.mkdir()
+    body = metrics if metrics is not None else {"models": {"m": {"mean_r": 0.1}}}
+    (run / "metrics.json").write_text(body if isinstance(body, str) else json.dumps(body))
+    return run
+
+
+def _subject_run(tmp: Path) -> tuple[Path, Path]:
+    """An Algonauts subject folder and a run folder for it with challenge predictions (fake_runs)."""
+    from fake_runs import make_subject_run
+
+    subj = make_subject(tmp / "alg")["subj"]
+    return make_subject_run(tmp / "runs", subj), subj
+
+
+def _export(run: Path, subj: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["export", str(run), "--subject-dir", str(subj), "--out", str(tmp / "sub"), *extra]
+
+
+def _rename_model(run: Path, old: str, new: str) -> None:
+    """Give model ``old`` the name ``new`` in metrics.json and voxel_metrics.npz (as a tampered copy would)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["models"][new] = metrics["models"].pop(old)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with np.load(run / "voxel_metrics.npz") as z:
+        arrays = {k.replace(f"__{old}", f"__{new}") if k.endswith(f"__{old}") else k: z[k] for k in z.files}
+    np.savez(run / "voxel_metrics.npz", **arrays)
+
+
+RUN_NAMES: dict[str, tuple[str, list[str]]] = {
+    "a model name that climbs out of --out": ("../../../esc", ["metrics.json", "models.'../../../esc'",
+                                                               "one path component"]),
+    "an absolute model name": ("/tmp/llmvem-esc", ["metrics.json", "'/tmp/llmvem-esc'", "cannot be a file name"]),
+    "a model name of two dots": ("..", ["metrics.json", "models.'..'", "cannot be a file name"]),
+    "a model name with a newline": ("ridge\nx", ["metrics.json", "'ridge\\nx'", "control characters"]),
+    "a model name of 10,000 characters": ("m" * 10_000, ["metrics.json", "cannot be a file name", "mmm...mmm"]),
+}
+for _name, (_model, _frags) in RUN_NAMES.items():
+    def _make(tmp: Path, m: str = _model) -> list[str]:
+        run, subj = _subject_run(tmp)
+        _rename_model(run, "llmvem_lambda0", m)
+        return _export(run, subj, tmp, "--model", "ridge")
+    case(f"run folders/export with {_name}")(lambda tmp, mk=_make, f=_frags: (mk(tmp), f))
+
+
+@case("run folders/report with an ROI name holding a slash")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp, {"models": {"m": {"mean_r": 0.1, "per_roi": {"V1/../../x": {"mean_r": 0.2}}}}})
+    return _report(run, tmp), ["metrics.json", "per_roi.'V1/../../x'", "cannot be a file name"]
+
+
+@case("run folders/report with an r of Infinity")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp, '{"models": {"m": {"mean_r": Infinity}}}')
+    return _report(run, tmp), ["metrics.json", "models.m.mean_r", "inf", "finite number in [-1, 1]"]
+
+
+@case("run folders/report with an r of 1e308")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp, '{"models": {"m": {"mean_r": 0.1, "val_mean_r": 1e308}}}')
+    return _report(run, tmp), ["metrics.json", "models.m.val_mean_r", "1e+308", "[-1, 1]"]
+
+
+@case("run folders/report with a p-value above one")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp, {"models": {"a": {"mean_r": 0.1}, "b": {"mean_r": 0.2}},
+                          "comparisons": [{"a": "a", "b": "b", "diff": 0.1, "ci_low": 0, "ci_high": 0.2,
+                                           "p_value": 7}]})
+    return _report(run, tmp), ["metrics.json", "comparisons[0].p_value", "[0, 1]"]
+
+
+@case("run folders/report with metrics.json nested 100,000 deep")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp, '{"models": {"m": {"mean_r": 0.1}}, "timing": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return _report(run, tmp), ["metrics.json", "nesting", "deeper than 32 levels"]
+
+
+@case("run folders/report with a 100 MB metrics.json")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp)
+    with open(run / "metrics.json", "r+b") as fh:
+        fh.truncate(100 * 2**20)  # sparse: costs no disk, and is refused before it is read
+    return _report(run, tmp), ["metrics.json", "104857600 bytes", "at most 67108864"]
+
+
+@case("run folders/report with a voxel r of Infinity")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp)
+    np.savez(run / "voxel_metrics.npz", r__m=np.array([0.1, np.inf, 0.2]))
+    return _report(run, tmp), ["voxel_metrics.npz", "r__m", "voxel 1 is inf"]
+
+
+@case("run folders/report with an extra section of unknown kind")
+def _(tmp: Path) -> Case:
+    run = _tiny_run(tmp)
+    (run / "extra_sections").mkdir()
+    (run / "extra_sections" / "x.json").write_text(json.dumps({"title": "t", "blocks": [{"kind": "html",
+                                                                                          "text": "<b>"}]}))
+    return _report(run, tmp), ["x.json", "blocks[0]", "'html'", "paragraph"]
+
+
+@case("run folders/export of pickled challenge predictions")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    pred = run / "models" / "llmvem_lambda0" / "predictions_challenge_test.npy"
+    np.save(pred, np.array([{"x": 1}] * 3, dtype=object), allow_pickle=True)
+    return _export(run, subj, tmp), ["predictions_challenge_test.npy", "Python objects (pickle)"]
+
+
+@case("run folders/report of pickled test predictions")
+def _(tmp: Path) -> Case:
+    run, _ = _subject_run(tmp)
+    np.save(run / "models" / "ridge" / "predictions_test.npy", np.array([[{"x": 1}]], dtype=object),
+            allow_pickle=True)
+    return _report(run, tmp), ["predictions_test.npy", "Python objects (pickle)"]
+
+
+# ================================================================================ export: nothing half-made
+@case("export/a negative --n-boot")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    return _export(run, subj, tmp, "--n-boot", "-1"), ["--n-boot -1", "positive number"]
+
+
+@case("export/a folder where rh_pred_test.npy goes")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    (tmp / "sub" / "subj01" / "rh_pred_test.npy").mkdir(parents=True)  # made before the run: not "left behind"
+    return _export(run, subj, tmp), ["sub/subj01/rh_pred_test.npy", "is a folder"]
+
+
+@case("export/--out is a file")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    (tmp / "sub").write_text("x")
+    return _export(run, subj, tmp), ["sub", "is not a folder"]
+
+
+@case("export/fewer --subject-dir than runs")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    return ["export", str(run), str(run), "--subject-dir", str(subj), "--out", str(tmp / "sub")], [
+        "--subject-dir given 1 times for 2 runs"]
+
+
+@case("export/an unknown --model")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    return _export(run, subj, tmp, "--model", "nope"), ["metrics.json", "no model 'nope'"]
+
+
+@case("export/a run folder without challenge ids")
+def _(tmp: Path) -> Case:
+    run, subj = _subject_run(tmp)
+    (run / "challenge_test_ids.json").unlink()
+    return _export(run, subj, tmp), ["challenge_test_ids.json", "missing"]
+
+
 # =========================================================================================== model files
 def _model(tmp: Path, *extra: str) -> list[str]:
     return embed_images(dataset_folder(tmp / "ds"), tmp, *extra)
@@ -908,3 +1073,66 @@ def test_bad_input_gives_one_bounded_line_naming_the_culprit_and_leaves_nothing(
     allowed = {f"case/{p}" for p in ALLOWED[name]} | _INFRASTRUCTURE
     left = _tree(tmp_path) - before - allowed
     assert not left, f"left behind: {sorted(left)}"
+
+
+# ====================================================================== cases that succeed and stay safe
+SCRIPT = "<script>alert('run folder')</script>"
+
+
+def test_html_from_a_run_folder_reaches_the_report_escaped(tmp_path, capsys):
+    """A copied run folder's sections are data: no tag or attribute of theirs reaches index.html."""
+    run = _tiny_run(tmp_path, {"models": {"m<img src=x onerror=alert(0)>": {"mean_r": 0.1, "label": SCRIPT}}})
+    (run / "extra_sections").mkdir()
+    (run / "extra_sections" / "a.json").write_text(json.dumps({"title": f"A {SCRIPT}", "blocks": [
+        {"kind": "paragraph", "text": f"text {SCRIPT}"}, {"kind": "note", "text": "<img src=x onerror=alert(1)>"},
+        {"kind": "table", "header": [SCRIPT, "r"], "rows": [["<b onclick=alert(2)>V1</b>", 0.5]]}]}))
+    # written by an older llmvem as HTML: only its text is kept
+    (run / "extra_sections" / "b.json").write_text(json.dumps({"title": "Old", "html": (
+        f"<p onclick='alert(3)'>kept text</p>{SCRIPT}<iframe src='http://evil'></iframe>"
+        "<table><tr><th>ROI</th></tr><tr><td><a href='javascript:alert(4)'>V2</a></td></tr></table>")}))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0, capsys.readouterr().err
+    page = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    from html.parser import HTMLParser
+
+    class Tags(HTMLParser):  # what a browser would build: the elements and attributes of the page
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: set[str] = set()
+            self.attrs: list[tuple[str, str]] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            self.attrs += [(k, v or "") for k, v in attrs]
+
+    found = Tags()
+    found.feed(page)
+    assert not found.tags & {"script", "iframe", "object", "embed"}, found.tags
+    assert not [k for k, _ in found.attrs if k.startswith("on")]
+    assert not [v for _, v in found.attrs if "javascript:" in v.lower() or "evil" in v]
+    assert "text &lt;script&gt;alert(&#x27;run folder&#x27;)&lt;/script&gt;" in page
+    assert "kept text" in page and ">V2</td>" in page and "alert(3)" not in page
+
+
+def test_written_files_follow_the_umask(tmp_path, capsys):
+    """Under umask 022 every file export and report write is 0644 and every folder 0755 (mkstemp's 0600 and
+    mkdtemp's 0700 would hide a submission or a report from the group); checkpoints and JSON too."""
+    from llmvem.train.checkpoint import save_weights
+    from llmvem.utils import write_json
+
+    old = os.umask(0o022)
+    try:
+        run, subj = _subject_run(tmp_path)
+        assert main(_export(run, subj, tmp_path, "--n-boot", "20")) == 0, capsys.readouterr().err
+        assert main(_report(run, tmp_path)) == 0, capsys.readouterr().err
+        import torch
+
+        save_weights(tmp_path / "ckpt" / "model.safetensors", {"w": torch.zeros(2)})
+        write_json(tmp_path / "ckpt" / "latest.json", {"epoch": 1})
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "sub").rglob("*"), *(tmp_path / "rep").rglob("*"), *(tmp_path / "ckpt").rglob("*")]
+    modes = {p: p.stat().st_mode & 0o777 for p in written}
+    assert (tmp_path / "sub" / "results.csv") in modes and (tmp_path / "rep" / "index.html") in modes
+    assert oct((tmp_path / "sub").stat().st_mode & 0o777) == oct(0o755)
+    wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o755 if p.is_dir() else 0o644)}
+    assert not wrong

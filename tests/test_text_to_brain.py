@@ -256,7 +256,8 @@ def test_pipeline_writes_both_report_sections(run_dir):
     t2b_sec = json.loads((sections / "text_to_brain.json").read_text())
     assert t2b_sec["title"] == "Text-to-brain predictions" and t2b_sec["figures"] == ["text_to_brain_rois.png"]
     assert (sections / "text_to_brain_rois.png").stat().st_size > 5000
-    assert "modality-gap" in t2b_sec["html"] and "early_visual" in t2b_sec["html"]
+    text = json.dumps(t2b_sec["blocks"])  # data blocks, rendered escaped by the report
+    assert "modality-gap" in text and "early_visual" in text
     assert (sections / "voxel_descriptions.json").is_file()
     page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
     assert "Text-to-brain predictions" in page and "Voxel descriptions" in page

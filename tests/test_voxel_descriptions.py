@@ -168,8 +168,9 @@ def test_report_section_and_per_voxel_file(run_dir):  # noqa: F811
     section = json.loads((run_dir / "extra_sections" / "voxel_descriptions.json").read_text())
     assert section["title"] == "Voxel descriptions"
     assert section["figures"] == ["voxel_descriptions_categories.png"]
-    assert "chance 20%" in section["html"] and "semantic_circle" in section["html"]
-    assert "BrainSCUBA" in section["html"]
+    text = json.dumps(section["blocks"])  # data blocks, rendered escaped by the report
+    assert "chance 20%" in text and "semantic_circle" in text
+    assert "BrainSCUBA" in text
     kept = json.loads((run_dir / "models" / MODEL / "voxel_descriptions.json").read_text())
     top = np.asarray(kept["per_voxel_top_index"]["aligned"])
     assert top.shape == (100, 5) and len(kept["phrases"]) == kept["n_phrases"] == 150

@@ -24,6 +24,9 @@ def export(
     """Write challenge submission files (lh/rh_pred_test.npy per subject), per-vertex r/accuracy maps and a tidy
     per-ROI table (results.csv, results.parquet with pyarrow).
 
+    Every input and flag is checked before anything is written; the files are written into a staging folder
+    beside --out and moved into place at the end, so a refused or interrupted export leaves nothing behind.
+
     Example: llmvem export runs/subj01 runs/subj02 --subject-dir data/subj01 --subject-dir data/subj02 --out sub
     """
     from llmvem.export import export_algonauts
@@ -32,6 +35,11 @@ def export(
 
     if fmt != "algonauts":
         raise ConfigError(f"--format {fmt!r}; expected 'algonauts'")
+    if n_boot < 1:  # flags are checked before any run folder is read (and long before anything is written)
+        raise ConfigError(f"--n-boot {n_boot}: expected a positive number of bootstrap resamples, e.g. 1000")
+    if len(subject_dirs) != len(runs):
+        raise ConfigError(f"--subject-dir given {len(subject_dirs)} times for {len(runs)} runs; expected one "
+                          "--subject-dir per RUN, in the same order")
     summary = export_algonauts(runs, subject_dirs, out, model=model, n_boot=n_boot)
     for subject, info in summary["subjects"].items():  # type: ignore[union-attr]
         typer.echo(f"{subject}: model {info['model']} ({info['why']}), {len(info['files'])} files in {out / subject}")

@@ -15,7 +15,6 @@ The per-voxel top phrases are kept in ``models/<name>/voxel_descriptions.json``.
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from llmvem.explain.voxel_descriptions import (
     default_vocabulary,
     describe_voxels,
 )
+from llmvem.report import blocks
 from llmvem.report.tables import fmt_number
 from llmvem.utils import write_json
 
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 
 SECTION_DIR = "extra_sections"
 _BAR_PREDICTORS = ("image", "text_aligned", "text_readout")
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -114,41 +110,38 @@ def write_text_to_brain_section(folder: str | Path, t2b: TextToBrain, evaluation
     """Write ``text_to_brain.json`` (+ its ROI bar figure) into ``folder`` (a run's ``extra_sections``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    body = [f"<p>Predicted voxel responses to <em>text</em> with {_e(model_label)}. "
-            f"{_e(t2b.mapping_statement('aligned'))}</p>",
-            f"<p>{_e(t2b.mapping_statement('text'))}</p>"]
+    body = [blocks.paragraph(f"Predicted voxel responses to text with {model_label}. "
+                             f"{t2b.mapping_statement('aligned')}"),
+            blocks.paragraph(t2b.mapping_statement("text"))]
     figures = []
     if evaluation is None:
-        body.append('<p class="note">The test split has no responses, so the text-only predictions are not '
-                    "scored.</p>")
+        body.append(blocks.note("The test split has no responses, so the text-only predictions are not scored."))
     else:
-        body.append(f"<p>Honest test: each of the {evaluation['n_test']} held-out test images is predicted from its "
-                    "captions alone (their embedding, no pixels) and scored against the measured responses, next "
-                    "to the image-driven prediction of the same network. Cells: mean Pearson r"
-                    + (" (mean noise-normalised accuracy, % of the noise ceiling)"
-                       if evaluation["metric"] == "mean_accuracy" else "") + ".</p>")
+        body.append(blocks.paragraph(
+            f"Honest test: each of the {evaluation['n_test']} held-out test images is predicted from its captions "
+            "alone (their embedding, no pixels) and scored against the measured responses, next to the "
+            "image-driven prediction of the same network. Cells: mean Pearson r"
+            + (" (mean noise-normalised accuracy, % of the noise ceiling)"
+               if evaluation["metric"] == "mean_accuracy" else "") + "."))
         names = [n for n in PREDICTORS if n in evaluation["predictors"]]
-        head = "".join(f"<th>{_e(PREDICTORS[n])}</th>" for n in names)
         rows = []
         for key, label in _roi_rows(evaluation):
             n_vox = (evaluation["predictors"][names[0]]["summary"] if not key else
                      evaluation["predictors"][names[0]]["summary"]["per_roi"][key])["n_voxels"]
-            cells = "".join(f"<td>{_cell(evaluation['predictors'][n]['summary'], key)}</td>" for n in names)
-            rows.append(f'<tr><td class="text">{_e(label)}</td><td>{n_vox}</td>{cells}</tr>')
-        body.append('<div class="scroll"><table><thead><tr><th class="text">ROI</th><th>voxels</th>'
-                    f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+            rows.append([label, n_vox, *(_cell(evaluation["predictors"][n]["summary"], key) for n in names)])
+        body.append(blocks.table(["ROI", "voxels", *(PREDICTORS[n] for n in names)], rows))
         fig = _text_to_brain_figure(evaluation, t2b.roi_masks, folder / "text_to_brain_rois.png")
         figures.append(fig.name)
-        body.append("<p>Figure: mean test r per ROI of the image-driven prediction and of the two text-only "
-                    "predictions (95% bootstrap intervals over voxels).</p>")
-    write_json(folder / "text_to_brain.json", {"title": "Text-to-brain predictions", "html": "".join(body),
+        body.append(blocks.paragraph("Figure: mean test r per ROI of the image-driven prediction and of the two "
+                                     "text-only predictions (95% bootstrap intervals over voxels)."))
+    write_json(folder / "text_to_brain.json", {"title": "Text-to-brain predictions", "blocks": body,
                                                "figures": figures})
     return folder / "text_to_brain.json"
 
 
 # ------------------------------------------------------------------------------------- voxel descriptions
 def _phrase_list(items: Sequence[tuple[str, float]]) -> str:
-    return "; ".join(f"{_e(p)} <span class=\"note\">({s:+.2f})</span>" for p, s in items)
+    return "; ".join(f"{p} ({s:+.2f})" for p, s in items)
 
 
 def _category_figure(agreements: Mapping[str, Mapping[str, Any]], categories: Sequence[str], path: Path) -> Path:
@@ -211,16 +204,14 @@ def write_voxel_descriptions_section(folder: str | Path, t2b: TextToBrain, phras
     rois = {"all voxels": np.ones(t2b.n_voxels, bool), **{k: v for k, v in t2b.roi_masks.items() if v.any()}}
     per_roi = {r: {roi: [[p, s] for p, s in d.top_for_roi(m, top_k)] for roi, m in rois.items()}
                for r, d in descr.items()}
-    body = [f"<p>Each phrase of the vocabulary ({_e(vocabulary_source)}) is embedded with {_e(t2b.text_encoder)} "
-            "and passed through the text-to-brain readouts, giving a predicted response of every voxel to every "
-            "phrase. An ROI's phrases are ranked by the mean over its voxels of the predicted response z-scored "
-            "per voxel across the vocabulary (score in standard deviations), in the spirit of BrainSCUBA.</p>"]
-    rows = "".join(f'<tr><td class="text">{_e(roi)}</td><td class="text">{_phrase_list(per_roi["aligned"][roi])}'
-                   f'</td><td class="text">{_phrase_list(per_roi["text"][roi])}</td></tr>' for roi in rois)
-    body.append('<div class="scroll"><table><thead><tr><th class="text">ROI</th>'
-                f'<th class="text">top {top_k} phrases, aligned readout</th>'
-                f'<th class="text">top {top_k} phrases, text readout</th></tr></thead>'
-                f"<tbody>{rows}</tbody></table></div>")
+    body = [blocks.paragraph(
+        f"Each phrase of the vocabulary ({vocabulary_source}) is embedded with {t2b.text_encoder} and passed "
+        "through the text-to-brain readouts, giving a predicted response of every voxel to every phrase. An ROI's "
+        "phrases are ranked by the mean over its voxels of the predicted response z-scored per voxel across the "
+        "vocabulary (score in standard deviations), in the spirit of BrainSCUBA.")]
+    body.append(blocks.table(["ROI", f"top {top_k} phrases, aligned readout", f"top {top_k} phrases, text readout"],
+                             [[roi, _phrase_list(per_roi["aligned"][roi]), _phrase_list(per_roi["text"][roi])]
+                              for roi in rois], text_columns=3))
     result: dict[str, Any] = {"vocabulary": vocabulary_source, "n_phrases": len(phrases), "per_roi": per_roi}
     figures: list[str] = []
     truth = (dataset.meta.get("ground_truth") if dataset is not None else None) or {}
@@ -234,12 +225,12 @@ def write_voxel_descriptions_section(folder: str | Path, t2b: TextToBrain, phras
                                             np.asarray(preferred), categories) for r in ("aligned", "text")}
         result["category_agreement"] = {r: a["fraction"] for r, a in agreements.items()}
         n = agreements["aligned"]["n_voxels"]
-        body.append(
-            f"<p>Check against the virtual brain's ground truth: for each of the {n} semantic voxels the category "
-            f"phrases ({_e(', '.join(repr(p) for p in cat_phr))}) are ranked by predicted response; the top-ranked "
-            f"one names the voxel's true preferred category for <strong>{100 * agreements['aligned']['fraction']:.0f}"
-            f"%</strong> of them with the aligned readout and {100 * agreements['text']['fraction']:.0f}% with the "
-            f"text readout (chance {100 * agreements['aligned']['chance']:.0f}%).</p>")
+        body.append(blocks.paragraph(
+            f"Check against the virtual brain's ground truth: for each of the {n} semantic voxels the category "
+            f"phrases ({', '.join(repr(p) for p in cat_phr)}) are ranked by predicted response; the top-ranked "
+            f"one names the voxel's true preferred category for {100 * agreements['aligned']['fraction']:.0f}% "
+            f"of them with the aligned readout and {100 * agreements['text']['fraction']:.0f}% with the text "
+            f"readout (chance {100 * agreements['aligned']['chance']:.0f}%)."))
         fig = _category_figure(agreements, categories, folder / "voxel_descriptions_categories.png")
         figures.append(fig.name)
     if examples:
@@ -253,21 +244,18 @@ def write_voxel_descriptions_section(folder: str | Path, t2b: TextToBrain, phras
                 pc = truth.get("preferred_colour")
                 if colours is not None and pc is not None and int(pc[v]) >= 0:
                     true = f"{colours[int(pc[v])]} {true}"
-            ex_rows.append(f'<tr><td>{v}</td><td class="text">{_e(roi)}</td>'
-                           + (f'<td class="text">{_e(true or "–")}</td>' if preferred is not None else "")
-                           + f'<td class="text">{_phrase_list(descr["aligned"].top_for_voxel(v, 3))}</td></tr>')
-        body.append('<p>Example voxels (predicted response to each phrase, aligned readout):</p>'
-                    '<div class="scroll"><table><thead><tr><th>voxel</th><th class="text">ROIs</th>'
-                    + ('<th class="text">true preference</th>' if preferred is not None else "")
-                    + f'<th class="text">top 3 phrases</th></tr></thead><tbody>{"".join(ex_rows)}</tbody></table>'
-                    "</div>")
+            ex_rows.append([v, roi, *([true or "–"] if preferred is not None else []),
+                            _phrase_list(descr["aligned"].top_for_voxel(v, 3))])
+        header = ["voxel", "ROIs", *(["true preference"] if preferred is not None else []), "top 3 phrases"]
+        body.append(blocks.paragraph("Example voxels (predicted response to each phrase, aligned readout):"))
+        body.append(blocks.table(header, ex_rows, text_columns=len(header)))
     if model_dir is not None:  # phrase indices, not strings: 40k voxels × long captions would be large
         write_json(Path(model_dir) / "voxel_descriptions.json", {
             **result, "phrases": list(phrases),
             "per_voxel_top_index": {r: d.top_indices(top_k) for r, d in descr.items()}})
-        body.append(f"<p>Top {top_k} phrases of every voxel: <code>{_e(Path(model_dir).name)}/"
-                    "voxel_descriptions.json</code> in the run's models folder.</p>")
-    write_json(folder / "voxel_descriptions.json", {"title": "Voxel descriptions", "html": "".join(body),
+        body.append(blocks.paragraph(f"Top {top_k} phrases of every voxel: {Path(model_dir).name}/"
+                                     "voxel_descriptions.json in the run's models folder."))
+    write_json(folder / "voxel_descriptions.json", {"title": "Voxel descriptions", "blocks": body,
                                                     "figures": figures})
     return result
 
@@ -310,9 +298,10 @@ def add_text_to_brain_section(run_dir: str | Path, config: RunConfig, inputs: Pr
     model_dir = select_text_model(run_dir, config)
     if model_dir is None:
         folder.mkdir(parents=True, exist_ok=True)
-        note = ('<p class="note">Text-to-brain predictions need an LLM-VEM model trained with λ &gt; 0 (its '
-                "alignment head defines the aligned space); this run has none.</p>")
-        write_json(folder / "text_to_brain.json", {"title": "Text-to-brain predictions", "html": note, "figures": []})
+        note = [blocks.note("Text-to-brain predictions need an LLM-VEM model trained with λ > 0 (its alignment head "
+                            "defines the aligned space); this run has none.")]
+        write_json(folder / "text_to_brain.json", {"title": "Text-to-brain predictions", "blocks": note,
+                                                   "figures": []})
         return None
     t2b, evaluation = fit_model_text_to_brain(model_dir, inputs, device=config.train.device)
     label = f"LLM-VEM λ={t2b.info['lambda']:g} ({model_dir.name})"

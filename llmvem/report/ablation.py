@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmvem.report.tables import fmt_ci, fmt_number, fmt_p, html_table, markdown_table
+from llmvem.report.blocks import note, table
+from llmvem.report.tables import fmt_ci, fmt_number, fmt_p, markdown_table
 
-__all__ = ["ablation_section_html", "ablation_table", "plot_ablation", "top_rois"]
+__all__ = ["ablation_section_blocks", "ablation_table", "plot_ablation", "top_rois"]
 
 
 def top_rois(rois: Sequence[str]) -> list[str]:
@@ -59,24 +60,21 @@ def ablation_table(result: dict[str, Any]) -> str:
     return out
 
 
-def ablation_section_html(result: dict[str, Any]) -> str:
-    """The report section (HTML fragment): the table, its caption, the pairwise table and the warning."""
-    import html
-
+def ablation_section_blocks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report section as data blocks (:mod:`llmvem.report.blocks`): the table, its caption, the pairwise
+    table and the warning."""
     header, rows = _rows(result)
-    out = [html_table(header, rows, n_text=2),
-           f'<p class="caption">The same model (seed, features, schedule) trained at λ = {result["lambda"]:g} with '
-           "captions from each source; Δ, the 95% CI and the two-sided p come from the paired bootstrap over test "
-           f"images ({result['n_boot']} resamples) against LLM-VEM trained without alignment (λ = 0); "
-           "'improved' is the percentage of voxels whose r rose. The shuffled control keeps the sentences and "
-           "breaks their link to the image: a source helps through its content only if it beats the shuffled "
-           "control.</p>"]
+    out = [table(header, rows, text_columns=2),
+           note(f"The same model (seed, features, schedule) trained at λ = {result['lambda']:g} with captions from "
+                "each source; Δ, the 95% CI and the two-sided p come from the paired bootstrap over test images "
+                f"({result['n_boot']} resamples) against LLM-VEM trained without alignment (λ = 0); 'improved' is "
+                "the percentage of voxels whose r rose. The shuffled control keeps the sentences and breaks their "
+                "link to the image: a source helps through its content only if it beats the shuffled control.")]
     if result["pairwise"]:
-        out.append(html_table(["sources (B vs A)", "Δ mean r", "95% CI", "p", "improved (%)"],
-                              _pairwise_rows(result)))
+        out.append(table(["sources (B vs A)", "Δ mean r", "95% CI", "p", "improved (%)"], _pairwise_rows(result)))
     if result.get("warning"):
-        out.append(f'<p class="caption"><b>Note:</b> {html.escape(result["warning"])}</p>')
-    return "".join(out)
+        out.append(note(f"Note: {result['warning']}"))
+    return out
 
 
 def plot_ablation(result: dict[str, Any], path: Path) -> Path | None:

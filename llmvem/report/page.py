@@ -26,6 +26,7 @@ import numpy as np
 
 from llmvem.evaluate.selection import Selection, choose_model
 from llmvem.report import figures
+from llmvem.report.blocks import render_blocks
 from llmvem.report.cortex import masks_to_fsaverage5, plot_surface_maps, voxels_to_fsaverage5
 from llmvem.report.roi import ALL_VOXELS, class_order, interval_note, roi_classes, roi_values
 from llmvem.report.runfolder import (
@@ -498,7 +499,7 @@ def _extra_sections(ctx: _Context) -> list[tuple[str, str, str]]:
     sections = []
     for run in ctx.runs:
         for i, sec in enumerate(run.extra_sections):
-            body = [sec.html]
+            body = [render_blocks(sec.blocks)]  # data from the run folder, escaped: never its stored HTML
             for fig in sec.figures:
                 body.append(f'<figure><img src="{_data_uri(fig)}" alt="{_e(fig.name)}"></figure>')
             title = f"{sec.title} ({run.name})" if ctx.multi else sec.title

@@ -25,6 +25,7 @@ import numpy as np
 
 from llmvem.errors import DataValidationError
 from llmvem.report.runfolder import ModelResult, RunResults
+from llmvem.report.untrusted import load_run_array
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _test_responses(run: RunResults) -> np.ndarray | None:
     path = run.path / TEST_RESPONSES
     if not path.is_file():
         return None
-    y = np.load(path, mmap_mode="r", allow_pickle=False)
+    y = load_run_array(path, "test responses")  # never unpickled; object dtypes refused before mapping
     if y.ndim != 2 or (run.voxels is not None and y.shape[1] != run.voxels.n_voxels):
         raise DataValidationError(path, "shape", f"{y.shape}; expected (n_test_images, n_voxels) with the "
                                   "voxels of voxel_metrics.npz")
@@ -124,7 +125,7 @@ def _predictions(run: RunResults, model: str, shape: tuple[int, ...]) -> np.ndar
     path = run.path / "models" / model / "predictions_test.npy"
     if not path.is_file():
         return None
-    pred = np.load(path, mmap_mode="r", allow_pickle=False)
+    pred = load_run_array(path, "test predictions")
     if pred.shape != shape:
         raise DataValidationError(path, "shape", f"{pred.shape}; expected {shape} like {TEST_RESPONSES}")
     return pred

@@ -11,17 +11,23 @@ The layout (the contract between the pipeline and the report)::
       models/<model>/curves.csv optional training curves
       lambda_curve.json         optional mean r against the alignment weight lambda
       gallery.json + gallery/   optional caption gallery with PNG thumbnails
-      extra_sections/*.json     optional extra report sections {"title", "html", "figures"}
+      extra_sections/*.json     optional extra report sections {"title", "blocks", "figures"} (data, see
+                                :mod:`llmvem.report.blocks`)
 
 Only ``metrics.json`` is required; every other file is optional and the report omits what it cannot draw.
 A file that is present but malformed raises :class:`~llmvem.errors.DataValidationError` naming the file,
 the field and what was expected.
+
+Trust boundary: run folders are copied between people, so nothing in one is trusted. This module is the one
+place that reads them, and every value passes the checks of :mod:`llmvem.report.untrusted`: names that become
+paths (models, ROIs, hemispheres) are one path component, JSON is bounded in size and depth, numbers are finite
+or NaN within their range (correlations in [-1, 1]), arrays load without pickles; report sections are data that
+the report renders escaped (:mod:`llmvem.report.blocks`), never stored HTML.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import zipfile
 from dataclasses import dataclass, field
@@ -30,12 +36,24 @@ from typing import Any
 
 import numpy as np
 
-from llmvem.errors import DataValidationError
+from llmvem.errors import DataValidationError, quote
+from llmvem.report.blocks import blocks_from_html, parse_blocks
+from llmvem.report.untrusted import (
+    ANY_BOUNDS,
+    R_BOUNDS,
+    UNIT_BOUNDS,
+    bounded_number,
+    check_name,
+    load_run_array,
+    read_run_json,
+    read_text_bounded,
+)
 
 #: Columns every ``models/<model>/curves.csv`` must have.
 CURVE_COLUMNS = ("stage", "epoch", "step", "train_loss", "val_mean_r", "lr")
 
 _SUMMARY_KEYS = ("mean_r", "median_r", "mean_accuracy", "median_accuracy")
+
 
 
 # ---------------------------------------------------------------------------------------------- dataclasses
@@ -156,11 +174,12 @@ class GalleryItem:
 
 @dataclass
 class ExtraSection:
-    """A section added by later stages: raw HTML (trusted, written by llmvem) and figure files."""
+    """A section added by later stages: checked data blocks (:mod:`llmvem.report.blocks`, rendered escaped by the
+    report; never stored HTML) and figure files inside the run folder."""
 
     path: Path
     title: str
-    html: str
+    blocks: list[dict[str, Any]]
     figures: list[Path]
 
 
@@ -185,27 +204,6 @@ class RunResults:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataValidationError(path, "file", f"not UTF-8 text ({exc}); expected a JSON file") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataValidationError(
-            path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON ({exc.msg})") from exc
-
-
-def _number(value: Any, source: Path, fld: str, allow_missing: bool = False) -> float:
-    """A finite-or-NaN float from a JSON value (``null`` is NaN, as ``write_json`` writes NaN)."""
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataValidationError(source, fld, f"expected a number or null, got {value!r}")
-    return float(value)
-
-
 def _required(obj: dict[str, Any], key: str, source: Path, prefix: str) -> Any:
     if key not in obj:
         raise DataValidationError(source, f"{prefix}{key}", "missing; expected a value")
@@ -224,12 +222,12 @@ def _list(value: Any, source: Path, fld: str) -> list[Any]:
     return value
 
 
-def _interval(value: Any, source: Path, fld: str) -> tuple[float, float] | None:
+def _interval(value: Any, source: Path, fld: str, bounds: tuple[float, float] = ANY_BOUNDS) -> tuple[float, float] | None:
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise DataValidationError(source, fld, f"expected [low, high], got {value!r}")
-    lo, hi = (_number(v, source, fld) for v in value)
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise DataValidationError(source, fld, f"expected [low, high], got {quote(value)}")
+    lo, hi = (bounded_number(v, source, fld, bounds) for v in value)
     if lo > hi:
         raise DataValidationError(source, fld, f"low {lo} above high {hi}; expected [low, high]")
     return lo, hi
@@ -237,15 +235,16 @@ def _interval(value: Any, source: Path, fld: str) -> tuple[float, float] | None:
 
 def _region(obj: Any, source: Path, prefix: str) -> RegionMetrics:
     obj = _dict(obj, source, prefix.rstrip("."))
-    values = {k: _number(obj.get(k), source, prefix + k) for k in _SUMMARY_KEYS}
+    values = {k: bounded_number(obj.get(k), source, prefix + k, R_BOUNDS if k.endswith("_r") else ANY_BOUNDS)
+              for k in _SUMMARY_KEYS}
     if "mean_r" not in obj:
         raise DataValidationError(source, prefix + "mean_r", "missing; expected the mean Pearson r")
     n_vox = obj.get("n_voxels")
     if n_vox is not None and (isinstance(n_vox, bool) or not isinstance(n_vox, int) or n_vox < 0):
         raise DataValidationError(source, prefix + "n_voxels", f"expected a non-negative integer, got {n_vox!r}")
-    ci = _interval(obj.get("mean_r_ci"), source, prefix + "mean_r_ci")
+    ci = _interval(obj.get("mean_r_ci"), source, prefix + "mean_r_ci", R_BOUNDS)
     if ci is None and ("ci_low" in obj or "ci_high" in obj):
-        ci = _interval([obj.get("ci_low"), obj.get("ci_high")], source, prefix + "ci_low/ci_high")
+        ci = _interval([obj.get("ci_low"), obj.get("ci_high")], source, prefix + "ci_low/ci_high", R_BOUNDS)
     return RegionMetrics(n_voxels=n_vox, mean_r_ci=ci, **values)
 
 
@@ -253,33 +252,37 @@ def _comparison_stats(obj: Any, source: Path, prefix: str) -> ComparisonStats:
     obj = _dict(obj, source, prefix.rstrip("."))
     vals = {}
     for key in ("diff", "ci_low", "ci_high", "p_value"):
-        vals[key] = _number(_required(obj, key, source, prefix), source, prefix + key)
-    vals["fraction_improved"] = _number(obj.get("fraction_improved"), source, prefix + "fraction_improved")
+        vals[key] = bounded_number(_required(obj, key, source, prefix), source, prefix + key,
+                            UNIT_BOUNDS if key == "p_value" else ANY_BOUNDS)
+    vals["fraction_improved"] = bounded_number(obj.get("fraction_improved"), source, prefix + "fraction_improved",
+                                        UNIT_BOUNDS)
     return ComparisonStats(**vals)
 
 
 # ----------------------------------------------------------------------------------------- file parsers
 def _parse_metrics(path: Path) -> dict[str, Any]:
-    data = _dict(_read_json(path), path, "<top level>")
+    data = _dict(read_run_json(path), path, "<top level>")
     models_raw = _dict(_required(data, "models", path, ""), path, "models")
     if not models_raw:
         raise DataValidationError(path, "models", "empty; expected at least one model")
     models: dict[str, ModelResult] = {}
     for name, m in models_raw.items():
+        check_name(name, path, f"models.{quote(name)}")
         pre = f"models.{name}."
         m = _dict(m, path, f"models.{name}")
         lam = m.get("lambda")
-        lam_f = None if lam is None else _number(lam, path, pre + "lambda")
+        lam_f = None if lam is None else bounded_number(lam, path, pre + "lambda")
         if lam_f is not None and not lam_f >= 0:
             raise DataValidationError(path, pre + "lambda", f"{lam!r}; expected a number >= 0 or null")
-        per_roi = {roi: _region(v, path, f"{pre}per_roi.{roi}.")
+        per_roi = {check_name(roi, path, f"{pre}per_roi.{quote(roi)}"): _region(v, path, f"{pre}per_roi.{roi}.")
                    for roi, v in _dict(m.get("per_roi", {}), path, pre + "per_roi").items()}
-        per_hemi = {h: _region(v, path, f"{pre}per_hemisphere.{h}.")
+        per_hemi = {check_name(h, path, f"{pre}per_hemisphere.{quote(h)}"):
+                    _region(v, path, f"{pre}per_hemisphere.{h}.")
                     for h, v in _dict(m.get("per_hemisphere", {}), path, pre + "per_hemisphere").items()}
         models[name] = ModelResult(
             name=name, label=str(m.get("label") or name), kind=str(m.get("kind") or "unknown"), lam=lam_f,
             overall=_region(m, path, pre), per_roi=per_roi, per_hemisphere=per_hemi,
-            val_mean_r=_number(m.get("val_mean_r"), path, pre + "val_mean_r"),
+            val_mean_r=bounded_number(m.get("val_mean_r"), path, pre + "val_mean_r", R_BOUNDS),
             val_in_fit=m.get("val_in_fit") is True)
 
     comparisons = []
@@ -290,12 +293,14 @@ def _parse_metrics(path: Path) -> dict[str, Any]:
         for key, model in (("a", a), ("b", b)):
             if model not in models:
                 raise DataValidationError(path, pre + key, f"model {model!r} is not in models {sorted(models)}")
-        per_roi = {roi: _comparison_stats(v, path, f"{pre}per_roi.{roi}.")
+        per_roi = {check_name(roi, path, f"{pre}per_roi.{quote(roi)}"):
+                   _comparison_stats(v, path, f"{pre}per_roi.{roi}.")
                    for roi, v in _dict(c.get("per_roi", {}), path, pre + "per_roi").items()}
         comparisons.append(Comparison(a=a, b=b, metric=str(c.get("metric", "mean_r")),
                                       overall=_comparison_stats(c, path, pre), per_roi=per_roi))
     dataset = _dict(data.get("dataset", {}), path, "dataset")
-    _dict(dataset.get("rois", {}), path, "dataset.rois")
+    for roi in _dict(dataset.get("rois", {}), path, "dataset.rois"):
+        check_name(roi, path, f"dataset.rois.{quote(roi)}")
     return {
         "dataset": dataset,
         "models": models,
@@ -331,22 +336,29 @@ def _parse_voxels(path: Path, models: dict[str, ModelResult]) -> VoxelMetrics:
             raise DataValidationError(path, key, f"{a.shape[0]} voxels, expected {n_vox} like the other arrays")
         return a
 
-    def floats(key: str) -> np.ndarray:
+    def floats(key: str, bounds: tuple[float, float] = ANY_BOUNDS) -> np.ndarray:
         a = vector(key)
-        if not np.issubdtype(a.dtype, np.number):
-            raise DataValidationError(path, key, f"dtype {a.dtype}, expected numbers")
-        return a.astype(np.float64)
+        if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+            raise DataValidationError(path, key, f"dtype {a.dtype}, expected real numbers")
+        a = a.astype(np.float64)
+        outside = ~np.isnan(a) & ~((a >= bounds[0]) & (a <= bounds[1]))
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise DataValidationError(path, key, f"voxel {i} is {float(a[i])}; expected finite values in "
+                                      f"[{bounds[0]:.3g}, {bounds[1]:.3g}] or NaN")
+        return a
 
     r, acc, rois = {}, {}, {}
     for name in models:
         if f"r__{name}" not in arrays:
             raise DataValidationError(path, f"r__{name}", f"missing; expected per-voxel r of model {name!r} "
                                       "(every model in metrics.json needs one)")
-        r[name] = floats(f"r__{name}")
+        r[name] = floats(f"r__{name}", R_BOUNDS)
         if f"accuracy__{name}" in arrays:
             acc[name] = floats(f"accuracy__{name}")
     for key in arrays:
         if key.startswith("roi__"):
+            check_name(key[len("roi__"):], path, quote(key))
             mask = vector(key)
             if mask.dtype != bool:
                 if not (np.issubdtype(mask.dtype, np.number) and np.isin(mask, (0, 1)).all()):
@@ -407,18 +419,19 @@ def _parse_curves(path: Path) -> TrainingCurves:
 
 def _parse_lambda_curve(path: Path) -> list[LambdaPoint]:
     points = []
-    for i, p in enumerate(_list(_read_json(path), path, "<top level>")):
+    for i, p in enumerate(_list(read_run_json(path), path, "<top level>")):
         pre = f"[{i}]."
         p = _dict(p, path, f"[{i}]")
-        lam = _number(_required(p, "lambda", path, pre), path, pre + "lambda")
+        lam = bounded_number(_required(p, "lambda", path, pre), path, pre + "lambda")
         if not lam >= 0:
             raise DataValidationError(path, pre + "lambda", f"{lam}; expected a number >= 0")
-        per_roi = {roi: _number(v, path, f"{pre}per_roi.{roi}")
+        per_roi = {check_name(roi, path, f"{pre}per_roi.{quote(roi)}"): bounded_number(v, path, f"{pre}per_roi.{roi}",
+                                                                               R_BOUNDS)
                    for roi, v in _dict(p.get("per_roi", {}), path, pre + "per_roi").items()}
         points.append(LambdaPoint(
-            lam=lam, mean_r=_number(_required(p, "mean_r", path, pre), path, pre + "mean_r"),
+            lam=lam, mean_r=bounded_number(_required(p, "mean_r", path, pre), path, pre + "mean_r", R_BOUNDS),
             model=None if p.get("model") is None else str(p["model"]),
-            mean_r_ci=_interval(p.get("mean_r_ci"), path, pre + "mean_r_ci"), per_roi=per_roi))
+            mean_r_ci=_interval(p.get("mean_r_ci"), path, pre + "mean_r_ci", R_BOUNDS), per_roi=per_roi))
     return sorted(points, key=lambda q: q.lam)
 
 
@@ -436,7 +449,7 @@ def _inside(run: Path, rel: Any, source: Path, fld: str) -> Path:
 
 def _parse_gallery(path: Path, run: Path) -> list[GalleryItem]:
     items = []
-    for i, g in enumerate(_list(_read_json(path), path, "<top level>")):
+    for i, g in enumerate(_list(read_run_json(path), path, "<top level>")):
         pre = f"[{i}]."
         g = _dict(g, path, f"[{i}]")
         image = _inside(run, _required(g, "image", path, pre), path, pre + "image")
@@ -454,18 +467,23 @@ def _parse_gallery(path: Path, run: Path) -> list[GalleryItem]:
 def _parse_extra_sections(folder: Path, run: Path) -> list[ExtraSection]:
     sections = []
     for path in sorted(folder.glob("*.json")):
-        data = _dict(_read_json(path), path, "<top level>")
-        title, body = data.get("title"), data.get("html", "")
+        data = _dict(read_run_json(path), path, "<top level>")
+        title = data.get("title")
         if not isinstance(title, str) or not title.strip():
-            raise DataValidationError(path, "title", f"expected a non-empty string, got {title!r}")
-        if not isinstance(body, str):
-            raise DataValidationError(path, "html", f"expected a string of HTML, got {type(body).__name__}")
+            raise DataValidationError(path, "title", f"expected a non-empty string, got {quote(title)}")
+        if "blocks" in data:
+            blocks = parse_blocks(data["blocks"], path)
+        else:  # written by an older llmvem: only the text of its HTML is kept
+            body = data.get("html", "")
+            if not isinstance(body, str):
+                raise DataValidationError(path, "html", f"expected a string, got {type(body).__name__}")
+            blocks = blocks_from_html(body)
         figures = []
         for j, fig in enumerate(_list(data.get("figures", []), path, "figures")):
             # Figures are named relative to extra_sections/ (or, failing that, to the run folder).
             base = folder if isinstance(fig, str) and (folder / fig).is_file() else run
             figures.append(_inside(base, fig, path, f"figures[{j}]"))
-        sections.append(ExtraSection(path=path, title=title, html=body, figures=figures))
+        sections.append(ExtraSection(path=path, title=title, blocks=blocks, figures=figures))
     return sections
 
 
@@ -502,13 +520,17 @@ def load_run(path: str | Path) -> RunResults:
 
     config_text = None
     if (run / "config.yaml").is_file():
-        config_text = (run / "config.yaml").read_text(encoding="utf-8", errors="replace")
+        config_text = read_text_bounded(run / "config.yaml", "config file", errors="replace")
     versions = None
     if (run / "versions.json").is_file():
-        versions = _dict(_read_json(run / "versions.json"), run / "versions.json", "<top level>")
+        versions = _dict(read_run_json(run / "versions.json"), run / "versions.json", "<top level>")
     voxels = _parse_voxels(run / "voxel_metrics.npz", models) if (run / "voxel_metrics.npz").is_file() else None
     curves = {name: _parse_curves(run / "models" / name / "curves.csv")
               for name in models if (run / "models" / name / "curves.csv").is_file()}
+    for array in [run / "test_responses.npy", *(run / "models" / name / f for name in models for f in (
+            "predictions_test.npy", "predictions_challenge_test.npy"))]:
+        if array.is_file():  # headers only (memory-mapped): a pickled or truncated array is refused up front
+            load_run_array(array, array.stem.replace("_", " "))
     lam_path = run / "lambda_curve.json"
     gallery_path = run / "gallery.json"
     extra = run / "extra_sections"
