@@ -107,3 +107,73 @@ def test_fit_pca_rejects_bad_shapes():
         fit_pca(torch.randn(10, 30), 40)
     with pytest.raises(ValueError, match="shape"):
         fit_pca(torch.randn(10), 2)
+
+
+# ------------------------------------------------------------------ the memory-bounded (Gram) path
+def _spectrum_responses(n, v, seed=0):
+    """Responses with a decaying spectrum (as brain data have) plus an offset, float32."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(n, v)
+    scales = torch.logspace(1, -1, r)
+    return ((torch.randn(n, r, generator=g) * scales) @ torch.linalg.qr(torch.randn(v, r, generator=g))[0].t()
+            + 2.0).float()
+
+
+def _principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the row spaces of two orthonormal bases (k, v)."""
+    return torch.linalg.svdvals(a.double() @ b.double().t())
+
+
+@pytest.mark.parametrize("n,v,k", [(120, 400, 40), (120, 400, 120), (400, 90, 30), (400, 90, 90), (60, 60, 60)])
+def test_gram_path_matches_the_exact_svd(n, v, k):
+    y = _spectrum_responses(n, v, seed=n + v)
+    m_svd, b_svd, var_svd = fit_pca(y, k, method="svd")
+    m_gram, b_gram, var_gram = fit_pca(y, k, method="gram")
+    assert b_gram.dtype == torch.float32 and b_gram.shape == (k, v)
+    np.testing.assert_allclose(m_gram.numpy(), m_svd.numpy(), atol=1e-5)
+    # explained variance within 1e-3 (relative to the first component's) and the same subspace
+    assert float((var_gram - var_svd).abs().max() / var_svd[0]) < 1e-3
+    rank = min(n - 1, v)  # the centred data have rank n - 1 at most
+    kept = min(k, rank)
+    cos = _principal_cosines(b_gram[:kept], b_svd[:kept])
+    assert float(cos.min()) > 1 - 1e-4
+    # orthonormal rows (the completion beyond the rank included), and the sign convention of the SVD path
+    np.testing.assert_allclose((b_gram.double() @ b_gram.double().t()).numpy(), np.eye(k), atol=1e-4)
+    assert (b_gram.gather(1, b_gram.abs().argmax(1, keepdim=True)) > 0).all()
+    # well-separated leading components agree one by one, signs included
+    np.testing.assert_allclose(b_gram[:5].numpy(), b_svd[:5].numpy(), atol=1e-3)
+
+
+def test_gram_path_reconstructs_low_rank_responses_and_is_deterministic():
+    y = _responses(80, 300, rank=6)
+    ro = PCAVoxelReadout(n_features=3, n_voxels=300, n_components=6)
+    mean, basis, _ = fit_pca(y, 6, method="gram")
+    ro.mean.copy_(mean)
+    ro.basis.copy_(basis)
+    assert torch.allclose(ro.decode(ro.encode(y)), y, atol=1e-3)
+    assert torch.equal(fit_pca(y.clone(), 6, method="gram")[1], basis)
+
+
+def test_auto_takes_the_exact_svd_on_small_data_and_the_gram_path_beyond(monkeypatch):
+    import llmvem.model.readout as readout
+
+    y = _spectrum_responses(50, 70)
+    calls = []
+    monkeypatch.setattr(readout, "_pca_gram", lambda *a: calls.append("gram") or readout._pca_svd(*a))
+    fit_pca(y, 10)
+    assert calls == []
+    monkeypatch.setattr(readout, "EXACT_SVD_BYTES", 8 * 50 * 70 - 1)
+    fit_pca(y, 10)
+    assert calls == ["gram"]
+    with pytest.raises(ValueError, match="method"):
+        fit_pca(y, 10, method="eig")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gram_path_on_cuda_matches_the_cpu():
+    y = _spectrum_responses(150, 500)
+    _, b_cpu, var_cpu = fit_pca(y, 30, method="gram")
+    _, b_gpu, var_gpu = fit_pca(y.cuda(), 30, method="gram")
+    assert b_gpu.is_cuda
+    assert float(_principal_cosines(b_gpu.cpu(), b_cpu).min()) > 1 - 1e-4
+    assert float((var_gpu.cpu() - var_cpu).abs().max() / var_cpu[0]) < 1e-3
