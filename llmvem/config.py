@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmvem.config_models import ModelEntry, check_model_entries
+from llmvem.config_yaml import parse_yaml
 from llmvem.errors import ConfigError, quote, shorten
 
 __all__ = [
@@ -238,7 +240,8 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """Evaluation and baselines."""
 
-    ridge_alphas: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-2, 7)], min_length=1)
+    ridge_alphas: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-2, 8)], min_length=1,
+                                      description="penalties on z-scored features (llmvem.model.ridge.DEFAULT_ALPHAS)")
     ridge_folds: int = Field(5, ge=2)
     ridge_device: str = "auto"
     bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples; 0 = off")
@@ -250,6 +253,13 @@ class EvaluateConfig(_Section):
         False, description="with model.spatial_readout set: also train the λ = 0 model without the spatial readout "
         "(llmvem_lambda0_pooled) and report a model that takes, per voxel, the pooled or the spatial λ = 0 "
         "model's prediction, whichever has the higher validation r (per_voxel_choice; its val r is in-sample)")
+    models: list[ModelEntry] = Field(default_factory=list, description="the experiment's models (llmvem."
+                                     "config_models); empty = ridge, λ = 0 and each λ > 0")
+
+    @field_validator("models")
+    @classmethod
+    def _models_refer_back(cls, v: list[ModelEntry]) -> list[ModelEntry]:
+        return check_model_entries(v)
 
 
 class MultiSubjectConfig(_Section):
@@ -414,88 +424,6 @@ def load_config(path: str | Path) -> RunConfig:
     return _validate(parse_yaml(text, source), source)
 
 
-#: Most YAML nodes a config may expand to through aliases (``*name``); a real config has a few hundred.
-MAX_YAML_NODES = 100_000
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys (which plain YAML resolves silently, last one wins)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, Any] = {}
-        for key_node, _value in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                hash(key)
-            except TypeError:
-                continue  # the base class reports unhashable keys
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {quote(key)} (first at line {seen[key].start_mark.line + 1}); "
-                    "each key may appear once", key_node.start_mark)
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
-
-
-def _expanded_size(root: yaml.Node, bound: int) -> int:
-    """Nodes of the document with every alias expanded, counted on the shared node graph (capped at
-    ``bound + 1``). A recursive alias (``&a [*a]``) expands without end and counts as over the bound."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        if id(node) in sizes:
-            continue
-        kids: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            kids = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            kids = [n for pair in node.value for n in pair]
-        if not children_done:
-            if id(node) in open_nodes:  # reached itself through its own children
-                return bound + 1
-            open_nodes.add(id(node))
-            stack.append((node, True))
-            stack.extend((k, False) for k in kids if id(k) not in sizes)
-            continue
-        open_nodes.discard(id(node))
-        sizes[id(node)] = min(bound + 1, 1 + sum(sizes.get(id(k), 1) for k in kids))
-    return sizes[id(root)]
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse config YAML safely: no tags that build objects, no duplicate keys, no alias bombs.
-
-    Raises
-    ------
-    ConfigError
-        Invalid YAML (with line and column), a key given twice in one mapping, or aliases that expand past
-        :data:`MAX_YAML_NODES` nodes (the "billion laughs" document).
-    """
-    loader = _StrictLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:  # PyYAML composes nested nodes recursively
-            raise ConfigError(f"{source}: nesting deeper than Python can parse; a config needs a few levels") from None
-        if node is None:
-            return None
-        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
-            raise ConfigError(f"{source}: aliases (*name) expand to more than {MAX_YAML_NODES} values; a config "
-                              "needs no more than a few hundred (an alias bomb?)")
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: invalid YAML{where}: {shorten(problem)}") from exc
-    finally:
-        loader.dispose()
-
-
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (every key, defaults included) so the run can be reproduced from the file."""
     from llmvem.utils import atomic_write
@@ -550,16 +478,17 @@ def apply_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -
         leaf = parts[-1]
         if leaf not in node and cls is not None:
             raise ConfigError(f"--set {quote(item)}: {shorten(key)}: unknown key; expected one of: {', '.join(sorted(node))}")
-        node[leaf] = _parse_value(raw, item)
+        node[leaf] = parsed = _parse_value(raw, item)
         try:
             RunConfig.model_validate(data)
-        except ValidationError:
+        except ValidationError as first:
             node[leaf] = raw  # e.g. a numeric-looking name for a text field
             try:
                 RunConfig.model_validate(data)
             except ValidationError as exc:
-                node[leaf] = _parse_value(raw, item)
-                raise ConfigError(_validation_message(exc, f"--set {quote(item)}")) from exc
+                node[leaf] = parsed  # report the parsed value's error unless the value was text anyway
+                err = exc if isinstance(parsed, str) else first
+                raise ConfigError(_validation_message(err, f"--set {quote(item)}")) from err
     return _validate(data, "overrides")
 
 

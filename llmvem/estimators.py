@@ -38,8 +38,7 @@ from sklearn.base import BaseEstimator
 
 from llmvem.errors import DataValidationError
 from llmvem.evaluate.metrics import pearson_r
-from llmvem.model.features import FeatureStandardizer, concat_features
-from llmvem.model.ridge import DEFAULT_ALPHAS, RidgeCV
+from llmvem.ridge_encoders import PREDICT_SPLITS, RIDGE_FILE, BandedRidgeEncoder, RidgeEncoder
 
 if TYPE_CHECKING:
     import torch
@@ -52,170 +51,14 @@ if TYPE_CHECKING:
     from llmvem.model.network import LLMVEM
     from llmvem.train.stream import CaptionStream
 
-__all__ = ["RIDGE_FILE", "LLMVEMEncoder", "MultiSubjectEncoder", "PerVoxelChoice", "RidgeEncoder", "model_name"]
+__all__ = ["PREDICT_SPLITS", "RIDGE_FILE", "BandedRidgeEncoder", "LLMVEMEncoder", "MultiSubjectEncoder", "PerVoxelChoice",
+           "RidgeEncoder", "model_name"]
 
 log = logging.getLogger(__name__)
-
-#: Splits whose predictions ``predict_inputs`` returns.
-PREDICT_SPLITS = ("val", "test")
-#: File of a saved :class:`RidgeEncoder` in its model folder (``models/ridge/``).
-RIDGE_FILE = "ridge.npz"
-
 
 def model_name(lam: float) -> str:
     """Run-folder name of the LLM-VEM model trained with ``lambda_align = lam`` (``llmvem_lambda0.1``)."""
     return f"llmvem_lambda{lam:g}"
-
-
-# ------------------------------------------------------------------------------------------------- ridge
-class RidgeEncoder(BaseEstimator):
-    """Voxelwise ridge on frozen features: one standardiser, then :class:`~llmvem.model.ridge.RidgeCV` with a
-    per-voxel alpha chosen by K-fold cross-validation.
-
-    Parameters
-    ----------
-    layers : sequence of str, optional
-        Layers concatenated (in this order) when ``X`` is a dict of layer to features; required then.
-    alphas : array of shape (n_alphas,), optional
-        Regularisation strengths to try; default ``llmvem.model.ridge.DEFAULT_ALPHAS`` (1e-2 ... 1e7).
-    cv : int or splitter
-        Folds of the alpha search (contiguous ``KFold(cv)`` for an int).
-    device : str
-        Device of the ridge solver (``"auto"``, ``"cpu"``, ``"cuda"``).
-    fit_splits : sequence of str
-        Splits :meth:`fit_inputs` fits on (default train + val, the baseline of ``llmvem demo``).
-    progress_bar : bool
-
-    Attributes
-    ----------
-    standardizer_ : FeatureStandardizer
-        Fitted on the training rows.
-    ridge_ : RidgeCV
-    best_alphas_ : array of shape (n_voxels,)
-    n_features_in_ : int
-    fit_splits_ : tuple of str
-        Set by :meth:`fit_inputs`.
-    """
-
-    def __init__(self, layers: Sequence[str] | None = None, alphas: Sequence[float] | np.ndarray | None = None,
-                 cv: Any = 5, device: str = "auto", fit_splits: Sequence[str] = ("train", "val"),
-                 progress_bar: bool = False):
-        self.layers = layers
-        self.alphas = alphas
-        self.cv = cv
-        self.device = device
-        self.fit_splits = fit_splits
-        self.progress_bar = progress_bar
-
-    @classmethod
-    def from_config(cls, config: RunConfig, layers: Sequence[str] | None = None) -> RidgeEncoder:
-        """The ridge baseline ``config.evaluate`` describes, on ``layers`` (default ``config.backbone.layers``)."""
-        e = config.evaluate
-        return cls(layers=list(layers or config.backbone.layers), alphas=e.ridge_alphas, cv=e.ridge_folds,
-                   device=e.ridge_device)
-
-    def _matrix(self, X: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
-        if isinstance(X, Mapping):
-            if not self.layers:
-                raise DataValidationError(None, "layers", "X is a dict of layer features but RidgeEncoder(layers=...)"
-                                          " is empty; name the layers to concatenate")
-            return concat_features(X, list(self.layers))
-        x = np.asarray(X, dtype=np.float32)
-        if x.ndim != 2:
-            raise DataValidationError(None, "X", f"expected an array of shape (n_images, n_features), got {x.shape}")
-        return x
-
-    def fit(self, X: np.ndarray | Mapping[str, np.ndarray], Y: np.ndarray) -> RidgeEncoder:
-        """Fit the standardiser and the ridge.
-
-        Parameters
-        ----------
-        X : array of shape (n_images, n_features), or dict of layer to array (n_images, d_layer)
-        Y : array of shape (n_images, n_voxels)
-        """
-        x = self._matrix(X)
-        y = np.asarray(Y)
-        if y.ndim != 2 or y.shape[0] != x.shape[0]:
-            raise DataValidationError(None, "Y", f"expected shape ({x.shape[0]}, n_voxels) to match X {x.shape}, "
-                                      f"got {y.shape}")
-        self.standardizer_ = FeatureStandardizer().fit(x)
-        alphas = DEFAULT_ALPHAS if self.alphas is None else self.alphas
-        self.ridge_ = RidgeCV(alphas=alphas, cv=self.cv, device=self.device,
-                              progress_bar=self.progress_bar).fit(self.standardizer_.transform(x), y)
-        self.best_alphas_ = self.ridge_.best_alphas_
-        self.n_features_in_ = x.shape[1]
-        return self
-
-    def predict(self, X: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
-        """Predicted responses, array of shape (n_images, n_voxels), float32."""
-        if not hasattr(self, "ridge_"):
-            raise RuntimeError("RidgeEncoder: call fit() before predict()")
-        return np.asarray(self.ridge_.predict(self.standardizer_.transform(self._matrix(X))), dtype=np.float32)
-
-    def score(self, X: np.ndarray | Mapping[str, np.ndarray], Y: np.ndarray) -> np.ndarray:
-        """Pearson r per voxel between ``Y`` (n_images, n_voxels) and the predictions, shape (n_voxels,)."""
-        return pearson_r(np.asarray(Y), self.predict(X))
-
-    def fit_inputs(self, inputs: PreparedInputs) -> RidgeEncoder:
-        """Fit on the concatenated ``fit_splits`` of prepared inputs (frozen features, responses)."""
-        ds = inputs.dataset
-        splits = tuple(s for s in self.fit_splits if s in ds.splits)
-        X = np.concatenate([self._matrix(inputs.features[s]) for s in splits])
-        Y = np.concatenate([ds.splits[s].responses for s in splits])
-        self.fit(X, Y)
-        self.fit_splits_ = splits
-        return self
-
-    def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:
-        """Predictions of the ``val`` and ``test`` splits of prepared inputs."""
-        return {s: self.predict(inputs.features[s]) for s in PREDICT_SPLITS if s in inputs.dataset.splits}
-
-    def predict_new(self, images: ImageCollection, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Predictions for images outside the splits (challenge test images), from their frozen ``features``
-        (dict of layer to array (n, d_layer)); ``images`` is unused. Returns (n, n_voxels), float32."""
-        return self.predict(features)
-
-    def save(self, folder: str | Path) -> Path:
-        """Write the fitted standardiser and ridge to ``folder/RIDGE_FILE`` (``llmvem predict --model ridge``)."""
-        if not hasattr(self, "ridge_"):
-            raise RuntimeError("RidgeEncoder: call fit() before save()")
-        from llmvem.utils import atomic_write
-
-        path = Path(folder) / RIDGE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "wb") as fh:
-            np.savez(fh, mean=self.standardizer_.mean_, std=self.standardizer_.std_, coef=self.ridge_.coef_,
-                     intercept=self.ridge_.intercept_, best_alphas=self.best_alphas_,
-                     layers=np.array(list(self.layers or []), dtype=str))
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> RidgeEncoder:
-        """A fitted encoder read from ``folder/RIDGE_FILE`` (written by :meth:`save`).
-
-        Raises
-        ------
-        CheckpointError
-            The file is missing or lacks a field.
-        """
-        from llmvem.errors import CheckpointError
-
-        path = Path(folder) / RIDGE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; expected a ridge model saved by the experiment runner")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("mean", "std", "coef", "intercept", "best_alphas", "layers") if k not in z.files]
-            if missing:
-                raise CheckpointError(f"{path}: field {missing[0]!r} missing; expected a file written by "
-                                      "RidgeEncoder.save")
-            enc = cls(layers=[str(x) for x in z["layers"]] or None)
-            enc.standardizer_ = FeatureStandardizer()
-            enc.standardizer_.mean_, enc.standardizer_.std_ = z["mean"], z["std"]
-            ridge = RidgeCV(alphas=np.unique(z["best_alphas"]))
-            ridge.coef_, ridge.intercept_ = z["coef"], z["intercept"]
-            ridge.best_alphas_, ridge.n_features_in_, ridge._ravel = z["best_alphas"], int(z["coef"].shape[0]), False
-        enc.ridge_, enc.best_alphas_, enc.n_features_in_ = ridge, ridge.best_alphas_, ridge.n_features_in_
-        return enc
 
 
 # ------------------------------------------------------------------------------------------------ LLM-VEM

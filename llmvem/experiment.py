@@ -147,7 +147,7 @@ def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapp
         est = fitted[name]
         folder = out_dir / "models" / name
         folder.mkdir(parents=True, exist_ok=True)
-        if "out_dir" not in est.get_params():  # else the trainer already wrote predictions_<split>.npy there
+        if not (folder / "predictions_test.npy").is_file():  # a trainer writes its own predictions there
             for split, p in preds.items():
                 np.save(folder / f"predictions_{split}.npy", np.asarray(p, dtype=np.float32))
         if hasattr(est, "save"):
@@ -243,6 +243,10 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
             records[name]["align_stream"] = fitted[name].align_stream_
         if getattr(fitted[name], "choice_summary_", None) is not None:  # a per-voxel choice among candidates
             records[name]["per_voxel_choice"] = fitted[name].choice_summary_
+        if getattr(fitted[name], "details_", None) is not None:  # a layer choice, blend weights, ensemble seeds
+            records[name]["details"] = fitted[name].details_
+        if getattr(fitted[name], "band_summary_", None) is not None:  # a banded ridge's band weights
+            records[name]["bands"] = fitted[name].band_summary_
         voxel[f"r__{name}"] = ev["r"]
         if ev["accuracy"] is not None:
             voxel[f"accuracy__{name}"] = ev["accuracy"]

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from llmvem.config import RunConfig
+from llmvem.config_models import ModelEntry
 from llmvem.estimators import LLMVEMEncoder, RidgeEncoder, model_name
 from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, default_pairs, run_models
 from llmvem.inputs import PreparedInputs, prepare_inputs
 
-__all__ = ["EXPERIMENT_OUTPUTS", "PER_VOXEL_CHOICE", "POOLED_LAMBDA0", "PreparedInputs", "experiment_lambdas",
-           "experiment_models", "llmvem_spec", "load_model_streams", "prepare_inputs", "ridge_spec", "run_experiment"]
+__all__ = ["EXPERIMENT_OUTPUTS", "PER_VOXEL_CHOICE", "POOLED_LAMBDA0", "PreparedInputs", "entry_specs",
+           "experiment_lambdas", "experiment_layers", "experiment_models", "extraction_config", "llmvem_spec",
+           "load_model_streams", "prepare_inputs", "ridge_spec", "run_experiment"]
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,106 @@ def per_voxel_choice_specs(config: RunConfig, trained: Sequence[str] = (), show_
     return {POOLED_LAMBDA0: pooled, PER_VOXEL_CHOICE: choice}
 
 
+def entry_config(config: RunConfig, entry: ModelEntry) -> RunConfig:
+    """The run config of an ``evaluate.models`` LLM-VEM entry: ``config`` with the entry's ``set`` overrides and
+    ``lambda_align``, its own ``evaluate.models`` emptied.
+
+    Raises
+    ------
+    ConfigError
+        An override is invalid; the message names the entry.
+    """
+    import yaml
+
+    from llmvem.config import apply_overrides
+    from llmvem.errors import ConfigError
+
+    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in entry.set.items()]
+    try:
+        cfg = apply_overrides(config, items)
+    except ConfigError as exc:
+        raise ConfigError(f"evaluate.models ({entry.name}).set: {exc}") from exc
+    cfg.evaluate.models = []
+    if entry.lambda_align is not None:
+        cfg.model.lambda_align = float(entry.lambda_align)
+    return cfg
+
+
+def entry_specs(config: RunConfig, show_progress: bool = False) -> dict[str, ModelSpec]:
+    """The models ``evaluate.models`` declares (see :mod:`llmvem.config_models`), as the runner's specs."""
+    from llmvem.composite import Blend, ChooseOnValidation, SeedEnsemble
+    from llmvem.estimators import BandedRidgeEncoder
+
+    models: dict[str, ModelSpec] = {}
+    for e in config.evaluate.models:
+        label = e.label or e.name
+        if e.kind == "ridge":
+            if e.layer_sets:
+                est: Any = ChooseOnValidation({"+".join(ls): RidgeEncoder.from_config(config, ls)
+                                               for ls in e.layer_sets}, refit_splits=tuple(e.fit_splits))
+            else:
+                est = RidgeEncoder.from_config(config, e.layers)
+                est.set_params(fit_splits=tuple(e.fit_splits))
+            models[e.name] = ModelSpec(est, label, kind="ridge")
+        elif e.kind == "banded_ridge":
+            est = BandedRidgeEncoder.from_config(config, e.bands, n_iter=e.n_iter, fit_splits=tuple(e.fit_splits))
+            models[e.name] = ModelSpec(est, label, kind="banded_ridge")
+        elif e.kind == "llmvem":
+            cfg = entry_config(config, e)
+            spec = llmvem_spec(cfg, cfg.model.lambda_align, label, show_progress)
+            if e.seeds > 1:
+                spec.estimator = SeedEnsemble(spec.estimator, n_seeds=e.seeds)
+            if e.set:  # not a point of the λ curve of the run's own configuration
+                spec.lam = None
+            models[e.name] = spec
+        else:
+            models[e.name] = ModelSpec(Blend({m: models[m].estimator for m in e.members}, weight_step=e.weight_step,
+                                             seed=config.seed), label, kind="blend",
+                                       reuses={m: m for m in e.members})
+    return models
+
+
+def entry_pairs(config: RunConfig) -> list[tuple[str, str]]:
+    """The comparisons of ``evaluate.models``: (that model, this model) for every name in ``compare_to``."""
+    return [(other, e.name) for e in config.evaluate.models for other in e.compare_to]
+
+
+def experiment_layers(config: RunConfig) -> list[str]:
+    """Every layer the experiment's models read (``backbone.layers``, the maps of a spatial readout, and the
+    layers, layer sets, bands and ``set`` overrides of ``evaluate.models``): what feature extraction provides."""
+    layers = list(config.backbone.layers)
+    if config.model.spatial_readout != "none":
+        layers += config.backbone.spatial_layers
+    for e in config.evaluate.models:
+        layers += [*(e.layers or []), *(k for ls in e.layer_sets for k in ls), *(k for b in e.bands for k in b)]
+        if e.kind == "llmvem":
+            cfg = entry_config(config, e)
+            layers += cfg.backbone.layers
+            if cfg.model.spatial_readout != "none":
+                layers += cfg.backbone.spatial_layers
+    return list(dict.fromkeys(layers))
+
+
+def extraction_config(config: RunConfig) -> RunConfig:
+    """``config`` with ``backbone.layers`` = :func:`experiment_layers`, so one pass of feature extraction (and
+    the cache) serves every model of the experiment; each model still reads only its own layers."""
+    layers = experiment_layers(config)
+    if layers == list(config.backbone.layers):
+        return config
+    cfg = config.model_copy(deep=True)
+    cfg.backbone.layers = layers
+    return cfg
+
+
 def experiment_models(config: RunConfig, lambdas: Sequence[float] | None = None, show_progress: bool = False
                       ) -> dict[str, ModelSpec]:
-    """The models of :func:`run_experiment`: ``ridge`` (when in ``evaluate.baselines``), then
-    ``llmvem_lambda<λ>`` for each λ (default :func:`experiment_lambdas`), then, with ``evaluate.per_voxel_choice``,
-    the models of :func:`per_voxel_choice_specs`."""
+    """The models of :func:`run_experiment`: those of ``evaluate.models`` when it is set (:func:`entry_specs`);
+    else ``ridge`` (when in ``evaluate.baselines``), then ``llmvem_lambda<λ>`` for each λ (default
+    :func:`experiment_lambdas`), then, with ``evaluate.per_voxel_choice``, the models of
+    :func:`per_voxel_choice_specs`."""
+    if config.evaluate.models:
+        return entry_specs(config, show_progress)
     models: dict[str, ModelSpec] = {}
     if "ridge" in config.evaluate.baselines:
         models["ridge"] = ridge_spec(config)
@@ -115,9 +212,12 @@ def experiment_models(config: RunConfig, lambdas: Sequence[float] | None = None,
     return models
 
 
-def experiment_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
-    """The bootstrap comparisons of :func:`run_experiment`: :func:`~llmvem.experiment.default_pairs`, plus the
-    per-voxel choice against the pooled λ = 0 model when both are among ``names``."""
+def experiment_pairs(names: Sequence[str], config: RunConfig | None = None) -> list[tuple[str, str]]:
+    """The bootstrap comparisons of :func:`run_experiment`: with ``evaluate.models``, its ``compare_to`` pairs
+    (:func:`entry_pairs`); else :func:`~llmvem.experiment.default_pairs`, plus the per-voxel choice against the
+    pooled λ = 0 model when both are among ``names``."""
+    if config is not None and config.evaluate.models:
+        return entry_pairs(config)
     pairs = default_pairs(names)
     if POOLED_LAMBDA0 in names and PER_VOXEL_CHOICE in names:
         pairs.append((POOLED_LAMBDA0, PER_VOXEL_CHOICE))
@@ -193,12 +293,13 @@ def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[flo
     def prepare() -> PreparedInputs:
         if inputs is None:
             say("preparing inputs: dataset, captions, caption embeddings, image features")
-        prepared = inputs if inputs is not None else prepare_inputs(config, show_progress=show_progress)
+        prepared = inputs if inputs is not None else prepare_inputs(extraction_config(config),
+                                                                    show_progress=show_progress)
         load_model_streams(models, prepared, show_progress, say)
         return prepared
 
     result = run_models(config, prepare, models, out_dir, resume=resume, overwrite=overwrite, extra_stages=stages,
-                        pairs=experiment_pairs(list(models)), say=say, started=t0)
+                        pairs=experiment_pairs(list(models), config), say=say, started=t0)
     metrics = result.metrics
     if report:
         say("writing the report")

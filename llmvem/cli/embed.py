@@ -242,9 +242,10 @@ def _embed_from_config(config: str, overrides: list[str], other_captions: str, s
     """``embed --config``: :func:`llmvem.inputs.prepare_inputs`, the caches ``train`` reads."""
     from llmvem.config import apply_overrides, load_config
     from llmvem.inputs import prepare_inputs
+    from llmvem.pipeline import extraction_config
 
     cfg = apply_overrides(load_config(config), overrides)
-    inputs = prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
+    inputs = prepare_inputs(extraction_config(cfg), show_progress=show, other_captions=other_captions)
     summary = {"dataset": inputs.dataset.name,
                "captions": f"{inputs.caption_info['model_id']} (config {inputs.caption_info['config_hash']})",
                "text embeddings": f"{cfg.text.encoder}, {next(iter(inputs.text_embeddings.values())).shape[1]}-d",

@@ -71,18 +71,20 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
                       other_captions: str) -> None:
     import llmvem.inputs
     from llmvem.experiment import run_models
-    from llmvem.pipeline import experiment_models, load_model_streams
+    from llmvem.pipeline import experiment_models, experiment_pairs, extraction_config, load_model_streams
 
     models = experiment_models(cfg, [cfg.model.lambda_align], show_progress=show)
     say = (lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None)
 
     def prepare():
         say("preparing inputs: dataset, captions, caption embeddings, image features")
-        inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show, other_captions=other_captions)
+        inputs = llmvem.inputs.prepare_inputs(extraction_config(cfg), show_progress=show,
+                                              other_captions=other_captions)
         load_model_streams(models, inputs, show, say)  # a bad align_data.spec fails before any training
         return inputs
 
-    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite, say=say)
+    result = run_models(cfg, prepare, models, out, resume=resume, overwrite=overwrite, say=say,
+                        pairs=experiment_pairs(list(models), cfg))
     m = result.metrics
     for name, rec in m["models"].items():
         val = rec.get("val_mean_r")

@@ -30,8 +30,8 @@ import numpy as np
 
 from llmvem.errors import CheckpointError, DataValidationError
 
-__all__ = ["model_attributes", "predict_image_folder", "read_predictions_h5", "resolve_model_dir", "roi_masks_of",
-           "voxel_layout_of", "write_predictions_h5"]
+__all__ = ["model_attributes", "predict_image_folder", "predict_images", "read_predictions_h5", "resolve_model_dir",
+           "roi_masks_of", "voxel_layout_of", "write_predictions_h5"]
 
 
 def _positive_lambda_models(models: Path) -> list[tuple[Path, float]]:
@@ -66,7 +66,6 @@ def resolve_model_dir(run: str | Path, model: str | None = None, for_text: bool 
     CheckpointError
         No such folder or model; the message lists the models that exist.
     """
-    from llmvem.estimators import RIDGE_FILE
     from llmvem.train.load import is_model_folder
 
     run = Path(run)
@@ -80,7 +79,8 @@ def resolve_model_dir(run: str | Path, model: str | None = None, for_text: bool 
         raise CheckpointError(f"{run}: neither a trained-model folder (config.yaml + model.safetensors) nor an "
                               "experiment folder with models/")
     found = _positive_lambda_models(models)
-    names = [d.name for d, _ in found] + sorted(d.name for d in models.iterdir() if (d / RIDGE_FILE).is_file())
+    names = [d.name for d, _ in found] + sorted(d.name for d in models.iterdir()
+                                                if d.is_dir() and not is_model_folder(d) and _servable(d))
     if model is not None:
         if model not in names:
             raise CheckpointError(f"{models / model}: no trained model of that name; models in {run}: "
@@ -119,6 +119,17 @@ def _chosen_in_run(run: Path, names: list[str]) -> str | None:
     # the chosen model cannot serve here (a per-voxel choice, say): the best loadable one by the same rule
     sel = choose_model(records, among=names)
     return sel.model
+
+
+def _servable(folder: Path) -> bool:
+    """Whether ``folder`` holds a model ``predict`` can load: a network, a saved ridge or banded ridge, or a
+    blend / seed ensemble of such models."""
+    from llmvem.composite import BLEND_FILE, ENSEMBLE_FILE
+    from llmvem.ridge_encoders import BANDED_FILE, RIDGE_FILE
+    from llmvem.train.load import is_model_folder
+
+    return is_model_folder(folder) or any((folder / f).is_file() for f in (RIDGE_FILE, BANDED_FILE, BLEND_FILE,
+                                                                           ENSEMBLE_FILE))
 
 
 def roi_masks_of(model_dir: str | Path) -> dict[str, np.ndarray]:
@@ -197,9 +208,6 @@ def predict_image_folder(model_dir: str | Path, folder: str | Path, *, device: s
     the run's ``cache_dir``).
     """
     from llmvem.data.images import FileImages, list_image_files
-    from llmvem.estimators import RIDGE_FILE
-    from llmvem.train.load import load_trained_model
-    from llmvem.utils import resolve_device
 
     files = list_image_files(folder)
     if not files:
@@ -207,20 +215,61 @@ def predict_image_folder(model_dir: str | Path, folder: str | Path, *, device: s
     stems = [f.stem for f in files]
     # ids are file names without extension (as the datasets name images), unless two files share a stem
     images = FileImages(files, ids=stems if len(set(stems)) == len(stems) else [f.name for f in files])
-    model_dir = Path(model_dir)
+    return predict_images(Path(model_dir), images, device=device, batch_size=batch_size), list(images.ids)
+
+
+def predict_images(model_dir: Path, images: Any, *, device: str = "auto", batch_size: int = 64,
+                   _features: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None) -> np.ndarray:
+    """Predictions (n_images, n_voxels), float32, of the model in ``model_dir`` for an image collection: a
+    network from the images; a ridge or banded ridge from the frozen features of the run's backbone (feature
+    cache of the run's ``cache_dir``); a blend or seed ensemble from its members, combined as in training.
+
+    Raises
+    ------
+    CheckpointError
+        The folder holds no model, or a composite model names a member outside the run's ``models/``.
+    """
+    from llmvem.composite import read_composite
+    from llmvem.ridge_encoders import BANDED_FILE, RIDGE_FILE
+    from llmvem.train.load import load_trained_model
+    from llmvem.utils import resolve_device
+
+    features = {} if _features is None else _features
+    composite = read_composite(model_dir)
+    if composite is not None:
+        kind, rec = composite
+        if kind == "ensemble":
+            preds = [predict_images(model_dir / m, images, device=device, batch_size=batch_size, _features=features)
+                     for m in rec["member_folders"]]
+            return np.mean(preds, axis=0).astype(np.float32)
+        weights = rec.get("weights", {})
+        if not isinstance(weights, dict) or set(weights) != set(rec["member_folders"]):
+            raise CheckpointError(f"{model_dir}: blend.json: weights must name every member")
+        return np.sum([float(weights[n]) * predict_images(model_dir.parent / m, images, device=device,
+                                                          batch_size=batch_size, _features=features)
+                       for n, m in rec["member_folders"].items()], axis=0).astype(np.float32)
+    linear = None
     if (model_dir / RIDGE_FILE).is_file():
-        from llmvem.config import load_config
         from llmvem.estimators import RidgeEncoder
+
+        linear = RidgeEncoder.load(model_dir)
+    elif (model_dir / BANDED_FILE).is_file():
+        from llmvem.estimators import BandedRidgeEncoder
+
+        linear = BandedRidgeEncoder.load(model_dir)
+    if linear is not None:
+        from llmvem.config import load_config
         from llmvem.inputs import extract_image_features, load_config_backbone
 
-        ridge = RidgeEncoder.load(model_dir)
         cfg = load_config(_model_config_path(model_dir))
         cfg.backbone.device = device
-        features = extract_image_features(cfg, images, load_config_backbone(cfg), ridge.layers,
-                                          show_progress=False)
-        return ridge.predict(features), list(images.ids)
+        key = tuple(linear.layers or [])
+        if key not in features:
+            features[key] = extract_image_features(cfg, images, load_config_backbone(cfg), list(key),
+                                                   show_progress=False)
+        return linear.predict(features[key])
     encoder = load_trained_model(model_dir, device=resolve_device(device))
-    return encoder.predict(images, batch_size=batch_size), list(images.ids)
+    return encoder.predict(images, batch_size=batch_size)
 
 
 def write_predictions_h5(path: str | Path, responses: np.ndarray, *, image_ids: Sequence[str] | None = None,

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from llmvem.errors import CheckpointError, ConfigError, DataValidationError
+from llmvem.model.ridge import RELATIVE_ALPHAS
 from llmvem.utils import write_json
 
 if TYPE_CHECKING:
@@ -60,9 +61,9 @@ READOUTS: tuple[str, ...] = ("aligned", "text")
 #: Files written into the model folder.
 READOUT_FILE = "text_to_brain.safetensors"
 SUMMARY_FILE = "text_to_brain.json"
-#: α grid of the readouts. Inputs are unit-norm embeddings (per-dimension variance ~1/dim), so the useful α are
-#: smaller than for the z-scored features of the ridge baseline.
-DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 4, 17))
+#: α grid of the readouts: the ridge solver's grid for unit-norm inputs (per-dimension variance ~1/dim, so the
+#: useful α are smaller than for the z-scored features of the ridge baseline).
+DEFAULT_ALPHAS = tuple(float(a) for a in RELATIVE_ALPHAS)
 #: Predictors scored by :func:`evaluate_text_to_brain`, with their report labels.
 PREDICTORS = {
     "image": "image-driven (LLM-VEM network)",

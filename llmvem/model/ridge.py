@@ -33,8 +33,12 @@ from llmvem.utils import progress, resolve_device
 
 Scoring = Literal["r2", "neg_mse"]
 
-#: The α grid of llmvem: 10 values from 1e-2 to 1e7, log-spaced (``evaluate.ridge_alphas`` defaults to it).
-DEFAULT_ALPHAS = np.logspace(-2, 7, 10)
+#: The α grid of llmvem for z-scored features: the powers of ten from 1e-2 to 1e7 (``evaluate.ridge_alphas``
+#: defaults to it; the ridge baseline, feature-matched and banded ridges use it).
+DEFAULT_ALPHAS = 10.0 ** np.arange(-2, 8)
+#: The grid for inputs that are not z-scored, as multiples of the mean squared row norm of the design (for
+#: unit-norm embeddings, the penalties themselves): half-decades from 1e-4 to 1e4 (text-to-brain readouts).
+RELATIVE_ALPHAS = 10.0 ** np.arange(-4, 4.25, 0.5)
 #: ``cv`` value of exact leave-one-out.
 LOO = "loo"
 
