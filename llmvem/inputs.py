@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from llmvem.utils import stable_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OTHER_CAPTIONS", "PreparedInputs", "add_map_pca", "build_captioner", "cache_root", "caption_dataset",
+__all__ = ["OTHER_CAPTIONS", "PreparedInputs", "add_map_pca", "alignment_targets", "build_captioner", "cache_root",
+           "caption_dataset", "dataset_attributes", "shuffle_permutations", "target_embeddings",
            "caption_store_path", "challenge_images",
            "embed_captions", "extract_image_features", "extract_split_features", "feature_layers", "fit_map_pca", "load_config_backbone", "load_config_dataset", "prepare_inputs",
            "shuffle_caption_sets"]
@@ -183,19 +184,91 @@ def caption_dataset(config: RunConfig, dataset: EncodingDataset, show_progress: 
     return captions, info
 
 
+def shuffle_permutations(sizes: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
+    """The permutation of each split of the shuffled-captions control (``captions.shuffle``): drawn in ``train``,
+    ``val``, ``test`` order from one generator seeded ``seed``; ``sizes`` are the splits' image counts."""
+    rng = np.random.default_rng(seed)
+    return {split: rng.permutation(sizes[split]) for split in SPLIT_NAMES if split in sizes}
+
+
 def shuffle_caption_sets(captions: dict[str, list[list[str]]], seed: int) -> dict[str, list[list[str]]]:
     """The caption sets permuted across the images of each split (the shuffled-captions control).
 
-    Each split (drawn in ``train``, ``val``, ``test`` order from one generator) gets its own uniform random
-    permutation, so an image receives the caption set of a random image of the same split (its own with
-    probability 1/n); the caption sets of every split are unchanged as a multiset.
+    Each split gets its own uniform random permutation (:func:`shuffle_permutations`), so an image receives the
+    caption set of a random image of the same split (its own with probability 1/n); the caption sets of every
+    split are unchanged as a multiset.
     """
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[list[str]]] = {}
-    for split in [s for s in SPLIT_NAMES if s in captions]:
-        perm = rng.permutation(len(captions[split]))
-        out[split] = [list(captions[split][int(j)]) for j in perm]
-    return out
+    perms = shuffle_permutations({s: len(c) for s, c in captions.items()}, seed)
+    return {split: [list(captions[split][int(j)]) for j in perm] for split, perm in perms.items()}
+
+
+def dataset_attributes(dataset: EncodingDataset, split: str) -> np.ndarray:
+    """The attribute vectors (n_images, n_attributes) of a split's images, from ``dataset.meta["attributes"]``
+    (``by_id``: image id → vector; the virtual brain provides them).
+
+    Raises
+    ------
+    DataValidationError
+        The dataset has no attributes, or not for every image of the split.
+    """
+    table = (dataset.meta.get("attributes") or {}).get("by_id")
+    if not table:
+        raise DataValidationError(dataset.source, "meta.attributes", "this dataset has no attribute vectors; "
+                                  "model.align_target=attributes needs them (the virtual brain has them); use "
+                                  "align_target=classes for a one-hot of each caption set")
+    ids = dataset.splits[split].images.ids
+    missing = [i for i in ids if i not in table]
+    if missing:
+        raise DataValidationError(dataset.source, "meta.attributes", f"no attribute vector for {len(missing)} "
+                                  f"{split} images (e.g. {missing[0]!r})")
+    return np.stack([np.asarray(table[i], dtype=np.float64) for i in ids])
+
+
+def target_embeddings(config: RunConfig, captions: Mapping[str, Sequence[Sequence[str]]],
+                      text_embeddings: Mapping[str, np.ndarray],
+                      attributes: Callable[[], Mapping[str, np.ndarray]] | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The alignment targets of ``config.model.align_target`` and their ids, per split (:mod:`llmvem.embed.targets`).
+
+    ``captions`` (as used, i.e. already shuffled under ``captions.shuffle``) give the ids of the ``captions`` and
+    ``classes`` targets; ``attributes()`` gives the attribute vectors of the ``attributes`` target, which are
+    permuted like the captions under ``captions.shuffle``. Every target has the caption embeddings' size. Without
+    the caption texts of every embedded image (inputs built from embeddings alone) the ids of the ``captions``
+    target are None: the trainer then groups bit-identical embeddings.
+    """
+    from llmvem.embed.targets import attribute_embeddings, attribute_ids, class_embeddings
+    from llmvem.embed.text import caption_ids
+
+    kind = config.model.align_target
+    known = all(s in captions and len(captions[s]) == len(e) for s, e in text_embeddings.items())
+    ids = {s: caption_ids(list(captions[s])) for s in text_embeddings} if known else None
+    if kind == "captions":
+        return dict(text_embeddings), ids
+    dim = int(next(iter(text_embeddings.values())).shape[1])
+    if kind == "classes":
+        if ids is None:
+            raise DataValidationError(None, "model.align_target", "classes: needs the caption texts of every image")
+        return {s: class_embeddings(v, dim) for s, v in ids.items()}, ids
+    if attributes is None:
+        raise DataValidationError(None, "model.align_target", "attributes: these images have no attribute vectors "
+                                  "(the virtual brain and virtual-scenes streams have them)")
+    attrs = dict(attributes())
+    if config.captions.shuffle:
+        perms = shuffle_permutations({s: len(a) for s, a in attrs.items()}, config.captions.shuffle_seed)
+        attrs = {s: attrs[s][perms[s]] for s in perms}
+    return ({s: attribute_embeddings(a, dim) for s, a in attrs.items()},
+            {s: attribute_ids(a) for s, a in attrs.items()})
+
+
+def alignment_targets(config: RunConfig, prepared: PreparedInputs
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """What the alignment head of a model fitted on ``prepared`` is trained toward (``model.align_target``):
+    embeddings (split → (n_images, dim)) and ids (split → (n_images,), equal ids are positives). The ids of the
+    caption targets are hashes of the caption texts (:func:`llmvem.embed.text.caption_ids`), never float equality.
+    """
+    ds = prepared.dataset
+    return target_embeddings(config, prepared.captions, prepared.text_embeddings,
+                             lambda: {s: dataset_attributes(ds, s) for s in prepared.captions})
 
 
 def embed_captions(config: RunConfig, captions: dict[str, list[list[str]]], show_progress: bool = True

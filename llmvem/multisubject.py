@@ -27,10 +27,12 @@ from llmvem.estimators import MultiSubjectEncoder
 from llmvem.experiment import flatten_comparison
 from llmvem.inputs import (
     caption_dataset,
+    dataset_attributes,
     embed_captions,
     extract_split_features,
     load_config_backbone,
     load_config_dataset,
+    target_embeddings,
 )
 from llmvem.report.tables import fmt_ci, fmt_number, markdown_table
 from llmvem.train.multisubject import SubjectData
@@ -88,14 +90,15 @@ def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: boo
                                                                      else ""))
         ds = split_by_image_key(ds, cfg.data.val_fraction, test_fraction, cfg.data.seed)
         feats = extract_split_features(cfg, ds, backbone, show_progress=show_progress)
-        text = None
+        text = ids = None
         if cfg.model.lambda_align > 0:
             captions, _ = caption_dataset(cfg, ds, show_progress)
-            text = embed_captions(cfg, captions, show_progress)
+            text, ids = target_embeddings(cfg, captions, embed_captions(cfg, captions, show_progress),
+                                          lambda ds=ds: {s: dataset_attributes(ds, s) for s in ds.splits})
         name, k = _safe_name(ds.name), 2
         while any(s.name == name for s in out):
             name, k = f"{_safe_name(ds.name)}_{k}", k + 1
-        out.append(SubjectData(name, ds, feats, text, spec))
+        out.append(SubjectData(name, ds, feats, text, spec, text_ids=ids))
     return out, backbone
 
 

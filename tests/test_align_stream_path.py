@@ -72,13 +72,18 @@ def test_lambda_positive_trains_with_the_stream_and_lambda_zero_ignores_it(runs)
     diff = np.abs(_pred(tmp / "plain", "llmvem_lambda0.5") - _pred(tmp / "stream", "llmvem_lambda0.5")).max()
     assert diff > 1e-4
     # metadata: metrics.json per model and training.json of the trainer
-    record = {"spec": STREAM, "n_images": 40, "weight": 1.0, "batch_size": None}
+    record = {"spec": STREAM, "n_images": 40, "weight": 1.0, "batch_size": None, "ratio": None,
+              "target": "captions"}
     assert m_stream["models"]["llmvem_lambda0.5"]["align_stream"] == record
     assert "align_stream" not in m_stream["models"]["llmvem_lambda0"]
     assert "align_stream" not in m_plain["models"]["llmvem_lambda0.5"]
     trained = json.loads((tmp / "stream/models/llmvem_lambda0.5/training.json").read_text())
     assert trained["align_stream"] == record and trained["dataset"]["n_align_stream"] == 40
-    assert json.loads((tmp / "stream/models/llmvem_lambda0/training.json").read_text())["align_stream"] is None
+    zero = json.loads((tmp / "stream/models/llmvem_lambda0/training.json").read_text())
+    assert zero["align_stream"] is None
+    # matched epochs: the stream joins the voxel steps, so λ = 0 and λ > 0 + stream take the same steps per epoch
+    assert trained["steps_per_epoch"] == zero["steps_per_epoch"] and trained["steps_per_epoch"]["stage1"] >= 1
+    assert trained["stages"]["stage1"]["extra_batches_per_epoch"]["align_stream"] >= 1
     assert m_stream["timing"]["stages"]["align_stream"] >= 0
     # the stages say which model uses the stream and which ignores it
     assert f"alignment stream {STREAM}: 40 captioned images, weight 1, for llmvem_lambda0.5" in said
@@ -106,7 +111,8 @@ def test_estimator_fit_loads_the_stream_of_its_config(runs, caplog):
     cfg = apply_overrides(load_config(path), [f"align_data.spec={STREAM}"])
     enc = LLMVEMEncoder(cfg).fit(inputs.dataset, inputs.text_embeddings, backbone=inputs.backbone,
                                  features=inputs.features)
-    assert enc.align_stream_ == {"spec": STREAM, "n_images": 40, "weight": 1.0, "batch_size": None}
+    assert enc.align_stream_ == {"spec": STREAM, "n_images": 40, "weight": 1.0, "batch_size": None, "ratio": None,
+                                 "target": "captions"}
     np.testing.assert_allclose(enc.result_.predictions["test"], _pred(tmp / "stream", "llmvem_lambda0.5"),
                                rtol=0, atol=1e-6)
     with caplog.at_level(logging.INFO, logger="llmvem.estimators"):

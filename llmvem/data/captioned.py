@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from llmvem.data.images import FileImages, ImageCollection
 from llmvem.errors import DataValidationError
 
@@ -35,11 +37,15 @@ class CaptionedImages:
         The captions of each image (at least one each), in image order.
     source : str
         The spec it was loaded from.
+    attributes : array of shape (n, n_attributes), optional
+        Each image's exact attribute vector (virtual scenes: :meth:`~llmvem.data.virtual_brain.Scene.
+        attribute_vector`), the non-language alignment target; None for a folder.
     """
 
     images: ImageCollection
     captions: list[list[str]]
     source: str
+    attributes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -149,8 +155,9 @@ def load_captioned_images(spec: str, captions_file: str | Path | None = None, im
         from llmvem.data.virtual_brain import make_virtual_scenes
 
         n = parsed.n if max_images is None else min(parsed.n, max_images)  # type: ignore[type-var]
-        images, descriptions, _ = make_virtual_scenes(n, image_size=image_size, seed=parsed.seed)
-        return CaptionedImages(images, [[d] for d in descriptions], spec)
+        images, descriptions, scenes = make_virtual_scenes(n, image_size=image_size, seed=parsed.seed)
+        return CaptionedImages(images, [[d] for d in descriptions], spec,
+                               np.stack([s.attribute_vector() for s in scenes]))
     from llmvem.captions.existing import read_caption_file
 
     root, path = parsed.root, parsed.captions_file

@@ -42,7 +42,8 @@ each single trial adds independent Gaussian noise with a voxel-specific standard
 from ``noise_range``. The responses are the mean over repeats, so the true noise ceiling (fraction of variance of
 the repeat-averaged response that the signal explains) is ``1 / (1 + σ² / n_repeats)``; it is the dataset's
 ``noise_ceiling``. The noise-free signal of every image and all voxel parameters are kept in
-``dataset.meta["ground_truth"]`` for recovery tests.
+``dataset.meta["ground_truth"]`` for recovery tests; ``dataset.meta["attributes"]`` holds each image's exact
+attribute vector by image id (``names``, ``by_id``), the non-language alignment target.
 """
 
 from __future__ import annotations
@@ -143,6 +144,30 @@ class Scene:
             *pairs,
         ])
 
+
+    def attribute_vector(self) -> np.ndarray:
+        """Every fact :meth:`description` states, without language, shape (58,) (names: ``ATTRIBUTE_NAMES``): for
+        each of two object slots (in the description's order; zeros when absent) presence, category (5), colour
+        (7), large and the 3×3 cell (9); then the background type (5) and colour (7). The non-language alignment
+        target of the positive control (``model.align_target=attributes``)."""
+        colours = list(COLOURS)
+        slot = 1 + len(CATEGORIES) + len(colours) + 1 + 9
+        v = np.zeros(2 * slot + len(BACKGROUNDS) + len(colours))
+        for k, obj in enumerate(self.objects[:2]):
+            base = k * slot
+            v[base] = 1.0
+            v[base + 1 + CATEGORIES.index(obj.category)] = 1.0
+            v[base + 1 + len(CATEGORIES) + colours.index(obj.colour)] = 1.0
+            v[base + 1 + len(CATEGORIES) + len(colours)] = float(obj.size == "large")
+            v[base + slot - 9 + 3 * min(int(obj.y * 3), 2) + min(int(obj.x * 3), 2)] = 1.0
+        v[2 * slot + BACKGROUNDS.index(self.background)] = 1.0
+        v[2 * slot + len(BACKGROUNDS) + colours.index(self.background_colour)] = 1.0
+        return v
+
+
+ATTRIBUTE_NAMES = (*(f"obj{k}_{name}" for k in (1, 2) for name in (
+    "present", *CATEGORIES, *COLOURS, "large", *(f"cell{r}{c}" for r in range(3) for c in range(3)))),
+    *(f"background_{b}" for b in BACKGROUNDS), *(f"background_colour_{c}" for c in COLOURS))
 
 RELATIONAL_NAMES = ("n_objects", "left", "right", "top", "bottom", "centre", "same_category",
                     *(f"pair_{a}_{b}" for i, a in enumerate(CATEGORIES) for b in CATEGORIES[i + 1:]))
@@ -436,7 +461,10 @@ def make_virtual_brain(
         noise_ceiling=true_nc,
         captions={ids[i]: [scenes[i].description()] for i in range(n)},
         source=f"virtual brain (seed={seed})",
-        meta={"ground_truth": ground_truth, "n_repeats": n_repeats, "image_size": image_size,
+        meta={"ground_truth": ground_truth,
+              "attributes": {"names": ATTRIBUTE_NAMES,
+                             "by_id": {ids[i]: scenes[i].attribute_vector() for i in range(n)}},
+              "n_repeats": n_repeats, "image_size": image_size,
               "params": {"n_train": n_train, "n_test": n_test, "image_size": image_size, "n_early": n_early,
                          "n_semantic": n_semantic, "n_relational": n_relational, "n_repeats": n_repeats, "noise_range": list(noise_range),
                          "seed": seed}},

@@ -16,11 +16,18 @@ here never truncate silently. Every caption's token count is recorded, captions 
 Captions within the context are embedded whole under both policies. Names are parsed in one place,
 :func:`load_text_encoder`: ``"minilm"`` (bundled all-MiniLM-L6-v2, offline), ``"st:<path-or-id>"``,
 ``"clip:<path-or-id>"``.
+
+**Caption identity.** Two images with the same caption are positives of each other in the contrastive loss. Which
+captions are "the same" is decided on the text, never on the embeddings: the same caption embedded in two batches
+of different padding can differ in the last bits of its floats. :func:`caption_ids` gives each image a 60-bit id
+hashed from its normalised caption set (:func:`normalize_caption`), which travels with the embeddings to the
+trainer (``text_ids``).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,13 +38,41 @@ import torch
 from llmvem.data.safe_load import WEIGHT_LOAD_ERRORS, weights_load_error
 from llmvem.embed.base import TextEmbeddings, TextEncoder, quiet_loading_bars, quiet_unused_weights
 from llmvem.errors import ConfigError, ModelLoadError
-from llmvem.utils import progress, resolve_device
+from llmvem.utils import progress, resolve_device, stable_hash
 
 LongPolicy = Literal["sentence_mean", "truncate"]
 LONG_POLICIES: tuple[str, ...] = ("sentence_mean", "truncate")
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\s*\n+\s*")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_caption(text: str) -> str:
+    """The form of a caption that decides its identity: Unicode NFKC, case-folded, white space collapsed and
+    stripped (the text encoders here do not distinguish case or spacing either)."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def caption_ids(caption_sets: Sequence[Sequence[str] | str]) -> np.ndarray:
+    """An identity per image from its captions: images whose normalised caption sets are equal share an id.
+
+    Parameters
+    ----------
+    caption_sets : sequence (n_images) of str or of sequences of str
+        The caption (or captions) of each image; the order within a set does not matter, duplicates do (the
+        image embedding is the mean over its captions).
+
+    Returns
+    -------
+    int64 array of shape (n_images,)
+        Non-negative 60-bit hashes, equal across runs, processes and splits for equal caption sets.
+    """
+    out = np.empty(len(caption_sets), dtype=np.int64)
+    for i, caps in enumerate(caption_sets):
+        texts = [caps] if isinstance(caps, str) else list(caps)
+        out[i] = int(stable_hash(sorted(normalize_caption(t) for t in texts), 15), 16)
+    return out
 
 
 def split_sentences(text: str) -> list[str]:

@@ -3,9 +3,11 @@
 The contrastive term follows CLIP / open_clip's ``ClipLoss`` with two differences that matter for brain data:
 
 * **Identical captions are positives, not negatives.** Two images with the same caption (a label captioner,
-  repeated stimuli, a coarse description) must not be pushed apart. Rows with the same text id (or, when ids are
-  not given, bit-identical text embeddings) form a group; the target of each row is uniform over its group,
-  in both directions (image→text and text→image).
+  repeated stimuli, a coarse description) must not be pushed apart. Rows with the same text id form a group; the
+  target of each row is uniform over its group, in both directions (image→text and text→image). The trainer's
+  ids are hashes of the normalised caption texts (:func:`llmvem.embed.text.caption_ids`), carried with the
+  embeddings; only when no ids are given are bit-identical embeddings grouped (:func:`group_ids_from_embeddings`,
+  a fallback: one caption embedded in two differently padded batches can differ in its last bits).
 * Under ``torchrun`` the embeddings of all processes are gathered **with gradients** so negatives come from the
   global batch and the loss value equals the single-process loss on the same global batch. Gradients flowing
   back through the gather are summed over processes; since every process computes the same global loss, DDP's
@@ -64,7 +66,8 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_ids_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-    """Integer group of each row: rows with bit-identical embeddings share a group.
+    """Integer group of each row: rows with bit-identical embeddings share a group (the fallback when the caption
+    texts' ids are not known; prefer :func:`llmvem.embed.text.caption_ids`).
 
     Parameters
     ----------
@@ -132,12 +135,27 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
 
 @dataclass
 class LossParts:
-    """The parts of one training loss (tensors, for backward; call ``.item()`` to log)."""
+    """The parts of one training loss (tensors, for backward; call ``.item()`` to log).
+
+    ``total = voxel + regularizer + lambda_align * align``; :meth:`groups` splits it into the voxel group and the
+    contrastive group, whose gradients the engine can clip separately (``train.clip_per_loss``).
+    """
 
     total: torch.Tensor
     voxel: torch.Tensor
     align: torch.Tensor | None
     regularizer: torch.Tensor
+    lambda_align: float = 0.0
+
+    def groups(self) -> dict[str, torch.Tensor]:
+        """``{"voxel": voxel + regularizer, "align": lambda_align * align}``, each only when it is in ``total``
+        (a captions-only batch has no voxel group; λ = 0 has no contrastive group)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.voxel.requires_grad or self.regularizer.requires_grad:
+            out["voxel"] = self.voxel + self.regularizer
+        if self.lambda_align != 0.0 and self.align is not None:
+            out["align"] = self.lambda_align * self.align
+        return out
 
 
 def total_loss(voxel: torch.Tensor, align: torch.Tensor | None, lambda_align: float,
@@ -153,4 +171,4 @@ def total_loss(voxel: torch.Tensor, align: torch.Tensor | None, lambda_align: fl
         if align is None:
             raise ValueError("lambda_align > 0 needs the alignment loss")
         total = total + lambda_align * align
-    return LossParts(total=total, voxel=voxel, align=align, regularizer=reg)
+    return LossParts(total=total, voxel=voxel, align=align, regularizer=reg, lambda_align=float(lambda_align))

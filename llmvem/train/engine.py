@@ -10,8 +10,14 @@ visits the same key at each step, on its shard of that key's batch), checkpoints
 ``train.checkpoint_every`` epochs with exact resume, and early stopping on the validation mean r.
 
 Data keys are interleaved as in neuralpredictors' cyclers: every epoch each key's training rows are shuffled
-into batches (a seeded :class:`~torch.utils.data.DistributedSampler` per key) and all keys' batches are visited
-in one seeded random order (:func:`key_schedule`). With one key the order is that key's sampler order.
+into batches (a seeded :class:`~torch.utils.data.DistributedSampler` per key) and the batches of the keys with
+responses are visited in one seeded random order (:func:`key_schedule`); with one key the order is that key's
+sampler order. An epoch is those voxel-loss steps (``train.epoch = "voxel_steps"``): keys without responses (caption
+streams) join the steps by a ratio instead of adding steps, so models with and without a stream take the same
+optimizer steps and learning-rate schedule (:mod:`llmvem.train.steps`, also for clipping the voxel and the
+contrastive gradient separately, ``train.clip_per_loss``). ``"all_batches"`` makes every batch of every key its
+own step. Each stage summary records ``steps_per_epoch``, the voxel and extra batches per epoch and the fraction
+of steps whose gradient (per group) was clipped.
 
 Without a key with responses (a captions-only run: only caption streams) there is nothing to validate on:
 every epoch runs (no early stopping) and the last epoch's weights are kept.
@@ -46,6 +52,7 @@ from llmvem.evaluate.metrics import pearson_r
 from llmvem.train.checkpoint import CheckpointManager, load_weights
 from llmvem.train.distributed import DistInfo, broadcast_float
 from llmvem.train.schedule import lr_factor
+from llmvem.train.steps import GroupGrads, KeyCycler, resolve_ratio, unit_schedule
 from llmvem.train.task import EncodingTask, KeyData
 from llmvem.train.tensors import autocast, predict_network
 from llmvem.utils import atomic_write, progress_bar, seed_everything, stable_hash
@@ -140,6 +147,9 @@ class Engine:
         self.unfrozen: list[nn.Module] = []
         #: per key: (best val r, best epoch (0-based), snapshot of its trained parameters or None)
         self.key_best: dict[str, tuple[float, int, dict[str, torch.Tensor] | None]] = {}
+        #: the running stage and its step schedule (``steps_per_epoch``, batches per epoch, clipping mode)
+        self._stage: int = 0
+        self._schedule: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ run
     def run(self, resume: bool) -> None:
@@ -287,6 +297,7 @@ class Engine:
     def _run_stage(self, stage: int, resume_state: dict[str, Any] | None,
                    resume_opt: dict[str, Any] | None) -> None:
         cfg, info, seed = self.stage_cfg(stage), self.info, self.config.seed
+        self._stage = stage
         if resume_state is None:
             seed_everything(seed + 1000 * stage + info.rank)
         self.unfrozen = self._unfreeze(cfg.unfreeze_last_n) if stage == 2 else []
@@ -308,8 +319,28 @@ class Engine:
                     for i, k in enumerate(self.keys)}
         by_name = {k.name: k for k in self.keys}
         n_batches = sum(math.ceil(len(s) / key_bs[n]) for n, s in samplers.items())
-        steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+        matched = self.config.train.epoch == "voxel_steps" and bool(self.scored) and len(self.scored) < len(self.keys)
+        voxel_names = [k.name for k in self.scored] if matched else list(samplers)
+        n_units = sum(math.ceil(len(samplers[n]) / key_bs[n]) for n in voxel_names)
+        extras: dict[str, tuple[KeyCycler, Any]] = {}
+        if matched:
+            for k in self.keys:
+                if not k.has_responses:
+                    cycler = KeyCycler(samplers[k.name], key_bs[k.name])
+                    extras[k.name] = (cycler, resolve_ratio(k.ratio, cycler.per_pass, n_units))
+        steps_per_epoch = math.ceil(n_units / cfg.grad_accum)
         total_steps = cfg.epochs * steps_per_epoch
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        per_loss = self.config.train.clip_per_loss and cfg.grad_clip is not None and self.task.lam > 0
+        group_grads = GroupGrads(params, info) if per_loss else None
+        self._schedule = {"epoch": self.config.train.epoch if self.scored else "all_batches",
+                          "steps_per_epoch": steps_per_epoch,
+                          "voxel_batches_per_epoch": sum(math.ceil(len(samplers[k.name]) / key_bs[k.name])
+                                                         for k in self.scored),
+                          "extra_batches_per_epoch": {n: float(r) * n_units for n, (_, r) in extras.items()}
+                          if matched else {k.name: math.ceil(len(samplers[k.name]) / key_bs[k.name])
+                                           for k in self.keys if not k.has_responses},
+                          "clip": ("per_loss" if per_loss else "global") if cfg.grad_clip is not None else None}
         step_offset = sum(int(s.get("steps", 0)) for k, s in self.stages.items() if k != f"stage{stage}")
 
         start_epoch, step, best_r, best_epoch, bad, stopped = 0, 0, -math.inf, -1, 0, False
@@ -333,48 +364,68 @@ class Engine:
                 if stopped:
                     break
                 per_key_batches = {}
-                for name, sampler in samplers.items():
-                    sampler.set_epoch(epoch)
-                    per_key_batches[name] = torch.tensor(list(iter(sampler)), dtype=torch.int64).split(key_bs[name])
+                for name in voxel_names:
+                    samplers[name].set_epoch(epoch)
+                    per_key_batches[name] = torch.tensor(list(iter(samplers[name])),
+                                                         dtype=torch.int64).split(key_bs[name])
                 batches = key_schedule(per_key_batches, int(stable_hash([seed, stage, epoch, "keys"]), 16))
+                units = unit_schedule(batches, extras, epoch * n_units) if matched else [[b] for b in batches]
                 aug_gen = None
                 if stage == 2 and cfg.augment:
                     aug_gen = torch.Generator().manual_seed(
                         int(stable_hash([seed, stage, epoch, info.rank]), 16) % (2**62))
                 self._set_train_modes(stage)
                 t0 = time.perf_counter()
-                sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # no host sync per step
+                # total·rows, voxel·rows, align·rows, voxel rows, align rows; clipped steps per group (no host sync)
+                sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+                clipped: dict[str, torch.Tensor] = {}
                 n_seen = 0
                 optimizer.zero_grad(set_to_none=True)
-                for b, (name, idx) in enumerate(batches):
-                    group_start = (b // cfg.grad_accum) * cfg.grad_accum
-                    group_len = min(cfg.grad_accum, len(batches) - group_start)
-                    last_in_group = b == group_start + group_len - 1
-                    sync = model.no_sync() if info.distributed and not last_in_group and hasattr(model, "no_sync") \
-                        else nullcontext()
-                    with sync:
-                        batch = by_name[name].batch(idx, stage, self.device, aug_gen)
-                        with autocast(self.device, self.precision):
-                            parts = model(name, batch)
-                        (parts.total / group_len).backward()
+                for u, unit in enumerate(units):
+                    group_start = (u // cfg.grad_accum) * cfg.grad_accum
+                    group_len = min(cfg.grad_accum, len(units) - group_start)
+                    last_in_group = u == group_start + group_len - 1
+                    for j, (name, idx) in enumerate(unit):
+                        sync_now = last_in_group and j == len(unit) - 1 and group_grads is None
+                        sync = model.no_sync() if info.distributed and not sync_now and hasattr(model, "no_sync") \
+                            else nullcontext()
+                        with sync:
+                            batch = by_name[name].batch(idx, stage, self.device, aug_gen)
+                            with autocast(self.device, self.precision):
+                                parts = model(name, batch)
+                            if group_grads is not None:
+                                group_grads.add(parts.groups(), 1.0 / group_len)
+                            else:
+                                (parts.total / group_len).backward()
+                        k = len(idx)
+                        n_seen += k
+                        has_y, has_a = batch.responses is not None, parts.align is not None
+                        zero = torch.zeros_like(parts.voxel)
+                        sums += torch.stack([parts.total.detach(), parts.voxel.detach() if has_y else zero,
+                                             parts.align.detach() if has_a else zero,  # type: ignore[union-attr]
+                                             zero + float(has_y), zero + float(has_a)]).double() * k
+                        bar.update(1)
                     if last_in_group:
                         factor = lr_factor(step, total_steps, steps_per_epoch, cfg)
                         for g in optimizer.param_groups:
                             g["lr"] = g["base_lr"] * factor
-                        if cfg.grad_clip is not None:
-                            torch.nn.utils.clip_grad_norm_(
-                                [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                        if group_grads is not None:
+                            norms = group_grads.finish(cfg.grad_clip)
+                        elif cfg.grad_clip is not None:
+                            norms = {"global": torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)}
+                        else:
+                            norms = {}
+                        for g_name, norm in norms.items():
+                            hit = (norm.detach() > cfg.grad_clip).double()
+                            clipped[g_name] = clipped[g_name] + hit if g_name in clipped else hit
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
-                    k = len(idx)
-                    n_seen += k
-                    align_part = parts.align.detach() if parts.align is not None else torch.zeros_like(parts.voxel)
-                    sums += torch.stack([parts.total.detach(), parts.voxel.detach(), align_part]).double() * k
-                    bar.update(1)
                 # the loss sums come to the host first: on a GPU that waits for the epoch's last kernels, so the
                 # loop's seconds are the work done, not the work queued
-                mean = (sums / max(n_seen, 1)).cpu().tolist()
+                tot = sums.cpu().tolist()
+                mean = [tot[0] / max(n_seen, 1), tot[1] / max(tot[3], 1), tot[2] / max(tot[4], 1)]
+                clipped_steps = {g: float(v.item()) for g, v in clipped.items()}
                 train_s = time.perf_counter() - t0
                 train_total_s += train_s
                 seen_total += n_seen * info.world_size
@@ -401,7 +452,8 @@ class Engine:
                        "train_align_loss": mean[2] if self.task.lam > 0 else None,
                        "val_mean_r": val_r if self.scored else None, "val_loss": val_loss if self.scored else None, "lr": optimizer.param_groups[0]["lr"],
                        "temperature": float(1.0 / self.network.logit_scale().item()),
-                       "images_per_s": n_seen * info.world_size / max(train_s, 1e-9), "seconds": train_s}
+                       "images_per_s": n_seen * info.world_size / max(train_s, 1e-9), "seconds": train_s,
+                       "steps_in_epoch": steps_per_epoch, "clipped_steps": clipped_steps}
                 if len(per) > 1:
                     row.update({f"val_r__{k}": v for k, v in per.items()})
                 self.curves.append(row)
@@ -431,7 +483,14 @@ class Engine:
         """Per-stage summary; ``seconds`` and ``images_per_s`` count the training loops only (no validation)."""
         out = {"epochs_run": epochs, "best_epoch": best_epoch + 1, "best_val_mean_r": best_r,
                "early_stopped": stopped, "steps": steps, "train_seconds": seconds,
-               "images_per_s": seen / seconds if seconds > 0 else None}
+               "images_per_s": seen / seconds if seconds > 0 else None, **self._schedule}
+        rows = [r for r in self.curves if r.get("stage") == f"stage{self._stage}"]
+        counts: dict[str, float] = {}
+        for r in rows:
+            for g, c in (r.get("clipped_steps") or {}).items():
+                counts[g] = counts.get(g, 0.0) + c
+        n_steps = sum(int(r.get("steps_in_epoch") or 0) for r in rows)
+        out["clipped_fraction"] = {g: c / n_steps for g, c in counts.items()} if n_steps else {}
         if len(self.scored) > 1:
             out["best_epoch_per_key"] = {n: b[1] + 1 for n, b in self.key_best.items()}
             out["best_val_r_per_key"] = {n: b[0] for n, b in self.key_best.items()}

@@ -61,6 +61,13 @@ class CaptionStream:
         Its data key.
     source : str, optional
         The spec it was loaded from (``align_data.spec``), recorded in the run folder.
+    text_ids : int array of shape (n,), optional
+        Caption identity of each image (:func:`llmvem.embed.text.caption_ids`); None groups bit-identical
+        embeddings instead.
+    ratio : float, optional
+        Its batches per voxel step (``align_data.ratio``; None: its images once per epoch).
+    target : str
+        What ``text_embeddings`` embed (``model.align_target``: captions, attributes or classes).
     """
 
     images: ImageCollection
@@ -70,11 +77,15 @@ class CaptionStream:
     batch_size: int | None = None
     name: str = ALIGN_KEY
     source: str | None = None
+    text_ids: np.ndarray | None = None
+    ratio: float | None = None
+    target: str = "captions"
 
     def describe(self) -> dict[str, Any]:
-        """The record a run folder keeps of the stream: ``spec``, ``n_images``, ``weight``, ``batch_size``."""
+        """The record a run folder keeps of the stream: ``spec``, ``n_images``, ``weight``, ``batch_size``,
+        ``ratio``, ``target``."""
         return {"spec": self.source, "n_images": len(self.images), "weight": float(self.weight),
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "ratio": self.ratio, "target": self.target}
 
     def check(self, layers: Sequence[str], text_dim: int | None) -> None:
         """Validate sizes against the readout ``layers`` and the brain keys' ``text_dim``."""
@@ -97,7 +108,7 @@ def stream_key_data(stream: CaptionStream, layers: Sequence[str], backbone: Imag
                     device: torch.device, precision: str, batch_size: int, show: bool) -> KeyData:
     """The engine's in-memory data of the stream: training rows only (it is never validated or predicted)."""
     n = len(stream.images)
-    key = KeyData(stream.name, {"train": n, "val": 0, "test": 0}, batch_size=stream.batch_size)
+    key = KeyData(stream.name, {"train": n, "val": 0, "test": 0}, batch_size=stream.batch_size, ratio=stream.ratio)
     if stage2 or stream.features is None:
         assert backbone is not None
         key.images = {"train": load_image_tensor(stream.images, int(backbone.image_size),
@@ -110,7 +121,8 @@ def stream_key_data(stream: CaptionStream, layers: Sequence[str], backbone: Imag
         feats = backbone_features(backbone, key.images["train"], list(layers), device, batch_size, precision,
                                   desc="caption-stream features", show_progress=show)
     key.features = {"train": {k: v.to(device) for k, v in feats.items()}}
-    key.set_text({"train": np.asarray(stream.text_embeddings)}, device)
+    key.set_text({"train": np.asarray(stream.text_embeddings)}, device,
+                 None if stream.text_ids is None else {"train": np.asarray(stream.text_ids)})
     return key
 
 
@@ -151,7 +163,8 @@ def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress:
 
     Returns None when ``align_data.spec`` is None. ``layers`` default: ``backbone.layers`` (and the spatial
     readout's maps) plus ``"pooled"``. With ``captions.shuffle`` the stream's caption sets are permuted across its
-    images too (seed ``captions.shuffle_seed``), so the shuffled-captions control covers the stream.
+    images too (seed ``captions.shuffle_seed``), so the shuffled-captions control covers the stream. The targets
+    follow ``model.align_target`` (:func:`llmvem.inputs.target_embeddings`), their ids the caption texts.
 
     Raises
     ------
@@ -169,10 +182,15 @@ def load_align_stream(config: RunConfig, backbone: ImageBackbone, show_progress:
     captions = {"train": data.captions}
     if config.captions.shuffle:
         captions = inputs.shuffle_caption_sets(captions, config.captions.shuffle_seed)
-    text = inputs.embed_captions(config, captions, show_progress)["train"]
+    text = inputs.embed_captions(config, captions, show_progress)
+    attrs = data.attributes
+    targets, ids = inputs.target_embeddings(config, captions, text,
+                                            None if attrs is None else (lambda: {"train": attrs}))
     features = inputs.extract_image_features(config, data.images, backbone,
                                              readout_layers(config) if layers is None else layers, show_progress)
-    return CaptionStream(data.images, text, features, weight=a.weight, batch_size=a.batch_size, source=data.source)
+    return CaptionStream(data.images, targets["train"], features, weight=a.weight, batch_size=a.batch_size,
+                         source=data.source, text_ids=None if ids is None else ids["train"], ratio=a.ratio,
+                         target=config.model.align_target)
 
 
 def stream_for_inputs(config: RunConfig, prepared: PreparedInputs, show_progress: bool = True
@@ -188,7 +206,8 @@ def stream_for_inputs(config: RunConfig, prepared: PreparedInputs, show_progress
                        "text": [config.text.encoder, config.text.long_policy],
                        "backbone": config.backbone.model_dump(mode="json"), "image_size": config.data.image_size,
                        "layers": readout_layers(config),
-                       "shuffle": [config.captions.shuffle, config.captions.shuffle_seed]})
+                       "shuffle": [config.captions.shuffle, config.captions.shuffle_seed],
+                       "target": config.model.align_target})
     if key not in prepared.align_streams:
         stream = load_align_stream(config, prepared.backbone, show_progress)
         assert stream is not None

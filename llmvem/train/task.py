@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmvem.errors import DataValidationError
 from llmvem.model.losses import LossParts, contrastive_loss, group_ids_from_embeddings, total_loss
 from llmvem.model.network import LLMVEM
 from llmvem.train.tensors import augment_images
@@ -70,6 +71,9 @@ class KeyData:
         Factor on this key's voxel loss (``1 / mean training variance`` with variance weighting).
     batch_size : int, optional
         This key's global batch size; None = the stage's ``batch_size``.
+    ratio : float, optional
+        A key without responses (a caption stream) under ``train.epoch = "voxel_steps"``: its batches per voxel
+        step; None = as many as visit its rows once per epoch.
     """
 
     name: str
@@ -81,21 +85,35 @@ class KeyData:
     text_ids: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: float = 1.0
     batch_size: int | None = None
+    ratio: float | None = None
 
     @property
     def has_responses(self) -> bool:
         """Whether the key has training and validation responses (a readout is trained and selected on it)."""
         return "train" in self.responses and "val" in self.responses
 
-    def set_text(self, embeddings: Mapping[str, np.ndarray], device: torch.device) -> None:
-        """Store caption embeddings of the given splits with dataset-wide group ids (identical rows share one)."""
+    def set_text(self, embeddings: Mapping[str, np.ndarray], device: torch.device,
+                 ids: Mapping[str, np.ndarray] | None = None) -> None:
+        """Store caption embeddings of the given splits with their group ids (rows with one id are positives).
+
+        ``ids`` (split → int array (n,)): the caption identities, e.g. :func:`llmvem.embed.text.caption_ids` of
+        the caption texts. Without them, rows with bit-identical embeddings share a group (a fallback: the same
+        caption embedded in two differently padded batches may differ in its last bits).
+        """
         names = [s for s in SPLITS if s in embeddings]
         rows = torch.from_numpy(np.concatenate([np.asarray(embeddings[s], dtype=np.float32) for s in names]))
-        ids = group_ids_from_embeddings(rows)
+        if ids is not None:
+            missing = [s for s in names if s not in ids or len(ids[s]) != len(embeddings[s])]
+            if missing:
+                raise DataValidationError(None, f"text_ids[{self.name!r}]", f"splits {missing} missing or not "
+                                          "one id per embedding row")
+            ids_t = torch.from_numpy(np.concatenate([np.asarray(ids[s], dtype=np.int64) for s in names]))
+        else:
+            ids_t = group_ids_from_embeddings(rows)
         k = 0
         for s in names:
             n = self.n[s]
-            self.text[s], self.text_ids[s] = rows[k : k + n].to(device), ids[k : k + n].to(device)
+            self.text[s], self.text_ids[s] = rows[k : k + n].to(device), ids_t[k : k + n].to(device)
             k += n
 
     def batch(self, idx: torch.Tensor, stage: int, device: torch.device,

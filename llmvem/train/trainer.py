@@ -89,6 +89,9 @@ class SubjectData:
         ``model.lambda_align > 0``.
     spec : str, optional
         The dataset spec it was loaded from (recorded in the outputs).
+    text_ids : dict of split to int array of shape (n_images,), optional
+        Caption identity of each image (:func:`llmvem.embed.text.caption_ids`): equal ids are positives of each
+        other in the contrastive loss. None groups bit-identical embeddings instead (a fallback).
     """
 
     name: str
@@ -96,6 +99,7 @@ class SubjectData:
     features: Mapping[str, Mapping[str, np.ndarray]] | None = None
     text_embeddings: Mapping[str, np.ndarray] | None = None
     spec: str | None = None
+    text_ids: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -282,7 +286,7 @@ def _key_data(config: RunConfig, s: SubjectData, backbone: ImageBackbone | None,
         key.weight = 1.0 / max(var, 1e-8)
     key.responses["train"] = ytr.to(device)
     if s.text_embeddings is not None:
-        key.set_text(s.text_embeddings, device)
+        key.set_text(s.text_embeddings, device, s.text_ids)
     return key
 
 
@@ -423,7 +427,8 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
                          features: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                          out_dir: str | Path = "run", resume: bool = False, overwrite: bool = False,
                          show_progress: bool = True, callback: Callback | None = None,
-                         alignment_head: bool = True, align_stream: CaptionStream | None = None) -> TrainResult:
+                         alignment_head: bool = True, align_stream: CaptionStream | None = None,
+                         text_ids: Mapping[str, np.ndarray] | None = None) -> TrainResult:
     """Train the LLM-VEM network in two stages and write the run folder.
 
     Parameters
@@ -457,7 +462,13 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
         Captioned images without responses (:func:`llmvem.train.stream.load_align_stream` loads the one
         ``config.align_data`` names): one more data key, interleaved with the brain batches in both stages, that
         adds only its contrastive loss × ``align_stream.weight``. Ignored when ``lambda_align`` = 0 or the weight
-        is 0 (predictions are then bit-identical to a run without it).
+        is 0 (predictions are then bit-identical to a run without it). Under ``train.epoch = "voxel_steps"`` its
+        batches join the voxel steps (``align_stream.ratio`` per step), so the run takes the optimizer steps of
+        the same run without it; ``training.json`` records the steps per epoch of each stage.
+    text_ids : dict of split to int array of shape (n_images,), optional
+        Caption identity of each image (:func:`llmvem.embed.text.caption_ids`, hashed from the caption texts;
+        :func:`llmvem.inputs.alignment_targets` gives both): equal ids are positives in the contrastive loss.
+        None: bit-identical embeddings are grouped instead.
 
     Returns
     -------
@@ -479,7 +490,7 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
         if config.model.lambda_align > 0 and not alignment_head:
             raise ConfigError(f"model.lambda_align = {config.model.lambda_align} needs the alignment head "
                               "(alignment_head=True)")
-        source = SubjectData(DEFAULT_KEY, dataset, features, text_embeddings)
+        source = SubjectData(DEFAULT_KEY, dataset, features, text_embeddings, text_ids=text_ids)
         streams = [align_stream] if align_stream is not None else []
         check_sources(config, [source], backbone, info.world_size, streams=streams)
         if info.is_main:
@@ -511,6 +522,7 @@ def train_encoding_model(config: RunConfig, dataset: EncodingDataset,
                 "lambda_align": float(config.model.lambda_align), "precision": engine.precision,
                 "device": str(info.device), "world_size": info.world_size, "seconds": fit.seconds,
                 "config_hash": fingerprint,
+                "steps_per_epoch": {k: st.get("steps_per_epoch") for k, st in engine.stages.items()},
                 "align_stream": used_stream.describe() if used_stream is not None else None})
         barrier(info)
         return TrainResult(out_dir=out_dir, network=network, predictions=predictions, metrics=metrics,
