@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LEDGER_FIELDS", "append_ledger", "config_hash", "finite", "git_commit", "machine", "read_results",
+__all__ = ["LEDGER_FIELDS", "append_ledger", "bench_runtime", "config_hash", "finite", "git_commit", "machine", "read_results",
            "result_header", "write_results"]
 
 #: Columns of the test-read ledger.
@@ -163,3 +163,16 @@ def append_ledger(ledger: str | Path, benchmark: str, read: str, *, config: Any 
             writer.writeheader()
         writer.writerow(row)
     return path
+
+
+def bench_runtime(progress: bool = False, threads: int | None = None) -> None:
+    """The runtime of a benchmark script: hub access off (nothing downloads), progress bars only when asked, and
+    ``threads`` torch CPU threads when given."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not progress:
+        os.environ["LLMVEM_NO_PROGRESS"] = "1"
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))

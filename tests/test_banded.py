@@ -78,3 +78,38 @@ def test_errors_name_the_band():
     fitted = BandedRidgeCV(n_iter=2, cv=3).fit(Xs, Y)
     with pytest.raises(DataValidationError, match="expected"):
         fitted.predict([Xs[0]])
+
+
+@pytest.mark.parametrize("cv", [4, "loo"])
+def test_dual_gram_path_equals_the_design_path(cv):
+    """More features than samples: band Gram matrices formed once give the design path's scores and weights."""
+    rng = np.random.default_rng(4)
+    Xs = [rng.standard_normal((30, 25)), rng.standard_normal((30, 40))]
+    Y = Xs[0] @ rng.standard_normal((25, 5)) + rng.standard_normal((30, 5)) + 1.0
+    gammas = dirichlet_candidates(2, 5, random_state=2)
+    dual = BandedRidgeCV(alphas=ALPHAS, gammas=gammas, cv=cv, dtype=torch.float64, device="cpu").fit(Xs, Y)
+    # the same problem with the bands padded to fewer features than samples takes the design path
+    primal = BandedRidgeCV(alphas=ALPHAS, gammas=gammas, cv=cv, dtype=torch.float64, device="cpu")
+    import llmvem.model.banded as banded
+
+    real = banded.RidgePath.from_gram
+    try:
+        banded.RidgePath.from_gram = None  # noqa: B010 (forces a failure if the dual path were taken below)
+        Xs_small = [x[:, :10] for x in Xs]
+        primal_small = primal.fit(Xs_small, Y)
+    finally:
+        banded.RidgePath.from_gram = real
+    assert primal_small.coef_.shape[0] == 20
+    ref = RidgeCV(alphas=ALPHAS, cv=cv, dtype=torch.float64, device="cpu")
+    for c, g in enumerate(gammas):
+        scaled = np.hstack([np.sqrt(gb) * x for gb, x in zip(g, Xs, strict=True)])
+        r = ref.fit(scaled, Y)
+        np.testing.assert_allclose(dual.cv_scores_[c], r.cv_scores_.max(0), rtol=1e-6, atol=1e-8)
+    v = np.arange(Y.shape[1])
+    for j in v:  # each voxel's weights are the plain ridge's on its chosen scaling, back on unscaled features
+        g = dual.best_gammas_[:, j]
+        scaled = np.hstack([np.sqrt(gb) * x for gb, x in zip(g, Xs, strict=True)])
+        r = RidgeCV(alphas=[dual.best_alphas_[j]], cv=cv, dtype=torch.float64, device="cpu").fit(scaled, Y[:, j])
+        expect = r.coef_[:, 0] * np.concatenate([np.full(x.shape[1], np.sqrt(gb)) for x, gb in zip(Xs, g, strict=True)])
+        np.testing.assert_allclose(dual.coef_[:, j], expect, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(dual.intercept_[j], r.intercept_[0], rtol=1e-6, atol=1e-9)

@@ -29,7 +29,8 @@ from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset, Split
 from llmvem.data.images import ConcatImages, ImageCollection
 from llmvem.errors import DataValidationError
 
-__all__ = ["image_keys", "key_positions", "shared_test_fraction", "split_by_image_key"]
+__all__ = ["first_images", "image_keys", "key_positions", "shared_test_fraction", "split_by_image_key",
+           "train_subset"]
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +119,46 @@ def split_by_image_key(dataset: EncodingDataset, val_fraction: float, test_fract
     meta = {**dataset.meta, "split_by": "image key", "val_fraction": val_fraction, "test_fraction": test_fraction,
             "split_seed": seed}
     return replace(dataset, splits=splits, meta=meta)
+
+
+def first_images(dataset: EncodingDataset, max_images: int) -> EncodingDataset:
+    """The first images of each split, about ``max_images`` in total (split proportions kept, at least 4 per
+    split) — a small copy of a dataset for smoke tests and quick benchmarks; the noise ceiling is recomputed
+    from the kept test images' repeats when there are any."""
+    from llmvem.data.noise_ceiling import split_half_noise_ceiling
+
+    total = sum(len(s) for s in dataset.splits.values())
+    if max_images >= total:
+        return dataset
+    splits = {}
+    for name, split in dataset.splits.items():
+        k = max(4, int(round(max_images * len(split) / total)))
+        splits[name] = split.subset(np.arange(min(k, len(split))))
+    nc = dataset.noise_ceiling
+    if "test" in splits and splits["test"].repeats is not None:
+        nc = split_half_noise_ceiling(splits["test"].repeats, seed=dataset.meta.get("seed", 0))
+    return replace(dataset, splits=splits, noise_ceiling=nc)
+
+
+def train_subset(dataset: EncodingDataset, n_train: int, seed: int = 0) -> EncodingDataset:
+    """``dataset`` with ``n_train`` of its training images (a learning curve's point); validation and test kept.
+
+    The images are the first ``n_train`` of one seeded permutation of the training split, kept in their original
+    order, so the subsets are nested: for the same ``seed``, a smaller subset is contained in every larger one.
+    ``n_train`` at or above the training size returns ``dataset`` itself.
+
+    Raises
+    ------
+    DataValidationError
+        ``n_train`` < 1, or the dataset has no training split.
+    """
+    if "train" not in dataset.splits:
+        raise DataValidationError(None, "train", f"dataset {dataset.name!r} has no training split to subsample")
+    n_all = len(dataset.splits["train"])
+    if int(n_train) < 1:
+        raise DataValidationError(None, "n_train", f"got {n_train}, expected at least 1 training image")
+    if n_train >= n_all:
+        return dataset
+    idx = np.sort(np.random.default_rng(seed).permutation(n_all)[: int(n_train)])
+    return replace(dataset, splits={**dataset.splits, "train": dataset.splits["train"].subset(idx)},
+                   meta={**dataset.meta, "train_subset": {"n_train": int(n_train), "of": n_all, "seed": int(seed)}})

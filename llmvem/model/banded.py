@@ -175,10 +175,22 @@ class BandedRidgeCV:
 
         cand_scores = np.empty((len(gammas), n_voxels))
         cand_alpha = np.empty((len(gammas), n_voxels), dtype=np.int64)
+        # more features than samples: the dual form, one Gram matrix per band formed once (K_γ = Σ γ_b K_b)
+        grams = None
+        if sum(x.shape[1] for x in bands) > n_samples:
+            grams = [torch.from_numpy(x).to(device=device, dtype=torch.float64) for x in bands]
+            grams = [g @ g.T for g in grams]
+
+        def path_of(gamma: np.ndarray, cv: Any) -> RidgePath:
+            if grams is None:
+                return RidgePath(self._design(bands, gamma, device), cv, alphas, self.fit_intercept)
+            K = sum(float(g) * k for g, k in zip(gamma, grams, strict=True))
+            return RidgePath.from_gram(K, cv, alphas, self.fit_intercept, self.dtype)
+
         with torch.no_grad():
             for c in progress(range(len(gammas)), desc="banded ridge (band weightings)", total=len(gammas),
                               unit="weighting", disable=None if self.progress_bar else True):
-                path = RidgePath(self._design(bands, gammas[c], device), folds, alphas, self.fit_intercept)
+                path = path_of(gammas[c], folds)
                 for sl in blocks:
                     Yb = torch.from_numpy(np.ascontiguousarray(Y[:, sl], dtype=np_dtype)).to(device)
                     sc = path.scores(Yb, self.scoring).cpu().numpy() + tie_break[:, None]
@@ -189,17 +201,27 @@ class BandedRidgeCV:
             best_a = cand_alpha[best_c, np.arange(n_voxels)]
             coef = np.zeros((sum(x.shape[1] for x in bands), n_voxels), dtype=np_dtype)
             intercept = np.zeros(n_voxels, dtype=np_dtype)
+            designs = None if grams is None else [torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).to(device)
+                                                  for x in bands]
             for c in np.unique(best_c):
                 vox = np.flatnonzero(best_c == c)
-                path = RidgePath(self._design(bands, gammas[c], device), [], alphas, self.fit_intercept)
+                path = path_of(gammas[c], [])
                 scale = np.concatenate([np.full(x.shape[1], np.sqrt(g)) for x, g in zip(bands, gammas[c],
                                                                                         strict=True)])
                 for start in range(0, vox.size, step):
                     v = vox[start:start + step]
                     Yb = torch.from_numpy(np.ascontiguousarray(Y[:, v], dtype=np_dtype)).to(device)
-                    cb, ib = path.refit(Yb, best_a[v])
-                    coef[:, v] = cb.cpu().numpy() * scale[:, None].astype(np_dtype)  # back to unscaled features
-                    intercept[v] = ib.cpu().numpy()
+                    if designs is None:
+                        cb, ib = path.refit(Yb, best_a[v])
+                        coef[:, v] = cb.cpu().numpy() * scale[:, None].astype(np_dtype)  # back to unscaled features
+                        intercept[v] = ib.cpu().numpy()
+                        continue
+                    dual, y_mean = path.dual_coef(Yb, best_a[v])  # weights of band b on X_b: γ_b X_bᵀ dual
+                    parts = [float(g) * (x.T @ dual) for g, x in zip(gammas[c], designs, strict=True)]
+                    cb = torch.cat(parts)
+                    mean_x = torch.cat([x.mean(0) for x in designs])
+                    coef[:, v] = cb.cpu().numpy()
+                    intercept[v] = (y_mean - mean_x @ cb).cpu().numpy() if self.fit_intercept else 0.0
                 del path
 
         self.gammas_ = gammas

@@ -78,6 +78,16 @@ def _thin_svd(Xc: torch.Tensor, dtype: torch.dtype) -> _Factors:
     return _Factors(U=U.to(dtype), s=s, V=V.to(dtype))
 
 
+def _gram_factors(K: torch.Tensor, dtype: torch.dtype) -> _Factors:
+    """``U`` and ``s`` of a design from its (centred) Gram matrix ``K = X Xᵀ`` in float64 (``V`` is left empty:
+    the design is not known); directions dropped as in :func:`_thin_svd`."""
+    n = K.shape[0]
+    lam, U = torch.linalg.eigh(K.to(torch.float64))
+    lam_max = float(lam.max()) if lam.numel() else 0.0
+    keep = lam > max(lam_max * n * np.finfo(np.float64).eps * 10.0, 0.0)
+    return _Factors(U=U[:, keep].to(dtype), s=torch.sqrt(lam[keep]), V=torch.empty(0, dtype=dtype))
+
+
 def resolve_folds(cv: Any, n_samples: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Folds as a list of (train, validation) index arrays; an int means unshuffled ``KFold(n_splits=cv)``."""
     if isinstance(cv, (int, np.integer)):
@@ -167,13 +177,67 @@ class RidgePath:
                 w = (f.s[:, None] / (f.s[:, None] ** 2 + alphas_t[None, :])).to(dt)
                 self.fold_parts.append((tr, va, f.U, A, w))
         self.full = _thin_svd(X - self.x_mean if fit_intercept else X, dt)
+        self._finish(alphas_t)
+
+    def _finish(self, alphas_t: torch.Tensor) -> None:
+        """The all-sample weights of every α (and, for leave-one-out, the shrinkage and hat diagonal)."""
         s_full = self.full.s[:, None]
-        self.w_full = (s_full / (s_full ** 2 + alphas_t[None, :])).to(dt)
+        self.w_full = (s_full / (s_full ** 2 + alphas_t[None, :])).to(self.dtype)
         if self.loo:
             shrink = s_full ** 2 / (s_full ** 2 + alphas_t[None, :])  # (rank, n_alphas), float64
-            self.shrink = shrink.to(dt)
-            hat = (self.full.U.to(torch.float64) ** 2) @ shrink + (1.0 / n_samples if fit_intercept else 0.0)
-            self.one_minus_hat = (1.0 - hat).clamp_min(1e-12).to(dt)  # (n_samples, n_alphas)
+            self.shrink = shrink.to(self.dtype)
+            hat = (self.full.U.to(torch.float64) ** 2) @ shrink + (1.0 / self.n_samples if self.fit_intercept else 0.0)
+            self.one_minus_hat = (1.0 - hat).clamp_min(1e-12).to(self.dtype)  # (n_samples, n_alphas)
+
+    @classmethod
+    def from_gram(cls, K: torch.Tensor, folds: list[tuple[np.ndarray, np.ndarray]] | str, alphas: np.ndarray,
+                  fit_intercept: bool = True, dtype: torch.dtype = torch.float32) -> RidgePath:
+        """The same path from the Gram matrix ``K = X Xᵀ`` (n_samples, n_samples; float64) instead of ``X``: the
+        dual form for designs with many more features than samples, when ``K`` is cheap to form (a sum of band
+        kernels, :class:`~llmvem.model.banded.BandedRidgeCV`). Scores are those of the design path; the refit
+        gives dual coefficients (:meth:`dual_coef`), so weights are ``Xᵀ dual``."""
+        self = cls.__new__(cls)
+        device = K.device
+        n = K.shape[0]
+        K = K.to(torch.float64)
+        self.dtype, self.device, self.n_samples = dtype, device, n
+        self.fit_intercept = fit_intercept
+        self.loo = isinstance(folds, str)
+        self.n_alphas = len(alphas)
+        self.x_mean = None  # unknown without X; dual_coef returns what is needed instead
+        alphas_t = torch.as_tensor(alphas, dtype=torch.float64, device=device)
+
+        def centred(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            """(X_rows - μ)(X_cols - μ)ᵀ with μ the mean of the ``cols`` samples, from K alone."""
+            block = K[rows][:, cols]
+            if not fit_intercept:
+                return block
+            own = K[cols][:, cols]
+            return block - block.mean(1, keepdim=True) - own.mean(0)[None, :] + own.mean()
+
+        self.fold_parts = []
+        if not self.loo:
+            for train, val in folds:
+                tr = torch.as_tensor(train, device=device)
+                va = torch.as_tensor(val, device=device)
+                f = _gram_factors(centred(tr, tr), dtype)
+                A = ((centred(va, tr) @ f.U.to(torch.float64)) / f.s[None, :]).to(dtype)
+                w = (f.s[:, None] / (f.s[:, None] ** 2 + alphas_t[None, :])).to(dtype)
+                self.fold_parts.append((tr, va, f.U, A, w))
+        everything = torch.arange(n, device=device)
+        self.full = _gram_factors(centred(everything, everything), dtype)
+        self._finish(alphas_t)
+        return self
+
+    def dual_coef(self, Yb: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dual coefficients (n_samples, n_block) of each voxel refitted on all samples with ``alphas[idx]``, and
+        the voxels' means (n_block,): the weights are ``Xᵀ dual`` and the intercept ``ȳ − μ · weights`` (μ the
+        mean sample; the dual coefficients sum to 0 with an intercept)."""
+        U = self.full.U
+        y_mean = Yb.mean(0) if self.fit_intercept else torch.zeros(Yb.shape[1], dtype=self.dtype, device=self.device)
+        B = U.T @ (Yb - y_mean)
+        W = (self.w_full / self.full.s[:, None].to(self.dtype))[:, torch.as_tensor(idx, device=self.device)]
+        return U @ (W * B), y_mean
 
     def scores(self, Yb: torch.Tensor, scoring: Scoring = "r2") -> torch.Tensor:
         """Cross-validated score of every α for a block of responses.
