@@ -23,8 +23,8 @@ correlated over the pairs of distinct source images of the resample (pairs of a 
 dropped). The same resamples serve every row, so a row with a ``baseline`` (its own backbone features) gets the
 paired ``delta_vs_backbone`` of ``hit_subject_mean`` with its CI and two-sided bootstrap p.
 
-``bench/bench_rsa92.py`` prints these rows (``--alignment-mode``) and ``bench/bench_alignment.py`` stores them
-under ``rsa92`` in ``bench/results/alignment.json``.
+``bench/bench_rsa92.py`` prints these rows (``--alignment-mode``) and stores them in its results
+(``bench/bench_alignment.py`` no longer does: it is the virtual-brain positive control only).
 """
 
 from __future__ import annotations
@@ -222,9 +222,8 @@ def flickr_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, k92: Mapp
     captioned images: the encoder is trained on the first 90% of the Flickr8k images for each of
     ``mode["flickr_epochs"]`` and the one with the best image → caption top-1 retrieval among the last 10% is kept.
     """
-    from bench_alignment import retrieval_top1
-
     from llmvem.config import apply_overrides
+    from llmvem.evaluate.retrieval import retrieval_top1
     from llmvem.inputs import load_config_backbone
     from llmvem.train import train_alignment_model
     from llmvem.train.stream import CaptionStream, load_align_stream

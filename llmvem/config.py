@@ -168,6 +168,8 @@ class ModelConfig(_Section):
     align_dim: int | None = Field(None, ge=1)
     projection: Literal["linear", "mlp"] = "linear"
     lambda_align: float = Field(0.1, ge=0.0)
+    align_target: Literal["captions", "attributes", "classes"] = Field("captions", description="what the head is "
+                                                                       "aligned to (llmvem.embed.targets)")
     temperature_init: float = Field(0.07, gt=0.0)
     learn_temperature: bool = True
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -235,6 +237,9 @@ class TrainConfig(_Section):
     selection: Literal["global", "per_key"] = Field(
         "global", description="model selection on validation mean r: one best epoch for the mean over data keys, "
         "or each key's own best epoch (training stops when no key improved for early_stopping_patience epochs)")
+    epoch: Literal["voxel_steps", "all_batches"] = Field("voxel_steps", description="an epoch: the brain keys' "
+                                                         "batches, caption streams joining them (llmvem.train.engine)")
+    clip_per_loss: bool = Field(True, description="grad_clip on the voxel and the contrastive gradient separately")
 
 
 class EvaluateConfig(_Section):
@@ -288,8 +293,8 @@ class AlignDataConfig(_Section):
     ``spec`` is a folder with ``images/`` and a caption file (``captions_file``, default the folder's
     ``captions.csv``/``.json``/``.jsonl``/``.tsv``) as :func:`llmvem.captions.existing.read_caption_file` reads
     it, or ``"virtual-scenes:n=2000,seed=7"``: extra virtual-brain scenes with their exact descriptions (at
-    ``data.image_size``). None = no stream. The stream's batches are interleaved with the brain batches in both
-    stages; its contrastive loss is multiplied by ``weight`` (and ``model.lambda_align``), so ``weight`` = 0 or
+    ``data.image_size``). None = no stream. The stream's batches join the brain batches' steps in both stages
+    (``ratio`` per step, ``train.epoch``); its contrastive loss is multiplied by ``weight`` (and ``model.lambda_align``), so ``weight`` = 0 or
     ``lambda_align`` = 0 leaves training exactly as without it. ``llmvem train``/``demo``/``sweep`` and
     ``LLMVEMEncoder.fit`` load it (cached) for every model with ``lambda_align > 0``; the run folder records it
     (``align_stream`` in ``metrics.json`` and ``training.json``).
@@ -300,6 +305,7 @@ class AlignDataConfig(_Section):
     weight: float = Field(1.0, ge=0.0, description="factor on the stream's contrastive loss")
     batch_size: int | None = Field(None, ge=2, description="batch of the stream; None = the stage's batch size")
     max_images: int | None = Field(None, ge=2, description="use at most this many images (the first ones)")
+    ratio: float | None = Field(None, gt=0.0, description="stream batches per voxel step; None = the stream once per epoch")
 
 
 class RunConfig(_Section):

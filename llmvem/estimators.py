@@ -115,7 +115,8 @@ class LLMVEMEncoder(BaseEstimator):
     def fit(self, dataset: EncodingDataset, text_embeddings: Mapping[str, np.ndarray] | None = None, *,
             backbone: ImageBackbone | None = None, features: Mapping[str, Mapping[str, np.ndarray]] | None = None,
             out_dir: str | Path | None = None, overwrite: bool | None = None,
-            show_progress: bool | None = None, align_stream: CaptionStream | None = None) -> LLMVEMEncoder:
+            show_progress: bool | None = None, align_stream: CaptionStream | None = None,
+            text_ids: Mapping[str, np.ndarray] | None = None) -> LLMVEMEncoder:
         """Train on ``dataset`` (see :func:`~llmvem.train.train_encoding_model` for the arguments).
 
         A dataset without a validation split gets one (``config.data.val_fraction``, seed ``config.data.seed``)
@@ -154,7 +155,8 @@ class LLMVEMEncoder(BaseEstimator):
             align_stream = load_align_stream(config, backbone, show)
         used = align_stream is not None and align_stream.weight > 0 and lam > 0
         out = out_dir if out_dir is not None else self.out_dir
-        kwargs: dict[str, Any] = dict(text_embeddings=text_embeddings, backbone=backbone, features=features,
+        kwargs: dict[str, Any] = dict(text_embeddings=text_embeddings, text_ids=text_ids, backbone=backbone,
+                                      features=features,
                                       show_progress=show, alignment_head=self.alignment_head,
                                       align_stream=align_stream if used else None)
         if out is None:
@@ -172,6 +174,7 @@ class LLMVEMEncoder(BaseEstimator):
         """Train on prepared inputs; caption embeddings (and the alignment stream of ``config.align_data``,
         loaded once per inputs by :func:`~llmvem.train.stream.stream_for_inputs`) are used only when
         ``model.lambda_align > 0`` (with ``model.readout_aligned`` the captions also size the λ = 0 head)."""
+        from llmvem.inputs import alignment_targets
         from llmvem.train.stream import stream_for_inputs
 
         config = self._resolved_config()
@@ -180,8 +183,11 @@ class LLMVEMEncoder(BaseEstimator):
         # frozen backbone that the cached features describe
         backbone = copy.deepcopy(inputs.backbone) if config.train.stage2.epochs > 0 else inputs.backbone
         # at λ = 0 with readout_aligned the captions only size the head like the λ > 0 twin's (no contrastive term)
-        text = inputs.text_embeddings if config.model.lambda_align > 0 or config.model.readout_aligned else None
-        return self.fit(inputs.dataset, text, backbone=backbone, features=inputs.features, align_stream=stream)
+        # the head's targets (model.align_target) and their ids, hashed from the caption texts
+        text, ids = alignment_targets(config, inputs) if config.model.lambda_align > 0 or config.model.readout_aligned \
+            else (None, None)
+        return self.fit(inputs.dataset, text, backbone=backbone, features=inputs.features, align_stream=stream,
+                        text_ids=ids)
 
     def predict_inputs(self, inputs: PreparedInputs) -> dict[str, np.ndarray]:
         """Predictions of the ``val`` and ``test`` splits (the trainer's, from the selected epoch, after fit)."""

@@ -326,43 +326,58 @@ def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
 
 @pytest.mark.slow
 def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
+    """bench_alignment (a thin client of llmvem): the matched four-row table of both runs, 3 seeds, strict JSON,
+    one ledger line."""
+    from llmvem.provenance import read_results
+
     bench = _load("bench_alignment")
-    out = tmp_path / "alignment.json"
-    res = bench.main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--readout-aligned"])
-    saved = json.loads(out.read_text())
-    assert set(saved) >= {"positive_control", "positive_control_extra", "learning_curves", "rsa92"}
-    for label in ("positive_control", "positive_control_extra"):
-        pc = saved[label]
-        assert set(pc) >= {"delta_mean_r", "ci", "p", "shuffled_delta_mean_r", "shuffled_ci"}
-        assert pc["ci"][0] <= pc["delta_mean_r"] <= pc["ci"][1] and 0.0 < pc["p"] <= 1.0
-        assert pc["delta_mean_r"] == pytest.approx(pc["aligned_mean_r"] - pc["lambda_mean_r"])
-    assert saved["positive_control_extra"]["n_extra"] == 60 and saved["positive_control"]["n_extra"] == 0
-    # the stage-2 runs (backbone fine-tuned, 1 epoch in --smoke): same keys, their own models
-    for label in ("positive_control_stage2", "positive_control_extra_stage2"):
-        pc = saved[label]
-        assert pc["stage2_epochs"] == 1 and pc["ci"][0] <= pc["delta_mean_r"] <= pc["ci"][1]
-        assert pc["lambda_mean_r"] != saved["positive_control"]["lambda_mean_r"]  # fine-tuning changed λ = 0
-    assert saved["positive_control_stage2"]["lambda_mean_r"] == saved["positive_control_extra_stage2"]["lambda_mean_r"]
-    # no core, the readout reads the aligned embedding (--readout-aligned): λ chosen on validation per run
-    for label in ("readout_aligned", "readout_aligned_extra"):
-        pc = saved[label]
-        assert pc["core"] == "none" and str(pc["lambda"]) in {str(k) for k in pc["val_r_by_lambda"]}
-        assert pc["delta_mean_r"] == pytest.approx(pc["aligned_mean_r"] - pc["lambda_mean_r"])
-    curves = saved["learning_curves"]["models"]
-    assert set(curves) == {"ridge", "lambda0", "aligned", "aligned_extra"}
-    assert all(set(row) == {"20", "30"} for row in curves.values())
-    other = saved["learning_curves"]["other_rois"]  # the default voxel kinds, same models and sizes
-    assert set(other) == {"early_visual", "semantic"} and all(set(t) == set(curves) for t in other.values())
-    assert all(-1 < row["30"]["mean_r"] < 1 for t in other.values() for row in t.values())
-    # the exact descriptions encode the number of objects almost perfectly (the control's premise)
-    assert saved["diagnostics"]["description_embeddings"]["attribute_r"]["n_objects"] > 0.8
-    assert res["settings"]["lambda_chosen"] == 1.0
-    printed = capsys.readouterr().out
-    assert "Positive control" in printed
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the learning-curve plot
-    if (REPO_ROOT.parent / "shared" / "data" / "kriegeskorte92").is_dir():  # the 92-image RSA needs real data
-        check_alignment_rows(saved["rsa92"], n_boot=50)
-        assert "92-image RSA of aligned encoders" in printed
+    out, ledger = tmp_path / "alignment.json", tmp_path / "ledger.csv"
+    bench.main(["--smoke", "--out", str(out), "--ledger", str(ledger), "--cache-dir", str(tmp_path / "cache")])
+    saved = read_results(out)  # strict JSON
+    assert saved["benchmark"] == "alignment_positive_control" and saved["seeds"] == [0, 1, 2]
+    assert set(saved["matched"]) == {"brain_captions", "extra"}
+    for block in saved["matched"].values():
+        assert block["n_seeds"] == 3
+        rows = block["rows"]
+        assert set(rows) >= {"lambda0", "language", "non_language", "shuffled"}
+        # matched: every model of the comparison takes the steps of λ = 0 (30 images, batch 32: one step)
+        assert {block["steps_per_epoch"][r] for r in ("lambda0", "language", "non_language", "shuffled")} == {1}
+        for row in ("language", "non_language", "shuffled"):
+            r = rows[row]
+            assert r["ci"][0] <= r["delta_mean_r"] <= r["ci"][1]
+            assert r["delta_mean_r"] == pytest.approx(np.mean(r["per_seed_delta"]))
+            assert r["delta_mean_r"] == pytest.approx(r["mean_r"] - rows["lambda0"]["mean_r"])
+            assert 0 < r["p"] <= 1 and len(r["per_seed_delta"]) == 3
+        assert block["lambda"]["shuffled"] == block["lambda"]["language"]
+    extra = saved["matched"]["extra"]
+    assert extra["n_extra"] == 60 and extra["extra_batches_per_epoch"]["language"] == {"align_stream": 1}
+    assert extra["steps_per_epoch"]["language_unmatched"] == 2  # the engine before matching: one more step
+    assert set(extra["clipped_fraction"]["language"]) == {"voxel", "align"}
+    assert ledger.read_text().count("alignment_positive_control") == 1
+    assert "Positive control, matched" in capsys.readouterr().out
+
+
+@pytest.mark.shared_data
+def test_v4_lambda_sweep_chooses_on_validation_and_reads_test_once(cache_dir, tmp_path, capsys):
+    """bench_lambda_v4 --smoke: λ = 0 and two small λ on 60 images of one session, 3 seeds each."""
+    from llmvem.provenance import read_results
+
+    data = needs_shared("v4_cowley2023")
+    bench = _load("bench_lambda_v4")
+    out, ledger = tmp_path / "lambda.json", tmp_path / "ledger.csv"
+    bench.main(["--smoke", "--data", str(data), "--cache-dir", str(cache_dir), "--out", str(out),
+                "--ledger", str(ledger), "--threads", "1"])
+    saved = read_results(out)
+    val = saved["validation"]["pooled_val_mean_r"]
+    assert set(val) == {"0", "0.01", "0.3"}
+    lam = saved["validation"]["chosen_lambda"]
+    assert lam in (0.01, 0.3) and val[f"{lam:g}"] == max(val["0.01"], val["0.3"])  # the validation rule
+    test = saved["test"]
+    assert test["lambda"] == lam and test["pooled"]["n_seeds"] == 3
+    assert test["pooled"]["ci"][0] <= test["pooled"]["delta_mean_r"] <= test["pooled"]["ci"][1]
+    session = saved["settings"]["sessions"][0]
+    assert len({tuple(v) for v in saved["steps_per_epoch"][session].values()}) == 1  # matched: one schedule for every λ
+    assert ledger.read_text().count("v4_lambda_sweep") == 1 and "Test (read once)" in capsys.readouterr().out
 
 
 @pytest.mark.shared_data

@@ -117,9 +117,10 @@ def _train_distributed(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
     inputs = llmvem.inputs.prepare_inputs(cfg, show_progress=show and is_main, other_captions=other_captions)
     lam = cfg.model.lambda_align
     stream = stream_for_inputs(cfg, inputs, show and is_main)  # None unless λ > 0 and align_data names one
-    result = train_encoding_model(cfg, inputs.dataset, text_embeddings=inputs.text_embeddings if lam > 0 else None,
-                                  backbone=inputs.backbone, features=inputs.features, out_dir=out,
-                                  resume=resume, overwrite=overwrite, show_progress=show, align_stream=stream)
+    text, ids = llmvem.inputs.alignment_targets(cfg, inputs) if lam > 0 else (None, None)
+    result = train_encoding_model(cfg, inputs.dataset, text_embeddings=text, text_ids=ids, backbone=inputs.backbone,
+                                  features=inputs.features, out_dir=out, resume=resume, overwrite=overwrite,
+                                  show_progress=show, align_stream=stream)
     if is_main:
         m = result.metrics
         typer.echo(f"trained {out}: val mean r = {m['val_mean_r']:.4f}"
