@@ -189,6 +189,9 @@ class ModelConfig(_Section):
     spatial_init: Literal["ridge", "random"] = Field(
         "ridge", description="factorized readouts start at the rank-1 part of a ridge fit on the training maps, "
                              "or at small random weights")
+    readout_init: Literal["ridge", "random"] = Field(
+        "random", description="the PCA readout (and a linear core) start at the ridge solution of the training "
+                              "responses' PCA scores (llmvem.model.start), or at random weights")
 
     @model_validator(mode="after")
     def _aligned_needs_flat_readout(self) -> ModelConfig:

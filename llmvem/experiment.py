@@ -188,14 +188,18 @@ def write_gallery(out_dir: Path, inputs: PreparedInputs, caption_columns: Mappin
 
 def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_dir: Path | None = None,
                 resume: bool = False, say: Callable[[str], None] | None = None,
-                timing: dict[str, float] | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+                timing: dict[str, float] | None = None, memory: dict[str, int] | None = None
+                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Clone, fit and predict every model (``val`` and ``test``), in order.
 
     An estimator with an ``out_dir`` parameter trains into ``models_dir / name`` (with ``resume``: a finished
     training there is reused); one with ``spec.reuses`` gets the earlier models it names, fitted. Returns (predictions {name: {split: array (n, n_voxels)}}, fitted estimators);
-    ``timing[name]`` gets the seconds of each model.
+    ``timing[name]`` gets the seconds of each model and ``memory[name]`` its peak resident bytes; ``say`` gets a
+    line when each model starts and ends (:func:`llmvem.resources.stage`).
     """
     from sklearn.base import clone
+
+    from llmvem.resources import stage
 
     say = say or log.info
     predictions: dict[str, dict[str, np.ndarray]] = {}
@@ -204,21 +208,18 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
         est = clone(spec.estimator)
         if models_dir is not None and "out_dir" in est.get_params():
             est.set_params(out_dir=models_dir / name, resume=resume)
-        say(f"fitting {spec.label}")
-        t = time.perf_counter()
         own = spec.inputs or inputs
-        if spec.reuses:
-            missing = [m for m in spec.reuses.values() if m not in fitted]
-            if missing:
-                raise ValueError(f"model {name!r} reuses {missing}, which are not fitted before it; expected "
-                                 f"earlier models of {list(models)}")
-            est.fit_inputs(own, fitted={c: fitted[m] for c, m in spec.reuses.items()})
-        else:
-            est.fit_inputs(own)
-        predictions[name] = est.predict_inputs(own)
+        missing = [m for m in (spec.reuses or {}).values() if m not in fitted]
+        if missing:
+            raise ValueError(f"model {name!r} reuses {missing}, which are not fitted before it; expected "
+                             f"earlier models of {list(models)}")
+        with stage(f"fitting {spec.label}", name, timing=timing, memory=memory, say=say):
+            if spec.reuses:
+                est.fit_inputs(own, fitted={c: fitted[m] for c, m in spec.reuses.items()})
+            else:
+                est.fit_inputs(own)
+            predictions[name] = est.predict_inputs(own)
         fitted[name] = est
-        if timing is not None:
-            timing[name] = time.perf_counter() - t
     return predictions, fitted
 
 
@@ -306,32 +307,34 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
     write_json(out_dir / "versions.json", versions(config.seed))
     if callable(inputs):
         inputs = inputs()
+    from llmvem.resources import peak_rss
+    from llmvem.resources import stage as timed_stage
+
     timing = {**inputs.timing, **(timing or {})}
+    memory = dict(inputs.memory)
     ds = inputs.dataset
 
-    predictions, fitted = fit_predict(models, inputs, out_dir / "models", resume, say, timing)
+    predictions, fitted = fit_predict(models, inputs, out_dir / "models", resume, say, timing, memory)
 
-    say("evaluating on the test split")
-    t = time.perf_counter()
-    pairs = default_pairs(list(models)) if pairs is None else pairs
-    noise_ceiling = held_out_noise_ceiling(ds)[0]
-    records, voxel, comparisons = _evaluate(ds, models, predictions, fitted, pairs, config.evaluate.bootstrap,
-                                            config.seed, noise_ceiling)
-    timing["evaluate"] = time.perf_counter() - t
+    with timed_stage("evaluating on the test split", "evaluate", timing=timing, memory=memory, say=say):
+        pairs = default_pairs(list(models)) if pairs is None else pairs
+        noise_ceiling = held_out_noise_ceiling(ds)[0]
+        records, voxel, comparisons = _evaluate(ds, models, predictions, fitted, pairs, config.evaluate.bootstrap,
+                                                config.seed, noise_ceiling)
     optional = {"noise_ceiling": noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
-    np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel, **{k: v for k, v in optional.items() if v is not None},
-                        **{f"roi__{k}": v for k, v in ds.roi_masks.items()})
-    write_model_outputs(out_dir, inputs, predictions, fitted)
+    with timed_stage("writing metrics and predictions", "write_outputs", timing=timing, memory=memory, say=say):
+        np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel,
+                            **{k: v for k, v in optional.items() if v is not None},
+                            **{f"roi__{k}": v for k, v in ds.roi_masks.items()})
+        write_model_outputs(out_dir, inputs, predictions, fitted)
     curve = [{"lambda": spec.lam, "model": n, "mean_r": records[n]["mean_r"],
               "per_roi": {roi: v["mean_r"] for roi, v in records[n]["per_roi"].items()}}
              for n, spec in models.items() if spec.lam is not None]
     write_json(out_dir / "lambda_curve.json", sorted(curve, key=lambda c: c["lambda"]))
     write_gallery(out_dir, inputs, caption_columns() if callable(caption_columns) else caption_columns)
     for key, message, stage in extra_stages:
-        say(message)
-        t = time.perf_counter()
-        stage(inputs)
-        timing[key] = time.perf_counter() - t
+        with timed_stage(message, key, timing=timing, memory=memory, say=say):
+            stage(inputs)
     selection = choose_model(records)
     metrics = {
         "dataset": dataset_summary(ds),
@@ -341,7 +344,8 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
         "selection": selection.to_record(),
         "captions": inputs.caption_info if caption_info is None else
         caption_info() if callable(caption_info) else caption_info,
-        "timing": {"total_s": time.perf_counter() - t0, "stages": timing},
+        "timing": {"total_s": time.perf_counter() - t0, "stages": timing,
+                   "peak_rss_bytes": memory, "process_peak_rss_bytes": peak_rss()},
     }
     write_json(out_dir / "metrics.json", metrics)
     return ExperimentResult(metrics, predictions, fitted)

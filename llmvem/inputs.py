@@ -10,7 +10,6 @@ the benchmarks and the CLI. This module imports nothing from ``train``, ``explai
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,8 @@ class PreparedInputs:
     backbone : ImageBackbone
     features : dict of split to dict of layer to array of shape (n_images, d_layer)
     timing : dict of stage to seconds
+    memory : dict of stage to int
+        Peak resident memory (bytes) while each stage of ``timing`` ran (:func:`llmvem.resources.stage`).
     challenge_features : dict of layer to array of shape (n_challenge_images, d_layer), optional
         Features of the dataset's challenge test images (``dataset.meta["challenge_test_images"]``, responses
         withheld), when it has some.
@@ -69,6 +70,7 @@ class PreparedInputs:
     timing: dict[str, float] = field(default_factory=dict)
     challenge_features: dict[str, np.ndarray] | None = None
     align_streams: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)
 
 
 def cache_root(config: RunConfig) -> Path:
@@ -428,24 +430,23 @@ def prepare_inputs(config: RunConfig, show_progress: bool = True, dataset: Encod
                    other_captions: str = "stop") -> PreparedInputs:
     """Dataset → captions → caption embeddings → backbone features, each stage cached (``other_captions``: see
     :func:`caption_dataset`)."""
+    from llmvem.resources import stage
+
     timing: dict[str, float] = {}
-    t = time.perf_counter()
-    dataset = dataset if dataset is not None else load_config_dataset(config)
-    if dataset.val is None:
-        dataset = dataset.with_validation_split(config.data.val_fraction, config.data.seed)
-    timing["data"] = time.perf_counter() - t
-    t = time.perf_counter()
-    captions, caption_info = caption_dataset(config, dataset, show_progress, other_captions=other_captions)
-    timing["captions"] = time.perf_counter() - t
-    t = time.perf_counter()
-    text_embeddings = embed_captions(config, captions, show_progress)
-    timing["text_embeddings"] = time.perf_counter() - t
-    t = time.perf_counter()
-    backbone = load_config_backbone(config)
-    features = extract_split_features(config, dataset, backbone, show_progress=show_progress)
-    challenge = challenge_images(dataset)
-    challenge_features = (extract_image_features(config, challenge, backbone, show_progress=show_progress)
-                          if challenge is not None else None)
-    timing["image_features"] = time.perf_counter() - t
+    memory: dict[str, int] = {}
+    with stage("dataset", "data", timing=timing, memory=memory):
+        dataset = dataset if dataset is not None else load_config_dataset(config)
+        if dataset.val is None:
+            dataset = dataset.with_validation_split(config.data.val_fraction, config.data.seed)
+    with stage("captions", timing=timing, memory=memory):
+        captions, caption_info = caption_dataset(config, dataset, show_progress, other_captions=other_captions)
+    with stage("caption embeddings", "text_embeddings", timing=timing, memory=memory):
+        text_embeddings = embed_captions(config, captions, show_progress)
+    with stage("image features", "image_features", timing=timing, memory=memory):
+        backbone = load_config_backbone(config)
+        features = extract_split_features(config, dataset, backbone, show_progress=show_progress)
+        challenge = challenge_images(dataset)
+        challenge_features = (extract_image_features(config, challenge, backbone, show_progress=show_progress)
+                              if challenge is not None else None)
     return PreparedInputs(dataset, captions, caption_info, text_embeddings, backbone, features, timing,
-                          challenge_features)
+                          challenge_features, memory=memory)

@@ -237,5 +237,8 @@ def versions(seed: int, **extra: Any) -> dict[str, Any]:
     import torch  # the runtime build string (e.g. "2.14.1+cu130"), which package metadata may shorten
 
     out["torch"] = torch.__version__
+    from llmvem.resources import thread_record
+
+    out["threads"] = thread_record()  # how many and why (--threads, LLMVEM_THREADS, the idle CPUs...)
     out.update(extra)
     return out

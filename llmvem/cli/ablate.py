@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, progress_option, use_progress
+from llmvem.cli.app import app, progress_option, threads_option, use_progress, use_threads
 
 _ABLATE_EXAMPLES = """\b
 Examples:
@@ -36,6 +36,7 @@ def ablate(
     resume: bool = typer.Option(False, "--resume", help="Reuse the finished models in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the ablation's outputs in --out."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train the same LLM-VEM model with captions from different sources and compare them.
 
@@ -46,6 +47,7 @@ def ablate(
     "Caption-source ablation" section.
     """
     progress = use_progress(progress)
+    use_threads(threads)
     from llmvem.ablation import ablation_table, parse_sources, run_ablation
     from llmvem.config import apply_overrides, load_config
 
@@ -77,6 +79,7 @@ def train_multi(
     resume: bool = typer.Option(False, "--resume", help="Reuse finished trainings in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs in --out."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train several subjects jointly: shared backbone and core, one voxel readout per subject.
 
@@ -84,6 +87,7 @@ def train_multi(
     architecture and the two are compared. Prints one row per subject and writes summary.json / summary.md.
     """
     progress = use_progress(progress)
+    use_threads(threads)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError
     from llmvem.multisubject import run_multisubject

@@ -83,6 +83,22 @@ def progress_option() -> Any:
                         help="Show progress bars (default on; off when LLMVEM_NO_PROGRESS=1).")
 
 
+def threads_option() -> Any:
+    """The ``--threads`` option of the commands that compute (default: ``LLMVEM_THREADS``, else the idle CPUs this
+    process may use; see :mod:`llmvem.resources`)."""
+    return typer.Option(None, "--threads", min=1, help="CPU threads for torch and BLAS (default: LLMVEM_THREADS, "
+                        "else OMP_NUM_THREADS, else the idle CPUs of the affinity mask and cgroup quota).")
+
+
+def use_threads(threads: int | None) -> int:
+    """Choose and apply the thread count of a computing command (before torch is imported when possible) and
+    print the stage lines (``[llmvem] <stage>: done in …``) to stderr. Returns the thread count."""
+    from llmvem.resources import choose_threads, configure_threads, print_stage_lines
+
+    print_stage_lines()
+    return configure_threads(choose_threads(threads)).threads
+
+
 def other_captions_option() -> Any:
     """The ``--other-captions`` option of ``caption``/``embed``/``train --config`` (see
     :func:`llmvem.inputs.caption_dataset`)."""

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, check_output_file, other_captions_option, progress_option, use_progress
+from llmvem.cli.app import (
+    app,
+    check_output_file,
+    other_captions_option,
+    progress_option,
+    threads_option,
+    use_progress,
+    use_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ def caption(
     export: Path | None = typer.Option(None, "--export", help="Also write this configuration's captions to a "
                                        ".csv or .json file."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Caption stimulus images into a crash-safe SQLite caption store.
 
@@ -74,6 +83,7 @@ def caption(
     are listed), 2 on bad input.
     """
     show = use_progress(progress)
+    use_threads(threads)
     from llmvem.captions import CaptionStore, make_captioner, run_captioning
     from llmvem.errors import ConfigError
 

@@ -46,7 +46,7 @@ def inspect(
     from llmvem.data import load_dataset
 
     use_progress(progress)
-    ds = load_dataset(path, val_fraction=val_fraction)
+    ds = load_dataset(path, val_fraction=val_fraction, load_responses=False)  # shapes, masks; values only checked
     summary = ds.summary()
     challenge = ds.meta.get("challenge_test_images")
     if ds.meta.get("format") == "algonauts2023":

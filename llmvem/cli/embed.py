@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, check_output_file, other_captions_option, progress_option, use_progress
+from llmvem.cli.app import (
+    app,
+    check_output_file,
+    other_captions_option,
+    progress_option,
+    threads_option,
+    use_progress,
+    use_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +147,7 @@ def embed(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="Feature storage: float32 or float16."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Embed a dataset's captions (text encoder) and/or images (backbone features, cached on disk).
 
@@ -151,6 +160,7 @@ def embed(
     from llmvem.errors import ConfigError
 
     show = use_progress(progress)
+    use_threads(threads)
     if config is not None:
         if dataset is not None:
             raise ConfigError("--config takes the dataset from data.spec; leave out DATASET (or --set data.spec=...)")

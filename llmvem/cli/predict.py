@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, check_output_file, progress_option, use_progress
+from llmvem.cli.app import app, check_output_file, progress_option, threads_option, use_progress, use_threads
 
 _PREDICT_EXAMPLES = """\b
 Examples:
@@ -83,6 +83,7 @@ def predict(
     device: str = typer.Option("auto", "--device", help="Device of the model and the text encoder."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Predict voxel responses of a trained LLM-VEM to texts or images (in-silico experiments).
 
@@ -91,6 +92,7 @@ def predict(
     network itself.
     """
     show = use_progress(progress)
+    use_threads(threads)
     from llmvem.errors import ConfigError
     from llmvem.estimators import RIDGE_FILE
     from llmvem.explain.predictions import (
@@ -179,6 +181,7 @@ def describe(
     out: Path | None = typer.Option(None, "--out", help="Also write the rankings to this JSON file."),
     device: str = typer.Option("auto", "--device", help="Device of the text encoder."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Describe ROIs and voxels by the phrases of a vocabulary with the highest predicted response.
 
@@ -186,6 +189,7 @@ def describe(
     phrases are ranked by the mean z-scored predicted response of its voxels (score in standard deviations).
     """
     use_progress(progress)
+    use_threads(threads)
     from llmvem.errors import ConfigError, DataValidationError
     from llmvem.explain.predictions import resolve_model_dir
     from llmvem.explain.text_to_brain import READOUTS, TextToBrain

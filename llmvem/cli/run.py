@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmvem.cli.app import app, new_output_folder, progress_option, use_progress
+from llmvem.cli.app import app, new_output_folder, progress_option, threads_option, use_progress, use_threads
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -70,6 +70,7 @@ def demo(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Run the whole pipeline offline on CPU on the built-in virtual brain.
 
@@ -81,6 +82,7 @@ def demo(
     Example: llmvem demo --out runs/demo
     """
     progress = use_progress(progress)
+    use_threads(threads)
     from llmvem.config import apply_overrides, load_config
 
     cfg = apply_overrides(load_config(config), set_)  # bad input fails here, before torch is imported
@@ -110,6 +112,7 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Reuse finished models in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train LLM-VEM over λ values (and other config keys), reusing cached captions and features.
 
@@ -120,6 +123,7 @@ def sweep(
     Example: llmvem sweep --config demo --lambda 0,0.01,0.1,1 --grid model.feature_dropout=0,0.2 --out runs/sweep
     """
     progress = use_progress(progress)
+    use_threads(threads)
     from llmvem.config import apply_overrides, load_config
     from llmvem.errors import ConfigError, quote
 

@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from llmvem.cli.app import app, new_output_folder, other_captions_option, progress_option, use_progress
+from llmvem.cli.app import (
+    app,
+    new_output_folder,
+    other_captions_option,
+    progress_option,
+    threads_option,
+    use_progress,
+    use_threads,
+)
 from llmvem.errors import DiskFullError, is_disk_full
 
 if TYPE_CHECKING:
@@ -36,6 +44,7 @@ def train(
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
     other_captions: str = other_captions_option(),
     progress: bool | None = progress_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train LLM-VEM (and the ridge baseline of evaluate.baselines) into a complete run folder.
 
@@ -49,6 +58,7 @@ def train(
     from llmvem.config import apply_overrides, load_config
 
     show = use_progress(progress)
+    use_threads(threads)
     cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
@@ -74,7 +84,9 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
     from llmvem.pipeline import experiment_models, experiment_pairs, extraction_config, load_model_streams
 
     models = experiment_models(cfg, [cfg.model.lambda_align], show_progress=show)
-    say = (lambda m: typer.echo(f"[llmvem] {m}", err=True)) if show else (lambda m: None)
+    def say(message: str) -> None:  # with or without bars: one line per long stage (start, end, time, memory)
+        typer.echo(f"[llmvem] {message}", err=True)
+
 
     def prepare():
         say("preparing inputs: dataset, captions, caption embeddings, image features")

@@ -68,7 +68,8 @@ def _call_loader(loader: Callable[..., EncodingDataset], spec: str, options: dic
         raise DataValidationError(spec, f"option {exc.field}", exc.problem) from exc  # name what was given
 
 
-def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **kwargs: Any) -> EncodingDataset:
+def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, load_responses: bool = True,
+                 **kwargs: Any) -> EncodingDataset:
     """Load a dataset from a spec string (see the module docstring).
 
     Parameters
@@ -77,6 +78,9 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
         What to load.
     val_fraction : float
         If > 0 and the dataset has no validation split, carve one from training (seeded by ``seed``).
+    load_responses : bool
+        False: an Algonauts subject's fMRI files are checked but not kept (shapes only, for ``llmvem data
+        inspect``; see :func:`~llmvem.data.algonauts.load_algonauts`); other layouts load as usual.
     **kwargs
         Passed to the loader (e.g. ``n_train`` for the virtual brain).
     """
@@ -104,6 +108,7 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **k
             from llmvem.data.algonauts import load_algonauts
 
             ds = _call_loader(load_algonauts, text, {"subject_dir": path, "val_fraction": val_fraction, "seed": seed,
+                                                     **({} if load_responses else {"load_responses": False}),
                                                      **kwargs})
         elif any((path / name).exists() for name in ("responses.npy", "responses.h5", "responses.hdf5")):
             from llmvem.data.folder import load_folder

@@ -38,12 +38,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llmvem.data.dataset import EncodingDataset, Split
+from llmvem.data.dataset import EncodingDataset, Split, validation_indices
 from llmvem.data.folder import holdout_indices
 from llmvem.data.images import FileImages, list_image_files
 from llmvem.data.noise_ceiling import SOURCE_KEY as NC_SOURCE_KEY
@@ -57,14 +58,15 @@ HEMISPHERES = ("lh", "rh")
 FSAVERAGE_N_VERTICES = 163_842
 NOISE_CEILING_NAMES = ("{h}_noise_ceiling.npy", "noise_ceiling/{h}_noise_ceiling.npy", "noise_ceiling/{h}.npy")
 _NSD_ID = re.compile(r"nsd-(\d+)")
-_CHECK_ROWS = 2048  # rows checked for NaN/Inf at a time, so a memory-mapped file is never copied whole
+_CHUNK_BYTES = 32 * 2**20  # bytes of fMRI rows read (and checked for NaN/Inf) at a time
 
 
 @dataclass
 class _Hemisphere:
     """What one hemisphere's files hold (internal)."""
 
-    fmri: np.ndarray  # (n_train, n_vertices), memory-mapped
+    path: Path
+    fmri: np.ndarray  # (n_train, n_vertices), memory-mapped (never read through the map: see _stream_rows)
     labels: dict[str, np.ndarray]  # class -> int labels (n_vertices,)
     fsaverage_index: np.ndarray | None  # (n_vertices,)
     fsaverage_size: int | None
@@ -135,15 +137,54 @@ def _load_hemisphere(subject: Path, hemi: str, image_ids: list[str], classes: li
         raise DataValidationError(
             fmri_path, "training fmri", f"{fmri.shape[0]} rows but {len(image_ids)} training images; expected one "
             "row per image")
-    for start in range(0, fmri.shape[0], _CHECK_ROWS):
-        stop = start + _CHECK_ROWS
-        check_finite(fmri[start:stop], fmri_path, "training fmri", image_ids[start:stop])
     n_vertices = int(fmri.shape[1])
     roi_dir = subject / "roi_masks"
     labels = {c: _integer_labels(roi_dir / f"{hemi}.{c}_challenge_space.npy", n_vertices) for c in classes}
     fs_path = roi_dir / f"{hemi}.all-vertices_fsaverage_space.npy"
     fs_index, fs_size = _fsaverage_index(fs_path, n_vertices) if fs_path.is_file() else (None, None)
-    return _Hemisphere(fmri, labels, fs_index, fs_size, _noise_ceiling(subject, hemi, n_vertices))
+    return _Hemisphere(fmri_path, fmri, labels, fs_index, fs_size, _noise_ceiling(subject, hemi, n_vertices))
+
+
+def _stream_rows(part: _Hemisphere, image_ids: list[str], targets: list[tuple[np.ndarray, np.ndarray]],
+                 column: int) -> None:
+    """Read one hemisphere's fMRI file once, in chunks of rows, check every value is finite and copy each row
+    into the split it belongs to.
+
+    The file is read with plain reads into one reused buffer, not through the memory map: pages read through a
+    map count as this process's resident memory until the kernel drops them, so reading a 1.5 GB file that way
+    raises the peak by 1.5 GB even though nothing is kept.
+
+    Parameters
+    ----------
+    targets : list of (rows, out)
+        ``rows``: sorted file rows of a split; ``out`` (len(rows), n_voxels) float32, filled at columns
+        ``column .. column + n_vertices``. Empty to only check the values.
+    """
+    fmri = part.fmri
+    n, n_vert = fmri.shape
+    owner = np.full(n, -1, dtype=np.int64)
+    where = np.zeros(n, dtype=np.int64)
+    for k, (rows, _) in enumerate(targets):
+        owner[rows], where[rows] = k, np.arange(len(rows))
+    step = max(1, _CHUNK_BYTES // max(1, n_vert * fmri.dtype.itemsize))
+    contiguous = isinstance(fmri, np.memmap) and fmri.flags.c_contiguous
+    buf = np.empty((min(step, n), n_vert), dtype=fmri.dtype)
+    with open(part.path, "rb") if contiguous else nullcontext() as fh:
+        if fh is not None:
+            fh.seek(fmri.offset)
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            chunk = buf[:stop - start]
+            if fh is not None:
+                if fh.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                    raise DataValidationError(part.path, "training fmri", "file is shorter than its header says")
+            else:  # Fortran-ordered or not a map: rows through the array itself
+                chunk[...] = fmri[start:stop]
+            check_finite(chunk, part.path, "training fmri", image_ids[start:stop])
+            for k, (_, out) in enumerate(targets):
+                mine = owner[start:stop] == k
+                if mine.any():
+                    out[where[start:stop][mine], column:column + n_vert] = chunk[mine]
 
 
 def _all_or_none(subject: Path, field: str, parts: list[np.ndarray | None], hemis: Sequence[str]) -> np.ndarray | None:
@@ -184,7 +225,8 @@ def _roi_masks(subject: Path, classes: list[str], hemis: list[_Hemisphere]
 
 
 def load_algonauts(subject_dir: str | Path, val_fraction: float = 0.1, seed: int = 0,
-                   hemispheres: Sequence[str] = HEMISPHERES, test_fraction: float = 0.1) -> EncodingDataset:
+                   hemispheres: Sequence[str] = HEMISPHERES, test_fraction: float = 0.1,
+                   load_responses: bool = True) -> EncodingDataset:
     """Load one subject of the Algonauts 2023 challenge (layout in the module docstring).
 
     Parameters
@@ -199,12 +241,17 @@ def load_algonauts(subject_dir: str | Path, val_fraction: float = 0.1, seed: int
         Hemispheres to load, in voxel order.
     test_fraction : float
         Fraction of the training images held out as the test split (the challenge's own test fMRI is withheld).
+    load_responses : bool
+        False: check the fMRI files (shapes, finite values, read in chunks) but keep no response: every split's
+        ``responses`` is a read-only zero-stride array of the right shape (no memory), for ``llmvem data
+        inspect``; ``meta["responses_loaded"]`` is False. Never train on such a dataset.
 
     Returns
     -------
     EncodingDataset
         Responses float32 of shape (n_images, n_vertices_lh + n_vertices_rh); ROI masks, hemisphere,
-        fsaverage_index and noise_ceiling over those voxels.
+        fsaverage_index and noise_ceiling over those voxels. Each split's responses are filled straight from the
+        files (one pass, in chunks of rows), so the loader's peak memory is the responses themselves.
     """
     subject = Path(subject_dir)
     if not subject.is_dir():
@@ -222,11 +269,6 @@ def load_algonauts(subject_dir: str | Path, val_fraction: float = 0.1, seed: int
     parts = [_load_hemisphere(subject, h, ids, classes) for h in hemis]
 
     n_vertices = [p.fmri.shape[1] for p in parts]
-    responses = np.empty((len(ids), sum(n_vertices)), dtype=np.float32)
-    offset = 0
-    for part, n in zip(parts, n_vertices, strict=True):
-        responses[:, offset:offset + n] = part.fmri
-        offset += n
     hemisphere = np.repeat(np.array(hemis), n_vertices)
     roi_masks, roi_classes = _roi_masks(subject, classes, parts)
     fsaverage_index = _all_or_none(subject, "fsaverage mask (roi_masks/<h>.all-vertices_fsaverage_space.npy)",
@@ -234,9 +276,21 @@ def load_algonauts(subject_dir: str | Path, val_fraction: float = 0.1, seed: int
     noise_ceiling = _all_or_none(subject, "noise_ceiling", [p.noise_ceiling for p in parts], hemis)
 
     train_idx, test_idx = holdout_indices(len(ids), test_fraction, seed, subject)
-    everything = Split(FileImages(paths, ids), responses)
-    splits = {"train": everything.subset(train_idx), "test": everything.subset(test_idx)}
-    del everything, responses
+    rows = {"train": train_idx, "test": test_idx}
+    if val_fraction:  # carved here (as EncodingDataset.with_validation_split would) so no split is copied
+        keep, val = validation_indices(len(train_idx), val_fraction, seed, str(subject))
+        rows = {"train": train_idx[keep], "val": train_idx[val], "test": test_idx}
+    n_total = sum(n_vertices)
+    if load_responses:
+        arrays = {k: np.empty((len(r), n_total), dtype=np.float32) for k, r in rows.items()}
+    else:
+        arrays = {k: np.broadcast_to(np.float32(0.0), (len(r), n_total)) for k, r in rows.items()}
+    offset = 0
+    for part, n in zip(parts, n_vertices, strict=True):
+        _stream_rows(part, ids, [(rows[k], arrays[k]) for k in rows] if load_responses else [], offset)
+        offset += n
+    images = FileImages(paths, ids)
+    splits = {k: Split(images.subset(r), arrays[k]) for k, r in rows.items()}
 
     test_dir = subject / "test_split" / "test_images"
     challenge_test = None
@@ -249,13 +303,13 @@ def load_algonauts(subject_dir: str | Path, val_fraction: float = 0.1, seed: int
         "challenge_test_images": challenge_test, "test_fraction": test_fraction, "seed": seed,
         "fsaverage_n_vertices": {h: p.fsaverage_size for h, p in zip(hemis, parts, strict=True)},
         "nsd_id": nsd if len(nsd) == len(ids) else {},
+        "responses_loaded": load_responses,
     }
+    if "val" in rows:
+        meta.update(val_fraction=val_fraction, val_seed=seed)
     if noise_ceiling is not None:
         meta[NC_SOURCE_KEY] = ("whole set: the NSD noise ceiling shipped in the challenge folder (all of the subject's"
                                " images), not computed for the held-out test images")
-    ds = EncodingDataset(
+    return EncodingDataset(
         name=f"algonauts_{subject.name}", splits=splits, roi_masks=roi_masks, hemisphere=hemisphere,
         noise_ceiling=noise_ceiling, fsaverage_index=fsaverage_index, source=str(subject), meta=meta)
-    if val_fraction:
-        ds = ds.with_validation_split(val_fraction, seed)
-    return ds

@@ -12,6 +12,27 @@ from llmvem.data.images import ImageCollection
 from llmvem.errors import DataValidationError
 
 SPLIT_NAMES = ("train", "val", "test")
+#: Entries checked for NaN/Inf at a time by :meth:`EncodingDataset.validate` (bounded scratch memory).
+_CHECK_BYTES = 16 * 2**20
+
+
+def validation_indices(n_train: int, fraction: float, seed: int, source: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a training split that stay in training and those carved out as validation
+    (:meth:`EncodingDataset.with_validation_split`): ``round(fraction * n_train)`` (at least one) seeded rows.
+
+    Returns
+    -------
+    train, val : int arrays, sorted
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataValidationError(source, "val_fraction", f"got {fraction}, expected 0 < fraction < 1")
+    n_val = max(1, int(round(fraction * n_train)))
+    if n_val >= n_train:
+        raise DataValidationError(source, "train", f"{n_train} training images are too few to carve a validation "
+                                  "split")
+    perm = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 @dataclass
@@ -139,14 +160,16 @@ class EncodingDataset:
                 if not np.issubdtype(r.dtype, np.number):
                     raise DataValidationError(src, f"{name}.responses", f"expected numbers, got dtype {r.dtype}")
                 r = r.astype(np.float32, copy=False)
-                bad = ~np.isfinite(r)
-                if bad.any():
-                    rows, cols = np.nonzero(bad)
-                    kind = "NaN" if np.isnan(r[rows[0], cols[0]]) else "Inf"
-                    raise DataValidationError(
-                        src, f"{name}.responses",
-                        f"{int(bad.sum())} non-finite values ({kind} at image {int(rows[0])}, voxel {int(cols[0])});"
-                        " expected finite numbers")
+                step = max(1, _CHECK_BYTES // max(1, r.shape[1]))  # rows at a time: no full-size mask
+                for start in range(0, r.shape[0], step):
+                    bad = ~np.isfinite(r[start:start + step])
+                    if bad.any():
+                        rows, cols = np.nonzero(bad)
+                        kind = "NaN" if np.isnan(r[start + rows[0], cols[0]]) else "Inf"
+                        raise DataValidationError(
+                            src, f"{name}.responses",
+                            f"{int(bad.sum())} non-finite values ({kind} at image {start + int(rows[0])}, voxel "
+                            f"{int(cols[0])}); expected finite numbers")
                 split.responses = r
                 if n_vox is None:
                     n_vox = r.shape[1]
@@ -221,14 +244,7 @@ class EncodingDataset:
         """
         if "val" in self.splits:
             return self
-        if not 0.0 < fraction < 1.0:
-            raise DataValidationError(self.source, "val_fraction", f"got {fraction}, expected 0 < fraction < 1")
-        n = len(self.train)
-        n_val = max(1, int(round(fraction * n)))
-        if n_val >= n:
-            raise DataValidationError(self.source, "train", f"{n} training images are too few to carve a validation split")
-        perm = np.random.default_rng(seed).permutation(n)
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        train_idx, val_idx = validation_indices(len(self.train), fraction, seed, self.source)
         splits = {"train": self.train.subset(train_idx), "val": self.train.subset(val_idx), "test": self.test}
         return replace(self, splits=splits, meta={**self.meta, "val_fraction": fraction, "val_seed": seed})
 

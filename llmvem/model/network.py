@@ -47,6 +47,7 @@ from llmvem.model.spatial import (
     GaussianReadout,
     make_spatial_readout,
 )
+from llmvem.model.start import ridge_start
 
 if TYPE_CHECKING:
     from llmvem.config import ModelConfig
@@ -364,7 +365,8 @@ class LLMVEM(nn.Module):
     @torch.no_grad()
     def initialize(self, train_responses: torch.Tensor | Mapping[str, torch.Tensor],
                    train_features: torch.Tensor | None = None,
-                   train_maps: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+                   train_maps: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                   readout_start: str = "random") -> dict:
         """Fit the closed-form parts from training data: the readouts (PCA basis, mean) and the feature statistics.
 
         Parameters
@@ -381,6 +383,9 @@ class LLMVEM(nn.Module):
             readouts start at the position that best predicts each unit, see
             :meth:`~llmvem.model.spatial.GaussianReadout.initialize_positions`; factorized ones, with
             ``spatial_init="ridge"``, at a ridge fit of the centred responses on the maps).
+        readout_start : {"random", "ridge"}
+            "ridge": the flat PCA readouts (and a linear core) start at the ridge solution of the training scores
+            (:func:`llmvem.model.start.ridge_start`, whose record is returned; needs ``train_features``).
         """
         responses = train_responses if isinstance(train_responses, Mapping) else {self._key(None): train_responses}
         for key, y in responses.items():
@@ -391,8 +396,10 @@ class LLMVEM(nn.Module):
             fitted = FeatureStandardizer().fit(train_features.detach().cpu().double().numpy())
             self.feature_mean.copy_(torch.from_numpy(fitted.mean_))
             self.feature_std.copy_(torch.from_numpy(fitted.std_))
+        started = ridge_start(self, responses, train_features) if readout_start == "ridge" and \
+            train_features is not None else {}
         if not self.spatial_layers:
-            return
+            return started
         if train_maps is None:
             raise ValueError(f"the spatial readout needs the training maps of {self.spatial_layers}")
         if self.standardize_features:
@@ -406,6 +413,7 @@ class LLMVEM(nn.Module):
             elif isinstance(spatial, FactorizedReadout) and key in train_maps and self.spatial_init == "ridge":
                 # the flat readout (or the bias) starts at the mean response: the maps fit what is left
                 spatial.initialize_from_ridge(self.maps(train_maps[key]), y - y.mean(dim=0))
+        return started
 
     def n_voxels_of(self, key: str | None = None) -> int:
         """Number of voxels of ``key``'s readout (None: the only key)."""
@@ -479,7 +487,7 @@ class LLMVEM(nn.Module):
     # --------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor | None = None, features: Mapping[str, torch.Tensor] | None = None,
                 with_embedding: bool = False, channels_last: bool = False, key: str | None = None,
-                with_voxels: bool = True) -> ModelOutput:
+                with_voxels: bool | str = True) -> ModelOutput:
         """Predict the responses of data key ``key`` (and optionally the projected image embedding).
 
         Parameters
@@ -492,8 +500,9 @@ class LLMVEM(nn.Module):
             Also return the alignment head's projected embedding.
         key : str, optional
             Whose readout predicts; None: the only key.
-        with_voxels : bool
-            Run the readout (False for a data key with captions and no responses).
+        with_voxels : bool or "latent"
+            Run the readout (False for a data key with captions and no responses; "latent": only the PCA
+            readout's scores, not decoded to voxels, for a loss on :class:`~llmvem.model.readout.LatentTargets`).
 
         With a spatial readout, ``features`` also holds the maps of the spatial layers, (B, C, H, W) each.
         """
@@ -519,7 +528,8 @@ class LLMVEM(nn.Module):
             if self.spatial_layers:
                 maps = self.maps(features)
                 inputs = (maps,) if self.spatial_mode == "alone" else (flat_in, maps)
-            voxels, latent = self._readout(key).forward_latent(*inputs)
+            ro = self._readout(key)
+            voxels, latent = (None, ro.scores(*inputs)) if with_voxels == "latent" else ro.forward_latent(*inputs)
         return ModelOutput(voxels=voxels, readout_input=z, latent=latent,
                            embedding=embedding if with_embedding else None, logit_scale=logit_scale)
 
@@ -533,7 +543,7 @@ class LLMVEM(nn.Module):
 
     def voxel_loss(self, out: ModelOutput, targets: torch.Tensor, key: str | None = None) -> torch.Tensor:
         """The readout's MSE (voxel or PCA space) of ``out`` against targets (B, n_voxels)."""
-        if out.voxels is None:
+        if out.voxels is None and out.latent is None:
             raise ValueError("this output has no voxel predictions (with_voxels=False)")
         return self._readout(key).loss(out.voxels, targets, out.latent)
 

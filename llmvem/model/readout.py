@@ -15,12 +15,14 @@ responses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["EXACT_SVD_BYTES", "LinearVoxelReadout", "PCAVoxelReadout", "Readout", "default_pca_components", "fit_pca"]
+__all__ = ["EXACT_SVD_BYTES", "LatentTargets", "LinearVoxelReadout", "PCAVoxelReadout", "Readout",
+           "default_pca_components", "fit_pca"]
 
 
 def default_pca_components(n_train: int, n_voxels: int, cap: int = 2048) -> int:
@@ -212,6 +214,38 @@ def _fix_signs(basis: torch.Tensor) -> torch.Tensor:
     return basis
 
 
+@dataclass
+class LatentTargets:
+    """Training responses in a PCA readout's latent space: enough to compute its voxel loss exactly without
+    decoding predictions to voxels (:meth:`PCAVoxelReadout.loss`).
+
+    For an orthonormal basis ``B`` and mean ``m``, ``‖Bᵀz + m - y‖² = ‖z - B(y - m)‖² + ‖r‖²`` with ``r`` the part
+    of ``y - m`` outside the basis' span: the voxel MSE of a batch is ``(Σ‖z - c‖² + Σ‖r‖²) / (B · n_voxels)``,
+    its value and its gradient, at the cost of ``k`` numbers per image instead of ``n_voxels``.
+
+    Attributes
+    ----------
+    scores : tensor of shape (n, k)
+        ``c = B (y - m)``, float32.
+    residual : tensor of shape (n,)
+        ``‖r‖²`` per image, float32.
+    n_voxels : int
+    """
+
+    scores: torch.Tensor
+    residual: torch.Tensor
+    n_voxels: int
+
+    def __getitem__(self, rows: torch.Tensor) -> LatentTargets:
+        return LatentTargets(self.scores[rows], self.residual[rows], self.n_voxels)
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to(self, device: torch.device | str) -> LatentTargets:
+        return LatentTargets(self.scores.to(device), self.residual.to(device), self.n_voxels)
+
+
 class Readout(nn.Module):
     """Contract of a voxel readout (see module docstring).
 
@@ -324,6 +358,22 @@ class PCAVoxelReadout(Readout):
         with torch.autocast(responses.device.type, enabled=False):
             return (responses.float() - self.mean) @ self.basis.t()
 
+    @torch.no_grad()
+    def latent_targets(self, responses: torch.Tensor, block_bytes: int = _PCA_BLOCK_BYTES) -> LatentTargets:
+        """Responses (n, n_voxels) → their :class:`LatentTargets`, on the basis' device, a block of rows at a time
+        (no full-size copy of the responses)."""
+        dev = self.basis.device
+        n = int(responses.shape[0])
+        step = max(1, block_bytes // (8 * max(self.n_voxels, 1)))
+        scores = torch.empty(n, self.n_components, dtype=torch.float32, device=dev)
+        residual = torch.empty(n, dtype=torch.float32, device=dev)
+        for s in range(0, n, step):
+            yc = responses[s:s + step].to(dev, torch.float32) - self.mean
+            c = yc @ self.basis.t()
+            scores[s:s + step] = c
+            residual[s:s + step] = (yc.double().pow(2).sum(1) - c.double().pow(2).sum(1)).clamp_min(0.0).float()
+        return LatentTargets(scores, residual, self.n_voxels)
+
     def decode(self, scores: torch.Tensor) -> torch.Tensor:
         """Component scores (B, n_components) → responses (B, n_voxels), in float32 even under autocast."""
         with torch.autocast(scores.device.type, enabled=False):
@@ -339,7 +389,18 @@ class PCAVoxelReadout(Readout):
     def regularizer(self) -> torch.Tensor:
         return 0.5 * self.l2 * self.head.weight.pow(2).sum()
 
-    def loss(self, voxels: torch.Tensor, targets: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, voxels: torch.Tensor | None, targets: torch.Tensor | LatentTargets,
+             latent: torch.Tensor | None = None) -> torch.Tensor:
+        """The MSE of :attr:`voxel_loss`'s space; ``targets`` may be the batch's :class:`LatentTargets`, then only
+        ``latent`` (the predicted scores) is needed and the value equals the voxel-space one (see there)."""
+        if isinstance(targets, LatentTargets):
+            if latent is None:
+                raise ValueError("latent targets need the predicted component scores (latent)")
+            sq = (latent.float() - targets.scores).pow(2)
+            if self.voxel_loss == "pca":
+                return sq.mean()
+            return (sq.sum() + targets.residual.sum()) / (sq.shape[0] * self.n_voxels)
+        assert voxels is not None
         if self.voxel_loss == "pca":
             if latent is None:
                 raise ValueError("voxel_loss='pca' needs the predicted component scores (latent)")

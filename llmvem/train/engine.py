@@ -356,6 +356,13 @@ class Engine:
                 best_state = load_weights(self.ckpt.best_path(stage))
         else:
             self.key_best = {k.name: (-math.inf, -1, None) for k in self.scored}
+            if stage == 1 and self.scored and self.config.model.readout_init == "ridge":
+                # a fitted start (the readout's ridge solution) is a candidate too: best epoch 0 keeps it
+                best_r, _, start_per = self._validate(stage)
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model_state(stage).items()}
+                self.ckpt.save_best(stage, best_state)
+                self.key_best = {n: (r, -1, self._key_snapshot(n) if self.per_key else None)
+                                 for n, r in start_per.items()}
         bar = progress_bar(total=(cfg.epochs - start_epoch) * n_batches, desc=f"stage {stage}", unit="batch") \
             if self.show else _NullBar()
         train_total_s, seen_total = 0.0, 0

@@ -21,6 +21,7 @@ from torch import nn
 from llmvem.errors import DataValidationError
 from llmvem.model.losses import LossParts, contrastive_loss, group_ids_from_embeddings, total_loss
 from llmvem.model.network import LLMVEM
+from llmvem.model.readout import LatentTargets
 from llmvem.train.tensors import augment_images
 
 __all__ = ["Batch", "EncodingTask", "KeyData"]
@@ -41,6 +42,9 @@ class Batch:
     responses : tensor (B, n_voxels), optional
     text, text_ids : tensor (B, text_dim) and int64 tensor (B,), optional
         Caption embeddings and caption group ids (identical captions share an id: they are positives).
+    latent_targets : LatentTargets, optional
+        The responses in the PCA readout's latent space: the voxel loss is computed from them (the same value
+        and gradient, without decoding the predictions to voxels).
     """
 
     features: dict[str, torch.Tensor] | None = None
@@ -48,6 +52,7 @@ class Batch:
     responses: torch.Tensor | None = None
     text: torch.Tensor | None = None
     text_ids: torch.Tensor | None = None
+    latent_targets: LatentTargets | None = None
 
 
 @dataclass
@@ -74,6 +79,9 @@ class KeyData:
     ratio : float, optional
         A key without responses (a caption stream) under ``train.epoch = "voxel_steps"``: its batches per voxel
         step; None = as many as visit its rows once per epoch.
+    latent_targets : LatentTargets, optional
+        The training responses in the PCA readout's latent space (set by the trainer where that loss is the
+        voxel loss itself, :meth:`~llmvem.model.readout.PCAVoxelReadout.loss`); on the training device.
     """
 
     name: str
@@ -86,6 +94,7 @@ class KeyData:
     weight: float = 1.0
     batch_size: int | None = None
     ratio: float | None = None
+    latent_targets: LatentTargets | None = None
 
     @property
     def has_responses(self) -> bool:
@@ -131,6 +140,8 @@ class KeyData:
         i = idx.to(device)
         if "train" in self.responses:
             out.responses = self.responses["train"][i]
+        if self.latent_targets is not None:
+            out.latent_targets = self.latent_targets[i.to(self.latent_targets.scores.device)]
         if "train" in self.text:
             out.text, out.text_ids = self.text["train"][i], self.text_ids["train"][i]
         return out
@@ -192,12 +203,13 @@ class EncodingTask(nn.Module):
         with_emb = self.lam > 0 and batch.text is not None
         if not has_y and not with_emb:
             raise ValueError(f"data key {key!r}: a batch needs responses or (with lambda_align > 0) captions")
+        latent = has_y and batch.latent_targets is not None  # the same voxel loss, from the PCA scores
         out = self.network(images=batch.images, features=batch.features, with_embedding=with_emb,
-                           channels_last=self.channels_last, key=key, with_voxels=has_y)
+                           channels_last=self.channels_last, key=key, with_voxels="latent" if latent else has_y)
         reg = None
         if has_y:
             assert batch.responses is not None
-            voxel = self.network.voxel_loss(out, batch.responses, key)
+            voxel = self.network.voxel_loss(out, batch.latent_targets if latent else batch.responses, key)
             weight = self.key_weights.get(key, 1.0)
             if weight != 1.0:
                 voxel = voxel * weight

@@ -28,6 +28,8 @@ from llmvem.data.dataset import EncodingDataset
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import CheckpointError, ConfigError, DataValidationError
 from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM
+from llmvem.model.readout import PCAVoxelReadout
+from llmvem.resources import stage
 from llmvem.train.checkpoint import save_weights
 from llmvem.train.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
 from llmvem.train.engine import Engine, mean_r
@@ -321,8 +323,20 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
                                  map_shapes=map_shapes)  # type: ignore[arg-type]
     x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in stats_keys])
     maps = {k.name: {m: k.features["train"][m].cpu() for m in network.spatial_layers} for k in stats_keys}
-    network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x, maps)
+    started = network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x, maps,
+                                 readout_start=config.model.readout_init)
+    for name, rec in started.items():
+        log.info("readout of %s starts at the ridge solution: %s", name, rec)
     return network
+
+
+def _set_latent_targets(network: LLMVEM, keys: Sequence[KeyData]) -> None:
+    """Each key whose readout is a plain PCA readout gets its training responses in the readout's latent space:
+    the task then computes the same voxel loss without decoding every batch to all voxels."""
+    for k in keys:
+        readout = network.readouts[k.name] if k.has_responses and k.name in network.readouts else None
+        if type(readout) is PCAVoxelReadout:
+            k.latent_targets = readout.latent_targets(k.responses["train"])
 
 
 @dataclass
@@ -376,7 +390,11 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
         keys = [_key_data(config, s, backbone, info.device, precision, variance_weighting, show) for s in sources]
         keys += [stream_key_data(st, _feature_layers(config), backbone, config.train.stage2.epochs > 0, info.device,
                                  precision, config.backbone.batch_size, show) for st in streams]
-        network = _build_network(config, keys, backbone, alignment_head).to(info.device)
+        quiet = None if info.is_main else (lambda message: None)
+        with stage("voxel readout: PCA of the training responses" + (
+                ", ridge start" if config.model.readout_init == "ridge" else ""), say=quiet):
+            network = _build_network(config, keys, backbone, alignment_head).to(info.device)
+            _set_latent_targets(network, keys)
         task = EncodingTask(network, config.model.lambda_align, {k.name: k.weight for k in keys},
                             regularize=config.model.readout_l2 > 0 or config.model.spatial_l1 > 0
                             or config.model.spatial_smoothness > 0, channels_last=config.train.channels_last,
@@ -384,7 +402,8 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
         task.set_stage1_trainable(config.model.learn_temperature)
         engine = Engine(config, task, keys, backbone, out_dir, info, precision, fingerprint, data_identity,
                         show_progress, callback)
-        engine.run(resume)
+        with stage("training", say=quiet):
+            engine.run(resume)
         network.eval()
         predictions: dict[str, dict[str, np.ndarray]] = {}
         metrics: dict[str, dict[str, float]] = {}

@@ -1,0 +1,236 @@
+"""NSD scale on one machine (issue 27): the latent voxel loss, the ridge start, shapes-only loading, threads,
+stage lines, and the peak memory of ``llmvem train`` at a reduced size (in a subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from llmvem import resources
+from llmvem.model.network import LLMVEM
+from llmvem.model.readout import PCAVoxelReadout
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_nsd_scale", REPO_ROOT / "bench" / "bench_nsd_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------ latent voxel loss
+@pytest.mark.parametrize("mode", ["voxel", "pca"])
+def test_latent_targets_give_the_voxel_loss_and_its_gradient(mode):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(40, 60, generator=g) @ torch.randn(60, 60, generator=g) * 0.3 + 1.0
+    ro = PCAVoxelReadout(n_features=5, n_voxels=60, n_components=12, voxel_loss=mode)
+    ro.initialize(y)  # 12 of 60 components: the responses are far from the basis' span
+    x = torch.randn(40, 5, generator=g)
+    targets = ro.latent_targets(y, block_bytes=8 * 60 * 7)  # 7 rows per block
+    np.testing.assert_allclose(targets.scores.numpy(), ro.encode(y).numpy(), atol=1e-5)
+    rows = torch.tensor([3, 1, 30, 7])
+    voxels, latent = ro.forward_latent(x[rows])
+    direct = ro.loss(voxels, y[rows], latent)
+    grad_direct = torch.autograd.grad(direct, ro.head.weight)[0]
+    latent = ro.scores(x[rows])
+    through = ro.loss(None, targets[rows], latent)
+    grad_through = torch.autograd.grad(through, ro.head.weight)[0]
+    assert float(through.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
+    torch.testing.assert_close(grad_through, grad_direct, rtol=1e-4, atol=1e-7)
+
+
+def test_network_latent_forward_skips_decoding():
+    net = LLMVEM({"pooled": 6}, n_voxels=30, n_train=20, alignment=False, standardize_features=False)
+    net.initialize(torch.randn(20, 30), torch.randn(20, 6))
+    out = net(features={"pooled": torch.randn(4, 6)}, with_voxels="latent")
+    assert out.voxels is None and out.latent.shape == (4, net.readout.n_components)
+
+
+# -------------------------------------------------------------------------------------------- ridge start
+def _features_and_responses(n=120, d=10, v=80, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.standard_normal((d, v)).astype(np.float32)
+    y = x @ w + 0.5 * rng.standard_normal((n, v)).astype(np.float32) + 2.0
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_ridge_start_without_core_is_the_ridge_of_the_pca_scores():
+    from llmvem.model.ridge import DEFAULT_ALPHAS, RidgeCV
+
+    x, y = _features_and_responses()
+    net = LLMVEM({"pooled": 10}, n_voxels=80, n_train=120, n_components=20, alignment=False)
+    started = net.initialize(y, x, readout_start="ridge")
+    assert set(started) == {"main"} and started["main"]["alpha"] in DEFAULT_ALPHAS
+    xs = ((x - net.feature_mean) / net.feature_std).numpy()
+    z = net.readout.encode(y).numpy()
+    ridge = RidgeCV(cv="loo", local_alpha=False, scoring="neg_mse", progress_bar=False).fit(xs, z)
+    net.eval()
+    pred = net(features={"pooled": x}).voxels.detach().numpy()
+    expected = ridge.predict(xs) @ net.readout.basis.numpy() + net.readout.mean.numpy()
+    np.testing.assert_allclose(pred, expected, atol=2e-4)
+
+
+def test_ridge_start_with_a_linear_core_is_the_reduced_rank_ridge():
+    x, y = _features_and_responses(d=10, v=80)
+    full = LLMVEM({"pooled": 10}, n_voxels=80, n_train=120, n_components=20, alignment=False)
+    full.initialize(y, x, readout_start="ridge")
+    wide = LLMVEM({"pooled": 10}, n_voxels=80, n_train=120, n_components=20, alignment=False, core="linear",
+                  core_dim=32)
+    assert wide.initialize(y, x, readout_start="ridge")["main"]["rank"] == 20
+    full.eval()
+    wide.eval()
+    feats = {"pooled": x[:30]}
+    # a core wider than the components: the factorisation is exact, and the spare core units are switched off
+    np.testing.assert_allclose(wide(features=feats).voxels.detach().numpy(),
+                               full(features=feats).voxels.detach().numpy(), atol=5e-4)
+    narrow = LLMVEM({"pooled": 10}, n_voxels=80, n_train=120, n_components=20, alignment=False, core="linear",
+                    core_dim=3)
+    narrow.initialize(y, x, readout_start="ridge")
+    narrow.eval()
+    # rank 3: the projection of the ridge's fitted scores on their top 3 principal directions
+    z_full = full.readout.scores(full.core_dropout((x - full.feature_mean) / full.feature_std)).detach()
+    zc = z_full - z_full.mean(0)
+    _, _, vh = torch.linalg.svd(zc, full_matrices=False)
+    proj = zc @ vh[:3].t() @ vh[:3] + z_full.mean(0)
+    z_narrow = narrow.readout.scores(narrow.core((x - narrow.feature_mean) / narrow.feature_std)).detach()
+    np.testing.assert_allclose(z_narrow.numpy(), proj.numpy(), atol=5e-4)
+
+
+# -------------------------------------------------------------------------------- shapes-only Algonauts
+def test_fake_subject_loads_in_the_challenge_layout_and_inspects_without_responses(tmp_path):
+    from llmvem.data import load_dataset
+
+    bench = _bench()
+    info = bench.make_fake_subject(tmp_path / "subj01", n_train=60, n_vertices=(200, 240), n_challenge=5)
+    assert info["n_rois"] == 31
+    full = load_dataset(tmp_path / "subj01", val_fraction=0.1)
+    assert full.n_voxels == 440 and len(full.train) + len(full.val) + len(full.test) == 60
+    assert len(full.roi_masks) == 31 and len(full.meta["challenge_test_images"]) == 5
+    shapes = load_dataset(tmp_path / "subj01", val_fraction=0.1, load_responses=False)
+    assert shapes.summary() == full.summary()
+    for split in ("train", "val", "test"):
+        r = shapes.splits[split].responses
+        assert r.shape == full.splits[split].responses.shape and r.strides == (0, 0)  # no memory behind it
+    # rows of the files land in the split arrays exactly as slicing the whole matrix would put them
+    lh = np.load(tmp_path / "subj01" / "training_split" / "training_fmri" / "lh_training_fmri.npy")
+    ids = full.meta["nsd_id"]
+    names = sorted(ids)
+    row = names.index(full.val.images.ids[2])
+    np.testing.assert_array_equal(full.val.responses[2, :200], lh[row])
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert resources.cgroup_cpu_limit(v2) == pytest.approx(1.5)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert resources.cgroup_cpu_limit(v2) is None
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert resources.cgroup_cpu_limit(v1) == pytest.approx(2.0)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert resources.cgroup_cpu_limit(v1) is None
+
+
+def test_thread_choice_order_and_record(monkeypatch):
+    from llmvem.errors import ConfigError
+
+    monkeypatch.setenv("LLMVEM_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert resources.choose_threads(2).threads == 2 and resources.choose_threads(2).source == "--threads"
+    assert resources.choose_threads().threads == 3
+    monkeypatch.delenv("LLMVEM_THREADS")
+    assert (resources.choose_threads().threads, resources.choose_threads().source) == (5, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(resources, "available_cpus", lambda: 4)
+    monkeypatch.setattr(resources, "idle_cpus", lambda interval=0.25: 1.2)  # another job keeps ~3 cores busy
+    auto = resources.choose_threads()
+    assert (auto.threads, auto.source, auto.available_cpus) == (1, "idle CPUs", 4)
+    monkeypatch.setenv("LLMVEM_THREADS", "zero")
+    with pytest.raises(ConfigError, match="LLMVEM_THREADS"):
+        resources.choose_threads()
+    before = torch.get_num_threads()
+    for env in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(env, raising=False)
+    try:
+        resources.configure_threads(resources.ThreadChoice(1, "--threads", 4))
+        record = resources.thread_record()
+        assert (record["threads"], record["torch_threads"], record["source"]) == (1, 1, "--threads")
+        assert os.environ["OMP_NUM_THREADS"] == "1" and record["omp_wait_policy"] == "PASSIVE"
+        from llmvem.utils import versions
+
+        assert versions(0)["threads"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+        resources._CHOICE = None
+
+
+def test_available_cpus_respect_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(resources, "_affinity", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(resources, "cgroup_cpu_limit", lambda root=None: 1.5)
+    assert resources.available_cpus() == 2
+    monkeypatch.setattr(resources, "cgroup_cpu_limit", lambda root=None: None)
+    assert resources.available_cpus() == 4
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def test_stage_lines_and_records(caplog):
+    timing, memory, said = {}, {}, []
+    with resources.stage("image features", "image_features", timing=timing, memory=memory, say=said.append):
+        block = np.ones((2048, 2048))  # 32 MB held while the stage runs
+        block.sum()
+    assert said[0] == "image features …"
+    assert said[1].startswith("image features: done in ") and "peak memory" in said[1]
+    assert timing["image_features"] >= 0 and memory["image_features"] >= 32 * 2**20
+    with caplog.at_level(logging.INFO, logger="llmvem.stages"), pytest.raises(ValueError):
+        with resources.stage("ridge"):
+            raise ValueError("boom")
+    assert any("ridge: failed after" in r.getMessage() for r in caplog.records)
+
+
+def test_peak_rss_is_at_least_the_current_rss():
+    assert resources.peak_rss() >= resources.current_rss() > 0
+
+
+# ------------------------------------------------------------------------- train's peak memory, reduced
+@pytest.mark.slow
+def test_train_peak_memory_ratio_at_reduced_size(tmp_path):
+    """``llmvem train`` on a fake subject of 600 images × 20,000 vertices (and the same subject with 2,000
+    vertices, for the process's fixed memory: Python, torch, the backbone, the text encoder): the memory the
+    18,000 extra vertices add is at most a few times their responses (the float64 SVD of the PCA used to add
+    ~10×)."""
+    bench = _bench()
+    peaks, resp = {}, {}
+    for name, verts in (("small", (1000, 1000)), ("large", (10000, 10000))):
+        subject = tmp_path / name / "subj01"
+        info = bench.make_fake_subject(subject, n_train=600, n_vertices=verts, n_challenge=4)
+        sets = bench.train_overrides(subject, tmp_path / "cache", "file", [
+            "train.stage1.epochs=2", "evaluate.bootstrap=20", "model.pca_components=500"])
+        cmd = bench.llmvem_command("train", "--config", "demo", "--out", str(tmp_path / name / "run"),
+                                   "--no-progress", "--threads", "1", *[a for s in sets for a in ("--set", s)])
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", LLMVEM_NO_PROGRESS="1")
+        res = bench.run_measured(cmd, REPO_ROOT, 900, env)
+        assert res["rc"] == 0, res["stderr_tail"]
+        assert any("training: done in" in line for line in res["stage_lines"])
+        peaks[name], resp[name] = res["peak_rss_bytes"], info["response_bytes"]
+        metrics = json.loads((tmp_path / name / "run" / "metrics.json").read_text())
+        assert set(metrics["timing"]["peak_rss_bytes"]) >= {"data", "image_features", "ridge", "evaluate"}
+    extra = (peaks["large"] - peaks["small"]) / (resp["large"] - resp["small"])
+    print(f"peak small {peaks['small'] / 2**30:.2f} GB, large {peaks['large'] / 2**30:.2f} GB, "
+          f"{extra:.2f} bytes per extra response byte")
+    # responses (1) + predictions of 2 models × val/test (~0.4) + the ridge's coefficients for 1,472 features
+    # (2.5 at 600 images) + PCA basis and Gram path (~1); the old float64 SVD alone was ~10
+    assert extra < 6.0, sys.stdout
