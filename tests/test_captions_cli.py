@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_signals import default_sigint
 from fake_openai_server import FakeOpenAIServer, colour_caption
 from PIL import Image
 
@@ -139,7 +140,8 @@ def test_killed_midway_then_rerun_gives_exactly_one_caption_each(tmp_path, sig, 
         args = [sys.executable, "-c", code, "caption", "--images", str(tmp_path / "imgs"), "--store", str(store),
                 "--backend", "openai", "--model", "fake-vlm", "--base-url", srv.base_url, "--max-in-flight", "2",
                 "--batch-size", "2"]
-        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_sigint)  # Ctrl-C works even when pytest ignores SIGINT
         try:
             deadline = time.monotonic() + 60
             rows_at_kill = 0

@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from child_signals import default_sigint
 from safetensors.numpy import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ class Cli:
                 script.write_text(PAUSE_CLI)
             cmd = [sys.executable, str(script), *args]
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=default_sigint)  # Ctrl-C works even under nohup
         self.err_lines: list[str] = []
         self.out_chunks: list[str] = []
         self._new_line = threading.Condition()
