@@ -14,6 +14,9 @@ Accepted files
 - JSON mapping ``{"image id": "caption" | ["caption", ...]}``.
 - JSON list / JSON lines of records ``{"image_id": ..., "caption": "..."}`` or ``{..., "captions": [...]}``, or
   ``{"images": [records]}`` (the JSON written by :meth:`CaptionStore.export`).
+
+Every format follows one rule (:mod:`llmvem.data.text`): a caption holding a control character (NUL, ESC, ...)
+or longer than the CSV field limit is refused with one line naming the file and the row or record.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from PIL import Image
 
 from llmvem.captions.base import Captioner, CaptionResult
 from llmvem.data.images import IMAGE_SUFFIXES
-from llmvem.errors import DataValidationError
+from llmvem.data.text import check_text
+from llmvem.errors import DataValidationError, quote
 from llmvem.utils import sha256_bytes, stable_hash
 
 IMAGE_COLUMNS = ("image", "image_id", "file_name", "filename", "id", "name")
@@ -48,10 +52,13 @@ def _decode_utf8(data: bytes, path: Path) -> str:
 
 
 def _check_caption(value: Any, path: Path, where: str, key: str) -> str:
+    """A caption of any format, by the one rule of :mod:`llmvem.data.text` (no control character, at most
+    :data:`~llmvem.data.text.MAX_TEXT_CHARS` characters) and not blank."""
     if not isinstance(value, str):
-        raise DataValidationError(path, where, f"caption of {key!r} is {type(value).__name__}; expected a string")
+        raise DataValidationError(path, where, f"caption of {quote(key)} is {type(value).__name__}; expected a string")
+    check_text(value, path, where)
     if not value.strip():
-        raise DataValidationError(path, where, f"empty or whitespace caption for image {key!r}")
+        raise DataValidationError(path, where, f"empty or whitespace caption for image {quote(key)}")
     return value.strip()
 
 

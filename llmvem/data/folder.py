@@ -48,6 +48,7 @@ from llmvem.data.safe_load import (
     load_array,
     read_utf8_text,
 )
+from llmvem.data.text import check_text
 from llmvem.errors import DataValidationError, quote
 
 SPLIT_VALUES = ("train", "val", "test")
@@ -171,6 +172,7 @@ def _read_stimuli_csv(csv_path: Path, images_dir: Path, allow_symlinks: bool = F
                 raise DataValidationError(
                     csv_path, f"caption (line {line})", f"empty caption for image {img_id!r}; expected text "
                     "(leave out the row instead)")
+            check_text(caption, csv_path, f"caption (line {line})")  # the rule every caption file follows
             captions.setdefault(img_id, []).append(caption.strip())
     if not order:
         raise DataValidationError(csv_path, "image", "no rows; expected one row per image")

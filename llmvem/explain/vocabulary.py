@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from llmvem.data.text import check_text
 from llmvem.errors import DataValidationError
 
 __all__ = ["VOCABULARY_FILE", "caption_corpus", "category_phrases", "default_vocabulary", "read_vocabulary",
@@ -84,7 +85,8 @@ def read_vocabulary(path: str | Path) -> list[str]:
     Raises
     ------
     DataValidationError
-        Unreadable, not UTF-8, or no phrase in the file.
+        Unreadable, not UTF-8, a line with a control character or longer than the text limit (the rule of
+        :mod:`llmvem.data.text`, naming the line), or no phrase in the file.
     """
     path = Path(path)
     try:
@@ -95,7 +97,7 @@ def read_vocabulary(path: str | Path) -> list[str]:
         raise DataValidationError(path, "file", f"not UTF-8 text ({exc}); expected one phrase per line") from exc
     except OSError as exc:
         raise DataValidationError(path, "file", f"cannot be read ({exc})") from exc
-    phrases = [line.strip() for line in text.splitlines()]
+    phrases = [check_text(line, path, f"line {n}").strip() for n, line in enumerate(text.splitlines(), start=1)]
     phrases = list(dict.fromkeys(p for p in phrases if p and not p.startswith("#")))
     if not phrases:
         raise DataValidationError(path, "phrases", "the file holds no phrase; expected one phrase per line")
