@@ -261,6 +261,10 @@ class EvaluateConfig(_Section):
         False, description="with model.spatial_readout set: also train the λ = 0 model without the spatial readout "
         "(llmvem_lambda0_pooled) and report a model that takes, per voxel, the pooled or the spatial λ = 0 "
         "model's prediction, whichever has the higher validation r (per_voxel_choice; its val r is in-sample)")
+    variance_partition: bool = Field(False, description="image features and caption embeddings as two bands: "
+                                     "unique and shared test R² per voxel and ROI (llmvem.evaluate.partition)")
+    partition_layers: list[str] | None = Field(None, description="image band of the variance partition "
+                                               "(default backbone.layers)")
     models: list[ModelEntry] = Field(default_factory=list, description="the experiment's models (llmvem."
                                      "config_models); empty = ridge, λ = 0 and each λ > 0")
 

@@ -321,6 +321,14 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
         noise_ceiling = held_out_noise_ceiling(ds)[0]
         records, voxel, comparisons = _evaluate(ds, models, predictions, fitted, pairs, config.evaluate.bootstrap,
                                                 config.seed, noise_ceiling)
+    partition = None
+    if config.evaluate.variance_partition:  # image vs caption-embedding bands: unique and shared R² on test
+        from llmvem.evaluate.partition import VariancePartition
+
+        with timed_stage("variance partitioning (image features, caption embeddings)", "variance_partition",
+                         timing=timing, memory=memory, say=say):
+            partition = VariancePartition.from_config(config).fit_inputs(inputs).summary(inputs)
+            voxel.update({f"partition__{k}": v for k, v in partition.pop("voxels").items()})
     optional = {"noise_ceiling": noise_ceiling, "hemisphere": ds.hemisphere, "fsaverage_index": ds.fsaverage_index}
     with timed_stage("writing metrics and predictions", "write_outputs", timing=timing, memory=memory, say=say):
         np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel,
@@ -347,5 +355,7 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
         "timing": {"total_s": time.perf_counter() - t0, "stages": timing,
                    "peak_rss_bytes": memory, "process_peak_rss_bytes": peak_rss()},
     }
+    if partition is not None:
+        metrics["variance_partition"] = partition
     write_json(out_dir / "metrics.json", metrics)
     return ExperimentResult(metrics, predictions, fitted)

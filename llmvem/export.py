@@ -254,7 +254,9 @@ def result_rows(run: RunResults, subject: str, n_boot: int = 1000, seed: int = 0
     """The tidy per-ROI rows of one run: every model × ROI (and ``all voxels``) × hemisphere × metric.
 
     Metrics are ``r`` (mean Pearson r) and, with a noise ceiling, ``accuracy`` (mean noise-normalised accuracy,
-    percent); intervals are over test images (see :func:`llmvem.report.roi.roi_values`), empty when unknown.
+    percent); intervals are over test images (see :func:`llmvem.report.roi.roi_values`), empty when unknown. A run
+    with a variance partition adds model ``variance_partition`` rows (``unique_image_r2``, ``shared_r2``,
+    ``unique_language_r2`` per ROI, hemisphere ``both``).
     """
     metrics = ["r"] + (["accuracy"] if run.voxels is not None and run.voxels.accuracy else [])
     rows = []
@@ -262,6 +264,12 @@ def result_rows(run: RunResults, subject: str, n_boot: int = 1000, seed: int = 0
         rows.append({"model": v.model, "subject": subject, "roi": v.roi, "roi_class": v.roi_class,
                      "hemisphere": v.hemisphere, "metric": v.metric, "value": v.mean,
                      "ci_low": v.ci[0] if v.ci else math.nan, "ci_high": v.ci[1] if v.ci else math.nan})
+    classes = {roi: cls for cls, rois in (run.dataset.get("roi_classes") or {}).items() for roi in rois}
+    for roi, rec in (run.variance_partition or {}).items():  # evaluate.variance_partition: both hemispheres
+        for metric in ("unique_image_r2", "shared_r2", "unique_language_r2"):
+            rows.append({"model": "variance_partition", "subject": subject, "roi": "all voxels" if roi == "all"
+                         else roi, "roi_class": "all" if roi == "all" else classes.get(roi, ""), "hemisphere": "both",
+                         "metric": metric, "value": rec[metric], "ci_low": math.nan, "ci_high": math.nan})
     return rows
 
 

@@ -75,7 +75,8 @@ def tiny_config(path: Path, base_url: str, cache: Path) -> Path:
                         "device": "cpu", "batch_size": 32},
            "model": {"lambda_align": 0.5},
            "train": {"device": "cpu", "stage1": {"epochs": 2, "batch_size": 16}, "stage2": {"epochs": 0}},
-           "evaluate": {"bootstrap": 20, "ridge_folds": 3, "baselines": ["ridge"], "compare_lambdas": []},
+           "evaluate": {"bootstrap": 20, "ridge_folds": 3, "baselines": ["ridge"], "compare_lambdas": [],
+                        "variance_partition": True},
            "cache_dir": str(cache)}
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -160,6 +161,10 @@ def test_readme_real_data_route_computes_each_stage_once(tmp_path, monkeypatch, 
         metrics = json.loads((run1 / "metrics.json").read_text())
         models = list(metrics["models"])
         assert models == ["ridge", "llmvem_lambda0.5"] and len(metrics["dataset"]["roi_classes"]) == 6
+        partition = [r for r in rows if r["model"] == "variance_partition"]
+        assert {r["metric"] for r in partition} == {"unique_image_r2", "shared_r2", "unique_language_r2"}
+        assert {r["roi"] for r in partition} >= {"all voxels", "FFA-1"} and all(float(r["value"]) >= 0 for r in partition)
+        rows = [r for r in rows if r["model"] != "variance_partition"]
         keys = {(r["model"], r["subject"], r["roi"], r["hemisphere"], r["metric"]) for r in rows}
         assert len(keys) == len(rows)  # one row per model × subject × ROI × hemisphere × metric
         rois = {r["roi"] for r in rows}
@@ -175,7 +180,7 @@ def test_readme_real_data_route_computes_each_stage_once(tmp_path, monkeypatch, 
         store = f"captions.store={tmp_path / 'captions' / 'subj01'}.sqlite"
         assert main(["train", "--config", str(other), "--out", str(tmp_path / "runs" / "x"), "--no-progress",
                      "--set", f"data.spec={subjects[0]}", "--set", store]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("[llmvem]")]
         assert len(err) == 1 and "another configuration" in err[0] and "prompt" in err[0]
         assert srv.n_requests == n_requests  # stopped before captioning again
         assert not (tmp_path / "runs" / "x").exists()  # and left no half-made run folder

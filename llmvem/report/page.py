@@ -454,6 +454,30 @@ def _class_outlines(run: RunResults) -> dict[str, tuple[np.ndarray, np.ndarray]]
     return masks_to_fsaverage5({c: unions[c] for c in class_order(unions)}, vox.hemisphere, vox.fsaverage_index)
 
 
+def _section_partition(ctx: _Context) -> str:
+    out = []
+    for run in ctx.runs:
+        out.append(ctx.run_heading(run))
+        vp = run.variance_partition
+        if not vp:
+            out.append(_note("no variance partition: set evaluate.variance_partition: true (needs captions)"))
+            continue
+        rois = list(vp)
+        parts = [("unique_image_r2", "unique to image features"), ("shared_r2", "shared"),
+                 ("unique_language_r2", "unique to caption embeddings")]
+        series = [figures.BarSeries(label, [vp[r][key] for r in rois], [None] * len(rois)) for key, label in parts]
+        path = figures.plot_roi_bars([r.replace("_", "\n") for r in rois], series, ctx.fig_path("partition", run),
+                                     ylabel="test R² (mean over voxels)")
+        rows = [f'<tr><td class="text">{_e(r)}</td>' + "".join(f"<td>{_fmt(vp[r][k])}</td>" for k, _ in parts)
+                + f"<td>{_fmt(vp[r]['joint_r2'])}</td></tr>" for r in rois]
+        out.append(_figure(path, "variance partition", _e(
+            "Test R² of each ROI's voxels explained uniquely by the image features, uniquely by the caption "
+            "embeddings, and by both (shared), from a banded ridge on both and a ridge on each (llmvem.evaluate."
+            "partition; each R² floored at 0, the joint R² at least the larger single one, parts floored at 0).")))
+        out.append(_table(["ROI", *(label for _, label in parts), "joint R²"], rows, text_cols=1))
+    return "".join(out)
+
+
 def _section_config(ctx: _Context) -> str:
     out = []
     for run in ctx.runs:
@@ -492,6 +516,7 @@ _SECTIONS: list[tuple[str, str, Callable[[_Context], str]]] = [
     ("training", "Training curves", _section_training),
     ("gallery", "Caption gallery", _section_gallery),
     ("cortex", "Cortical map", _section_cortex),
+    ("partition", "Variance partition", _section_partition),
 ]
 
 

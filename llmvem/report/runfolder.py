@@ -201,6 +201,8 @@ class RunResults:
     lambda_curve: list[LambdaPoint] | None = None
     gallery: list[GalleryItem] | None = None
     extra_sections: list[ExtraSection] = field(default_factory=list)
+    #: ``metrics.json["variance_partition"]["per_roi"]``: {roi: {unique_image_r2, shared_r2, ...}}, or None.
+    variance_partition: dict[str, dict[str, float]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -307,7 +309,26 @@ def _parse_metrics(path: Path) -> dict[str, Any]:
         "comparisons": comparisons,
         "timing": _dict(data.get("timing", {}), path, "timing"),
         "captions_info": _dict(data.get("captions", {}), path, "captions"),
+        "variance_partition": _parse_partition(data.get("variance_partition"), path),
     }
+
+
+#: The per-ROI fields of ``metrics.json["variance_partition"]`` the report shows (R², each in [-1e3, 1]).
+PARTITION_FIELDS = ("unique_image_r2", "shared_r2", "unique_language_r2", "joint_r2", "image_r2", "language_r2")
+
+
+def _parse_partition(raw: Any, path: Path) -> dict[str, dict[str, float]] | None:
+    """``variance_partition.per_roi`` as {roi: {field: float}}; None when the run has none."""
+    if raw is None:
+        return None
+    per_roi = _dict(_dict(raw, path, "variance_partition").get("per_roi", {}), path, "variance_partition.per_roi")
+    out = {}
+    for roi, rec in per_roi.items():
+        check_name(roi, path, f"variance_partition.per_roi.{quote(roi)}")
+        rec = _dict(rec, path, f"variance_partition.per_roi.{roi}")
+        out[roi] = {k: bounded_number(rec.get(k), path, f"variance_partition.per_roi.{roi}.{k}", (-1e3, 1.0))
+                    for k in PARTITION_FIELDS}
+    return out
 
 
 def _parse_voxels(path: Path, models: dict[str, ModelResult]) -> VoxelMetrics:
@@ -541,4 +562,5 @@ def load_run(path: str | Path) -> RunResults:
         lambda_curve=_parse_lambda_curve(lam_path) if lam_path.is_file() else None,
         gallery=_parse_gallery(gallery_path, run) if gallery_path.is_file() else None,
         extra_sections=_parse_extra_sections(extra, run) if extra.is_dir() else [],
+        variance_partition=parsed["variance_partition"],
     )
