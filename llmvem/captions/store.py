@@ -9,7 +9,9 @@ they arrive, all captions of an image together. A crash, SIGKILL or Ctrl-C loses
 leaves half an image, and a rerun skips every image already stored (:meth:`CaptionStore.done_hashes`). Readers in
 other processes see a consistent snapshot while a caption job writes (WAL). ``synchronous=NORMAL`` survives any
 crash of the process; after a power cut the last few transactions may be lost (and are redone by a rerun), the file
-stays consistent.
+stays consistent. WAL needs every process on one host: a store opened for writing on a network file system (NFS,
+SMB, ...) gets a one-line warning (:mod:`llmvem.captions.filesystem`); several machines scale out through several
+servers behind one client.
 
 Example
 -------
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -31,9 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from llmvem.captions.filesystem import network_filesystem
 from llmvem.data.images import ImageCollection
 from llmvem.errors import DataValidationError, DiskFullError, is_disk_full
 from llmvem.utils import atomic_write, stable_hash
+
+log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "llmvem-caption-store"
 SCHEMA_VERSION = "1"
@@ -160,6 +166,11 @@ class CaptionStore:
             raise DataValidationError(self.path, "caption store", "file does not exist; run `llmvem caption` first")
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remote = network_filesystem(self.path.parent)
+            if remote is not None:  # WAL needs every process on one host (llmvem.captions.filesystem)
+                log.warning("%s: the caption store is on a network file system (%s); SQLite is safe for several "
+                            "processes on one machine only: do not share this store between machines (scale out "
+                            "with several servers behind one client: repeat --base-url)", self.path, remote)
         try:
             if readonly:
                 self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout_s,
