@@ -48,7 +48,8 @@ def test_v4_benchmark_is_the_package_path_on_a_tiny_subset(tmp_path, capsys):
     assert s["models"]["ridge_grid"]["details"]["chosen"] in s["models"]["ridge_grid"]["details"]["val_mean_r"]
     # pooled comparisons as the config declares them; the spatial network's over seeds × images
     assert set(res["pooled"]) == {"spatial_vs_ridge_grid", "spatial_vs_ridge_inputs", "spatial_vs_banded_inputs",
-                                  "spatial_blend_vs_spatial", "spatial_blend_vs_ridge_grid"}
+                                  "spatial_vs_spatial_start", "spatial_blend_vs_spatial",
+                                  "spatial_blend_vs_ridge_grid"}
     one = res["pooled"]["spatial_vs_ridge_inputs"]["one_network"]["pooled"]
     assert one["n_seeds"] == 2 and one["ci"][0] <= one["delta_mean_r"] <= one["ci"][1]
     assert "ensemble" in res["pooled"]["spatial_vs_ridge_inputs"]
