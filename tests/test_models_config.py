@@ -47,9 +47,10 @@ def test_models_config_builds_the_estimators_in_order():
 
 
 def test_declared_models_fit_save_choose_and_predict(tmp_path, monkeypatch):
+    from test_train_trainer import backbone
+
     import llmvem.inputs
     from llmvem.explain.predictions import predict_images, resolve_model_dir
-    from test_train_trainer import backbone
 
     # the run's backbone, as predict rebuilds it for the ridges, is the tiny test backbone (cache in tmp_path)
     monkeypatch.setattr(llmvem.inputs, "load_config_backbone", lambda cfg: backbone())
