@@ -1,27 +1,29 @@
-"""V4 learning curves: mean test r against the number of training images, for ridge, LLM-VEM λ = 0, λ > 0 and
-λ > 0 with the Flickr8k captioned-image stream (issue 14, item 4).
+"""V4 learning curves, a thin client of llmvem: mean test r against the number of training images, for ridge,
+LLM-VEM λ = 0, λ > 0 and λ > 0 with the Flickr8k captioned-image stream (issue 14, item 4).
 
 Data: V4 development sessions of Cowley et al. (2023) (``../shared/data/v4_cowley2023``; default 190925, 190927,
-190928), loaded and captioned exactly as ``bench/bench_v4.py`` does (its settings and helpers are imported: label
-captions → MiniLM, EfficientNet-Lite0 at 112 px, features cached). The validation (100) and test (200) images of
-each session are fixed; the training images are nested seeded subsets of the training split, n_train ∈ {50, 100,
-200, 400, all}. At every size, on the same images:
+190928). Every run is configured as a user would: the shipped ``v4_spatial`` config (label captions → MiniLM,
+EfficientNet-Lite0 at 112 px, the pooled readout layers block8/10/12) with ``data.spec=v4:ROOT:SESSION``, a shared
+trainable core (``CURVE_OVERRIDES``: stage 1 only, on cached features) and the ``--set`` overrides; its
+``evaluate.models`` are replaced by the curve's models, fitted by :func:`llmvem.pipeline.run_experiment` into one
+ordinary run folder per (session, size) (``--runs-dir``/SESSION/n_SIZE; ``llmvem report`` opens it). The
+validation and test images of each session are fixed; the training images are nested seeded subsets of the
+training split (:func:`llmvem.data.splits.train_subset`), n_train ∈ {50, 100, 200, 400, all}. At every size:
 
-* ``ridge`` — bench_v4's ridge: layer set chosen on validation by a ridge fitted on the n training images, then
-  refitted on those + validation (the pipeline's baseline convention: at n = 50 it sees 150 images);
-* ``ridge_train`` — the same layer set fitted on the n training images only (the networks' data);
-* ``lambda0`` — LLM-VEM, λ = 0, with a shared trainable core (``model.core=linear``), stage 1 on cached features,
-  readout on the ridge's layers;
-* ``aligned`` — the same network and core at λ > 0 (label captions of the brain images);
-* ``aligned_stream`` — ``aligned`` plus 1,000 Flickr8k images × 5 human captions without brain data
-  (``align_data.spec=../shared/data/flickr8k_1000``, weight 1), loaded by the user's path
-  (:class:`llmvem.estimators.LLMVEMEncoder` reads ``align_data`` from its config).
+* ``ridge`` — ridge on pooled layers, the layer set chosen on validation from train-only fits, then refitted on
+  train + validation (the package's baseline convention: at n = 50 it sees 150 images);
+* ``ridge_train`` — the same choice, fitted on the n training images only (the networks' data);
+* ``lambda0`` — LLM-VEM, λ = 0, with the shared core;
+* ``aligned`` — the same network at λ > 0 (label captions of the brain images);
+* ``aligned_stream`` — ``aligned`` plus the Flickr8k images × 5 human captions without brain data
+  (``align_data.spec=../shared/data/flickr8k_1000`` in the model's ``set``, weight 1).
 
-λ of each aligned model is chosen once, on validation at n = all (mean validation r over all neurons of all
-sessions), from ``--lambdas`` (default 0.3, 1, 3). Reported per (session, n, model): mean test r across neurons
-with a bootstrap 95% CI over test images (the same resamples for every model, so the intervals are paired), and
-each model minus λ = 0 (paired bootstrap); pooled over sessions: the mean over all neurons, test images resampled
-within each session.
+λ of each aligned model is chosen once, at n = all, from ``--lambdas`` (default 0.3, 1, 3) by the package's rule
+(:func:`llmvem.evaluate.selection.choose_model`) on the mean validation r over all neurons of all sessions. Reported
+per (session, n, model) and pooled over sessions (per n): mean test r over neurons with the 95% interval of a
+bootstrap over test images (:func:`llmvem.evaluate.pooled.runs_mean_ci`; test images resampled within each
+session) and each model minus λ = 0, paired (:func:`llmvem.evaluate.pooled.compare_runs`, with the Wilcoxon and
+sign tests over sessions).
 
 Usage::
 
@@ -29,35 +31,38 @@ Usage::
     python bench/bench_curves_v4.py --quick    # 1 session, n ∈ {100, all}, short training
     python bench/bench_curves_v4.py --smoke    # tiny (80 images, 40 stream images): the test's run
 
-Writes ``bench/results/curves_v4.json`` (``--out``) and a PNG plot beside it (mean r vs n, one line per model,
-CI bands), and prints the tables. Exits 0 with a message when the data are absent.
+Writes ``bench/results/curves_v4.json`` (``--out``; strict JSON with the provenance header) and a PNG plot beside
+it (mean r vs n, one line per model, CI bands), appends one line to ``bench/results/ledger.csv`` (``--ledger``: the
+test split is read) and prints the tables. Exits 0 with a message when the data are absent.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_v4  # noqa: E402  (the V4 benchmark's settings and helpers)
-
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FLICKR = ROOT.parent / "shared" / "data" / "flickr8k_1000"
+DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "curves_v4.json"
+LEDGER = ROOT / "bench" / "results" / "ledger.csv"
 DEFAULT_SESSIONS = ("190925", "190927", "190928")
 MODELS = ("ridge", "ridge_train", "lambda0", "aligned", "aligned_stream")
-LABELS = {"ridge": "ridge (frozen, train+val)", "ridge_train": "ridge (frozen, train only)", "lambda0": "LLM-VEM λ=0 (core)", "aligned": "LLM-VEM λ>0 (core)",
+ALIGNED = ("aligned", "aligned_stream")
+LABELS = {"ridge": "ridge (frozen, train+val)", "ridge_train": "ridge (frozen, train only)",
+          "lambda0": "LLM-VEM λ=0 (core)", "aligned": "LLM-VEM λ>0 (core)",
           "aligned_stream": "LLM-VEM λ>0 + Flickr8k stream"}
-#: On top of bench_v4's settings: the shared core that both λ = 0 and λ > 0 train, stage 1 only (cached features).
-CURVE_OVERRIDES = ["model.core=linear", "model.core_dim=128", "train.stage2.epochs=0"]
-SMOKE_OVERRIDES = ["train.stage1.epochs=3", "align_data.max_images=40"]
+#: Candidate pooled layer sets of both ridges (chosen on validation from train-only fits).
+RIDGE_LAYER_SETS = [["block8", "block10", "block12"], ["block10"], ["block8", "block12", "pooled"]]
+#: On top of ``v4_spatial``: the shared core that both λ = 0 and λ > 0 train, stage 1 only (cached features).
+CURVE_OVERRIDES = ["model.core=linear", "model.core_dim=128", "train.stage2.epochs=0",
+                   "evaluate.text_to_brain=false"]
+QUICK_OVERRIDES = ["train.stage1.epochs=15"]
+SMOKE_OVERRIDES = ["train.stage1.epochs=3"]
 #: Seed of the nested training subsets.
 SUBSET_SEED = 0
 
@@ -65,8 +70,8 @@ SUBSET_SEED = 0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=bench_v4.DEFAULT_DATA, help="V4 data folder (default: %(default)s)")
-    ap.add_argument("--flickr", type=Path, default=DEFAULT_FLICKR,
+    ap.add_argument("--data", type=Path, default=DATA / "v4_cowley2023", help="V4 data folder (default: %(default)s)")
+    ap.add_argument("--flickr", type=Path, default=DATA / "flickr8k_1000",
                     help="captioned images of the stream (default: %(default)s)")
     ap.add_argument("--sessions", nargs="+", default=None, help=f"session ids (default: {' '.join(DEFAULT_SESSIONS)})")
     ap.add_argument("--sizes", nargs="+", default=None,
@@ -76,49 +81,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 session, n ∈ {100, all}, λ ∈ {0.3, 3}, short training")
     mode.add_argument("--smoke", action="store_true", help="tiny run for the tests (80 images, 3 epochs)")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="keep only the first N images of each session (default: all; --smoke 80)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra config override KEY=VALUE (repeatable), applied last")
     ap.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 1000, --quick 200)")
-    ap.add_argument("--cache-dir", default="~/.cache/llmvem", help="captions / features cache (default: %(default)s)")
+    ap.add_argument("--cache-dir", default=None, help="captions / features cache (default: the config's)")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench_curves_v4",
+                    help="run folders, SESSION/n_SIZE (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG plot (default: the results path with .png)")
+    ap.add_argument("--ledger", type=Path, default=LEDGER, help="test-read ledger (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     return ap.parse_args(argv)
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Sessions, sizes, λ grid, bootstrap, image cap and config overrides of the chosen mode."""
+    """Sessions, sizes, λ grid, bootstrap, image caps and config overrides of the chosen mode."""
     if args.smoke:
         s = {"sessions": ["210325"], "sizes": ["10", "20", "all"], "lambdas": [1.0], "bootstrap": 50,
-             "max_images": 80, "overrides": SMOKE_OVERRIDES}
+             "max_images": 80, "stream_images": 40, "overrides": SMOKE_OVERRIDES}
     elif args.quick:
         s = {"sessions": [DEFAULT_SESSIONS[0]], "sizes": ["100", "all"], "lambdas": [0.3, 3.0], "bootstrap": 200,
-             "max_images": None, "overrides": []}
+             "max_images": None, "stream_images": None, "overrides": QUICK_OVERRIDES}
     else:
         s = {"sessions": list(DEFAULT_SESSIONS), "sizes": ["50", "100", "200", "400", "all"],
-             "lambdas": [0.3, 1.0, 3.0], "bootstrap": 1000, "max_images": None, "overrides": []}
-    for key in ("sessions", "sizes", "lambdas", "bootstrap"):
+             "lambdas": [0.3, 1.0, 3.0], "bootstrap": 1000, "max_images": None, "stream_images": None,
+             "overrides": []}
+    for key in ("sessions", "sizes", "lambdas", "bootstrap", "max_images"):
         if getattr(args, key) is not None:
             s[key] = [str(x) for x in getattr(args, key)] if key == "sizes" else getattr(args, key)
+    s["lambdas"] = [float(x) for x in s["lambdas"]]
     return s
 
 
-def bench_args(args: argparse.Namespace, settings: dict[str, Any]) -> argparse.Namespace:
-    """The arguments bench_v4's ``session_config`` reads (its ``--quick`` training for --quick and --smoke)."""
-    extra = [*CURVE_OVERRIDES, *settings["overrides"], f"align_data.spec={args.flickr}", *args.overrides]
-    return argparse.Namespace(data=args.data, quick=args.quick or args.smoke, stage2_epochs=None,
-                              cache_dir=args.cache_dir, lam=settings["lambdas"][0], overrides=extra)
+def session_config(args: argparse.Namespace, settings: dict[str, Any], session: str):
+    """``v4_spatial`` for one session with the curve's overrides (its ``evaluate.models`` emptied: the caller
+    declares the models of each run)."""
+    from llmvem.config import apply_overrides, load_config
 
-
-def plain_config(config):
-    """``config`` without the stream (the λ = 0 and captions-only models)."""
-    cfg = config.model_copy(deep=True)
-    cfg.align_data.spec = None
+    extra = [f"data.spec=v4:{args.data}:{session}", *([f"cache_dir={args.cache_dir}"] if args.cache_dir else [])]
+    cfg = apply_overrides(load_config("v4_spatial"), [*extra, *CURVE_OVERRIDES, *settings["overrides"],
+                                                      *args.overrides])
+    cfg.evaluate.models = []
+    cfg.evaluate.bootstrap = 0  # the intervals come from llmvem.evaluate.pooled, over the run folders
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------ sizes
+def model_entries(args: argparse.Namespace, settings: dict[str, Any], lambdas: dict[str, list[float]]):
+    """The ``evaluate.models`` of one run: both ridges, λ = 0, and each aligned model at each λ of
+    ``lambdas[kind]`` (named ``<kind>_lambda<λ>``)."""
+    from llmvem.config_models import ModelEntry
+
+    stream: dict[str, Any] = {"align_data.spec": str(args.flickr)}
+    if settings["stream_images"]:
+        stream["align_data.max_images"] = int(settings["stream_images"])
+    entries = [ModelEntry(name="ridge", kind="ridge", label=LABELS["ridge"], layer_sets=RIDGE_LAYER_SETS),
+               ModelEntry(name="ridge_train", kind="ridge", label=LABELS["ridge_train"], layer_sets=RIDGE_LAYER_SETS,
+                          fit_splits=["train"]),
+               ModelEntry(name="lambda0", kind="llmvem", label=LABELS["lambda0"], lambda_align=0.0)]
+    for kind in ALIGNED:
+        for lam in lambdas[kind]:
+            entries.append(ModelEntry(name=entry_name(kind, lam), kind="llmvem", label=f"{LABELS[kind]} λ={lam:g}",
+                                      lambda_align=lam, set=stream if kind == "aligned_stream" else {}))
+    return entries
+
+
+def entry_name(kind: str, lam: float) -> str:
+    return f"{kind}_lambda{lam:g}"
+
+
 def training_sizes(sizes: list[str], n_all: int) -> list[tuple[str, int]]:
     """(label, n_train) in increasing n: integers below ``n_all`` and ``"all"`` (= ``n_all``); larger ones are
     dropped (they would equal "all")."""
@@ -129,110 +162,70 @@ def training_sizes(sizes: list[str], n_all: int) -> list[tuple[str, int]]:
     return pairs
 
 
-def subset_inputs(inputs, n: int, seed: int = SUBSET_SEED):
-    """The prepared inputs with the first ``n`` training images of a seeded permutation (nested in n: a smaller
-    subset is a prefix of a larger one); validation and test unchanged, the alignment-stream memo shared."""
-    n_all = len(inputs.dataset.train)
-    if n >= n_all:
-        return inputs
-    idx = np.sort(np.random.default_rng(seed).permutation(n_all)[:n])
-    ds = inputs.dataset
-    dataset = replace(ds, splits={**ds.splits, "train": ds.train.subset(idx)})
-    return replace(inputs, dataset=dataset,
-                   captions={**inputs.captions, "train": [inputs.captions["train"][i] for i in idx]},
-                   text_embeddings={**inputs.text_embeddings, "train": inputs.text_embeddings["train"][idx]},
-                   features={**inputs.features, "train": {k: v[idx] for k, v in inputs.features["train"].items()}},
-                   align_streams=inputs.align_streams)
+def fit_run(config, entries, dataset, out: Path, progress: bool) -> dict[str, Any]:
+    """One run folder: ``entries`` fitted on ``dataset`` by the package's runner; returns its metrics.json."""
+    from llmvem.inputs import prepare_inputs
+    from llmvem.pipeline import extraction_config, run_experiment
+
+    config = config.model_copy(deep=True)
+    config.evaluate.models = entries
+    inputs = prepare_inputs(extraction_config(config), show_progress=progress, dataset=dataset)
+    return run_experiment(config, out, overwrite=True, show_progress=progress, report=False, inputs=inputs,
+                          on_stage=lambda m: print(f"[curves_v4] {out.parent.name}/{out.name}: {m}",
+                                               file=sys.stderr, flush=True))
 
 
-# ------------------------------------------------------------------------------------------------ models
-def fit_size(config, inputs, lam: dict[str, float], work: Path, layer_sets, show: bool,
-             extra: tuple[str, ...] = ()) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """Ridge, λ = 0 and the aligned models of one (session, n) through bench_v4's ``fit_models``.
+def choose_lambdas(metrics_all: dict[str, dict[str, Any]], lambdas: list[float]) -> tuple[dict, dict, dict]:
+    """λ of each aligned model: the package's selection rule on the mean validation r over all neurons of all
+    sessions at n = all (each session's validation mean r weighted by its neurons).
 
-    ``lam`` maps ``aligned`` / ``aligned_stream`` to their λ; ``extra`` adds the models of other λ,
-    named ``aligned@λ`` / ``aligned_stream@λ`` (the validation grid). Returns predictions per model and split, and
-    details (ridge layers, validation r per layer set, seconds).
+    Returns (chosen λ per kind, validation r per kind and λ, the rule's reason per kind).
     """
-    plain = plain_config(config)
-    preds, info = bench_v4.fit_models(plain, inputs, lam["aligned"], work / "base", layer_sets, show,
-                                      ("ridge", "lambda0_frozen", "lambda_frozen"), "ridge")
-    from llmvem.estimators import RidgeEncoder
+    from llmvem.evaluate.selection import choose_model
 
-    layers = info["ridge_layers"]
-    ridge_train = RidgeEncoder.from_config(plain, layers).set_params(fit_splits=("train",)).fit_inputs(inputs)
-    out = {"ridge": preds["ridge"], "ridge_train": ridge_train.predict_inputs(inputs),
-           "lambda0": preds["lambda0_frozen"], "aligned": preds["lambda_frozen"]}
-    jobs = [("aligned_stream", lam["aligned_stream"])] + [(e.split("@")[0], float(e.split("@")[1])) for e in extra]
-    names = ["aligned_stream", *extra]
-    for name, (kind, lam_m) in zip(names, jobs, strict=True):
-        cfg = (config if kind == "aligned_stream" else plain).model_copy(deep=True)
-        cfg.backbone.layers = list(layers)
-        p, i = bench_v4.fit_models(cfg, inputs, lam_m, work / name.replace("@", "_"), layer_sets, show,
-                                   ("lambda_frozen",), "config")
-        out[name] = p["lambda_frozen"]
-        info["seconds"][name] = i["seconds"]["lambda_frozen"]
-    return out, info
+    n = {sid: m["dataset"]["n_voxels"] for sid, m in metrics_all.items()}
+    chosen, scores, reasons = {}, {}, {}
+    for kind in ALIGNED:
+        records = {}
+        for lam in lambdas:
+            vals = [(m["models"][entry_name(kind, lam)]["val_mean_r"], n[sid]) for sid, m in metrics_all.items()]
+            ok = all(v is not None for v, _ in vals)
+            records[f"{lam:g}"] = {"kind": "llmvem", "lambda": lam, "val_in_fit": False,
+                                   "val_mean_r": sum(v * k for v, k in vals) / sum(k for _, k in vals) if ok else None}
+        sel = choose_model(records)
+        if sel.model is None:
+            raise RuntimeError(f"curves_v4: no λ of {kind} has a validation mean r ({sel.reason()})")
+        chosen[kind], reasons[kind] = float(sel.lam), sel.reason()
+        scores[kind] = {k: r["val_mean_r"] for k, r in records.items()}
+    return chosen, scores, reasons
 
 
-# -------------------------------------------------------------------------------------------- statistics
-def session_cell(y: np.ndarray, preds: dict[str, np.ndarray], n_boot: int) -> tuple[dict, dict]:
-    """Per model: mean test r and its bootstrap 95% CI (seed 0: the same resamples for every model); per aligned
-    model and ridge: the paired difference to λ = 0 (diff, CI, p)."""
-    from llmvem.evaluate.stats import bootstrap_ci, paired_bootstrap
+def cell_statistics(runs: list[Path], names: dict[str, str], n_boot: int) -> tuple[dict, dict]:
+    """Per model (``names``: curve model → model folder in the runs): mean test r over all neurons of ``runs`` with
+    its bootstrap 95% CI, and every model minus λ = 0 (paired; with the tests over sessions)."""
+    from llmvem.evaluate.pooled import compare_runs, runs_mean_ci
 
     models = {}
-    for name, p in preds.items():
-        r = bootstrap_ci(y, p, n_boot=n_boot, seed=0)["overall"]["r"]
-        models[name] = {"mean_r": r["mean"], "ci": [r["ci_low"], r["ci_high"]]}
+    for m in MODELS:
+        r = runs_mean_ci(runs, names[m], n_boot=n_boot, seed=0)
+        models[m] = {"mean_r": r["mean_r"], "ci": r["ci"], "n_neurons": r["n_voxels"]}
     vs = {}
-    for name in preds:
-        if name != "lambda0":
-            c = paired_bootstrap(y, preds["lambda0"], preds[name], n_boot=n_boot, seed=0)["overall"]
-            vs[name] = {"diff": c["r"]["diff"], "ci": [c["r"]["ci_low"], c["r"]["ci_high"]],
-                        "p": c["r"]["p_value"], "fraction_improved": c["fraction_improved"]}
+    for m in MODELS:
+        if m != "lambda0":
+            c = compare_runs(runs, names["lambda0"], names[m], n_boot=n_boot, seed=0)
+            p = c["pooled"]
+            vs[m] = {"diff": p["delta_mean_r"], "ci": p["ci"], "p": p["p"]}
+            if len(runs) > 1:
+                vs[m]["over_sessions"] = c["over_sessions"]
     return models, vs
-
-
-def pooled_mean_ci(per_session: list[tuple[np.ndarray, np.ndarray]], n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """Mean r over all neurons of all sessions with a bootstrap 95% CI (each session's test images resampled
-    independently; the draws of ``bench_v4.pooled_bootstrap`` with the same seed, so the intervals of all models
-    come from the same resamples)."""
-    from llmvem.evaluate.metrics import pearson_r
-
-    rng = np.random.default_rng(seed)
-    obs = np.concatenate([pearson_r(y, p) for y, p in per_session])
-    boots = np.zeros(n_boot)
-    for i in range(n_boot):
-        total = 0.0
-        for y, p in per_session:
-            idx = rng.integers(0, y.shape[0], y.shape[0])
-            total += float(np.nansum(pearson_r(y[idx], p[idx])))
-        boots[i] = total / obs.size
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"mean_r": float(np.nanmean(obs)), "ci": [float(lo), float(hi)], "n_neurons": int(obs.size)}
-
-
-def choose_lambda(val: dict[str, dict[float, list[tuple[np.ndarray, np.ndarray]]]]) -> tuple[dict, dict]:
-    """λ of each aligned model: the best mean validation r over all neurons of all sessions at n = all.
-
-    ``val[kind][λ]`` lists (validation responses, predictions) per session. Returns (chosen λ per kind,
-    validation r per kind and λ).
-    """
-    from llmvem.evaluate.metrics import pearson_r
-
-    scores = {kind: {lam: float(np.nanmean(np.concatenate([pearson_r(y, p) for y, p in pairs])))
-                     for lam, pairs in grid.items()} for kind, grid in val.items()}
-    chosen = {kind: max(s, key=lambda lam: s[lam]) for kind, s in scores.items()}
-    return chosen, {kind: {f"{lam:g}": v for lam, v in s.items()} for kind, s in scores.items()}
 
 
 # ------------------------------------------------------------------------------------------------ output
 def format_tables(results: dict[str, Any]) -> str:
-    """Mean test r [95% CI] per size and model, pooled then per session; Δ vs λ = 0 pooled."""
+    """Mean test r [95% CI] per size and model, pooled then per session; Δ vs λ = 0."""
     sizes = [c["size"] for c in results["pooled"]["sizes"]]
-    lines = [f"λ chosen on validation at n = all: aligned {results['settings']['lambda_chosen']['aligned']:g}, "
-             f"aligned_stream {results['settings']['lambda_chosen']['aligned_stream']:g}"]
+    ch = results["settings"]["lambda_chosen"]
+    lines = [f"λ chosen on validation at n = all: aligned {ch['aligned']:g}, aligned_stream {ch['aligned_stream']:g}"]
 
     def table(title: str, cells: list[dict[str, Any]], n_label: str) -> None:
         lines.append(f"\n{title}")
@@ -303,102 +296,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if not path.is_dir():
             print(f"bench_curves_v4: {what} {path} is absent; nothing to benchmark (use --data / --flickr)")
             return None
-    bench_v4.offline_runtime(args.progress, args.threads)
-    from llmvem.evaluate.metrics import pearson_r
-    from llmvem.inputs import load_config_dataset, prepare_inputs
+    from llmvem.provenance import append_ledger, bench_runtime, result_header, write_results
+
+    bench_runtime(args.progress, args.threads)
+    from llmvem.data.splits import first_images, train_subset
+    from llmvem.inputs import load_config_dataset
 
     settings = run_settings(args)
-    bargs = bench_args(args, settings)
-    layer_sets = bench_v4.QUICK_RIDGE_LAYER_SETS if bargs.quick else bench_v4.RIDGE_LAYER_SETS
-    n_boot, lambdas = settings["bootstrap"], [float(x) for x in settings["lambdas"]]
+    n_boot, lambdas = settings["bootstrap"], settings["lambdas"]
     t0 = time.perf_counter()
-    streams: dict[str, Any] = {}  # one stream load per layer set, shared by every session and size
-    per: dict[str, dict[str, Any]] = {}
-    val_grid: dict[str, dict[float, list]] = {"aligned": {}, "aligned_stream": {}}
-    with tempfile.TemporaryDirectory(prefix="llmvem_curves_v4_") as tmp:
-        # 1. inputs, sizes and the λ grid at n = all
-        for sid in settings["sessions"]:
-            print(f"[curves_v4] session {sid}: inputs and the λ grid at n = all ...", file=sys.stderr, flush=True)
+    # 1. n = all: every λ of the grid, one run per session; λ chosen on validation over all sessions
+    data: dict[str, Any] = {}
+    metrics_all: dict[str, dict[str, Any]] = {}
+    for sid in settings["sessions"]:
+        print(f"[curves_v4] session {sid}: n = all with the λ grid ...", file=sys.stderr, flush=True)
+        config = session_config(args, settings, sid)
+        ds = load_config_dataset(config)
+        if settings["max_images"]:
+            ds = first_images(ds, settings["max_images"])
+        data[sid] = (config, ds, training_sizes(settings["sizes"], len(ds.train)))
+        grid = model_entries(args, settings, {k: lambdas for k in ALIGNED})
+        metrics_all[sid] = fit_run(config, grid, ds, args.runs_dir / sid / "n_all", args.progress)
+    chosen, val_scores, reasons = choose_lambdas(metrics_all, lambdas)
+    print(f"[curves_v4] λ chosen on validation: {chosen}", file=sys.stderr, flush=True)
+    # 2. the smaller sizes at the chosen λ, on nested subsets of each session's training images
+    sessions: dict[str, Any] = {}
+    by_size: dict[str, dict[str, tuple[Path, int]]] = {}
+    for sid, (config, ds, sizes) in data.items():
+        cells = []
+        for label, n in sizes:
+            run = args.runs_dir / sid / f"n_{label}"
             t = time.perf_counter()
-            config = bench_v4.session_config(bargs, sid)
-            ds = load_config_dataset(config)
-            if settings["max_images"]:
-                ds = bench_v4.truncate_dataset(ds, settings["max_images"])
-            prep = plain_config(config)
-            prep.backbone.layers = list(bench_v4.CANDIDATE_LAYERS)  # one cached extraction for every layer set
-            inputs = replace(prepare_inputs(prep, show_progress=args.progress, dataset=ds), align_streams=streams)
-            sizes = training_sizes(settings["sizes"], len(ds.train))
-            lam0 = {"aligned": lambdas[0], "aligned_stream": lambdas[0]}
-            extra = tuple(f"{k}@{lam:g}" for lam in lambdas[1:] for k in ("aligned", "aligned_stream"))
-            preds, info = fit_size(config, inputs, lam0, Path(tmp) / sid / "all", layer_sets, args.progress, extra)
-            for kind in val_grid:
-                for lam in lambdas:
-                    name = kind if lam == lambdas[0] else f"{kind}@{lam:g}"
-                    val_grid[kind].setdefault(lam, []).append((ds.val.responses, preds[name]["val"]))
-            per[sid] = {"config": config, "inputs": inputs, "sizes": sizes, "all": (preds, info),
-                        "seconds": time.perf_counter() - t}
-        chosen, val_scores = choose_lambda(val_grid)
-        print(f"[curves_v4] λ chosen on validation: {chosen}", file=sys.stderr, flush=True)
-        # 2. the curves at the chosen λ
-        sessions: dict[str, Any] = {}
-        pooled_in: dict[str, dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
-        for sid, p in per.items():
-            ds = p["inputs"].dataset
-            cells = []
-            for label, n in p["sizes"]:
-                t = time.perf_counter()
-                if label == "all":
-                    preds_all, info = p["all"]
-                    preds = {m: preds_all[m] for m in ("ridge", "ridge_train", "lambda0")}
-                    for kind in ("aligned", "aligned_stream"):
-                        lam = chosen[kind]
-                        preds[kind] = preds_all[kind if lam == lambdas[0] else f"{kind}@{lam:g}"]
-                else:
-                    preds, info = fit_size(p["config"], subset_inputs(p["inputs"], n), chosen,
-                                           Path(tmp) / sid / label, layer_sets, args.progress)
-                test = {m: preds[m]["test"] for m in MODELS}
-                models, vs = session_cell(ds.test.responses, test, n_boot)
-                for m in MODELS:  # ridge is refitted on train + val: its score is ridge_train's (the layer choice's)
-                    models[m]["val_mean_r"] = float(np.nanmean(pearson_r(
-                        ds.val.responses, preds["ridge_train" if m == "ridge" else m]["val"])))
-                cells.append({"size": label, "n_train": n, "ridge_layers": info["ridge_layers"], "models": models,
-                              "vs_lambda0": vs, "seconds": time.perf_counter() - t if label != "all" else None})
-                pooled_in.setdefault(label, {})[sid] = (ds.test.responses, test)
-                print(f"[curves_v4] session {sid} n={n}: " + ", ".join(f"{m} {models[m]['mean_r']:.3f}"
-                                                                     for m in MODELS), file=sys.stderr, flush=True)
-            sessions[sid] = {"n_neurons": ds.n_voxels, "n_train_all": len(ds.train), "n_val": len(ds.val),
-                             "n_test": len(ds.test), "sizes": cells, "seconds_inputs": p["inputs"].timing,
-                             "seconds_lambda_grid": p["seconds"]}
+            if label == "all":
+                metrics, seconds = metrics_all[sid], None
+            else:
+                entries = model_entries(args, settings, {k: [chosen[k]] for k in ALIGNED})
+                metrics = fit_run(config, entries, train_subset(ds, n, seed=SUBSET_SEED), run, args.progress)
+                seconds = time.perf_counter() - t
+            names = {m: m if m not in ALIGNED else entry_name(m, chosen[m]) for m in MODELS}
+            models, vs = cell_statistics([run], names, n_boot)
+            for m in MODELS:
+                rec = metrics["models"][names[m]]
+                models[m] |= {"val_mean_r": rec.get("val_mean_r"), "val_in_fit": rec.get("val_in_fit", False)}
+            cells.append({"size": label, "n_train": metrics["dataset"]["n_train"], "run": str(run),
+                          "model_names": names, "ridge_details": metrics["models"]["ridge"].get("details"),
+                          "models": models, "vs_lambda0": vs, "seconds": seconds})
+            by_size.setdefault(label, {})[sid] = (run, metrics["dataset"]["n_train"])
+            print(f"[curves_v4] session {sid} n={n}: " + ", ".join(f"{m} {models[m]['mean_r']:.3f}" for m in MODELS),
+                  file=sys.stderr, flush=True)
+        d = metrics_all[sid]["dataset"]
+        sessions[sid] = {"n_neurons": d["n_voxels"], "n_train_all": d["n_train"], "n_val": d["n_val"],
+                         "n_test": d["n_test"], "sizes": cells}
     # 3. pooled over sessions (sizes every session has)
     pooled_sizes = []
-    for label, by_session in pooled_in.items():
-        if len(by_session) != len(sessions):
+    for label, runs in by_size.items():
+        if len(runs) != len(sessions):
             continue
-        models = {m: pooled_mean_ci([(y, t[m]) for y, t in by_session.values()], n_boot) for m in MODELS}
-        vs = {}
-        for m in MODELS:
-            if m != "lambda0":
-                b = bench_v4.pooled_bootstrap([(y, t["lambda0"], t[m]) for y, t in by_session.values()], n_boot, 0)
-                vs[m] = {"diff": b["diff"], "ci": [b["ci_low"], b["ci_high"]], "p": b["p_value"],
-                         "fraction_improved": b["fraction_improved"]}
-        n_train = {sid: next(c["n_train"] for c in sessions[sid]["sizes"] if c["size"] == label) for sid in by_session}
+        names = {m: m if m not in ALIGNED else entry_name(m, chosen[m]) for m in MODELS}
+        models, vs = cell_statistics([r for r, _ in runs.values()], names, n_boot)
+        n_train = {sid: n for sid, (_, n) in runs.items()}
         pooled_sizes.append({"size": label, "n_train": n_train, "n_train_mean": float(np.mean(list(n_train.values()))),
                              "models": models, "vs_lambda0": vs})
     pooled_sizes.sort(key=lambda c: c["n_train_mean"])
-    stream = next(iter(streams.values()), None)
+    config = data[settings["sessions"][0]][0]
+    stream = metrics_all[settings["sessions"][0]]["models"][entry_name("aligned_stream", chosen["aligned_stream"])]
     results = {
-        **bench_v4.result_header("curves_v4", "bench_curves_v4.py", argv),
-        "settings": {"sessions": settings["sessions"], "sizes": settings["sizes"], "lambda_grid": lambdas,
-                     "lambda_chosen": chosen, "lambda_val_r": val_scores, "bootstrap": n_boot,
-                     "max_images": settings["max_images"], "quick": args.quick, "smoke": args.smoke,
-                     "subset_seed": SUBSET_SEED, "models": {m: LABELS[m] for m in MODELS},
-                     "stream": stream.describe() if stream is not None else None,
-                     "overrides": [o for o in bench_v4.bench_overrides(bargs) if not o.startswith("cache_dir=")]},
+        **result_header("curves_v4", "bench/bench_curves_v4.py", argv, config=config, seeds=[config.seed]),
+        "settings": {"config": "v4_spatial", "sessions": settings["sessions"], "sizes": settings["sizes"],
+                     "lambda_grid": lambdas, "lambda_chosen": chosen, "lambda_val_r": val_scores,
+                     "lambda_reason": reasons, "bootstrap": n_boot, "max_images": settings["max_images"],
+                     "quick": args.quick, "smoke": args.smoke, "subset_seed": SUBSET_SEED,
+                     "models": {m: LABELS[m] for m in MODELS}, "ridge_layer_sets": RIDGE_LAYER_SETS,
+                     "readout_layers": list(config.backbone.layers),
+                     "stream": {"spec": str(args.flickr), **(stream.get("align_stream") or {})},
+                     "overrides": [*CURVE_OVERRIDES, *settings["overrides"], *args.overrides]},
         "sessions": sessions,
         "pooled": {"sizes": pooled_sizes},
         "seconds_total": time.perf_counter() - t0,
     }
-    bench_v4.write_results(args.out, results)
+    write_results(args.out, results)
+    append_ledger(args.ledger, "curves_v4", f"test: {', '.join(MODELS)} at n = {', '.join(by_size)} "
+                  f"(λ chosen on validation){' (smoke)' if args.smoke else ''} -> {args.out.name}",
+                  config=config, sessions=list(sessions))
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(results, plot_path)
     print(format_tables(results))

@@ -1,89 +1,126 @@
-"""92-image RSA benchmark: model RDMs vs human and monkey IT RDMs (Kriegeskorte et al. 2008).
+"""92-image RSA benchmark: model RDMs vs human and monkey IT RDMs (Kriegeskorte et al. 2008), a client of llmvem.
 
 Data: the 92 object images with human IT RDMs (4 subjects x 2 sessions, fMRI) and the monkey IT RDM (cell
 recordings) of Kriegeskorte et al. (2008, Neuron), as shipped in the rsatoolbox demos (MIT),
 ``../shared/data/kriegeskorte92`` (``--data``), read by :func:`llmvem.data.rdm_sets.load_kriegeskorte92`.
 
-Model RDMs (correlation distance, :func:`llmvem.evaluate.rsa.rdm`) of the 92 images from:
+**Main table.** Model RDMs (correlation distance, :func:`llmvem.evaluate.rsa.rdm`) of the 92 images from:
 
 * EfficientNet-Lite0 (ImageNet weights) blocks and the pooled embedding, at 224 px (its training size) and at
-  112 px (the size the V4 benchmark uses); at 224 px also each block's map pooled to 2×2 and 4×4 grids and the
-  full map (``block12@grid4``, ``block12@map``: :mod:`llmvem.embed.spatial`), whose RDMs keep where things are;
-* the caption text embeddings: offline ImageNet-label captioner → MiniLM (the captions LLM-VEM is aligned to
-  in the offline benchmarks);
-* LLM-VEM networks trained on a V4 session through the pipeline with the V4 benchmark's settings
-  (``bench/bench_v4.py``; session ``--v4-session``, default 210322): the aligned embedding (alignment-head
-  output) of the λ > 0 model with the backbone frozen and fine-tuned, and the pooled embedding of the fine-tuned
-  backbone for λ > 0 and for the λ = 0 control. The networks are applied to the 92 images at their input size.
+  112 px (the V4 stimuli's size); at 224 px also each block's map pooled to 2×2 and 4×4 grids and the full map
+  (``block12@grid4``, ``block12@map``: :mod:`llmvem.embed.spatial`), whose RDMs keep where things are;
+* the caption text embeddings: offline ImageNet-label captioner → MiniLM;
+* LLM-VEM networks trained on a V4 session (``--v4-session``, default 210322) with the shipped ``v4_spatial``
+  settings (its pooled readout; ``evaluate.models`` replaced by the three networks below), fitted by
+  :func:`llmvem.pipeline.run_experiment` into an ordinary run folder (``--runs-dir``) and loaded back from it
+  (:func:`llmvem.train.load.load_trained_model`): the aligned embedding (alignment-head output) of the λ > 0
+  model with the backbone frozen and fine-tuned, and the pooled embedding of the fine-tuned backbone for λ > 0
+  and for the λ = 0 control, applied to the 92 images at their input size.
 
 Each RDM is compared (Spearman r over the 4,186 upper-triangle dissimilarities, :func:`llmvem.evaluate.rsa.
-compare_rdms`) with the subject-averaged human IT RDM, with each subject's RDM (averaged over the two
-sessions) and with the monkey IT RDM. The leave-one-subject-out noise ceiling
-(:func:`llmvem.evaluate.rsa.leave_one_subject_out_ceiling`) bounds the per-subject mean.
+compare_rdms`) with the subject-averaged human IT RDM, each subject's RDM (averaged over the two sessions) and the
+monkey IT RDM; the leave-one-subject-out noise ceiling (:func:`~llmvem.evaluate.rsa.leave_one_subject_out_ceiling`)
+bounds the per-subject mean.
+
+**Aligned encoders** (``--alignment-mode``; JSON key ``alignment``), each row with 95% CIs of a bootstrap over the
+92 images (:func:`llmvem.evaluate.rsa.rsa_rows`; the same resamples for every row, so a row's Δ against its own
+backbone features is paired):
+
+* ``descriptions_minilm`` — MiniLM embeddings of the shipped descriptions (``bench/data/
+  kriegeskorte92_descriptions.csv``, written before any RSA result; see its README);
+* ``label_captions_minilm`` — the label captions → MiniLM (the main table's caption row);
+* ``backbone<size>_<layer>`` — frozen EfficientNet-Lite0 block12, block14 and pooled at 224 px (and 112 px);
+* ``flickr8k_aligned`` / ``_core`` — an encoder aligned on Flickr8k captions only, no brain data (a linear core
+  + alignment head on cached 224-px features, :func:`llmvem.train.train_alignment_model`; its epochs chosen on
+  held-out Flickr8k image → caption retrieval, :func:`llmvem.evaluate.retrieval.retrieval_top1`, never on RSA);
+  ``flickr8k_backbone`` — the standardised features it reads;
+* ``v4_lambda0`` (core output), ``v4_aligned`` / ``v4_aligned_flickr`` (aligned embedding; ``_core``: core
+  output) — LLM-VEM with one linear core trained on the V4 session (``v4_spatial`` settings, stage 1 on cached
+  features, one run folder) at λ = 0, λ = ``V4_LAMBDA`` on the label captions, and the same plus the Flickr8k
+  stream (``align_data.spec``); ``v4_backbone`` — the standardised features those networks read.
+
+The 92-image comparisons and the V4 networks' test r are test reads: each run appends one line to
+``bench/results/ledger.csv`` (``--ledger``).
 
 Usage::
 
-    python bench/bench_rsa92.py                     # 1-2 min with warm caches (trains 3 LLM-VEM models)
-    python bench/bench_rsa92.py --quick             # short training
-    python bench/bench_rsa92.py --no-llmvem         # backbone and caption RDMs only (< 1 min)
-    python bench/bench_rsa92.py --alignment-only    # only the aligned-encoder rows with bootstrap CIs
+    python bench/bench_rsa92.py                     # main table + aligned encoders (full)
+    python bench/bench_rsa92.py --quick             # short training, quick aligned-encoder rows
+    python bench/bench_rsa92.py --no-llmvem --alignment-mode off   # backbone and caption RDMs only (< 1 min)
+    python bench/bench_rsa92.py --alignment-only    # only the aligned-encoder rows
 
-The aligned-encoder rows (descriptions and label captions → MiniLM, backbone layers, an encoder aligned on
-Flickr8k captions only, LLM-VEM on V4 with and without the Flickr8k stream; :mod:`rsa92_alignment`) come with
-95% CIs of a bootstrap over the 92 images and are printed as a second table (JSON key ``alignment``).
-
-Writes ``bench/results/rsa92.json`` (``--out``) and prints the table. Exits 0 with a message when the data
-folder is absent.
+Writes ``bench/results/rsa92.json`` (``--out``; strict JSON with the provenance header) and prints the tables.
+Exits 0 with a message when the data folder is absent.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_v4  # noqa: E402  (the V4 benchmark's settings and helpers)
-import rsa92_alignment  # noqa: E402  (the rows of language-aligned encoders, bootstrap over images)
-
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kriegeskorte92"
+DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "rsa92.json"
+LEDGER = ROOT / "bench" / "results" / "ledger.csv"
+DESCRIPTIONS = ROOT / "bench" / "data" / "kriegeskorte92_descriptions.csv"
 BACKBONE_LAYERS = ["block2", "block5", "block8", "block10", "block12", "block14", "block15", "pooled"]
 BACKBONE_SIZES = (224, 112)
-# Spatial rows (224 px only): each block's map pooled to a 2×2 and a 4×4 grid, and the full map (no pooling).
+#: Spatial rows (224 px only): each block's map pooled to a 2×2 and a 4×4 grid, and the full map (no pooling).
 SPATIAL_LAYERS = [f"{b}@{mode}" for b in ("block2", "block5", "block8", "block10", "block12", "block14", "block15")
                   for mode in ("grid2", "grid4", "map")]
+#: Layers of the aligned-encoder rows and of the Flickr8k-aligned encoder (EfficientNet-Lite0 at 224 px).
+ALIGN_LAYERS = ("block12", "block14", "pooled")
+#: λ of the aligned V4 networks of the aligned-encoder rows (fixed, not tuned).
+V4_LAMBDA = 1.0
+#: ``--quick``: short training of the main table's networks (a code-path check, not a figure).
+QUICK_OVERRIDES = ["train.stage1.epochs=15", "train.stage2.epochs=1", "train.stage2.unfreeze_last_n=1"]
+#: The shared linear core of the aligned-encoder rows' V4 networks (stage 1 only, on the CPU, reproducible).
+V4_CORE_OVERRIDES = ["model.core=linear", "model.core_dim=128", "model.core_dropout=0.1", "train.stage2.epochs=0",
+                     "train.device=cpu", "train.precision=fp32", "backbone.device=cpu", "text.device=cpu",
+                     "train.checkpoint_every=100000"]
+#: Sizes of the aligned-encoder rows: bootstrap resamples, backbone sizes, Flickr8k images / candidate epochs
+#: (chosen on held-out Flickr8k retrieval), V4 images / epochs.
+MODES: dict[str, dict[str, Any]] = {
+    "full": {"n_boot": 1000, "sizes": (224, 112), "flickr_images": None, "flickr_epochs": (5, 10, 20, 40),
+             "v4_images": None, "v4_epochs": 60},
+    "quick": {"n_boot": 200, "sizes": (224,), "flickr_images": 300, "flickr_epochs": (10, 20), "v4_images": 400,
+              "v4_epochs": 15},
+    "smoke": {"n_boot": 50, "sizes": (224,), "flickr_images": 40, "flickr_epochs": (1, 2), "v4_images": 60,
+              "v4_epochs": 2},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Kriegeskorte 92 folder (default: %(default)s)")
-    ap.add_argument("--v4-data", type=Path, default=bench_v4.DEFAULT_DATA,
+    ap.add_argument("--data", type=Path, default=DATA / "kriegeskorte92", help="Kriegeskorte 92 folder (default: "
+                    "%(default)s)")
+    ap.add_argument("--v4-data", type=Path, default=DATA / "v4_cowley2023",
                     help="V4 data folder for training the LLM-VEM models (default: %(default)s)")
     ap.add_argument("--v4-session", default="210322", help="V4 session the LLM-VEM models are trained on")
     ap.add_argument("--lambda", dest="lam", type=float, default=0.1, help="λ of the aligned model (default 0.1)")
-    ap.add_argument("--stage2-epochs", type=int, default=None, help="fine-tuning epochs (default: bench_v4's)")
-    ap.add_argument("--quick", action="store_true", help="short training (bench_v4 --quick settings)")
+    ap.add_argument("--quick", action="store_true", help="short training, quick aligned-encoder rows")
     ap.add_argument("--max-images", type=int, default=None, help="train on the first N images of the V4 session")
-    ap.add_argument("--no-llmvem", action="store_true", help="skip the LLM-VEM models (no V4 data needed)")
+    ap.add_argument("--no-llmvem", action="store_true", help="skip the main table's LLM-VEM networks")
     ap.add_argument("--alignment-mode", choices=("full", "quick", "smoke", "off"), default=None,
-                    help="rows of language-aligned encoders with a bootstrap over images (bench/rsa92_alignment.py):"
-                         " sizes of that run (default: full, or quick with --quick)")
-    ap.add_argument("--alignment-only", action="store_true", help="only the aligned-encoder rows (a few minutes)")
-    ap.add_argument("--flickr", type=Path, default=rsa92_alignment.DATA / "flickr8k_1000",
+                    help="sizes of the aligned-encoder rows (default: full, or quick with --quick)")
+    ap.add_argument("--alignment-only", action="store_true", help="only the aligned-encoder rows")
+    ap.add_argument("--flickr", type=Path, default=DATA / "flickr8k_1000",
                     help="Flickr8k folder of the Flickr8k-aligned rows (default: %(default)s)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override KEY=VALUE")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override KEY=VALUE of the main table's networks (repeatable)")
     ap.add_argument("--cache-dir", default="~/.cache/llmvem", help="captions / features cache (default: %(default)s)")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench_rsa92",
+                    help="run folders of the V4 networks (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    ap.add_argument("--ledger", type=Path, default=LEDGER, help="test-read ledger (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     return ap.parse_args(argv)
@@ -94,19 +131,36 @@ def alignment_mode(args: argparse.Namespace) -> str:
     return args.alignment_mode or ("quick" if args.quick else "full")
 
 
-def v4_args(args: argparse.Namespace) -> argparse.Namespace:
-    """bench_v4's arguments matching this run (same settings, cache and overrides)."""
-    argv = ["--data", str(args.v4_data), "--sessions", args.v4_session, "--lambda", str(args.lam),
-            "--cache-dir", args.cache_dir]
-    if args.quick:
-        argv.append("--quick")
-    if args.stage2_epochs is not None:
-        argv += ["--stage2-epochs", str(args.stage2_epochs)]
-    if args.max_images:
-        argv += ["--max-images", str(args.max_images)]
-    for o in args.overrides:
-        argv += ["--set", o]
-    return bench_v4.parse_args(argv)
+def v4_config(v4_data: Path, session: str, cache_dir: str | Path, overrides: list[str]):
+    """The shipped ``v4_spatial`` settings for one session (``evaluate.models`` emptied; the caller declares its
+    networks), with ``overrides`` applied last."""
+    from llmvem.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config("v4_spatial"), [f"data.spec=v4:{v4_data}:{session}", f"cache_dir={cache_dir}",
+                                                      "evaluate.text_to_brain=false", *overrides])
+    cfg.evaluate.models = []
+    return cfg
+
+
+def run_networks(config, entries: list, out: Path, max_images: int | None, progress: bool):
+    """Fit ``entries`` (``evaluate.models`` of LLM-VEM networks) on the V4 session through the package's runner,
+    into the run folder ``out``: (metrics.json, the prepared inputs, {name: trained network})."""
+    from llmvem.data.splits import first_images
+    from llmvem.inputs import load_config_dataset, prepare_inputs
+    from llmvem.pipeline import extraction_config, run_experiment
+    from llmvem.train.load import load_trained_model
+
+    config = config.model_copy(deep=True)
+    config.evaluate.models = entries
+    config.evaluate.bootstrap = 0  # no comparisons are declared: the 92-image rows are what this run is for
+    ds = load_config_dataset(config)
+    if max_images:
+        ds = first_images(ds, max_images)
+    inputs = prepare_inputs(extraction_config(config), show_progress=progress, dataset=ds)
+    metrics = run_experiment(config, out, overwrite=True, show_progress=progress, report=False, inputs=inputs,
+                             on_stage=lambda m: print(f"[bench_rsa92] {out.name}: {m}", file=sys.stderr, flush=True))
+    nets = {e.name: load_trained_model(out / "models" / e.name, backbone=inputs.backbone).network_ for e in entries}
+    return metrics, inputs, nets
 
 
 # ------------------------------------------------------------------------------------------ representations
@@ -117,8 +171,7 @@ def backbone_patterns(images, size: int, layers: list[str] = BACKBONE_LAYERS) ->
     from llmvem.embed.image import load_backbone
 
     backbone = load_backbone("efficientnet_lite0", image_size=size)
-    feats = extract_features(images, backbone, layers=layers, cache=None, batch_size=32,
-                             show_progress=False)
+    feats = extract_features(images, backbone, layers=layers, cache=None, batch_size=32, show_progress=False)
     return {f"EfficientNet-Lite0@{size} {layer}": np.asarray(v, dtype=np.float64) for layer, v in feats.items()}
 
 
@@ -126,10 +179,10 @@ def caption_patterns(config, images) -> tuple[dict[str, np.ndarray], list[list[s
     """Caption text embeddings of the images (the config's captioner and text encoder, both cached)."""
     from llmvem.captions.run import run_captioning
     from llmvem.captions.store import CaptionStore
-    from llmvem.inputs import build_captioner, cache_root, embed_captions
+    from llmvem.inputs import build_captioner, caption_store_path, embed_captions
 
     captioner = build_captioner(config, None)
-    with CaptionStore(cache_root(config) / "captions.sqlite") as store:
+    with CaptionStore(caption_store_path(config)) as store:
         summary = run_captioning(images, captioner, store, show_progress=False, raise_on_failure=True)
         captions = store.get_for(images, summary.config_hash)
     emb = embed_captions(config, {"k92": captions}, show_progress=False)["k92"]
@@ -137,73 +190,243 @@ def caption_patterns(config, images) -> tuple[dict[str, np.ndarray], list[list[s
     return {name: np.asarray(emb, dtype=np.float64)}, captions
 
 
-def llmvem_patterns(args: argparse.Namespace, images_uint8: np.ndarray, work: Path
-                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Train the LLM-VEM models on the V4 session and apply them to the 92 images.
+def llmvem_patterns(args: argparse.Namespace, images_uint8: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """Train the main table's networks on the V4 session (one run folder) and apply them to the 92 images.
 
     Returns
     -------
     patterns : dict of row name to array of shape (92, dim)
     info : dict
-        Session, settings and each model's validation / test mean r on V4.
+        Session, run folder, readout layers and each network's validation / test mean r on V4.
     """
     import torch
 
-    from llmvem.inputs import load_config_dataset, prepare_inputs
-    from llmvem.train import train_encoding_model
+    from llmvem.config_models import ModelEntry
 
-    vargs = v4_args(args)
-    config = bench_v4.session_config(vargs, args.v4_session)
-    ds = load_config_dataset(config)
-    if vargs.max_images:
-        ds = bench_v4.truncate_dataset(ds, vargs.max_images)
-    prep = config.model_copy(deep=True)
-    prep.backbone.layers = list(bench_v4.CANDIDATE_LAYERS)
-    inputs = prepare_inputs(prep, show_progress=args.progress, dataset=ds)
-    layers = list(config.backbone.layers)
-    if vargs.llmvem_layers == "ridge":  # as in bench_v4: the ridge baseline's validation choice of layers
-        sets = bench_v4.QUICK_RIDGE_LAYER_SETS if vargs.quick else bench_v4.RIDGE_LAYER_SETS
-        layers = list(bench_v4.select_ridge_layers(config, inputs, sets)[0])
+    config = v4_config(args.v4_data, args.v4_session, args.cache_dir,
+                       [*(QUICK_OVERRIDES if args.quick else []), *args.overrides])
+    finetune = config.train.stage2.epochs > 0
+    entries = [ModelEntry(name="aligned_frozen", kind="llmvem", lambda_align=args.lam,
+                          set={"train.stage2.epochs": 0})]
+    if finetune:
+        entries += [ModelEntry(name="aligned_finetuned", kind="llmvem", lambda_align=args.lam),
+                    ModelEntry(name="lambda0_finetuned", kind="llmvem", lambda_align=0.0)]
+    out = args.runs_dir / f"{args.v4_session}_encoders"
+    metrics, inputs, nets = run_networks(config, entries, out, args.max_images, args.progress)
     x = torch.from_numpy(images_uint8)
-    epochs2 = config.train.stage2.epochs
-    variants = [("frozen", args.lam, 0), ("finetuned", args.lam, epochs2), ("finetuned", 0.0, epochs2)]
     patterns: dict[str, np.ndarray] = {}
-    info: dict[str, Any] = {"v4_session": args.v4_session, "n_train": len(ds.train), "readout_layers": layers,
-                            "models": {}}
-    for kind, lam, stage2 in variants:
-        if kind == "finetuned" and stage2 == 0:
-            continue
-        cfg = config.model_copy(deep=True)
-        cfg.model.lambda_align = lam
-        cfg.train.stage2.epochs = stage2
-        cfg.backbone.layers = layers
-        backbone = copy.deepcopy(inputs.backbone) if stage2 > 0 else inputs.backbone
-        name = f"LLM-VEM λ={lam:g} {kind}"
-        t = time.perf_counter()
-        result = train_encoding_model(cfg, ds, text_embeddings=inputs.text_embeddings if lam > 0 else None,
-                                      backbone=backbone, features=inputs.features, out_dir=work / name.replace(" ", "_"),
-                                      show_progress=args.progress)
-        net = result.network.eval()
+    info: dict[str, Any] = {"v4_session": args.v4_session, "run": str(out), "n_train": metrics["dataset"]["n_train"],
+                            "readout_layers": list(config.backbone.layers), "models": {},
+                            "image_size": int(inputs.backbone.image_size)}
+    for e in entries:
+        lam, tuned = float(e.lambda_align), e.name.endswith("finetuned")
+        name = f"LLM-VEM λ={lam:g} {'finetuned' if tuned else 'frozen'}"
+        net = nets[e.name].eval()
         with torch.no_grad():
-            out = net(images=x.to(next(net.parameters()).device), with_embedding=lam > 0)
+            res = net(images=x.to(next(net.parameters()).device), with_embedding=lam > 0)
             pooled = net.backbone_features(x, ["pooled"])["pooled"]
         if lam > 0:
-            patterns[f"{name}: aligned embedding"] = out.embedding.float().cpu().numpy().astype(np.float64)
-        if stage2 > 0:
+            patterns[f"{name}: aligned embedding"] = res.embedding.float().cpu().numpy().astype(np.float64)
+        if tuned:
             patterns[f"{name}: pooled"] = pooled.float().cpu().numpy().astype(np.float64)
-        info["models"][name] = {"v4_val_mean_r": result.metrics["val_mean_r"],
-                                "v4_test_mean_r": result.metrics.get("test_mean_r"),
-                                "seconds": time.perf_counter() - t}
-    info["image_size"] = int(inputs.backbone.image_size)
+        m = metrics["models"][e.name]
+        info["models"][name] = {"v4_val_mean_r": m["val_mean_r"], "v4_test_mean_r": m["mean_r"],
+                                "seconds": metrics["timing"]["stages"].get(e.name)}
     return patterns, info
+
+
+# ---------------------------------------------------------------------------------- aligned-encoder rows
+def text_config(cache_dir: Path | str, *overrides: str):
+    """A RunConfig with the label captioner, the bundled MiniLM, EfficientNet-Lite0 on the CPU and ``cache_dir``."""
+    from llmvem.config import apply_overrides, load_config
+
+    return apply_overrides(load_config("demo"), [
+        "captions.backend=labels", "text.encoder=minilm", "backbone.name=efficientnet_lite0", "backbone.device=cpu",
+        "text.device=cpu", "train.device=cpu", "train.precision=fp32", f"cache_dir={cache_dir}", *overrides])
+
+
+def description_patterns(config: Any, ids: list[str], path: Path = DESCRIPTIONS) -> np.ndarray:
+    """MiniLM embeddings (the config's text encoder) of the shipped descriptions, in ``ids`` order: (92, dim)."""
+    from llmvem.captions.existing import read_caption_file
+    from llmvem.errors import DataValidationError
+    from llmvem.inputs import embed_captions
+
+    table = read_caption_file(path)
+    missing = [i for i in ids if i not in table]
+    if missing:
+        raise DataValidationError(path, "image", f"no description of {missing[:5]}; expected one per image id")
+    emb = embed_captions(config, {"k92": [table[i] for i in ids]}, show_progress=False)["k92"]
+    return np.asarray(emb, dtype=np.float64)
+
+
+def network_patterns(network: Any, features: Mapping[str, np.ndarray], prefix: str, embedding: bool = True
+                     ) -> dict[str, np.ndarray]:
+    """Rows of a trained network applied to features of the 92 images (eval mode): ``prefix`` → aligned embedding
+    (head output; with ``embedding``), ``prefix_core`` → core output (``prefix`` itself when not ``embedding``)
+    and ``"input"`` → the standardised features the core reads."""
+    import torch
+
+    net = network.cpu().eval()
+    feats = {k: torch.as_tensor(np.asarray(features[k]), dtype=torch.float32) for k in net.layers}
+    with torch.no_grad():
+        out = net(features=feats, with_embedding=embedding, with_voxels=False)
+        x = net.concat(feats)
+        if net.standardize_features:
+            x = (x - net.feature_mean) / net.feature_std
+    rows = {"input": x.double().numpy()}
+    if embedding:
+        rows[prefix] = out.embedding.double().numpy()
+    rows[f"{prefix}_core" if embedding else prefix] = out.readout_input.double().numpy()
+    return rows
+
+
+def flickr_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, k92: Mapping[str, np.ndarray], flickr: Path,
+                    seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train the Flickr8k-only aligned encoder and apply it to the 92 images, whose 224 px features of
+    ``ALIGN_LAYERS`` are ``k92`` (layer → (92, d_layer)).
+
+    A captions-only run has no brain data to validate on, so the number of epochs is chosen on held-out captioned
+    images: the encoder is trained on the first 90% of the Flickr8k images for each of ``mode["flickr_epochs"]``
+    and the one with the best image → caption top-1 retrieval among the last 10% is kept.
+    """
+    from llmvem.config import apply_overrides
+    from llmvem.evaluate.retrieval import retrieval_top1
+    from llmvem.inputs import load_config_backbone
+    from llmvem.train import train_alignment_model
+    from llmvem.train.stream import CaptionStream, load_align_stream
+
+    t = time.perf_counter()
+    cfg = text_config(cache_dir, "backbone.image_size=224", f"backbone.layers=[{','.join(ALIGN_LAYERS)}]",
+                      "model.core=linear", "model.core_dim=256", "model.core_dropout=0.1", "model.feature_dropout=0.1",
+                      "model.lambda_align=1", "train.stage1.batch_size=128", "train.stage1.lr=0.001",
+                      "train.stage2.epochs=0", "train.checkpoint_every=100000", f"align_data.spec={flickr}",
+                      f"seed={seed}", *([f"align_data.max_images={mode['flickr_images']}"] if mode["flickr_images"]
+                                        else []))
+    stream = load_align_stream(cfg, load_config_backbone(cfg), show_progress=False)
+    assert stream is not None and stream.features is not None
+    n = len(stream.images)
+    n_fit = n - max(4, n // 10)
+    ids = None if stream.text_ids is None else stream.text_ids[:n_fit]
+    fit = CaptionStream(stream.images.subset(np.arange(n_fit)), stream.text_embeddings[:n_fit],
+                        {k: np.asarray(v)[:n_fit] for k, v in stream.features.items()}, weight=stream.weight,
+                        text_ids=ids)
+    held = {k: np.asarray(v)[n_fit:] for k, v in stream.features.items()}
+    val_top1: dict[str, float] = {}
+    best: tuple[float, int, Any] | None = None
+    for epochs in mode["flickr_epochs"]:
+        net = train_alignment_model(apply_overrides(cfg, [f"train.stage1.epochs={epochs}"]), fit,
+                                    out_dir=work / f"flickr8k_aligned_e{epochs}", show_progress=False)
+        val_top1[str(epochs)] = top1 = retrieval_top1(net.cpu().eval(), held, stream.text_embeddings[n_fit:])
+        if best is None or top1 > best[0]:
+            best = (top1, epochs, net)
+    assert best is not None
+    rows = network_patterns(best[2], k92, "flickr8k_aligned")
+    rows["flickr8k_backbone"] = rows.pop("input")
+    return rows, {"n_images": n_fit, "n_heldout": n - n_fit, "layers": list(ALIGN_LAYERS), "image_size": 224,
+                  "epochs": best[1], "heldout_top1": val_top1, "chance_top1": 1.0 / (n - n_fit), "core": "linear",
+                  "core_dim": 256, "seconds": time.perf_counter() - t}
+
+
+def v4_patterns(mode: dict[str, Any], args: argparse.Namespace, images: Any, seed: int
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train LLM-VEM with one linear core on the V4 session (λ = 0, λ > 0, λ > 0 + Flickr8k stream; one run
+    folder) and apply the three networks to the 92 images."""
+    from llmvem.config_models import ModelEntry
+    from llmvem.embed.cache import extract_features
+
+    t = time.perf_counter()
+    config = v4_config(args.v4_data, args.v4_session, args.cache_dir,
+                       [*V4_CORE_OVERRIDES, f"train.stage1.epochs={mode['v4_epochs']}", f"seed={seed}"])
+    stream = {"align_data.spec": str(args.flickr)}
+    if mode["flickr_images"]:
+        stream["align_data.max_images"] = mode["flickr_images"]
+    entries = [ModelEntry(name="v4_lambda0", kind="llmvem", lambda_align=0.0),
+               ModelEntry(name="v4_aligned", kind="llmvem", lambda_align=V4_LAMBDA),
+               ModelEntry(name="v4_aligned_flickr", kind="llmvem", lambda_align=V4_LAMBDA, set=stream)]
+    out = args.runs_dir / f"{args.v4_session}_alignment_{mode['name']}"
+    metrics, inputs, nets = run_networks(config, entries, out, mode["v4_images"], False)
+    layers = list(config.backbone.layers)
+    k92 = extract_features(images, inputs.backbone, layers=layers, cache=None, batch_size=32, show_progress=False)
+    rows: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {"session": args.v4_session, "run": str(out), "n_train": metrics["dataset"]["n_train"],
+                            "layers": layers, "image_size": int(inputs.backbone.image_size), "lambda": V4_LAMBDA,
+                            "core": "linear", "core_dim": 128, "epochs": mode["v4_epochs"], "models": {}}
+    for e in entries:
+        got = network_patterns(nets[e.name], k92, e.name, embedding=float(e.lambda_align) > 0)
+        rows["v4_backbone"] = got.pop("input")  # the same standardised features for the three (same V4 train rows)
+        rows.update(got)
+        m = metrics["models"][e.name]
+        info["models"][e.name] = {"v4_val_mean_r": m["val_mean_r"], "v4_test_mean_r": m["mean_r"]}
+    info["n_flickr_images"] = (metrics["models"]["v4_aligned_flickr"].get("align_stream") or {}).get("n_images")
+    info["seconds"] = time.perf_counter() - t
+    return rows, info
+
+
+def alignment_rows(mode_name: str, args: argparse.Namespace, work: Path, seed: int = 0,
+                   precomputed: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Every aligned-encoder row (those whose data exist), scored with the bootstrap over images.
+
+    ``precomputed`` rows (``backbone224_block12``, ``label_captions_minilm``...: the main table computes the same
+    patterns) are used as given instead of being computed again.
+
+    Returns
+    -------
+    dict
+        ``{"rows": {row: {...}}, "settings": {...}}``; rows whose data folder (Flickr8k, V4) is absent are listed
+        under ``settings["skipped"]``.
+    """
+    from llmvem.data.rdm_sets import load_kriegeskorte92
+    from llmvem.evaluate.rsa import rsa_rows
+
+    mode = {"name": mode_name, **MODES[mode_name]}
+    cache_dir = Path(args.cache_dir).expanduser()
+    t0 = time.perf_counter()
+    rset = load_kriegeskorte92(args.data)
+    images = rset.images
+    cfg = text_config(cache_dir)
+    given = dict(precomputed or {})
+    patterns: dict[str, np.ndarray] = {"descriptions_minilm": description_patterns(cfg, list(images.ids))}
+    patterns["label_captions_minilm"] = given["label_captions_minilm"] if "label_captions_minilm" in given else \
+        next(iter(caption_patterns(cfg, images)[0].values()))
+    for size in mode["sizes"]:
+        names = [f"backbone{size}_{layer}" for layer in ALIGN_LAYERS]
+        if all(n in given for n in names):
+            patterns.update({n: given[n] for n in names})
+            continue
+        feats = backbone_patterns(images, size, list(ALIGN_LAYERS))
+        patterns.update({f"backbone{size}_{k.split()[-1]}": v for k, v in feats.items()})
+    baselines: dict[str, str] = {}
+    settings: dict[str, Any] = {**mode, "seed": seed, "skipped": []}
+    if args.flickr.is_dir():
+        k224 = {layer: patterns[f"backbone224_{layer}"] for layer in ALIGN_LAYERS}
+        rows, settings["flickr8k"] = flickr_patterns(mode, cache_dir, work, k224, args.flickr, seed)
+        patterns.update(rows)
+        baselines.update(flickr8k_aligned="flickr8k_backbone", flickr8k_aligned_core="flickr8k_backbone")
+    else:
+        settings["skipped"].append(f"flickr8k rows: {args.flickr} is absent")
+    if args.v4_data.is_dir() and args.flickr.is_dir():
+        rows, settings["v4"] = v4_patterns(mode, args, images, seed)
+        patterns.update(rows)
+        baselines.update({k: "v4_backbone" for k in rows if k != "v4_backbone"})
+    else:
+        settings["skipped"].append(f"v4 rows: {args.v4_data} or {args.flickr} is absent")
+    for note in settings["skipped"]:
+        print(f"bench_rsa92: {note}", file=sys.stderr)
+    t_patterns = time.perf_counter() - t0
+    subjects = dict(zip(rset.human_it_subjects, rset.human_it_per_subject, strict=True))
+    rows = rsa_rows(patterns, subjects, rset.human_it_mean, rset.monkey_it, mode["n_boot"], seed, baselines)
+    settings.update(patterns_s=t_patterns, seconds=time.perf_counter() - t0,
+                    bootstrap="images resampled with replacement; pairs of distinct source images; percentile 95% CI")
+    return {"rows": rows, "settings": settings}
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 def score_rdms(patterns: dict[str, np.ndarray], rset, reference: bool = True) -> dict[str, dict[str, Any]]:
     """Spearman r of each model RDM with human IT (mean and per subject) and monkey IT.
 
-    ``patterns`` maps a row name to features of shape (92, dim) or (92, C, H, W) (flattened); with ``reference`` the reference model RDMs
-    shipped with the set (animacy, category, HMAX, V1...) are added as ``"reference: <name>"`` rows (dim 0).
+    ``patterns`` maps a row name to features of shape (92, dim) or (92, C, H, W) (flattened); with ``reference``
+    the reference model RDMs shipped with the set (animacy, category, HMAX, V1...) are added as
+    ``"reference: <name>"`` rows (dim 0).
     """
     from llmvem.evaluate.rsa import compare_rdms, rdm
 
@@ -226,8 +449,8 @@ def format_table(results: dict[str, Any]) -> str:
              "hIT subj. mean", "mIT"]]
     for name, s in results["models"].items():
         subj = "/".join(f"{v:.3f}" for v in s["human_it_subjects"].values())
-        rows.append([name, str(s["dim"] or "-"), f"{s['human_it_mean']:.3f}", subj, f"{s['human_it_subject_mean']:.3f}",
-                     f"{s['monkey_it']:.3f}"])
+        rows.append([name, str(s["dim"] or "-"), f"{s['human_it_mean']:.3f}", subj,
+                     f"{s['human_it_subject_mean']:.3f}", f"{s['monkey_it']:.3f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -238,33 +461,45 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Table of the aligned-encoder rows: hIT subject mean [CI], hIT mean RDM, mIT, Δ vs own backbone [CI]."""
+
+    def ci(c: list[float]) -> str:
+        return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
+
+    lines = [f"{'row':<26}{'dim':>6}{'hIT subj. mean':>16}{'95% CI':>18}{'hIT avg':>9}{'mIT':>8}"
+             f"{'Δ vs backbone':>15}{'Δ 95% CI':>18}"]
+    for name, r in rows.items():
+        delta = f"{r['delta_vs_backbone']:>+15.3f}{ci(r['delta_ci']):>18}" if "delta_vs_backbone" in r else ""
+        lines.append(f"{name:<26}{r['dim']:>6}{r['hit_subject_mean']:>16.3f}{ci(r['ci']):>18}"
+                     f"{r['human_avg']:>9.3f}{r['monkey']:>8.3f}{delta}")
+    lines.append("bootstrap over the 92 images (resampled with replacement; pairs of distinct source images); "
+                 "Δ: paired, same resamples")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if not args.data.is_dir():
         print(f"bench_rsa92: data folder {args.data} is absent; nothing to benchmark (use --data)")
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if not args.progress:
-        os.environ["LLMVEM_NO_PROGRESS"] = "1"
-    import torch
-
     from llmvem.data.rdm_sets import load_kriegeskorte92
     from llmvem.evaluate.rsa import compare_rdms, leave_one_subject_out_ceiling
+    from llmvem.provenance import append_ledger, bench_runtime, result_header, write_results
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench_runtime(args.progress, args.threads)
     t0 = time.perf_counter()
     rset = load_kriegeskorte92(args.data)
     images = rset.images
     pixels = np.stack([images.load_array(i) for i in range(len(images))])  # uint8 (92, 175, 175, 3)
+    mode = alignment_mode(args)
     patterns: dict[str, np.ndarray] = {}
     for size in BACKBONE_SIZES:
-        if args.alignment_only and size not in rsa92_alignment.MODES[alignment_mode(args)]["sizes"]:
+        if args.alignment_only and (mode == "off" or size not in MODES[mode]["sizes"]):
             continue
         layers = BACKBONE_LAYERS if args.alignment_only else BACKBONE_LAYERS + (SPATIAL_LAYERS if size == 224 else [])
         patterns.update(backbone_patterns(images, size, layers))
-    config = bench_v4.session_config(v4_args(args), args.v4_session)
+    config = v4_config(args.v4_data, args.v4_session, args.cache_dir, args.overrides)
     text, captions = caption_patterns(config, images)
     patterns.update(text)
     llm_info: dict[str, Any] = {}
@@ -274,25 +509,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         llm_info["skipped"] = f"V4 data folder {args.v4_data} is absent"
         print(f"bench_rsa92: {llm_info['skipped']}; LLM-VEM rows skipped", file=sys.stderr)
     else:
-        with tempfile.TemporaryDirectory(prefix="llmvem_bench_rsa92_") as tmp:
-            llm_patterns, llm_info = llmvem_patterns(args, pixels, Path(tmp))
+        llm_patterns, llm_info = llmvem_patterns(args, pixels)
         patterns.update(llm_patterns)
     aligned: dict[str, Any] = {"skipped": "--alignment-mode off"}
-    if alignment_mode(args) != "off":
+    if mode != "off":
         given = {"label_captions_minilm": next(iter(text.values()))}
         given.update({f"backbone{size}_{layer}": patterns[f"EfficientNet-Lite0@{size} {layer}"]
-                      for size in BACKBONE_SIZES for layer in rsa92_alignment.BACKBONE_LAYERS
+                      for size in BACKBONE_SIZES for layer in ALIGN_LAYERS
                       if f"EfficientNet-Lite0@{size} {layer}" in patterns})
         with tempfile.TemporaryDirectory(prefix="llmvem_bench_rsa92_align_") as tmp:
-            aligned = rsa92_alignment.alignment_rows(
-                alignment_mode(args), Path(args.cache_dir).expanduser(), Path(tmp), k92=args.data,
-                flickr=args.flickr, v4_data=args.v4_data, v4_session=args.v4_session, precomputed=given,
-                log_fn=lambda m: print(m, file=sys.stderr))
+            aligned = alignment_rows(mode, args, Path(tmp), precomputed=given)
     if args.alignment_only:
         patterns = {}
     lower, upper = leave_one_subject_out_ceiling(rset.human_it_per_subject)
     results = {
-        **bench_v4.result_header("kriegeskorte92_rsa", "bench_rsa92.py", argv),
+        **result_header("kriegeskorte92_rsa", "bench/bench_rsa92.py", argv, config=config, seeds=[config.seed]),
+        "settings": {"v4_session": args.v4_session, "lambda": args.lam, "quick": args.quick,
+                     "max_images": args.max_images, "alignment_mode": mode, "overrides": list(args.overrides)},
         "subjects": list(rset.human_it_subjects),
         "noise_ceiling": {"lower": lower, "upper": upper, "method": "leave one subject out, Spearman, "
                           "per-subject RDMs averaged over the 2 sessions"},
@@ -303,12 +536,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "captions_examples": {rset.images.ids[i]: captions[i] for i in (0, 20, 45, 70)},
         "seconds_total": time.perf_counter() - t0,
     }
-    bench_v4.write_results(args.out, results)
+    write_results(args.out, results)
+    v4_read = "skipped" not in llm_info or "v4" in aligned.get("settings", {})
+    parts = [*(["main table"] if results["models"] else []), *([f"aligned encoders ({mode})"] if "rows" in aligned
+                                                               else [])]
+    append_ledger(args.ledger, "bench_rsa92", f"test: 92-image RSA, {' + '.join(parts) or 'nothing'}"
+                  f"{'; V4 test r of the LLM-VEM networks' if v4_read else ''} -> {args.out.name}", config=config,
+                  sessions=["kriegeskorte92", *([f"v4:{args.v4_session}"] if v4_read else [])])
     if results["models"]:
         print(format_table(results))
     if "rows" in aligned:
         print("\nLanguage-aligned encoders (Spearman r; hIT subj. mean = mean over the 4 subjects' RDMs)")
-        print(rsa92_alignment.format_rows(aligned["rows"]))
+        print(format_rows(aligned["rows"]))
     print(f"results: {args.out}  ({results['seconds_total'] / 60:.1f} min)")
     return results
 

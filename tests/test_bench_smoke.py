@@ -1,8 +1,10 @@
-"""Smoke tests of the real-data benchmarks (bench/bench_v4.py, bench/bench_rsa92.py) and of their statistics.
+"""Smoke tests of the bench scripts on tiny data (the thin bench_v4 itself: tests/test_bench_v4.py).
 
-The V4 and RSA runs use a tiny subset (one session, 60 images, quick training) and are skipped when
-``../shared/data`` is absent; the statistics and table helpers are checked on synthetic numbers. The whole file
-takes ~20 s on the idle 2-core dev box (each real-data run ~8-10 s; several times that when the CPU is shared).
+The real-data runs (92-image RSA with its aligned-encoder rows, the V4 λ sweep, the spatial benchmarks) use a
+tiny subset (one session, 60-80 images, quick training) and are skipped when ``../shared/data`` is absent; the
+table helpers are checked on synthetic numbers. The statistics these scripts call are the package's
+(``llmvem.evaluate.rsa``, ``llmvem.evaluate.pooled``) and are tested there (tests/test_rsa_bootstrap.py,
+tests/test_pooled.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,8 +22,7 @@ BENCH = REPO_ROOT / "bench"
 
 
 def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # bench_rsa92 imports bench_v4
+    """A bench script as a module (bench scripts import only llmvem: tests/test_bench_layout.py)."""
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -40,82 +40,13 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench_cache")
 
 
-def test_v4_benchmark_on_a_tiny_subset(bench_v4, cache_dir, tmp_path, capsys):
-    data = needs_shared("v4_cowley2023")
-    out = tmp_path / "v4.json"
-    res = bench_v4.main(["--data", str(data), "--sessions", "210325", "--max-images", "60", "--quick",
-                         "--bootstrap", "50", "--cache-dir", str(cache_dir), "--out", str(out),
-                         "--set", "train.stage1.epochs=5"])
-    printed = capsys.readouterr().out
-    s = res["sessions"]["210325"]
-    # 640 images -> 60 kept: 45 train, 5 val, 10 test (proportions of 481 / 53 / 106)
-    assert (s["n_neurons"], s["n_train"], s["n_val"], s["n_test"]) == (50, 45, 5, 10)
-    assert set(s["models"]) == set(bench_v4.DEFAULT_MODELS)  # the default, grid ridge and λ = 0 spatial included
-    assert {"ridge_grid", "lambda0_spatial_frozen", "lambda0_spatial_finetuned"} <= set(s["models"])
-    for m in s["models"].values():
-        assert len(m["r"]) == 50
-        assert -1.0 <= m["mean_r"] <= 1.0 and -1.0 <= m["median_r"] <= 1.0
-        assert 0.0 <= m["mean_accuracy"] <= 100.0  # 210325 has raw repeats: noise-normalised accuracy
-    # the frozen features predict V4: even 45 training images give a clearly positive mean test r
-    assert s["models"]["ridge"]["mean_r"] > 0.1
-    assert s["ridge_layers"] in (["block10"], ["block8", "block12", "pooled"])  # the --quick candidates
-    assert s["ridge_grid_layers"] in (["block10@grid4"], ["block8@grid2", "block12@grid2"])
-    assert s["spatial_layers"] == list(bench_v4.SPATIAL_LAYERS) and s["spatial_readout"] == "factorized"
-    # stage seconds of every LLM-VEM model; only the fine-tuned ones have a stage 2
-    assert set(s["stage_seconds"]) == {m for m in bench_v4.DEFAULT_MODELS
-                                       if not m.startswith("ridge") and m != "spatial_blend"}
-    assert s["spatial_blend_weight"] in bench_v4.BLEND_WEIGHTS  # chosen on validation (derived, not trained)
-    assert max(s["spatial_blend_val_r_by_weight"].values()) == pytest.approx(
-        s["spatial_blend_val_r_by_weight"][str(s["spatial_blend_weight"])])
-    assert all(st["stage1"] > 0 and ("stage2" in st) == name.endswith("finetuned")
-               for name, st in s["stage_seconds"].items())
-    assert 0.0 < s["noise_ceiling_mean"] < 1.0
-    assert s["captions_example"].startswith("A photo that looks like")  # the label captioner
-    assert set(res["pooled"]) == {f"{b}_vs_{a}" for a, b in bench_v4.COMPARISONS
-                                  if a in bench_v4.DEFAULT_MODELS and b in bench_v4.DEFAULT_MODELS}
-    pooled = res["pooled"]["lambda_finetuned_vs_lambda0_finetuned"]
-    assert pooled["bootstrap_all_neurons"]["n_neurons"] == 50
-    assert pooled["over_sessions"]["n_sessions"] == 1
-    b = pooled["bootstrap_all_neurons"]
-    assert b["ci_low"] <= b["diff"] <= b["ci_high"] and 0.0 < b["p_value"] <= 1.0
-    # the printed table has the session row and the pooled lines; the JSON on disk is strict and equal
-    assert any(line.split()[:2] == ["210325", "50"] for line in printed.splitlines() if line.strip())
-    assert "210325: noise-normalised accuracy" in printed
-    assert "lambda_finetuned_vs_ridge: Δ mean r over 50 neurons" in printed
-    assert "lambda0_spatial_finetuned_vs_lambda0_finetuned: Δ mean r over 50 neurons" in printed
-    assert "210325: ridge grid layers" in printed and "train s (stage 1/stage 2)" in printed
-    on_disk = json.loads(out.read_text(encoding="utf-8"))
-    assert on_disk["sessions"]["210325"]["models"]["ridge"]["mean_r"] == pytest.approx(s["models"]["ridge"]["mean_r"])
-
-
-def test_v4_blend_weight_is_chosen_on_validation(bench_v4):
-    """Two predictors with independent, equal noise: validation picks w = 0.5; the test blend uses the weight and
-    the second model's own test predictions (not the train-only ridge's validation stand-in)."""
-    rng = np.random.default_rng(0)
-    y = {s: rng.normal(size=(400, 20)) for s in ("val", "test")}
-    noisy = {m: {s: y[s] + rng.normal(size=y[s].shape) for s in y} for m in bench_v4.BLEND}
-    ridge_val = y["val"] + rng.normal(size=y["val"].shape)
-    pred, w, val_r = bench_v4.blend(noisy, y["val"], ridge_val)
-    assert w == 0.5 and set(val_r) == {str(v) for v in bench_v4.BLEND_WEIGHTS}
-    a, b = (noisy[m]["test"] for m in bench_v4.BLEND)
-    np.testing.assert_allclose(pred["test"], 0.5 * a + 0.5 * b)
-    np.testing.assert_allclose(pred["val"], 0.5 * noisy[bench_v4.BLEND[0]]["val"] + 0.5 * ridge_val)
-    # a useless second model: all weight on the first
-    noisy[bench_v4.BLEND[1]] = {s: rng.normal(size=y[s].shape) for s in y}
-    assert bench_v4.blend(noisy, y["val"], rng.normal(size=y["val"].shape))[1] == 1.0
-    # the two-seed average blends the same way when named as the first model
-    noisy["spatial_2seeds"] = {s: 0.5 * (noisy[bench_v4.BLEND[0]][s] + y[s]) for s in y}
-    pred2, w2, _ = bench_v4.blend(noisy, y["val"], rng.normal(size=y["val"].shape), first="spatial_2seeds")
-    np.testing.assert_allclose(pred2["test"], w2 * noisy["spatial_2seeds"]["test"]
-                               + (1 - w2) * noisy[bench_v4.BLEND[1]]["test"])
-
-
 def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
     data = needs_shared("kriegeskorte92")
     v4 = needs_shared("v4_cowley2023")
     bench_rsa = _load("bench_rsa92")
     res = bench_rsa.main(["--data", str(data), "--v4-data", str(v4), "--v4-session", "210325", "--max-images", "60",
                           "--quick", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "rsa.json"),
+                          "--runs-dir", str(tmp_path / "runs"), "--ledger", str(tmp_path / "ledger.csv"),
                           "--set", "train.stage1.epochs=5", "--alignment-mode", "smoke"])
     printed = capsys.readouterr().out
     models = res["models"]
@@ -138,7 +69,7 @@ def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
         assert -1.0 <= row["human_it_mean"] <= 1.0 and len(row["human_it_subjects"]) == 4
         assert row["human_it_subject_mean"] == pytest.approx(np.mean(list(row["human_it_subjects"].values())))
     assert res["llmvem"]["v4_session"] == "210325" and res["llmvem"]["image_size"] == 112
-    assert res["llmvem"]["readout_layers"] in (["block10"], ["block8", "block12", "pooled"])  # ridge's choice
+    assert res["llmvem"]["readout_layers"] == ["block8", "block10", "block12"]  # v4_spatial's pooled layers
     assert "human IT noise ceiling (leave one subject out" in printed
     assert "EfficientNet-Lite0@112 pooled" in printed
     # spatial rows at 224 px: grids and full maps beside the pooled rows (block12: 192 channels on a 7×7 map)
@@ -147,11 +78,16 @@ def test_rsa92_benchmark(cache_dir, tmp_path, capsys):
     assert "EfficientNet-Lite0@224 block2@map" in printed
     check_alignment_rows(res["alignment"]["rows"], n_boot=50)
     assert res["alignment"]["settings"]["v4"]["session"] == "210325"
+    # the V4 networks are ordinary run folders (main table and aligned-encoder rows); one ledger line (test read)
+    assert (tmp_path / "runs" / "210325_encoders" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "210325_alignment_smoke" / "models" / "v4_aligned_flickr").is_dir()
+    assert (tmp_path / "ledger.csv").read_text(encoding="utf-8").count("bench_rsa92") == 1
     assert "Language-aligned encoders" in printed and "flickr8k_aligned" in printed
 
 
 def check_alignment_rows(rows: dict, n_boot: int) -> None:
-    """The aligned-encoder rows of bench/rsa92_alignment.py (smoke sizes): every row with an ordered CI."""
+    """The aligned-encoder rows of bench/bench_rsa92.py (``--alignment-mode smoke``): every row with an ordered CI,
+    the fixed numbers of the untrained rows, the dimensions and the paired deltas against the own backbone."""
     expected = {"descriptions_minilm", "label_captions_minilm", "backbone224_block12", "backbone224_block14",
                 "backbone224_pooled", "flickr8k_aligned", "flickr8k_aligned_core", "flickr8k_backbone", "v4_backbone",
                 "v4_lambda0", "v4_aligned", "v4_aligned_core", "v4_aligned_flickr", "v4_aligned_flickr_core"}
@@ -169,46 +105,13 @@ def check_alignment_rows(rows: dict, n_boot: int) -> None:
     assert rows["backbone224_block12"]["hit_subject_mean"] == pytest.approx(0.271, abs=0.01)
     assert rows["backbone224_block12"]["human_avg"] == pytest.approx(0.400, abs=0.01)
     dims = {"flickr8k_aligned": 384, "flickr8k_aligned_core": 256, "flickr8k_backbone": 192 + 192 + 1280,
-            "v4_lambda0": 128, "v4_aligned": 384, "v4_aligned_flickr_core": 128, "v4_backbone": 80 + 112 + 1280}
+            "v4_lambda0": 128, "v4_aligned": 384, "v4_aligned_flickr_core": 128,
+            "v4_backbone": 112 + 112 + 192}  # v4_spatial's pooled block8, block10, block12
     assert {k: rows[k]["dim"] for k in dims} == dims
     for name, base in (("flickr8k_aligned", "flickr8k_backbone"), ("v4_aligned_flickr", "v4_backbone")):
         r = rows[name]
         assert r["baseline"] == base and r["delta_ci"][0] <= r["delta_vs_backbone"] <= r["delta_ci"][1]
         assert r["delta_vs_backbone"] == pytest.approx(r["hit_subject_mean"] - rows[base]["hit_subject_mean"])
-
-
-def test_image_bootstrap_on_planted_rdms():
-    ra = _load("rsa92_alignment")
-    from llmvem.evaluate.rsa import compare_rdms, rdm
-
-    rng = np.random.default_rng(0)
-    n = 30
-    latent = rng.normal(size=(n, 5))
-    target = rdm(latent)
-    noise = rdm(rng.normal(size=(n, 5)))
-    # the resampled pairs: distinct source images only, and (all pairs) the rank correlation of compare_rdms
-    a, b = ra.resample_pairs(n, np.random.default_rng(1))
-    assert len(a) > 0 and np.all(a != b)
-    iu = np.triu_indices(n, 1)
-    assert ra._ranks(noise[iu]) @ ra._ranks(target[iu]) == pytest.approx(compare_rdms(noise, target))
-    boot = ra.image_bootstrap({"same": target, "random": noise}, {"t": target}, n_boot=200, seed=0)
-    np.testing.assert_allclose(boot["same"]["t"], 1.0)  # identical RDMs: r = 1 in every resample
-    lo, hi = np.percentile(boot["random"]["t"], [2.5, 97.5])
-    assert lo < 0 < hi and hi - lo < 0.4  # an unrelated RDM: the CI includes 0
-    # rows against a planted "brain": 4 noisy subjects of the latent RDM; a model close to the latent beats a
-    # noisier one, paired delta with its CI above 0
-    subjects = np.stack([rdm(latent + rng.normal(scale=1.0, size=latent.shape)) for _ in range(4)])
-    rset = SimpleNamespace(human_it_subjects=["A", "B", "C", "D"], human_it_per_subject=subjects,
-                           human_it_mean=subjects.mean(0), monkey_it=target)
-    patterns = {"good": latent + rng.normal(scale=0.3, size=latent.shape),
-                "poor": latent + rng.normal(scale=3.0, size=latent.shape)}
-    rows = ra.rsa_rows(patterns, rset, n_boot=200, seed=0, baselines={"good": "poor"})
-    good, poor = rows["good"], rows["poor"]
-    assert good["hit_subject_mean"] > poor["hit_subject_mean"] + 0.1
-    for r in (good, poor):
-        assert r["ci"][0] <= r["hit_subject_mean"] <= r["ci"][1] and r["monkey_ci"][0] <= r["monkey"] <= r["monkey_ci"][1]
-    assert good["delta_ci"][0] > 0 and good["delta_p"] < 0.05 and "delta_vs_backbone" not in poor
-    assert good["hit_subject_mean"] == pytest.approx(np.mean([compare_rdms(rdm(patterns["good"]), s) for s in subjects]))
 
 
 def test_benchmarks_exit_cleanly_without_data(bench_v4, tmp_path, capsys):
@@ -218,27 +121,6 @@ def test_benchmarks_exit_cleanly_without_data(bench_v4, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "bench_v4: data folder" in printed and "bench_rsa92: data folder" in printed
     assert not (tmp_path / "v4.json").exists()
-
-
-def test_pooled_statistics(bench_v4):
-    rng = np.random.default_rng(0)
-    sessions = []
-    for n_img, n_neur in ((30, 4), (50, 6)):
-        y = rng.normal(size=(n_img, n_neur))
-        a = y + rng.normal(scale=2.0, size=y.shape)  # weak model
-        b = y + rng.normal(scale=0.5, size=y.shape)  # strong model
-        sessions.append((y, a, b))
-    res = bench_v4.pooled_bootstrap(sessions, n_boot=200, seed=0)
-    assert res["n_neurons"] == 10 and res["fraction_improved"] == 1.0
-    assert 0.3 < res["diff"] < 0.7 and 0.0 < res["ci_low"] < res["diff"] < res["ci_high"]
-    assert res["p_value"] == pytest.approx(2 / 201)  # no resample crosses 0
-    same = bench_v4.pooled_bootstrap([(y, a, a) for y, a, _ in sessions], n_boot=50, seed=0)
-    assert same["diff"] == 0.0 and same["p_value"] == 1.0
-    t = bench_v4.session_tests([0.02, 0.05, -0.01, 0.03, 0.04])
-    assert (t["n_improved"], t["n_worse"]) == (4, 1)
-    assert t["sign_test_p"] == pytest.approx(0.375)  # 2 * P(X >= 4), X ~ Bin(5, 1/2) = 2 * 6/32
-    assert t["wilcoxon_p"] == pytest.approx(0.125)  # exact: ranks of the negative difference sum to 1
-    assert bench_v4.bootstrap_p(0.1, np.array([0.2, 0.1, -0.1])) == pytest.approx(1.0)
 
 
 def test_demo_stage_table():
@@ -352,6 +234,8 @@ def test_alignment_benchmark_smoke_writes_every_key(tmp_path, capsys):
     extra = saved["matched"]["extra"]
     assert extra["n_extra"] == 60 and extra["extra_batches_per_epoch"]["language"] == {"align_stream": 1}
     assert extra["steps_per_epoch"]["language_unmatched"] == 2  # the engine before matching: one more step
+    assert extra["steps_per_epoch"]["language_global_clip"] == 1
+    assert set(extra["clipped_fraction"]["language_global_clip"]) == {"global"}
     assert set(extra["clipped_fraction"]["language"]) == {"voxel", "align"}
     assert ledger.read_text().count("alignment_positive_control") == 1
     assert "Positive control, matched" in capsys.readouterr().out
@@ -381,12 +265,13 @@ def test_v4_lambda_sweep_chooses_on_validation_and_reads_test_once(cache_dir, tm
 
 
 @pytest.mark.shared_data
-def test_spatial_v4_ridge_on_a_tiny_subset(capsys):
+def test_spatial_v4_ridge_on_a_tiny_subset(tmp_path, capsys):
     data = needs_shared("v4_cowley2023")
     bench = _load("bench_spatial_v4")
     assert bench.main(["--data", "/nonexistent/v4"]) is None  # no data: a message, exit 0
     res = bench.main(["--data", str(data), "--session", "210325", "--max-images", "80", "--grids", "2",
-                      "--n-boot", "50"])
+                      "--n-boot", "50", "--out", str(tmp_path / "spatial_v4.json"), "--runs-dir",
+                      str(tmp_path / "runs"), "--ledger", str(tmp_path / "ledger.csv")])
     fam = res["families"]
     assert set(fam) == {"pooled", "grid2"} and res["n_neurons"] == 50 and 76 <= sum(res["n_images"].values()) <= 84
     dims = {"block5": 80, "block8": 112, "block10": 112, "block12": 192, "block15": 320}
