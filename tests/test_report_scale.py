@@ -120,7 +120,8 @@ def test_report_at_31_rois_is_one_file_with_chosen_model(tmp_path):
 
     run_dir = make_scaled_run(tmp_path, n_rois=31, n_models=3, n_per_hemi=200, n_test=30)
     html = write_report([run_dir]).read_text(encoding="utf-8")
-    assert "LLM-VEM λ=0.1 was chosen as the best alignment weight by its validation mean r (0.350)" in html
+    assert ("validation chose LLM-VEM λ=0.1 (val mean r 0.350): chosen on validation among ridge, llmvem_lambda0, "
+            "llmvem_lambda0.1. llmvem export submits this model.") in html
     assert "31 ROIs" in html and "bootstrap intervals over test images (1000 resamples" in html
     assert 'src="data:image/png;base64,' in html and 'src="roi' not in html
     assert "Outlines: prf-visualrois, floc-bodies, floc-faces, floc-places, floc-words" in html

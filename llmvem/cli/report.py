@@ -38,6 +38,7 @@ def compare(
     n_boot: int = typer.Option(1000, "--n-boot", min=1, help="Bootstrap resamples of the pooled interval."),
     ensembles: bool = typer.Option(False, "--ensembles", help="Compare seed ensembles by their averaged "
                                    "predictions instead of one network per seed."),
+    progress: bool | None = progress_option(),
 ) -> None:
     """Model B against model A over several runs: per-session Δ mean test r, Wilcoxon and sign tests over
     sessions, and a bootstrap of Δ over all neurons that resamples test images (within each session) and seeds.
@@ -47,6 +48,7 @@ def compare(
     from llmvem.evaluate.pooled import compare_runs
     from llmvem.report.tables import fmt_number, text_table
 
+    use_progress(progress)
     res = compare_runs(runs, model_a, model_b, n_boot=n_boot, members=not ensembles)
     rows = [[name, fmt_number(s["a_mean_r"]), fmt_number(s["b_mean_r"]), fmt_number(s["diff"], 4, True),
              str(s["n_seeds"])] for name, s in res["sessions"].items()]

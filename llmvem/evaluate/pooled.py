@@ -30,7 +30,7 @@ import numpy as np
 from llmvem.errors import DataValidationError
 from llmvem.evaluate.metrics import pearson_r
 
-__all__ = ["compare_runs", "model_seeds", "run_model_summary", "session_tests"]
+__all__ = ["compare_runs", "model_seeds", "run_model_summary", "runs_mean_ci", "session_tests"]
 
 
 def session_tests(diffs: Sequence[float]) -> dict[str, Any]:
@@ -98,6 +98,33 @@ def run_model_summary(run_dir: str | Path, model: str) -> dict[str, Any]:
         out["one_network_mean_r"] = float(np.mean(out["member_mean_r"]))
         out["one_network_median_r"] = float(np.mean(out["member_median_r"]))
     return out
+
+
+def runs_mean_ci(run_dirs: Sequence[str | Path], model: str, n_boot: int = 1000, seed: int = 0,
+                 members: bool = True) -> dict[str, Any]:
+    """Mean test r of ``model`` over every neuron of several run folders, with the 95% interval of the bootstrap
+    that resamples test images within each run and, for a seed ensemble compared through its ``members``, the
+    seeds (:func:`~llmvem.evaluate.seeds.seed_mean_ci`; the draws of :func:`compare_runs` with the same ``seed``).
+
+    Returns
+    -------
+    dict
+        ``mean_r``, ``ci``, ``per_seed_mean_r``, ``n_seeds``, ``n_voxels`` and ``runs`` (the run names).
+    """
+    from llmvem.evaluate.seeds import seed_mean_ci
+
+    if not run_dirs:
+        raise DataValidationError(None, "runs", "expected at least one run folder")
+    ys, preds = [], []
+    for run_dir in run_dirs:
+        run = Path(run_dir)
+        y = _load(run / "test_responses.npy")
+        ys.append(y)
+        preds.append(model_seeds(run, model) if members else
+                     [_load(run / "models" / model / "predictions_test.npy", y.shape)])
+    keep = min(len(p) for p in preds)  # runs trained with different numbers of seeds: the common first ones
+    res = seed_mean_ci(ys, [p[:keep] for p in preds], n_boot=n_boot, seed=seed)
+    return {**res, "runs": [Path(r).name for r in run_dirs]}
 
 
 def compare_runs(run_dirs: Sequence[str | Path], a: str, b: str, n_boot: int = 1000, seed: int = 0,

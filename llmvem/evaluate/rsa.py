@@ -3,16 +3,25 @@
 An RDM (representational dissimilarity matrix) of ``n`` stimuli is a symmetric ``(n, n)`` matrix with a zero
 diagonal; its *condensed* form is the upper triangle above the diagonal, row by row (``scipy.spatial.distance.
 squareform`` order), of length ``n (n - 1) / 2``. Functions accept either form where it makes sense.
+
+:func:`image_bootstrap` and :func:`rsa_rows` give RSA figures a confidence interval by resampling the **images**
+(stimuli) with replacement: every RDM is correlated over the pairs of distinct source images of the resample (a
+duplicated image paired with itself has no dissimilarity), the same resamples for every row, so differences between
+rows are paired.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
 
 from llmvem.errors import DataValidationError
+
+__all__ = ["algonauts2019_score", "compare_rdms", "image_bootstrap", "leave_one_subject_out_ceiling", "rdm",
+           "resample_pairs", "rsa_rows", "upper"]
 
 Method = Literal["spearman", "pearson"]
 
@@ -194,3 +203,120 @@ def leave_one_subject_out_ceiling(subject_rdms: Any, method: Method = "spearman"
     lower = [compare_rdms(subs[i], (total - subs[i]) / (n_sub - 1), method) for i in range(n_sub)]
     upper_ = [compare_rdms(subs[i], mean_all, method) for i in range(n_sub)]
     return float(np.mean(lower)), float(np.mean(upper_))
+
+
+# ------------------------------------------------------------------------------------ bootstrap over images
+def resample_pairs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Source images of the pairs of one bootstrap resample of ``n`` images.
+
+    The images are drawn with replacement; the pairs are those of the resampled RDM's upper triangle whose two
+    source images differ.
+
+    Returns
+    -------
+    a, b : int arrays of shape (n_pairs,)
+        Row and column (source image indices) of each kept pair, ``a != b``.
+    """
+    idx = rng.integers(0, n, n)
+    iu, ju = np.triu_indices(n, k=1)
+    a, b = idx[iu], idx[ju]
+    keep = a != b
+    return a[keep], b[keep]
+
+
+def _unit_ranks(v: np.ndarray) -> np.ndarray:
+    """Centred, unit-norm ranks of ``v`` (the Spearman r of two such vectors is their dot product); NaN when
+    ``v`` is constant."""
+    r = stats.rankdata(v)
+    r -= r.mean()
+    norm = np.linalg.norm(r)
+    return r / norm if norm > 0 else r * np.nan
+
+
+def image_bootstrap(model_rdms: Mapping[str, Any], target_rdms: Mapping[str, Any], n_boot: int, seed: int = 0
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """Spearman r of every model RDM with every target RDM on bootstrap resamples of the images.
+
+    Parameters
+    ----------
+    model_rdms, target_rdms : mapping of name to array of shape (n, n)
+        Square RDMs of the same ``n`` images.
+    n_boot : int
+        Resamples, the same for every model and target (differences between models are paired).
+    seed : int
+
+    Returns
+    -------
+    dict of model name to dict of target name to array of shape (n_boot,)
+    """
+    targets_sq = {t: np.asarray(r, dtype=np.float64) for t, r in target_rdms.items()}
+    models_sq = {m: np.asarray(r, dtype=np.float64) for m, r in model_rdms.items()}
+    shapes = {r.shape for r in (*targets_sq.values(), *models_sq.values())}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or len(set(next(iter(shapes)))) != 1:
+        raise DataValidationError(None, "rdms", f"expected square RDMs of one size, got shapes {sorted(shapes)}")
+    n = next(iter(shapes))[0]
+    rng = np.random.default_rng(seed)
+    out = {m: {t: np.empty(int(n_boot)) for t in targets_sq} for m in models_sq}
+    for k in range(int(n_boot)):
+        a, b = resample_pairs(n, rng)
+        targets = {t: _unit_ranks(r[a, b]) for t, r in targets_sq.items()}
+        for m, r in models_sq.items():
+            mr = _unit_ranks(r[a, b])
+            for t, tr in targets.items():
+                out[m][t][k] = float(mr @ tr)
+    return out
+
+
+def _ci(values: np.ndarray) -> list[float]:
+    lo, hi = np.nanpercentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def rsa_rows(patterns: Mapping[str, Any], subject_rdms: Mapping[str, Any], human_mean: Any, monkey: Any,
+             n_boot: int, seed: int = 0, baselines: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Score each pattern's RDM against several subjects' RDMs, their mean and a second species' RDM, with 95%
+    intervals of a bootstrap over the images (:func:`image_bootstrap`).
+
+    Parameters
+    ----------
+    patterns : mapping of row name to array of shape (n, ...)
+        One feature vector per image (flattened beyond the first axis by :func:`rdm`).
+    subject_rdms : mapping of subject name to array of shape (n, n)
+        E.g. the 4 human IT RDMs of the 92-image set (:func:`llmvem.data.rdm_sets.load_kriegeskorte92`).
+    human_mean, monkey : array of shape (n, n)
+        The subject-averaged RDM and the monkey IT RDM.
+    n_boot : int
+    seed : int
+    baselines : mapping of row name to the row name of its own backbone features, optional
+        Adds ``baseline``, ``delta_vs_backbone`` (row − baseline in ``hit_subject_mean``), ``delta_ci`` and
+        ``delta_p`` (paired, two-sided).
+
+    Returns
+    -------
+    dict of row name to dict
+        ``hit_subject_mean`` (mean over subjects of the Spearman r), ``ci``, ``human_avg``, ``human_avg_ci``,
+        ``monkey``, ``monkey_ci``, ``hit_subjects`` (per subject), ``dim`` (features per image), ``n_boot`` (and
+        the delta fields).
+    """
+    from llmvem.evaluate.stats import bootstrap_p
+
+    subjects = {f"subject:{s}": np.asarray(m) for s, m in subject_rdms.items()}
+    targets = {**subjects, "human_avg": np.asarray(human_mean), "monkey": np.asarray(monkey)}
+    rdms = {name: rdm(x) for name, x in patterns.items()}
+    boot = image_bootstrap(rdms, targets, n_boot, seed)
+    rows: dict[str, dict[str, Any]] = {}
+    subject_mean_boot: dict[str, np.ndarray] = {}
+    for name, m in rdms.items():
+        subj = {t.split(":", 1)[1]: compare_rdms(m, r) for t, r in subjects.items()}
+        subject_mean_boot[name] = np.mean([boot[name][t] for t in subjects], axis=0)
+        rows[name] = {"hit_subject_mean": float(np.mean(list(subj.values()))), "ci": _ci(subject_mean_boot[name]),
+                      "human_avg": compare_rdms(m, targets["human_avg"]), "human_avg_ci": _ci(boot[name]["human_avg"]),
+                      "monkey": compare_rdms(m, targets["monkey"]), "monkey_ci": _ci(boot[name]["monkey"]),
+                      "hit_subjects": subj, "dim": int(np.prod(np.shape(patterns[name])[1:])), "n_boot": int(n_boot)}
+    for name, base in (baselines or {}).items():
+        if name in rows and base in rows:
+            delta = rows[name]["hit_subject_mean"] - rows[base]["hit_subject_mean"]
+            diffs = subject_mean_boot[name] - subject_mean_boot[base]
+            rows[name].update(baseline=base, delta_vs_backbone=delta, delta_ci=_ci(diffs),
+                              delta_p=bootstrap_p(delta, diffs))
+    return rows

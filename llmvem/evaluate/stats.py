@@ -162,8 +162,9 @@ def _resampled_group_means(y_true: np.ndarray, preds: list[np.ndarray], C: np.nd
     return out
 
 
-def _p_value(observed: float, boot: np.ndarray) -> float:
-    """Two-sided bootstrap p: twice the (+1 smoothed) fraction of resampled differences on the far side of 0."""
+def bootstrap_p(observed: float, boot: np.ndarray) -> float:
+    """Two-sided bootstrap p of an observed difference: twice the (+1 smoothed) fraction of resampled differences
+    ``boot`` (array of shape (n_boot,)) on the far side of 0; 1 when ``observed`` is 0."""
     n = boot.size
     if observed > 0:
         k = int(np.sum(boot <= 0))
@@ -178,7 +179,7 @@ def _comparison(a_obs: float, b_obs: float, boot_a: np.ndarray, boot_b: np.ndarr
     diff = boot_b - boot_a
     lo, hi = np.percentile(diff, [2.5, 97.5])
     return {"a": float(a_obs), "b": float(b_obs), "diff": float(b_obs - a_obs), "ci_low": float(lo),
-            "ci_high": float(hi), "p_value": _p_value(b_obs - a_obs, diff)}
+            "ci_high": float(hi), "p_value": bootstrap_p(b_obs - a_obs, diff)}
 
 
 def paired_bootstrap(y_true: Any, pred_a: Any, pred_b: Any, n_boot: int = 1000, seed: int = 0,
