@@ -17,7 +17,7 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,9 +51,14 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, numbers are finite
+    (``.inf`` and ``.nan`` are refused, e.g. ``model.lambda_align=.inf``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: A seed: an integer in [0, 2**63) — what torch and NumPy accept — and never a boolean (``seed: true``).
+Seed = Annotated[int, Field(ge=0, lt=2**63, strict=True)]
 
 
 class DataConfig(_Section):
@@ -67,9 +72,9 @@ class DataConfig(_Section):
     spec: str = "virtual"
     n_train: int = Field(400, ge=2, description="virtual brain: training images")
     n_test: int = Field(100, ge=1, description="virtual brain: test images")
-    image_size: int = Field(64, ge=8, description="virtual brain: image side in pixels")
+    image_size: int = Field(96, ge=8, description="virtual brain and virtual scenes: image side in pixels (a multiple of 24)")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of training images held out for validation")
-    seed: int = Field(0, description="seed of the dataset generator and of the validation split")
+    seed: Seed = Field(0, description="seed of the dataset generator and of the validation split")
     loader_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the loader")
 
 
@@ -88,7 +93,7 @@ class CaptionsConfig(_Section):
     device: str = "auto"
     store: str | None = Field(None, description="SQLite caption store; None = <cache_dir>/captions.sqlite")
     shuffle: bool = Field(False, description="control: permute the caption sets across the images of each split")
-    shuffle_seed: int = Field(0, description="seed of the caption permutation (captions.shuffle)")
+    shuffle_seed: Seed = Field(0, description="seed of the caption permutation (captions.shuffle)")
 
 
 class TextConfig(_Section):
@@ -327,7 +332,7 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     multisubject: MultiSubjectConfig = Field(default_factory=MultiSubjectConfig)
     align_data: AlignDataConfig = Field(default_factory=AlignDataConfig)
-    seed: int = 0
+    seed: Seed = 0
     cache_dir: str = "~/.cache/llmvem"
 
     @model_validator(mode="after")

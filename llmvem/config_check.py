@@ -1,7 +1,12 @@
 """Dry run of a configuration: resolve data, models, caches and devices without loading a model or an image.
 
-``llmvem config validate FILE`` prints what :func:`check_config` returns; a problem that would stop a run later
-(a missing folder, ``device: cuda`` on a machine without CUDA) raises at once with one line naming the field.
+:func:`check_config` is the one validation path of a configuration: ``llmvem config validate FILE`` prints what
+it returns, and ``llmvem train`` runs it before its first expensive step, so the two give the same answer for
+every config. Value bounds (finite numbers, seeds in [0, 2**63)) are the typed config's (:mod:`llmvem.config`);
+here the dataset spec is resolved as the loader resolves it, without reading an image or a response
+(:func:`llmvem.inputs.check_config_dataset`: layout, loader options, the virtual brain's values and size), the
+alignment stream is checked with its size cap (:func:`llmvem.train.stream.check_align_data`), and model
+references, caches and devices are resolved. A problem raises at once with one line naming the field.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import os
 from pathlib import Path
 
 from llmvem.config import RunConfig
-from llmvem.errors import ConfigError
+from llmvem.errors import ConfigError, quote
 
 _DEVICE_FIELDS = ("captions.device", "text.device", "backbone.device", "train.device", "evaluate.ridge_device")
 
@@ -56,24 +61,19 @@ def _local_or_hub(field: str, ref: str) -> str:
 
 
 def _data(config: RunConfig) -> str:
-    spec = config.data.spec
-    if spec == "virtual":
-        return f"built-in virtual brain ({config.data.n_train} train / {config.data.n_test} test images)"
-    if spec.startswith("v4:"):
-        root = Path(spec.split(":")[1]).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"data.spec: V4 root {root} does not exist; expected v4:ROOT:SESSION")
-        return f"V4 sessions under {root}"
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise ConfigError(f"data.spec: {path} does not exist; expected 'virtual', a dataset folder or v4:ROOT:SESSION")
-    if (path / "training_split").is_dir():
+    from llmvem.inputs import check_config_dataset
+
+    what = check_config_dataset(config)  # what train's loader checks before reading anything
+    d = config.data
+    if what == "built-in virtual brain":
+        return f"{what} ({d.n_train} train / {d.n_test} test images, {d.image_size} px)"
+    if what.startswith("Algonauts"):
         from llmvem.export import read_subject_layout
 
-        layout = read_subject_layout(path)
+        layout = read_subject_layout(d.spec)
         return (f"Algonauts subject {layout.name}: {layout.n_vertices['lh']} lh + {layout.n_vertices['rh']} rh "
                 f"vertices, {len(layout.test_ids)} challenge test images")
-    return f"dataset folder {path}"
+    return what
 
 
 def _captions(config: RunConfig) -> str:
@@ -122,8 +122,13 @@ def _backbone(config: RunConfig) -> str:
 def _caches(config: RunConfig) -> str:
     cache = Path(config.cache_dir).expanduser()
     probe = cache
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    except OSError as exc:  # e.g. a name longer than the file system allows: say so, the path shortened
+        raise ConfigError(f"cache_dir: {quote(str(cache))}: {exc.strerror or exc}; expected a folder path") from exc
+    if not probe.is_dir():  # the cache itself, or a folder on its way, is a file: train could not create it
+        raise ConfigError(f"cache_dir: {quote(str(cache))}: {probe} is a file; expected a folder path")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"cache_dir: {cache} cannot be created or written ({probe} is not writable)")
     store = Path(config.captions.store).expanduser() if config.captions.store else cache / "captions.sqlite"
@@ -131,8 +136,26 @@ def _caches(config: RunConfig) -> str:
             f"({'exists' if store.is_file() else 'new'})")
 
 
-def check_config(config: RunConfig) -> list[tuple[str, str]]:
-    """Resolve a configuration without heavy work.
+def config_source(config: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """How errors name a config given on the command line: its file (a shipped name as its package path), and
+    whether ``--set`` overrides changed it."""
+    from llmvem.config import SHIPPED_CONFIGS
+
+    path = Path(config)
+    label = str(path) if path.is_file() else f"llmvem/configs/{config}.yaml" if (
+        SHIPPED_CONFIGS / f"{config}.yaml").is_file() else config
+    return label + (" (with --set overrides)" if overrides else "")
+
+
+def check_config(config: RunConfig, source: str | None = None) -> list[tuple[str, str]]:
+    """Resolve a configuration without heavy work: the checks ``llmvem train`` runs before its first expensive
+    step (it calls this function), so ``config validate`` and ``train`` agree.
+
+    Parameters
+    ----------
+    config : RunConfig
+    source : str, optional
+        Where the config came from (its file, with ``--set`` overrides), named in the errors.
 
     Returns
     -------
@@ -146,11 +169,19 @@ def check_config(config: RunConfig) -> list[tuple[str, str]]:
         A path that does not exist, a malformed model name, or a device this machine lacks (one line, naming the
         field).
     DataValidationError
-        A bad ``align_data.spec`` (the message training gives, :func:`llmvem.train.stream.check_align_data`).
+        A dataset spec, loader option or ``align_data.spec`` that training would refuse (the message training
+        gives: :func:`llmvem.inputs.check_config_dataset`, :func:`llmvem.train.stream.check_align_data`).
     """
+    from llmvem.errors import DataValidationError
     from llmvem.train.stream import check_align_data
 
-    lines = [("data", _data(config)), ("captions", _captions(config)), ("text encoder", _text_encoder(config)),
+    try:
+        data = _data(config)
+    except DataValidationError as exc:
+        if source is None or not exc.source.startswith("config key"):
+            raise
+        raise DataValidationError(f"{source}: {exc.source}", exc.field, exc.problem) from exc
+    lines = [("data", data), ("captions", _captions(config)), ("text encoder", _text_encoder(config)),
              ("backbone", _backbone(config)), ("cache", _caches(config))]
     align = check_align_data(config)
     if align is not None:

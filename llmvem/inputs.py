@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmvem.config import RunConfig
-from llmvem.data import load_dataset
+from llmvem.data import check_dataset, load_dataset
 from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import DataValidationError
@@ -82,13 +82,23 @@ def cache_root(config: RunConfig) -> Path:
 
 def load_config_dataset(config: RunConfig) -> EncodingDataset:
     """The dataset ``config.data`` describes, with its validation split carved."""
+    return _with_config_dataset(config, load_dataset)
+
+
+def check_config_dataset(config: RunConfig) -> str:
+    """What ``config.data`` names, checked as :func:`load_config_dataset` checks it before reading any image or
+    response (:func:`llmvem.data.check_dataset`): the same errors, naming the same config keys."""
+    return _with_config_dataset(config, check_dataset)
+
+
+def _with_config_dataset(config: RunConfig, call: Callable[..., Any]) -> Any:
     d = config.data
     options = dict(d.loader_options)
     if d.spec == "virtual" or d.spec.startswith("virtual:"):
         options = {"n_train": d.n_train, "n_test": d.n_test, "image_size": d.image_size, **options}
     # ``seed`` seeds both the loader (virtual brain generator) and the validation split.
     try:
-        return load_dataset(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
+        return call(d.spec, val_fraction=d.val_fraction, seed=d.seed, **options)
     except DataValidationError as exc:  # name the config key, not the loader's argument
         key = exc.field.removeprefix("option ")
         if exc.source not in ("<in memory>", d.spec) or key not in {*options, "seed", "val_fraction"}:

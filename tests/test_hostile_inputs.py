@@ -147,7 +147,8 @@ def _(tmp: Path) -> Case:
 
 @case("overrides/virtual brain image size it cannot draw")
 def _(tmp: Path) -> Case:
-    return train("demo", tmp, "--set", "data.image_size=64"), ["config key data.image_size", "multiple of 24"]
+    return train("demo", tmp, "--set", "data.image_size=64"), ["llmvem/configs/demo.yaml (with --set overrides): "
+                                                              "config key data.image_size", "multiple of 24"]
 
 
 @case("overrides/missing dataset")
@@ -301,6 +302,15 @@ def _(tmp: Path) -> Case:
 def _(tmp: Path) -> Case:
     return inspect(_csv_folder(tmp, "image,caption\n" + "im00.png,\"" + "w " * 100_000 + "\"\n")), [
         "stimuli.csv: line", "not valid CSV", "field limit"]
+
+
+@case("folders/captioning a stimuli.csv caption that starts with a NUL")
+def _(tmp: Path) -> Case:
+    folder = _csv_folder(tmp, "image,caption\n" + "".join(f"im{i:02d}.png,picture {i}\n" for i in range(8)))
+    (folder / "stimuli.csv").write_text("image,caption\nim00.png,\x00picture\n" +
+                                        "".join(f"im{i:02d}.png,picture {i}\n" for i in range(1, 8)))
+    return (["caption", str(folder), "--store", str(tmp / "store.sqlite"), "--backend", "dataset"],
+            ["stimuli.csv", "caption (line 2)", "U+0000"])  # refused before the store exists: none is left
 
 
 @case("folders/stimuli.csv with a megabyte image name")
@@ -524,6 +534,15 @@ CAPTION_FILES: dict[str, tuple[str, str | bytes | None, list[str]]] = {
     "a folder": ("caps.csv", None, []),
     "JSON caption that is a number": ("caps.json", "{\"im00\": 5}", ["im00"]),
     "binary garbage": ("caps.csv", bytes(range(256)), ["UTF-8"]),
+    # one rule for every format (llmvem.data.text): no control characters, at most the CSV field limit
+    "JSON caption starting with a NUL": ("caps.json", json.dumps({"im00": "\x00a cat"}), ["im00", "U+0000"]),
+    "JSONL caption with an escape sequence": ("caps.jsonl", json.dumps({"image_id": "im00", "caption": "\x1b[31mred"}),
+                                              ["lines[0].caption", "U+001B"]),
+    "CSV caption with a bell": ("caps.csv", "image_id,caption\nim00,a cat\x07\n", ["row 2", "U+0007"]),
+    "JSON caption of a megabyte": ("caps.json", json.dumps({"im00": "w" * 1_000_000}), ["1000000 characters",
+                                                                                      "at most 131072"]),
+    "JSON caption one past the CSV field limit": ("caps.json", json.dumps({"im00": "w" * 131_073}),
+                                                  ["131073 characters", "the CSV field limit"]),
 }
 for _name, (_file, _body, _frags) in CAPTION_FILES.items():
     case(f"caption files/{_name}")(lambda tmp, n=_file, b=_body, f=_frags: (
@@ -639,6 +658,18 @@ def _(tmp: Path) -> Case:
 @case("output paths/predict an empty text")
 def _(tmp: Path) -> Case:
     return ["predict", "--run", str(tmp / "run"), "--text", ""], ["--text", "empty"]
+
+
+@case("output paths/predict --text-file with a NUL")
+def _(tmp: Path) -> Case:
+    (tmp / "texts.txt").write_text("a cat\na d\x00og\n")
+    return (["predict", "--run", str(tmp / "run"), "--text-file", str(tmp / "texts.txt"), "--out",
+             str(tmp / "p.h5")], ["texts.txt", "line 2", "U+0000"])
+
+
+@case("output paths/predict --text with a control character")
+def _(tmp: Path) -> Case:
+    return ["predict", "--run", str(tmp / "run"), "--text", "a cat\x07"], ["--text: text 1", "U+0007"]
 
 
 @case("output paths/predict a blank text")
@@ -810,6 +841,33 @@ def _(tmp: Path) -> Case:
 def _(tmp: Path) -> Case:
     (tmp / "vocab.txt").write_text("# nothing\n\n")
     return ["describe", "--run", str(tmp / "nope"), "--vocabulary", str(tmp / "vocab.txt")], ["nope"]
+
+
+# ================================================== one validation path: what `config validate` and `train` check
+HUGE_CACHE = "/tmp/" + "c" * 1_000_000
+TRAIN_CHECKS: dict[str, tuple[str, list[str]]] = {
+    "a seed of 2**70": (f"seed={2**70}", ["seed", "less than 9223372036854775808"]),
+    "a seed of true": ("seed=true", ["--set 'seed=true'", "valid integer"]),
+    "a negative seed": ("data.seed=-1", ["data.seed", "greater than or equal to 0"]),
+    "an infinite lambda": ("model.lambda_align=.inf", ["model.lambda_align", "finite number"]),
+    "ten million virtual scenes": ("align_data.spec=virtual-scenes:n=10000000",
+                                   ["virtual-scenes:n=10000000", "10000000 images", "at most 1000000"]),
+    "two million virtual-brain images": ("data.n_train=2000000", ["virtual", "n_train + n_test", "at most 1000000"]),
+    "a dataset spec climbing to /etc": ("data.spec=../../../../../../../../etc", ["etc", "not a known layout"]),
+    "a dataset spec that is a regular file": ("data.spec=/etc/hostname", ["/etc/hostname", "not a known layout"]),
+    "a dataset spec of ~": ("data.spec=~", ["~: dataset", "no such file or folder"]),
+    "a megabyte cache_dir": (f"cache_dir={HUGE_CACHE}", ["cache_dir", "ccc...ccc", "File name too long"]),
+}
+for _name, (_item, _frags) in TRAIN_CHECKS.items():
+    case(f"train checks/{_name}")(lambda tmp, i=_item, f=_frags: (train("demo", tmp, "--set", i), f))
+
+
+@case("train checks/a model folder without config.yaml")
+def _(tmp: Path) -> Case:
+    (tmp / "run" / "models" / "llmvem_lambda0.1").mkdir(parents=True)
+    (tmp / "run" / "models" / "llmvem_lambda0.1" / "model.safetensors").write_bytes(b"x")
+    return (["predict", "--run", str(tmp / "run"), "--text", "a cat"],
+            ["llmvem_lambda0.1/config.yaml", "missing", "copied incompletely"])
 
 
 # ============================================================= untrusted run folders (copied from someone else)
@@ -1136,3 +1194,54 @@ def test_written_files_follow_the_umask(tmp_path, capsys):
     assert oct((tmp_path / "sub").stat().st_mode & 0o777) == oct(0o755)
     wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o755 if p.is_dir() else 0o644)}
     assert not wrong
+
+
+#: ``--set`` overrides of the demo config and whether training may start with them.
+AGREEMENT: list[tuple[list[str], bool]] = [
+    ([], True),
+    (["data.spec=virtual:n_train=200,n_test=50"], True),
+    (["data.spec=../../../../../../../../etc"], False),
+    (["data.spec=/etc/hostname"], False),
+    (["data.spec=~"], False),
+    (["data.spec=virtual:bogus=1"], False),
+    (["data.image_size=64"], False),
+    (["data.image_size=48"], True),
+    (["data.n_train=2000000"], False),
+    (["data.loader_options.n_repeats=0"], False),
+    (["model.lambda_align=.inf"], False),
+    (["model.lambda_align=1e300"], True),
+    (["train.stage1.lr=.nan"], False),
+    ([f"seed={2**70}"], False),
+    ([f"seed={2**63 - 1}"], True),
+    (["seed=true"], False),
+    (["captions.shuffle_seed=-3"], False),
+    (["align_data.spec=virtual-scenes:n=10000000"], False),
+    (["align_data.spec=virtual-scenes:n=10000000", "align_data.max_images=50"], True),
+    (["align_data.spec=virtual-scenes:n=50"], True),
+    (["align_data.spec=virtual-scenes:n=abc"], False),
+    ([f"cache_dir=/tmp/{'c' * 5000}"], False),
+    (["backbone.weights=/nonexistent/w.safetensors"], False),
+    (["captions.backend=file"], False),
+    (["text.encoder=st:./no/such/model"], False),
+]
+
+
+def test_config_validate_gives_the_answer_train_gives(tmp_path, capsys, monkeypatch):
+    """``config validate`` and ``train`` run one validation path: on every row both accept, or both refuse with
+    the same line; ``train`` refuses before its first expensive step (nothing written to --out)."""
+    import llmvem.cli.train as train_cli
+
+    started: list[str] = []  # train's first expensive step, replaced: the table is about what happens before it
+    monkeypatch.setattr(train_cli, "_train_experiment", lambda cfg, out, *a: started.append(str(out)))
+    monkeypatch.chdir(tmp_path)
+    for k, (overrides, ok) in enumerate(AGREEMENT):
+        sets = [x for item in overrides for x in ("--set", item)]
+        capsys.readouterr()
+        rc_validate = main(["config", "validate", "demo", *sets])
+        err_validate = capsys.readouterr().err.strip()
+        rc_train = main(["train", "--config", "demo", "--out", str(tmp_path / f"run{k}"), *sets])
+        err_train = capsys.readouterr().err.strip()
+        assert (rc_validate, rc_train) == ((0, 0) if ok else (2, 2)), (overrides, err_validate, err_train)
+        assert err_validate == err_train, overrides
+        assert bool(started and started[-1].endswith(f"run{k}")) == ok, overrides
+        assert not (tmp_path / f"run{k}").exists(), overrides

@@ -19,7 +19,7 @@ from llmvem.cli import report as _report  # noqa: F401
 from llmvem.cli import run as _run  # noqa: F401
 from llmvem.cli import train as _train  # noqa: F401
 from llmvem.cli.app import app
-from llmvem.errors import DiskFullError, LLMVEMError, is_disk_full, one_line
+from llmvem.errors import MAX_QUOTE, DiskFullError, LLMVEMError, is_disk_full, one_line, shorten
 
 __all__ = ["app", "main"]
 
@@ -38,7 +38,8 @@ def _os_error_message(exc: OSError) -> str:
     hint = {IsADirectoryError: "; expected a file path, not a folder",
             NotADirectoryError: "; a part of the path is a file where a folder is expected",
             PermissionError: "; choose a path you can write to"}.get(type(exc), "")
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+    # each path bounded, so the OS's reason ("File name too long") survives a 20 MB path
+    paths = " -> ".join(shorten(str(p), 2 * MAX_QUOTE) for p in (exc.filename, exc.filename2) if p)
     return f"{paths or 'path'}: {what}{hint}"
 
 

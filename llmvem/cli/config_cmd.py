@@ -20,16 +20,17 @@ def validate(
 ) -> None:
     """Dry run: parse the config, resolve data, models, caches and devices without loading anything heavy.
 
+    Runs exactly the checks `llmvem train` runs before its first expensive step, so the answer is train's.
     Prints one line per item; a problem (missing folder, device: cuda without CUDA, malformed model name) is one
     line on stderr and exit code 2.
 
     Example: llmvem config validate algonauts_eva02 --set data.spec=data/algonauts_2023/subj01
     """
     from llmvem.config import apply_overrides, load_config
-    from llmvem.config_check import check_config
+    from llmvem.config_check import check_config, config_source
 
     use_progress(progress)
     cfg = apply_overrides(load_config(config), overrides)
-    for what, resolved in check_config(cfg):
+    for what, resolved in check_config(cfg, config_source(config, overrides)):  # exactly what train checks
         typer.echo(f"{what:>22}: {resolved}")
     typer.echo(f"{'config':>22}: ok")

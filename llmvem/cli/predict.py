@@ -119,6 +119,10 @@ def predict(
     blank = [k for k, t in enumerate(texts) if not t.strip()]
     if blank:
         raise ConfigError(f"--text: text {blank[0] + 1} is empty; expected words to predict responses to")
+    from llmvem.data.text import check_text
+
+    for k, t in enumerate(text):  # --text-file lines were checked as they were read
+        check_text(t, "--text", f"text {k + 1}")
     check_output_file(out, "--out")
     model_dir = resolve_model_dir(run, model, for_text=images is None)
     if (model_dir / RIDGE_FILE).is_file() and (texts or fit_readouts):

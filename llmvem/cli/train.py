@@ -60,6 +60,9 @@ def train(
     show = use_progress(progress)
     use_threads(threads)
     cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
+    from llmvem.config_check import check_config, config_source
+
+    check_config(cfg, config_source(config, overrides))  # what `config validate` checks: the same answer
     from llmvem.train.distributed import cleanup_distributed, setup_distributed
 
     info = setup_distributed(cfg.train.device)

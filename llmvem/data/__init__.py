@@ -20,7 +20,7 @@ from llmvem.data.images import ArrayImages, FileImages, ImageCollection, ZipImag
 from llmvem.errors import DataValidationError, quote
 
 __all__ = ["EncodingDataset", "Split", "ImageCollection", "FileImages", "ZipImages", "ArrayImages",
-           "load_dataset", "parse_options"]
+           "check_dataset", "load_dataset", "parse_options"]
 
 
 def parse_options(text: str) -> dict[str, Any]:
@@ -41,9 +41,9 @@ def parse_options(text: str) -> dict[str, Any]:
     return out
 
 
-def _call_loader(loader: Callable[..., EncodingDataset], spec: str, options: dict[str, Any]) -> EncodingDataset:
-    """Call ``loader`` after checking ``options`` against its signature: unknown names and values of the wrong
-    type (``n_train=abc``) are errors naming the option and what it expects, not a TypeError from deep inside."""
+def _check_options(loader: Callable[..., EncodingDataset], spec: str, options: dict[str, Any]) -> None:
+    """Check ``options`` against ``loader``'s signature: unknown names and values of the wrong type
+    (``n_train=abc``) are errors naming the option and what it expects, not a TypeError from deep inside."""
     params = inspect.signature(loader).parameters
     for key, value in options.items():
         param = params.get(key)
@@ -58,6 +58,11 @@ def _call_loader(loader: Callable[..., EncodingDataset], spec: str, options: dic
         if not ok:
             what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
             raise DataValidationError(spec, f"option {key}", f"got {quote(value)}; expected {what} such as {default!r}")
+
+
+def _call_loader(loader: Callable[..., Any], spec: str, options: dict[str, Any]) -> Any:
+    """Call ``loader`` (or its cheap argument check) after :func:`_check_options`, naming the spec in errors."""
+    _check_options(loader, spec, options)
     try:
         return loader(**options)
     except TypeError as exc:
@@ -66,6 +71,71 @@ def _call_loader(loader: Callable[..., EncodingDataset], spec: str, options: dic
         if exc.source != "<in memory>":
             raise
         raise DataValidationError(spec, f"option {exc.field}", exc.problem) from exc  # name what was given
+
+
+def _resolve(text: str, val_fraction: float, seed: int, load_responses: bool,
+             kwargs: dict[str, Any]) -> tuple[Callable[..., EncodingDataset], dict[str, Any], str]:
+    """(loader, its keyword arguments, what the spec names): every check of a spec that reads no file."""
+    if text == "virtual" or text.startswith("virtual:"):
+        from llmvem.data.virtual_brain import make_virtual_brain
+
+        options = {**(parse_options(text.split(":", 1)[1]) if ":" in text else {}), **kwargs}
+        return make_virtual_brain, {"seed": seed, **options}, "built-in virtual brain"
+    if text.startswith("v4:"):
+        from llmvem.data.v4 import load_v4
+
+        try:
+            _, root, session = text.split(":", 2)
+        except ValueError as exc:
+            raise DataValidationError(text, "dataset spec", "expected 'v4:ROOT:SESSION'") from exc
+        return load_v4, {"root": root, "session": session, "val_fraction": val_fraction, "seed": seed,
+                         **kwargs}, f"V4 session {session} under {root}"
+    path = Path(text)
+    if not path.exists():
+        raise DataValidationError(path, "dataset", "no such file or folder; expected 'virtual', 'v4:ROOT:SESSION',"
+                                  " an Algonauts subject folder or a generic dataset folder")
+    if (path / "training_split").is_dir():
+        from llmvem.data.algonauts import load_algonauts
+
+        return load_algonauts, {"subject_dir": path, "val_fraction": val_fraction, "seed": seed,
+                                **({} if load_responses else {"load_responses": False}),
+                                **kwargs}, f"Algonauts subject folder {path}"
+    if any((path / name).exists() for name in ("responses.npy", "responses.h5", "responses.hdf5")):
+        from llmvem.data.folder import load_folder
+
+        return load_folder, {"path": path, "val_fraction": val_fraction, "seed": seed, **kwargs}, \
+            f"dataset folder {path}"
+    raise DataValidationError(path, "dataset", "not a known layout: expected 'training_split/' (Algonauts 2023)"
+                              " or 'responses.npy'/'responses.h5' (generic folder)")
+
+
+def check_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, **kwargs: Any) -> str:
+    """Check a spec as :func:`load_dataset` would before its first expensive step, reading no image and no
+    response file: the layout, the options (names, types) and, for the virtual brain, their values and its size
+    (:func:`~llmvem.data.virtual_brain.check_virtual_brain`). ``llmvem config validate`` and ``llmvem train``
+    both run it, so they agree.
+
+    Returns
+    -------
+    str
+        What the spec names (``"built-in virtual brain"``, ``"dataset folder PATH"``...).
+
+    Raises
+    ------
+    DataValidationError
+        The errors :func:`load_dataset` gives for the same spec and options.
+    """
+    text = str(spec)
+    loader, options, what = _resolve(text, val_fraction, seed, True, kwargs)
+    _check_options(loader, text, options)
+    if loader.__name__ == "make_virtual_brain":  # its argument checks, without drawing a scene
+        from llmvem.data.virtual_brain import check_virtual_brain
+
+        bound = inspect.signature(loader).bind(**options)
+        bound.apply_defaults()
+        _call_loader(check_virtual_brain, text, {k: bound.arguments[k]
+                                                 for k in inspect.signature(check_virtual_brain).parameters})
+    return what
 
 
 def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, load_responses: bool = True,
@@ -85,38 +155,8 @@ def load_dataset(spec: str | Path, val_fraction: float = 0.0, seed: int = 0, loa
         Passed to the loader (e.g. ``n_train`` for the virtual brain).
     """
     text = str(spec)
-    if text == "virtual" or text.startswith("virtual:"):
-        from llmvem.data.virtual_brain import make_virtual_brain
-
-        options = {**(parse_options(text.split(":", 1)[1]) if ":" in text else {}), **kwargs}
-        ds = _call_loader(make_virtual_brain, text, {"seed": seed, **options})
-    elif text.startswith("v4:"):
-        from llmvem.data.v4 import load_v4
-
-        try:
-            _, root, session = text.split(":", 2)
-        except ValueError as exc:
-            raise DataValidationError(text, "dataset spec", "expected 'v4:ROOT:SESSION'") from exc
-        ds = _call_loader(load_v4, text, {"root": root, "session": session, "val_fraction": val_fraction,
-                                          "seed": seed, **kwargs})
-    else:
-        path = Path(text)
-        if not path.exists():
-            raise DataValidationError(path, "dataset", "no such file or folder; expected 'virtual', 'v4:ROOT:SESSION',"
-                                      " an Algonauts subject folder or a generic dataset folder")
-        if (path / "training_split").is_dir():
-            from llmvem.data.algonauts import load_algonauts
-
-            ds = _call_loader(load_algonauts, text, {"subject_dir": path, "val_fraction": val_fraction, "seed": seed,
-                                                     **({} if load_responses else {"load_responses": False}),
-                                                     **kwargs})
-        elif any((path / name).exists() for name in ("responses.npy", "responses.h5", "responses.hdf5")):
-            from llmvem.data.folder import load_folder
-
-            ds = _call_loader(load_folder, text, {"path": path, "val_fraction": val_fraction, "seed": seed, **kwargs})
-        else:
-            raise DataValidationError(path, "dataset", "not a known layout: expected 'training_split/' (Algonauts 2023)"
-                                      " or 'responses.npy'/'responses.h5' (generic folder)")
+    loader, options, _ = _resolve(text, val_fraction, seed, load_responses, kwargs)
+    ds = _call_loader(loader, text, options)
     if val_fraction > 0 and ds.val is None:
         ds = ds.with_validation_split(val_fraction, seed)
     return ds

@@ -77,7 +77,8 @@ class CaptionedSpec:
         return f"captioned folder {self.root} (images/, caption file {self.captions_file})"
 
 
-def parse_captioned_spec(spec: str, captions_file: str | Path | None = None) -> CaptionedSpec:
+def parse_captioned_spec(spec: str, captions_file: str | Path | None = None, image_size: int = 64,
+                         max_images: int | None = None) -> CaptionedSpec:
     """Check a spec's syntax and paths without reading an image or the caption file.
 
     Parameters
@@ -86,6 +87,10 @@ def parse_captioned_spec(spec: str, captions_file: str | Path | None = None) -> 
         ``"virtual-scenes:n=N,seed=S"`` or a folder with ``images/`` and a caption file.
     captions_file : str or Path, optional
         Caption file of a folder spec (relative paths are relative to the folder); default: found in it.
+    image_size, max_images : int
+        Side of virtual scenes and the stream's cap (``align_data.max_images``): the scenes to draw, at most
+        :data:`llmvem.data.sizes.MAX_GENERATED_IMAGES`, must fit the memory available
+        (:func:`llmvem.data.sizes.check_generated_size`).
 
     Raises
     ------
@@ -109,6 +114,10 @@ def parse_captioned_spec(spec: str, captions_file: str | Path | None = None) -> 
             if not isinstance(value, int) or value < low:
                 raise DataValidationError(spec, f"virtual-scenes option {key}", f"got {value!r}; expected an "
                                           f"integer >= {low}")
+        from llmvem.data.sizes import check_generated_size
+
+        check_generated_size(n if max_images is None else min(n, max_images), image_size, spec,
+                             "virtual-scenes option n")
         return CaptionedSpec(spec, n=n, seed=seed)
     root = Path(spec).expanduser()
     if not (root / "images").is_dir():
@@ -150,7 +159,7 @@ def load_captioned_images(spec: str, captions_file: str | Path | None = None, im
     DataValidationError
         Naming the spec / folder / file and what was expected (:func:`parse_captioned_spec` first).
     """
-    parsed = parse_captioned_spec(spec, captions_file)
+    parsed = parse_captioned_spec(spec, captions_file, image_size, max_images)
     if parsed.root is None:
         from llmvem.data.virtual_brain import make_virtual_scenes
 

@@ -302,6 +302,30 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
+def check_virtual_brain(n_train: int, n_test: int, image_size: int, n_early: int, n_semantic: int, n_repeats: int,
+                        n_relational: int) -> None:
+    """The argument checks of :func:`make_virtual_brain`, drawing nothing (``config validate`` runs them too):
+    an image side that is a multiple of 24, sizes >= 1 and at most :data:`llmvem.data.sizes.MAX_GENERATED_IMAGES`
+    images that fit the memory available.
+
+    Raises
+    ------
+    DataValidationError
+        Naming the option (source ``<in memory>``; :func:`llmvem.data.load_dataset` names the spec).
+    """
+    from llmvem.data.sizes import check_generated_size
+
+    if image_size % _GRID != 0 or image_size < _GRID:
+        raise DataValidationError(None, "image_size", f"got {image_size}, expected a multiple of {_GRID}")
+    if n_relational < 0:
+        raise DataValidationError(None, "n_relational", f"got {n_relational}, expected >= 0")
+    if n_train < 2 or n_test < 2 or n_repeats < 1 or n_early + n_semantic + n_relational < 1:
+        raise DataValidationError(None, "virtual brain size", "expected n_train, n_test >= 2, n_repeats >= 1, voxels >= 1")
+    n_voxels = n_early + n_semantic + n_relational
+    check_generated_size(n_train + n_test, image_size, None, "n_train + n_test",
+                         values_per_image=(n_repeats + 3) * n_voxels)
+
+
 def make_virtual_brain(
     n_train: int = 500,
     n_test: int = 100,
@@ -341,12 +365,7 @@ def make_virtual_brain(
         hemisphere labels; the true noise ceiling; one exact description per image in ``captions``;
         ``meta["ground_truth"]`` with the noise-free signal, the voxel parameters and the scenes.
     """
-    if image_size % _GRID != 0 or image_size < _GRID:
-        raise DataValidationError(None, "image_size", f"got {image_size}, expected a multiple of {_GRID}")
-    if n_relational < 0:
-        raise DataValidationError(None, "n_relational", f"got {n_relational}, expected >= 0")
-    if n_train < 2 or n_test < 2 or n_repeats < 1 or n_early + n_semantic + n_relational < 1:
-        raise DataValidationError(None, "virtual brain size", "expected n_train, n_test >= 2, n_repeats >= 1, voxels >= 1")
+    check_virtual_brain(n_train, n_test, image_size, n_early, n_semantic, n_repeats, n_relational)
     scene_seq, voxel_seq, noise_seq, render_seq = np.random.SeedSequence(seed).spawn(4)
     scene_rng, voxel_rng = np.random.default_rng(scene_seq), np.random.default_rng(voxel_seq)
     noise_rng, render_rng = np.random.default_rng(noise_seq), np.random.default_rng(render_seq)

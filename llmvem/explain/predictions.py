@@ -76,6 +76,8 @@ def resolve_model_dir(run: str | Path, model: str | None = None, for_text: bool 
         return run
     models = run / "models"
     if not models.is_dir():
+        if (err := _missing_model_file(run)) is not None:
+            raise err
         raise CheckpointError(f"{run}: neither a trained-model folder (config.yaml + model.safetensors) nor an "
                               "experiment folder with models/")
     found = _positive_lambda_models(models)
@@ -83,8 +85,8 @@ def resolve_model_dir(run: str | Path, model: str | None = None, for_text: bool 
                                                 if d.is_dir() and not is_model_folder(d) and _servable(d))
     if model is not None:
         if model not in names:
-            raise CheckpointError(f"{models / model}: no trained model of that name; models in {run}: "
-                                  f"{', '.join(names) or 'none'}")
+            raise _missing_model_file(models / model) or CheckpointError(
+                f"{models / model}: no trained model of that name; models in {run}: {', '.join(names) or 'none'}")
         return models / model
     positive_names = [d.name for d, lam in found if lam > 0]
     chosen = _chosen_in_run(run, positive_names if for_text else names)
@@ -93,9 +95,25 @@ def resolve_model_dir(run: str | Path, model: str | None = None, for_text: bool 
     positive = [d for d, lam in found if lam > 0]
     if len(positive) == 1:
         return positive[0]
+    incomplete = [e for d in sorted(models.iterdir()) if (e := _missing_model_file(d)) is not None]
+    if incomplete and not names:  # say which file is missing, not "0 models among none"
+        raise incomplete[0]
     raise CheckpointError(f"{run}: cannot choose a model ({len(positive)} trained with λ > 0 among "
                           f"{', '.join(names) or 'none'}, and no metrics.json to choose on validation); name one "
                           "with --model")
+
+
+def _missing_model_file(folder: Path) -> CheckpointError | None:
+    """The error naming the missing file of a model folder that holds some, not all, of a trained network's
+    files (``config.yaml``, ``model.safetensors``: a folder copied incompletely); None otherwise."""
+    from llmvem.train.load import MODEL_FILES
+
+    present = [n for n in MODEL_FILES if (folder / n).is_file()]
+    if not present or len(present) == len(MODEL_FILES):
+        return None
+    missing = next(n for n in MODEL_FILES if n not in present)
+    return CheckpointError(f"{folder / missing}: missing; a trained-model folder holds {' and '.join(MODEL_FILES)} "
+                           "(was it copied incompletely?)")
 
 
 def _chosen_in_run(run: Path, names: list[str]) -> str | None:

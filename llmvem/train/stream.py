@@ -146,14 +146,15 @@ def check_align_data(config: RunConfig) -> str | None:
     Raises
     ------
     DataValidationError
-        A malformed ``virtual-scenes:`` spec, a missing folder, a folder without ``images/`` or caption file.
+        A malformed ``virtual-scenes:`` spec, more scenes than :data:`llmvem.data.sizes.MAX_GENERATED_IMAGES` or
+        than fit in memory, a missing folder, a folder without ``images/`` or caption file.
     """
     from llmvem.data.captioned import parse_captioned_spec
 
     a = config.align_data
     if a.spec is None:
         return None
-    line = parse_captioned_spec(a.spec, a.captions_file).describe()
+    line = parse_captioned_spec(a.spec, a.captions_file, config.data.image_size, a.max_images).describe()
     return line + ("" if stream_is_used(config) else " (unused: model.lambda_align or align_data.weight is 0)")
 
 
