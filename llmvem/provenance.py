@@ -158,7 +158,7 @@ def append_ledger(ledger: str | Path, benchmark: str, read: str, *, config: Any 
            "benchmark": benchmark, "config_hash": config_hash(config) or "", "sessions": " ".join(sessions),
            "read": read}
     with open(path, "a", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LEDGER_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=LEDGER_FIELDS, lineterminator="\n")  # one line ending in git
         if new:
             writer.writeheader()
         writer.writerow(row)
