@@ -20,9 +20,10 @@ batches join the voxel steps, covering the stream once per epoch) and per-loss g
 is chosen on the **validation** r of the relational voxels (mean over seeds, :func:`llmvem.evaluate.selection.
 choose_model`); every model is trained with ≥ 3 seeds, and the test figures are the mean over seeds with 95%
 intervals of a bootstrap over seeds × test images (:func:`llmvem.evaluate.seeds.seed_bootstrap`), Δ against the
-λ = 0 model of the same seeds. ``language_unmatched`` repeats the stream run's language model on the engine before
-matching (``train.epoch=all_batches``, global clipping): the earlier +0.057 [+0.030, +0.085] (one seed) was
-measured that way.
+λ = 0 model of the same seeds. Two reference rows repeat the stream run's language model at its λ on other
+engines: ``language_unmatched`` before matching (``train.epoch=all_batches``, one global clipping norm), as the
+earlier +0.057 [+0.030, +0.085] (one seed) was measured, and ``language_global_clip`` with matched steps but global
+clipping (does clipping per loss matter?).
 
 Usage::
 
@@ -65,8 +66,11 @@ RUNS = ("brain_captions", "extra")
 #: The config of each row (on top of the run's): what the head is aligned to.
 TARGETS = {"language": ["model.align_target=captions"], "non_language": ["model.align_target=attributes"],
            "shuffled": ["model.align_target=captions", "captions.shuffle=true", "captions.shuffle_seed=1"]}
-#: The engine before matching (the earlier +0.057 was measured with it).
-UNMATCHED = ["train.epoch=all_batches", "train.clip_per_loss=false"]
+#: Reference rows of the stream run, the language model at its λ on other engines: before matching (every stream
+#: batch its own step, one global clipping norm: the earlier +0.057 was measured so), and matched steps with global
+#: clipping (does clipping per loss matter?).
+REFERENCE_ROWS = {"language_unmatched": ["train.epoch=all_batches", "train.clip_per_loss=false"],
+                  "language_global_clip": ["train.clip_per_loss=false"]}
 
 #: Sizes of each mode. The core kinds were chosen on validation at λ = 0 before matching (full: mlp 0.146 vs
 #: linear 0.091; BENCHMARKS.md "Alignment: full run"); λ = 0 trains exactly as then (matching changes only models
@@ -92,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", type=Path, default=None, help="caption-embedding / feature cache (default: temp)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--ledger", type=Path, default=DEFAULT_LEDGER, help="test-read ledger (default: %(default)s)")
-    ap.add_argument("--no-unmatched", action="store_true", help="skip the language_unmatched reference row")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference rows (other engines)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: at most 2)")
     return ap.parse_args(argv)
 
@@ -185,7 +189,7 @@ def _steps(rec: dict[str, Any], name: str) -> int:
     return steps.pop()
 
 
-def run(mode_name: str, cache_dir: Path, data_seed: int, seeds: list[int] | None = None, unmatched: bool = True,
+def run(mode_name: str, cache_dir: Path, data_seed: int, seeds: list[int] | None = None, reference: bool = True,
         log_fn: Any = print) -> dict[str, Any]:
     mode = {**MODES[mode_name], **({"seeds": list(seeds)} if seeds else {})}
     t0 = time.perf_counter()
@@ -206,9 +210,10 @@ def run(mode_name: str, cache_dir: Path, data_seed: int, seeds: list[int] | None
         models = {"lambda0": zero, **{row: fits.fit(lam_name(row, run_name, chosen[row]), run_name,
                                                      [*TARGETS[row], f"model.lambda_align={chosen[row]}"])
                                       for row in ("language", "non_language", "shuffled")}}
-        if unmatched and run_name == "extra":
-            models["language_unmatched"] = fits.fit(f"{run_name}/language_unmatched", run_name, [
-                *TARGETS["language"], f"model.lambda_align={chosen['language']}", *UNMATCHED])
+        if reference and run_name == "extra":
+            for row, engine in REFERENCE_ROWS.items():
+                models[row] = fits.fit(f"{run_name}/{row}", run_name, [
+                    *TARGETS["language"], f"model.lambda_align={chosen['language']}", *engine])
         # test figures: read once, for the chosen models only
         rows: dict[str, Any] = {"lambda0": {**seed_mean_ci(y_test, zero["test"], mode["n_boot"]),
                                             "val_mean_r": zero["val_mean_r"]}}
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             res = run(mode, args.cache_dir or Path(tmp) / "cache", args.data_seed, args.seeds,
-                      unmatched=not args.no_unmatched)
+                      reference=not args.no_reference)
     finally:
         quiet.setLevel(level)  # called in-process (tests): leave logging as it was
     results = {**result_header("alignment_positive_control", "bench/bench_alignment.py", argv,
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{mode} run: {res['seconds']:.0f} s")
     write_results(args.out, results)
     append_ledger(args.ledger, "alignment_positive_control",
-                  f"test: {mode}, {ROI} voxels, rows {', '.join(ROWS)} (+ language_unmatched) x runs "
+                  f"test: {mode}, {ROI} voxels, rows {', '.join(ROWS)} (+ {', '.join(REFERENCE_ROWS)}) x runs "
                   f"{', '.join(RUNS)}, chosen λ only, {len(res['settings']['seeds'])} seeds",
                   config=base_config(MODES[mode], Path("<cache>")), sessions=[f"virtual_brain_seed{args.data_seed}"])
     print(f"results: {args.out}; ledger: {args.ledger}")

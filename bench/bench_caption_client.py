@@ -11,7 +11,7 @@ Each C sends ``waves × C`` requests (small random 64×64 JPEG images) through
 opening C connections to the threaded fake server: ~0.1-0.3 s once per job) and *steady state* (the answers after
 the first C, over the time between the C-th and the last answer: what a long captioning job sees). The 10% target
 applies to the steady state. Every request goes to the loopback address, bounded in count, and the server stops by
-itself.
+itself. Writes ``bench/results/caption_client.json`` (``--out``; strict JSON with the provenance header).
 
 Usage::
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,22 +30,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "caption_client.json"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the fake server lives with the tests that also use it
+
+from fake_openai_server import spawn_server  # noqa: E402
 
 from llmvem.captions.openai_compat import OpenAICaptioner  # noqa: E402
 from llmvem.data.images import ArrayImages  # noqa: E402
-
-
-def start_server(delay: float, lifetime: float, max_requests: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--delay", str(delay), "--lifetime",
-         str(lifetime), "--max-requests", str(max_requests)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http://127.0.0.1:"):
-        proc.kill()
-        raise RuntimeError(f"fake server did not start (printed {url!r})")
-    return proc, url
+from llmvem.provenance import result_header, write_results  # noqa: E402
 
 
 def measure(url: str, concurrency: int, n_requests: int, images: ArrayImages) -> tuple[float, float]:
@@ -66,21 +58,22 @@ def measure(url: str, concurrency: int, n_requests: int, images: ArrayImages) ->
     return end_to_end, steady
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--delay", type=float, default=1.0, help="seconds the server takes per request (d)")
     ap.add_argument("--concurrency", type=int, action="append", help="requests in flight (C); repeatable")
     ap.add_argument("--waves", type=int, default=6, help="requests per C = waves x C (at least 2)")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if args.waves < 2:
+        ap.error("--waves must be at least 2")
     levels = args.concurrency or [1, 2, 4, 8, 16, 32, 64]
     n_max = max(levels) * args.waves
     rng = np.random.default_rng(0)
     images = ArrayImages(rng.integers(0, 256, size=(n_max, 64, 64, 3), dtype=np.uint8))
     total = sum(c * args.waves for c in levels)
     lifetime = sum(args.waves * args.delay + 5 for _ in levels) + 30
-    server, url = start_server(args.delay, lifetime, total + 10)
-    if args.waves < 2:
-        ap.error("--waves must be at least 2")
+    server, url = spawn_server(args.delay, lifetime, total + 10)
     rows = []
     try:
         for c in levels:
@@ -102,6 +95,14 @@ def main() -> None:
     worst = min(r[5] for r in rows)
     print(f"\nworst steady-state ratio {worst:.3f} ({'within' if worst >= 0.9 else 'NOT within'} 10% of C/d); "
           f"worst end-to-end ratio {min(r[7] for r in rows):.3f}")
+    keys = ("concurrency", "delay_s", "requests", "expected_rps", "steady_rps", "steady_ratio", "end_to_end_rps",
+            "end_to_end_ratio")
+    results = {**result_header("caption_client", "bench/bench_caption_client.py", argv, seeds=[0]),
+               "settings": {"delay_s": args.delay, "waves": args.waves, "load_average_end": load},
+               "rows": [dict(zip(keys, r, strict=True)) for r in rows], "worst_steady_ratio": worst}
+    write_results(args.out, results)
+    print(f"results: {args.out}")
+    return results
 
 
 if __name__ == "__main__":

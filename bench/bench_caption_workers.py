@@ -10,7 +10,8 @@ Two rates are shown: *wall* (images over the time from starting the processes to
 Python start-up and imports, ~2-5 s per process on a loaded 2-core machine) and *captioning* (images over the span
 between the first and the last stored caption, plus one request time ``d``: what a 73k-image job sees). The
 speed-up target (≥ 0.9 × N at N = 4) applies to the captioning rate. Every run checks that each image was
-captioned exactly once and that the servers received exactly one request per image.
+captioned exactly once and that the servers received exactly one request per image. Writes
+``bench/results/caption_workers.json`` (``--out``; strict JSON with the provenance header).
 
 Usage::
 
@@ -34,10 +35,13 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "caption_workers.json"
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # the fake server lives with the tests that also use it
 
-from bench_caption_client import start_server  # noqa: E402
+from fake_openai_server import spawn_server  # noqa: E402
+
+from llmvem.provenance import result_header, write_results  # noqa: E402
 
 
 def make_images(folder: Path, n: int) -> None:
@@ -49,7 +53,7 @@ def make_images(folder: Path, n: int) -> None:
 
 def run(n_workers: int, images: Path, n_images: int, delay: float, in_flight: int, work: Path) -> dict:
     store = work / f"captions_{n_workers}.sqlite"
-    servers = [start_server(delay, lifetime=600, max_requests=10 * n_images) for _ in range(n_workers)]
+    servers = [spawn_server(delay, lifetime=600, max_requests=10 * n_images) for _ in range(n_workers)]
     env = {**os.environ, "LLMVEM_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
     try:
         t0 = time.perf_counter()
@@ -80,13 +84,14 @@ def run(n_workers: int, images: Path, n_images: int, delay: float, in_flight: in
             "rate": n_images / span, "done": done}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--delay", type=float, default=0.25, help="seconds per request (fixed server latency)")
     parser.add_argument("--in-flight", type=int, default=4, help="requests in flight per worker")
     parser.add_argument("--workers", type=int, action="append", help="worker counts (default 1, 2, 4)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
     counts = args.workers or [1, 2, 4]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -100,9 +105,15 @@ def main() -> None:
           "worker |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        speedup = r["rate"] / base
+        r["speedup"] = r["rate"] / base
         print(f"| {r['workers']} | {r['wall_s']:.1f} | {r['wall_rate']:.1f} | {r['span_s']:.1f} | {r['rate']:.1f} | "
-              f"{speedup:.2f} | {speedup / r['workers']:.2f} | {', '.join(map(str, r['done']))} |")
+              f"{r['speedup']:.2f} | {r['speedup'] / r['workers']:.2f} | {', '.join(map(str, r['done']))} |")
+    out = {**result_header("caption_workers", "bench/bench_caption_workers.py", argv, seeds=[0]),
+           "settings": {"images": args.images, "delay_s": args.delay, "in_flight": args.in_flight},
+           "runs": results}
+    write_results(args.out, out)
+    print(f"results: {args.out}")
+    return out
 
 
 if __name__ == "__main__":

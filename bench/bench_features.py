@@ -24,6 +24,8 @@ Usage::
     python bench/bench_features.py                           # lite0, resnet18, vit_tiny; 128 images (~1.5 min)
     python bench/bench_features.py --model timm:convnext_atto --n-images 256
     python bench/bench_features.py --memory-only             # the cache-memory table alone (~1 min)
+
+Writes ``bench/results/features.json`` (``--out``; strict JSON with the provenance header).
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "features.json"
 sys.path.insert(0, str(ROOT))
 
 from llmvem.data.images import ArrayImages, FileImages, ImageCollection  # noqa: E402
 from llmvem.embed import FeatureCache, compute_features, extract_features, load_backbone  # noqa: E402
+from llmvem.provenance import result_header, write_results  # noqa: E402
 
 
 def bench_images(n: int) -> tuple[Callable[[], ImageCollection], str]:
@@ -65,8 +69,8 @@ def best_rate(fn, n: int, repeats: int) -> float:
     return n / min(times)
 
 
-def bench_one(name: str, fresh: Callable[[], ImageCollection], n: int, bs: int, repeats: int) -> str:
-    """One table row: forward, end-to-end and cached-rerun images/s of backbone ``name``."""
+def bench_one(name: str, fresh: Callable[[], ImageCollection], n: int, bs: int, repeats: int) -> dict:
+    """Forward, end-to-end and cached-rerun images/s of backbone ``name`` (one table row, :func:`format_row`)."""
     # timm models are random-init here: speed does not depend on the weights, and nothing downloads.
     backbone = load_backbone(name, pretrained=name == "efficientnet_lite0", device="cpu").eval()
     s = backbone.image_size
@@ -91,7 +95,13 @@ def bench_one(name: str, fresh: Callable[[], ImageCollection], n: int, bs: int, 
         extract(cache)
         cached = best_rate(lambda: extract(cache), n, repeats)
     n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
-    return f"| {backbone.model_id} | {n_params:.1f} M | {s}² | {fwd:.1f} | {e2e:.1f} | {cached:.0f} |"
+    return {"backbone": backbone.model_id, "params_m": n_params, "input_px": s, "forward_img_s": fwd,
+            "end_to_end_img_s": e2e, "cached_img_s": cached}
+
+
+def format_row(r: dict) -> str:
+    return (f"| {r['backbone']} | {r['params_m']:.1f} M | {r['input_px']}² | {r['forward_img_s']:.1f} | "
+            f"{r['end_to_end_img_s']:.1f} | {r['cached_img_s']:.0f} |")
 
 
 MEMORY_BLOCKS = ("block2", "block5", "block8", "block12", "block15")
@@ -141,7 +151,7 @@ def format_memory(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=None,
                         help="backbone name (repeatable); default: efficientnet_lite0, timm:resnet18, "
@@ -152,18 +162,24 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also print the cache-memory table")
     parser.add_argument("--memory-only", action="store_true", help="only the cache-memory table")
     parser.add_argument("--memory-images", type=int, default=64, help="images the memory table is measured on")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
     os.environ.setdefault("LLMVEM_NO_PROGRESS", "1")
     models = args.model or ["efficientnet_lite0", "timm:resnet18", "timm:vit_tiny_patch16_224"]
     fresh, what = bench_images(args.n_images)
     n, bs = len(fresh()), args.batch_size
     print(f"{what}, batch {bs}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print()
+    results = {**result_header("feature_extraction", "bench/bench_features.py", argv, seeds=[0]),
+               "settings": {"images": what, "batch_size": bs, "repeats": args.repeats,
+                            "threads": torch.get_num_threads()}}
     if not args.memory_only:
         print("| backbone | params | input | forward img/s | end-to-end img/s | cached rerun img/s |")
         print("|---|---|---|---|---|---|")
+        results["speed"] = []
         for name in models:
-            print(bench_one(name, fresh, n, bs, args.repeats), flush=True)
+            results["speed"].append(bench_one(name, fresh, n, bs, args.repeats))
+            print(format_row(results["speed"][-1]), flush=True)
         print()
     if args.memory or args.memory_only:
         mem_fresh, mem_what = bench_images(args.memory_images)
@@ -171,6 +187,10 @@ def main() -> None:
         print(f"Feature cache per 1,000 images, EfficientNet-Lite0 at 224 px (measured on {mem_what}, "
               f"{rows[0]['seconds']:.0f} s for all specs in float32):")
         print(format_memory(rows))
+        results["cache_memory"] = {"images": mem_what, "rows": rows}
+    write_results(args.out, results)
+    print(f"results: {args.out}")
+    return results
 
 
 if __name__ == "__main__":

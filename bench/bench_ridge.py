@@ -17,6 +17,8 @@ float32 response matrix, the rise of RSS during the fit (peak minus RSS just bef
 ratio, the largest absolute difference between the two models' predictions on 200 held-out samples (responses
 have unit noise variance), the fraction of voxels where both chose the same alpha, and the largest prediction
 difference over those voxels (where a float32 near-tie made them pick different alphas, predictions differ more).
+Writes ``bench/results/ridge.json`` (``--out``; strict JSON with the provenance header, one record per method and
+size).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmvem.provenance import result_header, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "ridge.json"
+#: Not the package's ``DEFAULT_ALPHAS``: a 10-value grid both libraries get, so that timings compare like for like.
 ALPHAS = np.logspace(-2, 7, 10)
 N_TEST = 200
 DEFAULT_SIZES = ["1000x5000x256", "3000x10000x512"]
@@ -107,7 +115,7 @@ def worker(method: str, size: str, out_dir: str, device: str = "cpu") -> None:
 
 
 def run_one(method: str, size: str, out_dir: str, timeout: float, device: str = "cpu") -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--size", size, "--out", out_dir, "--device", device]
+    cmd = [sys.executable, __file__, "--worker", method, "--size", size, "--worker-dir", out_dir, "--device", device]
     try:
         subprocess.run(cmd, check=True, timeout=timeout, env={**os.environ, "LLMVEM_NO_PROGRESS": "1"})
     except subprocess.TimeoutExpired:
@@ -117,20 +125,21 @@ def run_one(method: str, size: str, out_dir: str, timeout: float, device: str = 
     return json.loads((Path(out_dir) / f"{method}.json").read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", action="append", help="n_samples x n_voxels x n_features (repeatable)")
     ap.add_argument("--nsd", action="store_true", help=f"also run NSD size {NSD_SIZE} (llmvem only)")
     ap.add_argument("--nsd-himalaya", action="store_true", help="with --nsd, run himalaya at NSD size too")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and size")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both libraries run on it; GPU timings)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.size, args.out, args.device)
-        return
+        worker(args.worker, args.size, args.worker_dir, args.device)
+        return None
 
     sizes = list(args.sizes or DEFAULT_SIZES)
     for s in sizes:
@@ -141,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'+fit GiB':>10}{'him/ours':>10}{'max|Δpred|':>12}{'same α':>8}{'Δ(same α)':>11}")
     print(header)
     print("-" * len(header))
+    records: list[dict] = []
+    ours = None
     for size in sizes:
         methods = ["llmvem", "himalaya"]
         if size == NSD_SIZE and not args.nsd_himalaya:
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             ours = res["llmvem"] if "failed" not in res["llmvem"] else None
             for m in methods:
                 r = res[m]
+                records.append({"size": size, "method": m, **r})
                 if "failed" in r:
                     print(f"{size:<24}{m:<10}{r['failed']:>9}", flush=True)
                     continue
@@ -162,12 +174,21 @@ def main(argv: list[str] | None = None) -> None:
                     diff = f"{d.max():.2e}"
                     same = f"{np.mean(agree):.4f}"
                     diff_same = f"{d[:, agree].max():.2e}" if agree.any() else "-"
+                    records[-1].update(himalaya_over_llmvem=r["seconds"] / ours["seconds"], max_abs_diff=float(d.max()),
+                                       same_alpha=float(np.mean(agree)),
+                                       max_abs_diff_same_alpha=float(d[:, agree].max()) if agree.any() else None)
                 extra = (r["peak_rss"] - r["rss_before_fit"]) / 2**30
                 print(f"{size:<24}{m:<10}{r['seconds']:>9.2f}{r['peak_rss'] / 2**30:>10.2f}"
                       f"{r['peak_rss'] / r['y_bytes']:>8.2f}{extra:>10.2f}{ratio:>10}{diff:>12}{same:>8}"
                       f"{diff_same:>11}", flush=True)
     print(f"\n{os.cpu_count()} CPU cores visible; torch threads {ours['threads'] if ours else '?'}; "
           "alphas = logspace(-2, 7, 10); 5 unshuffled folds; R² scoring; float32.")
+    results = {**result_header("ridge_vs_himalaya", "bench/bench_ridge.py", argv, seeds=[0]),
+               "settings": {"alphas": ALPHAS.tolist(), "folds": 5, "n_test": N_TEST, "device": args.device},
+               "rows": records}
+    write_results(args.out, results)
+    print(f"results: {args.out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
 """Speed of the spatial readouts on the V4 sessions: stage 1 on cached maps and stage 2, against the pooled model.
 
 Issue 15's speed criterion, measured in ONE run (one process, the models of a session fitted one after the other,
-so the ratios share the machine's load): for every V4 session, four LLM-VEM models at λ = 0 with
-``bench_v4``'s settings and readout layers (the ridge baseline's validation choice):
+so the ratios share the machine's load), a client of llmvem: for every V4 session, the shipped ``v4_spatial``
+config with ``evaluate.models`` replaced by six LLM-VEM networks at λ = 0, fitted by
+:func:`llmvem.pipeline.run_experiment` into one ordinary run folder per session (``--runs-dir``):
 
-* ``pooled`` — today's model: PCA voxel mapping on globally pooled layers;
-* ``factorized`` / ``gaussian`` — the same plus a spatial readout residual (``bench_v4.SPATIAL_LAYERS``: cached
-  7×7 maps of block5 and block8 at the stimuli's 112 px); the factorized one as ``bench_v4`` fits it (ridge
-  start, stage-1 patience ``bench_v4.SPATIAL_STAGE1_PATIENCE``), the Gaussian one with the pooled model's patience.
+* ``pooled`` — the PCA voxel mapping on the config's pooled layers (no spatial readout);
+* ``factorized`` — the ``v4_spatial`` config's ``spatial`` model as it declares it (its ``set``: the cached 7×7
+  maps of block5 and block8 at 112 px, factorized readout with the ridge start, residual mode, stage-1 patience 3);
+* ``gaussian`` — the same with a Gaussian readout and the pooled model's stage-1 patience.
 
-Each is fitted twice: frozen (stage 1 only, ``bench_v4``'s stage-1 settings with early stopping) and fine-tuned
-with a fixed number of stage-2 epochs (``--stage2-epochs``, default 1, so that stage-2 time does not depend on
-early stopping). Reported per session and as medians over sessions, each spatial model / pooled:
+Each is fitted twice: ``_frozen`` (stage 1 only, with early stopping) and ``_finetuned`` with a fixed number of
+stage-2 epochs (``--stage2-epochs``, default 1, early stopping off, so that stage-2 time does not depend on it). The
+three readouts are fitted in an order rotated by the session's index (the first fit of a process pays for
+warm-up). Reported per session and as medians over sessions, each spatial model / pooled:
 
-* ``stage1_fit`` — wall time of the frozen model's fit + prediction (what a user waits for per session);
-* ``stage1_loop`` — seconds of the stage-1 training loop alone (no validation, no setup), and per epoch;
+* ``stage1_fit`` — wall time of the frozen model's fit + prediction (the runner's per-model seconds);
+* ``stage1_loop`` — seconds of the stage-1 training loop alone (the model's ``training.json``), and per epoch;
 * ``stage2_loop`` — seconds of the stage-2 training loop, and per epoch;
 * ``gemm_floor_ms`` — the bare matrix products a factorized readout of these maps must do per training step
   (forward ``x @ Wᵀ`` and the weight gradient ``dyᵀ @ x``, batch ``train.stage1.batch_size``), timed in the same
   process: the part of a spatial step that no implementation on this machine can remove.
 
+No test figure is printed (the runs' metrics.json hold them, unread here): no ledger line.
+
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/bench_spatial_speed.py --threads 1          # 9 sessions, ~13-35 min
+    OMP_NUM_THREADS=1 python bench/bench_spatial_speed.py --threads 1          # 9 sessions
     python bench/bench_spatial_speed.py --sessions 210322 --max-images 200     # code-path check
 
 On a GPU machine (every stage runs on the GPU when one is visible; ``bench/gpu_checks.sh`` does this), which cannot
@@ -35,42 +39,41 @@ read ``../shared`` nor load the text encoder, stage the sessions first, here::
 encoder); then ``--data DIR/v4_cowley2023 --cache-dir DIR/cache`` there. Image features are not staged (the GPU
 extracts them in seconds; the cached file is gigabytes).
 
-Exits 0 with a message when the data folder is absent. Results: ``bench/results/spatial_speed.json``.
+Exits 0 with a message when the data folder is absent. Results: ``bench/results/spatial_speed.json`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
-
-import bench_v4  # noqa: E402  (bench/ is on the path)
-
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "v4_cowley2023"
 DEFAULT_OUT = ROOT / "bench" / "results" / "spatial_speed.json"
 READOUTS = ("factorized", "gaussian")
-#: (name in this benchmark, bench_v4 model, spatial readout or None)
-MODELS = [(f"{kind}_{stage}", f"lambda0_{'spatial_' if kind != 'pooled' else ''}{stage}", kind)
-          for stage in ("frozen", "finetuned") for kind in ("pooled", *READOUTS)]
+KINDS = ("pooled", *READOUTS)
+#: ``--quick``: short training (a code-path check, not a figure).
+QUICK_OVERRIDES = ["train.stage1.epochs=15", "train.stage2.unfreeze_last_n=1"]
+#: The model names of one session: (name, readout).
+MODELS = [(f"{kind}_{stage}", kind) for stage in ("frozen", "finetuned") for kind in KINDS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=bench_v4.DEFAULT_DATA, help="V4 data folder (default: %(default)s)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="V4 data folder (default: %(default)s)")
     ap.add_argument("--sessions", nargs="+", default=None, help="session ids (default: every session found)")
     ap.add_argument("--stage2-epochs", type=int, default=1, help="fixed fine-tuning epochs (default 1)")
     ap.add_argument("--max-images", type=int, default=None, help="first N images of each session (for tests)")
-    ap.add_argument("--quick", action="store_true", help="bench_v4's short training (code-path check)")
+    ap.add_argument("--quick", action="store_true", help="short training (code-path check)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     ap.add_argument("--cache-dir", default="~/.cache/llmvem", help="captions / features cache (default: %(default)s)")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench_spatial_speed",
+                    help="one run folder per session (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--stage", type=Path, default=None, metavar="DIR",
@@ -137,64 +140,69 @@ def stage_sessions(args: argparse.Namespace, sessions: list[str], dest: Path) ->
     return {"files": files, "bytes": sum((dest / f).stat().st_size for f in files)}
 
 
-def _v4_args(args: argparse.Namespace) -> argparse.Namespace:
-    """bench_v4's arguments for this run (its settings, the fixed stage-2 epochs)."""
-    v4 = bench_v4.parse_args(["--data", str(args.data), "--stage2-epochs", str(args.stage2_epochs),
-                              "--cache-dir", args.cache_dir] + (["--quick"] if args.quick else []))
-    return v4
+def speed_entries(config, stage2_epochs: int, turn: int = 0) -> list:
+    """The six networks of one session (module docstring), the readouts in an order rotated by ``turn``."""
+    from llmvem.config_models import ModelEntry
+
+    # the trained spatial network (not ``spatial_start``, the ridge start alone with no training loop)
+    spatial = next(e for e in config.evaluate.models if e.name == "spatial")
+    sets = {"pooled": {}, "factorized": dict(spatial.set),
+            "gaussian": {k: v for k, v in spatial.set.items() if k != "train.stage1.early_stopping_patience"}
+            | {"model.spatial_readout": "gaussian"}}
+    stages = {"frozen": {"train.stage2.epochs": 0},
+              "finetuned": {"train.stage2.epochs": stage2_epochs, "train.stage2.early_stopping_patience": None}}
+    order = KINDS[turn % len(KINDS):] + KINDS[:turn % len(KINDS)]
+    return [ModelEntry(name=f"{kind}_{stage}", kind="llmvem", lambda_align=0.0, set={**sets[kind], **over})
+            for kind in order for stage, over in stages.items()]
+
+
+def session_config(args: argparse.Namespace, session: str):
+    """``v4_spatial`` for one session (its ``spatial`` model still declared: :func:`speed_entries` reads it)."""
+    from llmvem.config import apply_overrides, load_config
+
+    extra = [f"data.spec=v4:{args.data}:{session}", f"cache_dir={args.cache_dir}", "evaluate.bootstrap=0",
+             "evaluate.text_to_brain=false", *(QUICK_OVERRIDES if args.quick else [])]
+    return apply_overrides(load_config("v4_spatial"), [*extra, *args.overrides])
 
 
 def _session(args: argparse.Namespace, session: str):
-    """A session's config (bench_v4's settings) and its dataset, cut to ``--max-images`` when given."""
+    """A session's config and its dataset, cut to ``--max-images`` when given."""
+    from llmvem.data.splits import first_images
     from llmvem.inputs import load_config_dataset
 
-    config = bench_v4.session_config(_v4_args(args), session)
+    config = session_config(args, session)
     ds = load_config_dataset(config)
-    return config, (bench_v4.truncate_dataset(ds, args.max_images) if args.max_images else ds)
+    return config, (first_images(ds, args.max_images) if args.max_images else ds)
 
 
-def run_session(args: argparse.Namespace, session: str, work: Path, turn: int = 0) -> dict[str, Any]:
-    """The models (frozen and fine-tuned) of one session: seconds, epochs and ratios to ``pooled``.
-
-    The three readouts are fitted in an order rotated by ``turn`` (the session's index), so that across sessions
-    each comes first equally often: the first fit of a process pays for warm-up (allocations, library set-up).
-    """
+def run_session(args: argparse.Namespace, session: str, turn: int = 0) -> dict[str, Any]:
+    """The six networks of one session in one run folder: seconds, epochs and ratios to ``pooled``."""
     from llmvem.inputs import prepare_inputs
+    from llmvem.pipeline import extraction_config, run_experiment
+    from llmvem.train.load import read_training_summary
 
     config, ds = _session(args, session)
-    layer_sets = bench_v4.QUICK_RIDGE_LAYER_SETS if args.quick else bench_v4.RIDGE_LAYER_SETS
-    prep = config.model_copy(deep=True)
-    spatial_models = ["lambda0_spatial_frozen", "lambda0_spatial_finetuned"]
-    prep.backbone.layers = bench_v4.extraction_layers(spatial_models, (), bench_v4.SPATIAL_LAYERS)
-    inputs = prepare_inputs(prep, dataset=ds)
-    # the readout layers: the ridge baseline's validation choice (as bench_v4), chosen once for the three readouts
-    layers, _, _ = bench_v4.select_ridge_layers(config, inputs, layer_sets)
-    config = config.model_copy(deep=True)
-    config.backbone.layers = list(layers)
+    entries = speed_entries(config, args.stage2_epochs, turn)
+    maps = list(next(e for e in entries if e.name == "factorized_frozen").set["backbone.spatial_layers"])
+    config.evaluate.models = entries
+    inputs = prepare_inputs(extraction_config(config), show_progress=False, dataset=ds)
+    run = args.runs_dir / session
+    metrics = run_experiment(config, run, overwrite=True, show_progress=False, report=False, inputs=inputs,
+                             on_stage=lambda m: print(f"[bench_spatial_speed] {session}: {m}", file=sys.stderr,
+                                                      flush=True))
     models: dict[str, dict[str, Any]] = {}
-    kinds = ("pooled", *READOUTS)
-    order = kinds[turn % len(kinds):] + kinds[:turn % len(kinds)]
-    for readout in order:
-        names = ["lambda0_frozen", "lambda0_finetuned"] if readout == "pooled" else spatial_models
-        out = work / session / readout
-        _, info = bench_v4.fit_models(config, inputs, 0.0, out, layer_sets, False, names, "config",
-                                      spatial_layers=bench_v4.SPATIAL_LAYERS,
-                                      spatial_readout="factorized" if readout == "pooled" else readout)
-        for name, v4_name, kind in MODELS:
-            if kind != readout:
-                continue
-            stages = json.loads((out / v4_name / "training.json").read_text(encoding="utf-8"))["stages"]
-            rec: dict[str, Any] = {"fit_s": float(info["seconds"][v4_name])}
-            for st, summary in stages.items():
-                epochs = int(summary["epochs_run"])
-                rec[st] = {"loop_s": float(summary["train_seconds"]), "epochs": epochs,
-                           "loop_s_per_epoch": float(summary["train_seconds"]) / max(epochs, 1)}
-            models[name] = rec
-    shapes = {k: [int(n) for n in inputs.features["train"][k].shape[1:]] for k in bench_v4.SPATIAL_LAYERS}
+    for name, _ in MODELS:
+        rec: dict[str, Any] = {"fit_s": float(metrics["timing"]["stages"][name])}
+        for st, summary in read_training_summary(run / "models" / name)["stages"].items():
+            epochs = int(summary["epochs_run"])
+            rec[st] = {"loop_s": float(summary["train_seconds"]), "epochs": epochs,
+                       "loop_s_per_epoch": float(summary["train_seconds"]) / max(epochs, 1)}
+        models[name] = rec
+    shapes = {k: [int(n) for n in inputs.features["train"][k].shape[1:]] for k in maps}
     batch = config.train.stage1.batch_size
-    return {"n_neurons": ds.n_voxels, "n_train": len(ds.train), "llmvem_layers": list(layers),
-            "map_shapes": shapes, "order": list(order),
-            "models": models, "ratios": ratios(models),
+    return {"run": str(run), "n_neurons": ds.n_voxels, "n_train": len(ds.train),
+            "llmvem_layers": list(config.backbone.layers), "map_shapes": shapes,
+            "order": [e.name.rsplit("_", 1)[0] for e in entries][::2], "models": models, "ratios": ratios(models),
             "gemm_floor_ms": gemm_floor_ms(shapes, ds.n_voxels, batch, device=_torch_device(config.train.device)),
             "stage1_steps_per_epoch": -(-len(ds.train) // batch)}
 
@@ -260,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if not args.data.is_dir():
         print(f"bench_spatial_speed: data folder {args.data} is absent; nothing to benchmark (use --data)")
         return None
-    bench_v4.offline_runtime(False, args.threads)
+    from llmvem.provenance import bench_runtime, result_header, write_results
+
+    bench_runtime(False, args.threads)
     from llmvem.data.v4 import list_v4_sessions
 
     sessions = args.sessions or list_v4_sessions(args.data)
@@ -271,19 +281,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return staged
     t0 = time.perf_counter()
     records: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="llmvem_bench_speed_") as tmp:
-        for i, session in enumerate(sessions):
-            print(f"[bench_spatial_speed] session {session} ...", file=sys.stderr, flush=True)
-            records[session] = run_session(args, session, Path(tmp), i)
-            r = records[session]["ratios"]
-            print(f"[bench_spatial_speed] {session}: " + ", ".join(
-                f"{k} s1 fit {v['stage1_fit']:.2f}× loop {v['stage1_loop']:.2f}× s2 {v.get('stage2_loop', 0):.2f}×"
-                for k, v in r.items()), file=sys.stderr, flush=True)
-    results = {**bench_v4.result_header("v4_cowley2023", "bench_spatial_speed.py", argv),
-               "settings": {"stage2_epochs": args.stage2_epochs, "max_images": args.max_images, "quick": args.quick,
-                            "spatial_layers": list(bench_v4.SPATIAL_LAYERS), "threads": args.threads},
+    for i, session in enumerate(sessions):
+        print(f"[bench_spatial_speed] session {session} ...", file=sys.stderr, flush=True)
+        records[session] = run_session(args, session, i)
+        r = records[session]["ratios"]
+        print(f"[bench_spatial_speed] {session}: " + ", ".join(
+            f"{k} s1 fit {v['stage1_fit']:.2f}× loop {v['stage1_loop']:.2f}× s2 {v.get('stage2_loop', 0):.2f}×"
+            for k, v in r.items()), file=sys.stderr, flush=True)
+    config = session_config(args, sessions[0])
+    results = {**result_header("v4_cowley2023", "bench/bench_spatial_speed.py", argv, config=config,
+                               seeds=[config.seed]),
+               "settings": {"config": "v4_spatial", "stage2_epochs": args.stage2_epochs, "max_images": args.max_images,
+                            "quick": args.quick, "overrides": list(args.overrides), "threads": args.threads,
+                            "models": [e.model_dump(mode="json") for e in speed_entries(config, args.stage2_epochs)]},
                "sessions": records, "medians": medians(records), "seconds_total": time.perf_counter() - t0}
-    bench_v4.write_results(args.out, results)
+    write_results(args.out, results)
     print(format_table(results))
     print(f"results: {args.out}  ({results['seconds_total'] / 60:.1f} min)")
     return results

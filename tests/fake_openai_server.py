@@ -19,7 +19,8 @@ at 1; ``colour`` is the rounded mean colour of the image). Faults:
 
 The server stops by itself after ``max_requests`` requests or ``max_lifetime_s`` seconds, whichever comes first,
 and when its context manager exits. Run it alone (``python tests/fake_openai_server.py --delay 0.2``) to serve a
-slow captioner for manual or subprocess tests until it stops by itself.
+slow captioner for manual or subprocess tests until it stops by itself; :func:`spawn_server` does that from Python
+(the caption benchmarks ``bench/bench_caption_client.py`` and ``bench/bench_caption_workers.py`` call it).
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ import argparse
 import base64
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -222,6 +226,23 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def spawn_server(delay: float, lifetime: float, max_requests: int) -> tuple[subprocess.Popen, str]:
+    """Run this server in its own process (``python tests/fake_openai_server.py``): (the process, its base URL).
+
+    The process stops by itself after ``lifetime`` seconds or ``max_requests`` requests; kill it sooner when done.
+    Raises RuntimeError when it does not print a loopback URL.
+    """
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--delay", str(delay), "--lifetime",
+                             str(lifetime), "--max-requests", str(max_requests)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://127.0.0.1:"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"fake server did not start (printed {url!r})")
+    return proc, url
 
 
 def main() -> None:  # pragma: no cover - used by subprocess tests and by hand

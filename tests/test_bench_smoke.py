@@ -192,10 +192,18 @@ def test_gpu_check_script_runs_every_step_on_tiny_sizes(tmp_path):
     import os
     import subprocess
 
+    from llmvem.provenance import read_results
+
+    results = BENCH / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
     env = {**os.environ, "LLMVEM_GPU_CHECKS_TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], env=env, capture_output=True, text=True,
                           timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # every file it writes lands in $OUT: bench/results/ is left as it was
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    assert read_results(tmp_path / "train_gpu.json")["benchmark"] == "training_throughput"
+    assert read_results(tmp_path / "ridge_gpu.json")["benchmark"] == "ridge_vs_himalaya"
     log = (tmp_path / "gpu_checks.log").read_text()
     for step in ("versions", "cuda-tests", "train", "spatial", "ridge"):
         assert f"== {step}: exit 0 after" in log
@@ -272,33 +280,79 @@ def test_spatial_v4_ridge_on_a_tiny_subset(tmp_path, capsys):
     res = bench.main(["--data", str(data), "--session", "210325", "--max-images", "80", "--grids", "2",
                       "--n-boot", "50", "--out", str(tmp_path / "spatial_v4.json"), "--runs-dir",
                       str(tmp_path / "runs"), "--ledger", str(tmp_path / "ledger.csv")])
+    # the families are named as the run folder's models (what `llmvem report` shows for the same run)
     fam = res["families"]
-    assert set(fam) == {"pooled", "grid2"} and res["n_neurons"] == 50 and 76 <= sum(res["n_images"].values()) <= 84
+    assert set(fam) == {"ridge_pooled", "ridge_grid2"} and res["n_neurons"] == 50
+    assert 76 <= sum(res["n_images"].values()) <= 84
+    run = tmp_path / "runs" / "210325"
+    assert res["run"] == str(run) and set(json.loads((run / "metrics.json").read_text())["models"]) == set(fam)
     dims = {"block5": 80, "block8": 112, "block10": 112, "block12": 192, "block15": 320}
     for name, f in fam.items():
-        assert f["dim"] == sum(dims[spec.split("@")[0]] * (4 if name == "grid2" else 1) for spec in f["layers"])
+        grid = name == "ridge_grid2"
+        assert all(spec.endswith("@grid2") == grid for spec in f["layers"])
+        assert f["dim"] == sum(dims[spec.split("@")[0]] * (4 if grid else 1) for spec in f["layers"])
         assert len(f["val_r"]) == 6 and max(f["val_r"].values()) == f["val_r"]["+".join(f["layers"])]
         assert -1.0 < f["test_mean_r"] < 1.0
-    assert fam["grid2"]["vs_pooled"]["diff"] == pytest.approx(fam["grid2"]["test_mean_r"] - fam["pooled"]["test_mean_r"],
-                                                               abs=1e-6)
-    assert "| grid2 |" in capsys.readouterr().out
+    assert "vs_pooled" not in fam["ridge_pooled"]
+    assert fam["ridge_grid2"]["vs_pooled"]["diff"] == pytest.approx(
+        fam["ridge_grid2"]["test_mean_r"] - fam["ridge_pooled"]["test_mean_r"], abs=1e-6)
+    assert (tmp_path / "ledger.csv").read_text(encoding="utf-8").count("bench_spatial_v4") == 1
+    assert "| ridge_grid2 |" in capsys.readouterr().out
 
 
-def test_spatial_vb_per_voxel_choice_takes_the_better_model_on_validation():
-    vb = _load("bench_spatial_vb")
-    rng = np.random.default_rng(0)
-    y_val, y_test = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
-    noise = {s: rng.normal(size=y.shape) for s, y in (("val", y_val), ("test", y_test))}
-    # a predicts voxels 0-2 well and 3-5 badly; b the other way round
-    good = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
-    a = {f"pred_{s}": np.where(good, y, n) for s, y, n in (("val", y_val, noise["val"]), ("test", y_test, noise["test"]))}
-    b = {f"pred_{s}": np.where(~good, y, n) for s, y, n in (("val", y_val, noise["val"]),
-                                                           ("test", y_test, noise["test"]))}
-    masks = {"early_visual": good, "semantic": ~good}
-    out = vb.per_voxel_choice(y_val, a, b, y_test, masks)
-    np.testing.assert_array_equal(out["pred_test"], y_test)  # every voxel took the model that predicts it
-    assert out["fraction_b"] == {"all": 0.5, "early_visual": 0.0, "semantic": 1.0}
-    assert out["test"]["all"] == pytest.approx(1.0)
+@pytest.mark.slow  # ~30 s: two candidate runs of a pooled and a spatial network on a 60-image virtual brain
+def test_spatial_vb_per_voxel_choice_takes_the_better_model_on_validation(tmp_path, capsys):
+    """bench_spatial_vb on a tiny virtual brain: one run folder per candidate readout, the candidate chosen on
+    validation, and a per-voxel choice (the runner's ``evaluate.per_voxel_choice``) that gives each voxel the
+    pooled or the spatial model, whichever predicts its validation images better."""
+    from llmvem.evaluate.metrics import pearson_r
+    from llmvem.inputs import load_config_dataset
+    from llmvem.provenance import read_results
+
+    bench = _load("bench_spatial_vb")
+    tiny = ["data.n_train=60", "data.n_test=30", "data.image_size=48", "backbone.name=timm:resnet10t",
+            "backbone.pretrained=false", "backbone.image_size=48", "backbone.layers=[layer2,pooled]",
+            "backbone.batch_size=64", "captions.backend=dataset", "model.feature_dropout=0",
+            "train.stage1.epochs=4", "train.stage1.batch_size=16", "train.stage1.lr=0.003",
+            "train.stage1.early_stopping_patience=null"]
+    out, ledger = tmp_path / "spatial_vb.json", tmp_path / "ledger.csv"
+    res = bench.main(["--maps", "layer2@grid4", "--readouts", "factorized,gaussian", "--n-boot", "30",
+                      "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
+                      "--out", str(out), "--ledger", str(ledger), *[a for o in tiny for a in ("--set", o)]])
+    assert read_results(out)["chosen"] == res["chosen"]  # strict JSON with the provenance header
+    assert ledger.read_text(encoding="utf-8").count("bench_spatial_vb") == 1
+    # the candidate readout: the one with the higher validation mean r of its spatial network
+    cands = ("factorized on layer2@grid4", "gaussian on layer2@grid4")
+    val = {c: res["models"][c]["val_mean_r"] for c in cands}
+    assert res["chosen"] == max(val, key=val.get)
+    run = Path(res["runs"][res["chosen"]])
+    assert (run / "metrics.json").is_file() and (run / "config.yaml").is_file()  # an ordinary run folder
+    # per voxel, the choice takes the candidate with the higher validation r, and predicts the test split with it
+    from llmvem.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    ds = load_config_dataset(cfg).with_validation_split(cfg.data.val_fraction, cfg.data.seed)
+    pred = {n: {s: np.load(run / "models" / n / f"predictions_{s}.npy") for s in ("val", "test")}
+            for n in (bench.POOLED, bench.SPATIAL, bench.CHOICE)}
+    r_val = np.stack([pearson_r(ds.val.responses, pred[n]["val"]) for n in (bench.POOLED, bench.SPATIAL)])
+    spatial = r_val[1] > r_val[0]
+    assert 0 < spatial.mean() < 1  # both models win somewhere
+    np.testing.assert_array_equal(pred[bench.CHOICE]["test"],
+                                  np.where(spatial[None, :], pred[bench.SPATIAL]["test"], pred[bench.POOLED]["test"]))
+    fraction = res["per_voxel_choice_fraction_spatial"]
+    assert fraction["all"] == pytest.approx(spatial.mean())
+    for roi in bench.ROIS:
+        assert fraction[roi] == pytest.approx(spatial[ds.roi_masks[roi]].mean())
+    # so its validation r is at least either model's (in-sample: it is not eligible for choosing between models)
+    choice = res["models"][f"per-voxel choice (pooled or {res['chosen']})"]
+    assert choice["val_mean_r"] == pytest.approx(float(np.nanmean(np.max(r_val, axis=0))))
+    assert choice["val_mean_r"] >= max(res["models"]["pooled"]["val_mean_r"], val[res["chosen"]])
+    # the bootstrap's difference is the difference of the test mean r
+    d = res["vs_pooled"][res["chosen"]]["all"]
+    assert d["diff"] == pytest.approx(res["models"][res["chosen"]]["test"]["all"] - res["models"]["pooled"]["test"]["all"],
+                                      abs=1e-6)
+    assert d["ci"][0] <= d["diff"] <= d["ci"][1]
+    assert "per-voxel choice: fraction of voxels taking the spatial model" in capsys.readouterr().out
 
 
 @pytest.mark.shared_data
@@ -331,12 +385,15 @@ def test_spatial_speed_benchmark_on_a_tiny_subset(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(llmvem.embed.text, "load_text_encoder", no_encoder)
     out = tmp_path / "speed.json"
     res = bench.main(["--data", str(tmp_path / "stage" / "v4_cowley2023"), *tiny, "--quick",
-                      "--cache-dir", str(tmp_path / "stage" / "cache"), "--out", str(out)])
+                      "--cache-dir", str(tmp_path / "stage" / "cache"), "--out", str(out),
+                      "--runs-dir", str(tmp_path / "runs")])
     s = res["sessions"]["210325"]
     assert s["order"] == ["pooled", "factorized", "gaussian"]  # session 0: no rotation
-    assert s["llmvem_layers"] in (["block10"], ["block8", "block12", "pooled"])  # ridge's --quick candidates
+    assert s["llmvem_layers"] == ["block8", "block10", "block12"]  # the v4_spatial config's pooled layers
+    run = tmp_path / "runs" / "210325"
+    assert s["run"] == str(run) and sorted(json.loads((run / "metrics.json").read_text())["models"]) == sorted(s["models"])
     assert s["map_shapes"] == {"block5@grid7": [80, 7, 7], "block8@grid7": [112, 7, 7]}
-    assert set(s["models"]) == {name for name, _, _ in bench.MODELS}
+    assert set(s["models"]) == {name for name, _ in bench.MODELS}
     for name, m in s["models"].items():
         assert m["fit_s"] > m["stage1"]["loop_s"] > 0 and 1 <= m["stage1"]["epochs"] <= 15  # --quick: 15 epochs
         assert ("stage2" in m) == name.endswith("finetuned")

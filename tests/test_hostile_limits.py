@@ -388,10 +388,12 @@ def test_summary_counts_what_this_worker_did(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_caption_workers_benchmark_runs_and_checks_every_image_once(tmp_path):
+    out = tmp_path / "workers.json"  # never bench/results/
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_caption_workers.py"), "--images", "24",
-                           "--delay", "0.05", "--workers", "1", "--workers", "2"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                           "--delay", "0.05", "--workers", "1", "--workers", "2", "--out", str(out)], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [sum(r["done"]) for r in json.loads(out.read_text(encoding="utf-8"))["runs"]] == [24, 24]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
     assert len(rows) == 2
     for row in rows:

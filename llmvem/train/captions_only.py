@@ -4,7 +4,7 @@ The engine's key set is then one caption stream (:class:`~llmvem.train.stream.Ca
 the network has no voxel readout, the loss is the stream's contrastive term only, and — with no responses to
 validate on — every epoch of each stage runs and the last epoch's weights are kept. Such a network is an image
 encoder aligned to the captions' text space (e.g. on Flickr8k), whose core output or aligned embedding can be
-compared with brain data by RSA (``bench/rsa92_alignment.py``).
+compared with brain data by RSA (``bench/bench_rsa92.py --alignment-only``).
 
 The run folder receives what :func:`~llmvem.train.trainer.fit_keys` writes (``config.yaml``, ``versions.json``,
 ``curves.csv``, ``checkpoints/``) plus ``model.safetensors`` and ``training.json``.
