@@ -39,6 +39,15 @@ backbone features is paired):
   features, one run folder) at λ = 0, λ = ``V4_LAMBDA`` on the label captions, and the same plus the Flickr8k
   stream (``align_data.spec``); ``v4_backbone`` — the standardised features those networks read.
 
+**Map-reading aligned encoder** (``--flickr-maps``; its own results file): the same Flickr8k-only training, but
+the linear core reads grid maps of the backbone (``block12@grid4`` = block12's map average-pooled to 4×4,
+flattened, :mod:`llmvem.embed.spatial`) instead of pooled features. Each ``--flickr-maps`` value is one candidate
+set of layer specs; the candidate and its epochs are chosen together on held-out Flickr8k image → caption top-1
+(every candidate's figures recorded), never on RSA. Rows ``map-reading aligned: aligned embedding`` / ``: core
+output`` and ``its input maps`` (the standardised grid features the core reads, the baseline of the paired Δ),
+plus each chosen map unstandardised (``backbone224_<spec>``). Only these rows run (no main table, no V4
+networks); written to ``bench/results/rsa92_map_aligned.json`` unless ``--out`` says otherwise.
+
 The 92-image comparisons and the V4 networks' test r are test reads: each run appends one line to
 ``bench/results/ledger.csv`` (``--ledger``).
 
@@ -48,8 +57,11 @@ Usage::
     python bench/bench_rsa92.py --quick             # short training, quick aligned-encoder rows
     python bench/bench_rsa92.py --no-llmvem --alignment-mode off   # backbone and caption RDMs only (< 1 min)
     python bench/bench_rsa92.py --alignment-only    # only the aligned-encoder rows
+    python bench/bench_rsa92.py --flickr-maps block12@grid2,block14@grid2 --flickr-maps block12@grid4,block14@grid4
+                                                    # only the map-reading aligned encoder (2 candidates)
 
-Writes ``bench/results/rsa92.json`` (``--out``; strict JSON with the provenance header) and prints the tables.
+Writes ``bench/results/rsa92.json`` (``--out``; ``rsa92_map_aligned.json`` with ``--flickr-maps``; strict JSON
+with the provenance header) and prints the tables.
 Exits 0 with a message when the data folder is absent.
 """
 
@@ -59,7 +71,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +80,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "rsa92.json"
+DEFAULT_MAPS_OUT = ROOT / "bench" / "results" / "rsa92_map_aligned.json"
 LEDGER = ROOT / "bench" / "results" / "ledger.csv"
 DESCRIPTIONS = ROOT / "bench" / "data" / "kriegeskorte92_descriptions.csv"
 BACKBONE_LAYERS = ["block2", "block5", "block8", "block10", "block12", "block14", "block15", "pooled"]
@@ -77,6 +90,8 @@ SPATIAL_LAYERS = [f"{b}@{mode}" for b in ("block2", "block5", "block8", "block10
                   for mode in ("grid2", "grid4", "map")]
 #: Layers of the aligned-encoder rows and of the Flickr8k-aligned encoder (EfficientNet-Lite0 at 224 px).
 ALIGN_LAYERS = ("block12", "block14", "pooled")
+#: Rows of the map-reading aligned encoder (``--flickr-maps``): aligned embedding, core output, the input maps.
+MAP_ROWS = ("map-reading aligned: aligned embedding", "map-reading aligned: core output", "its input maps")
 #: λ of the aligned V4 networks of the aligned-encoder rows (fixed, not tuned).
 V4_LAMBDA = 1.0
 #: ``--quick``: short training of the main table's networks (a code-path check, not a figure).
@@ -114,21 +129,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--alignment-only", action="store_true", help="only the aligned-encoder rows")
     ap.add_argument("--flickr", type=Path, default=DATA / "flickr8k_1000",
                     help="Flickr8k folder of the Flickr8k-aligned rows (default: %(default)s)")
+    ap.add_argument("--flickr-maps", action="append", default=[], metavar="SPEC[,SPEC...]",
+                    help="one candidate set of map layer specs of the map-reading Flickr8k-aligned encoder, e.g. "
+                    "block12@grid4,block14@grid4 (repeatable: the candidate with the best held-out Flickr8k top-1 "
+                    "is kept); runs only those rows and writes rsa92_map_aligned.json (unless --out)")
+    ap.add_argument("--flickr-epochs", default=None, metavar="N[,N...]",
+                    help="candidate epochs of the Flickr8k-aligned encoders (default: the alignment mode's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override KEY=VALUE of the main table's networks (repeatable)")
     ap.add_argument("--cache-dir", default="~/.cache/llmvem", help="captions / features cache (default: %(default)s)")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench_rsa92",
                     help="run folders of the V4 networks (default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=None, help=f"results JSON (default: {DEFAULT_OUT}, or "
+                    f"{DEFAULT_MAPS_OUT} with --flickr-maps)")
     ap.add_argument("--ledger", type=Path, default=LEDGER, help="test-read ledger (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.flickr_maps = [map_candidate(c) for c in args.flickr_maps]
+        if args.flickr_epochs is not None:
+            args.flickr_epochs = tuple(int(e) for e in args.flickr_epochs.split(","))
+            if not args.flickr_epochs or min(args.flickr_epochs) < 1:
+                raise ValueError("epochs must be integers >= 1")
+    except ValueError as e:
+        ap.error(f"--flickr-maps / --flickr-epochs: {e}")
+    if args.out is None:
+        args.out = DEFAULT_MAPS_OUT if args.flickr_maps else DEFAULT_OUT
+    return args
+
+
+def map_candidate(text: str) -> tuple[str, ...]:
+    """``"block12@grid4,block14@grid4"`` → ``("block12@grid4", "block14@grid4")``, each spec checked by
+    :func:`llmvem.embed.spatial.parse_layer_spec` and keeping space (``@grid<G>`` / ``@map``)."""
+    from llmvem.embed.spatial import parse_layer_spec
+    from llmvem.errors import ConfigError
+
+    specs = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not specs:
+        raise ValueError(f"{text!r}: expected comma-separated layer specs such as block12@grid4,block14@grid4")
+    for spec in specs:
+        try:
+            parsed = parse_layer_spec(spec)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if not parsed.spatial:
+            raise ValueError(f"{spec!r} is not a map; expected '<layer>@grid<G>' or '<layer>@map'")
+    return specs
 
 
 def alignment_mode(args: argparse.Namespace) -> str:
     """Sizes of the aligned-encoder rows: ``--alignment-mode``, else quick with ``--quick``, else full."""
     return args.alignment_mode or ("quick" if args.quick else "full")
+
+
+def run_mode(mode_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The sizes of ``MODES[mode_name]`` (with its ``name``), the Flickr8k epochs replaced by ``--flickr-epochs``."""
+    mode = {"name": mode_name, **MODES[mode_name]}
+    if args.flickr_epochs:
+        mode["flickr_epochs"] = tuple(args.flickr_epochs)
+    return mode
 
 
 def v4_config(v4_data: Path, session: str, cache_dir: str | Path, overrides: list[str]):
@@ -280,14 +340,33 @@ def network_patterns(network: Any, features: Mapping[str, np.ndarray], prefix: s
     return rows
 
 
-def flickr_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, k92: Mapping[str, np.ndarray], flickr: Path,
-                    seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Train the Flickr8k-only aligned encoder and apply it to the 92 images, whose 224 px features of
-    ``ALIGN_LAYERS`` are ``k92`` (layer → (92, d_layer)).
+def flickr_config(cache_dir: Path, flickr: Path, layers: Sequence[str], seed: int, max_images: int | None):
+    """The settings of the Flickr8k-only aligned encoders: a 256-unit linear core over ``layers`` of
+    EfficientNet-Lite0 at 224 px, the alignment head toward MiniLM caption embeddings, stage 1 only."""
+    return text_config(cache_dir, "backbone.image_size=224", f"backbone.layers=[{','.join(layers)}]",
+                       "model.core=linear", "model.core_dim=256", "model.core_dropout=0.1", "model.feature_dropout=0.1",
+                       "model.lambda_align=1", "train.stage1.batch_size=128", "train.stage1.lr=0.001",
+                       "train.stage2.epochs=0", "train.checkpoint_every=100000", f"align_data.spec={flickr}",
+                       f"seed={seed}", *([f"align_data.max_images={max_images}"] if max_images else []))
 
-    A captions-only run has no brain data to validate on, so the number of epochs is chosen on held-out captioned
-    images: the encoder is trained on the first 90% of the Flickr8k images for each of ``mode["flickr_epochs"]``
-    and the one with the best image → caption top-1 retrieval among the last 10% is kept.
+
+def train_flickr_encoder(mode: dict[str, Any], cache_dir: Path, work: Path, flickr: Path, seed: int,
+                         candidates: Sequence[Sequence[str]], name: str) -> tuple[Any, dict[str, Any]]:
+    """Train the Flickr8k-only aligned encoder for every candidate set of layers × ``mode["flickr_epochs"]`` and
+    keep the one with the best held-out image → caption top-1.
+
+    A captions-only run has no brain data to validate on, so the layers and the number of epochs are chosen on
+    held-out captioned images: each encoder is trained on the first 90% of the Flickr8k images and scored by
+    :func:`llmvem.evaluate.retrieval.retrieval_top1` among the last 10% (ties: the first candidate, the fewest
+    epochs). The features of every candidate come from one pass of the backbone over the Flickr8k images.
+
+    Returns
+    -------
+    network : LLMVEM
+        The chosen encoder (eval mode, on the CPU).
+    info : dict
+        ``layers`` (chosen), ``epochs`` (chosen), ``heldout_top1`` ({candidate "a,b": {epochs: top1}}), sizes,
+        ``config`` (the chosen encoder's RunConfig; not JSON) and ``seconds``.
     """
     from llmvem.config import apply_overrides
     from llmvem.evaluate.retrieval import retrieval_top1
@@ -296,35 +375,69 @@ def flickr_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, k92: Mapp
     from llmvem.train.stream import CaptionStream, load_align_stream
 
     t = time.perf_counter()
-    cfg = text_config(cache_dir, "backbone.image_size=224", f"backbone.layers=[{','.join(ALIGN_LAYERS)}]",
-                      "model.core=linear", "model.core_dim=256", "model.core_dropout=0.1", "model.feature_dropout=0.1",
-                      "model.lambda_align=1", "train.stage1.batch_size=128", "train.stage1.lr=0.001",
-                      "train.stage2.epochs=0", "train.checkpoint_every=100000", f"align_data.spec={flickr}",
-                      f"seed={seed}", *([f"align_data.max_images={mode['flickr_images']}"] if mode["flickr_images"]
-                                        else []))
+    every = list(dict.fromkeys(spec for c in candidates for spec in c))
+    cfg = flickr_config(cache_dir, flickr, every, seed, mode["flickr_images"])
     stream = load_align_stream(cfg, load_config_backbone(cfg), show_progress=False)
     assert stream is not None and stream.features is not None
     n = len(stream.images)
     n_fit = n - max(4, n // 10)
     ids = None if stream.text_ids is None else stream.text_ids[:n_fit]
-    fit = CaptionStream(stream.images.subset(np.arange(n_fit)), stream.text_embeddings[:n_fit],
-                        {k: np.asarray(v)[:n_fit] for k, v in stream.features.items()}, weight=stream.weight,
-                        text_ids=ids)
-    held = {k: np.asarray(v)[n_fit:] for k, v in stream.features.items()}
-    val_top1: dict[str, float] = {}
-    best: tuple[float, int, Any] | None = None
-    for epochs in mode["flickr_epochs"]:
-        net = train_alignment_model(apply_overrides(cfg, [f"train.stage1.epochs={epochs}"]), fit,
-                                    out_dir=work / f"flickr8k_aligned_e{epochs}", show_progress=False)
-        val_top1[str(epochs)] = top1 = retrieval_top1(net.cpu().eval(), held, stream.text_embeddings[n_fit:])
-        if best is None or top1 > best[0]:
-            best = (top1, epochs, net)
+    val_top1: dict[str, dict[str, float]] = {}
+    best: tuple[float, tuple[str, ...], int, Any, Any] | None = None
+    for layers in map(tuple, candidates):
+        key = ",".join(layers)
+        cand_cfg = flickr_config(cache_dir, flickr, layers, seed, mode["flickr_images"])
+        feats = {k: np.asarray(stream.features[k]) for k in (*layers, "pooled") if k in stream.features}
+        fit = CaptionStream(stream.images.subset(np.arange(n_fit)), stream.text_embeddings[:n_fit],
+                            {k: v[:n_fit] for k, v in feats.items()}, weight=stream.weight, text_ids=ids)
+        held = {k: v[n_fit:] for k, v in feats.items()}
+        val_top1[key] = {}
+        for epochs in mode["flickr_epochs"]:
+            tag = key.replace(",", "+").replace("@", "_")
+            net = train_alignment_model(apply_overrides(cand_cfg, [f"train.stage1.epochs={epochs}"]), fit,
+                                        out_dir=work / f"{name}_{tag}_e{epochs}", show_progress=False)
+            val_top1[key][str(epochs)] = top1 = retrieval_top1(net.cpu().eval(), held, stream.text_embeddings[n_fit:])
+            if best is None or top1 > best[0]:
+                best = (top1, layers, epochs, net, cand_cfg)
     assert best is not None
-    rows = network_patterns(best[2], k92, "flickr8k_aligned")
+    return best[3], {"n_images": n_fit, "n_heldout": n - n_fit, "layers": list(best[1]), "image_size": 224,
+                     "epochs": best[2], "heldout_top1": val_top1, "chance_top1": 1.0 / (n - n_fit), "core": "linear",
+                     "core_dim": 256, "config": best[4], "seconds": time.perf_counter() - t}
+
+
+def flickr_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, k92: Mapping[str, np.ndarray], flickr: Path,
+                    seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train the Flickr8k-only aligned encoder on ``ALIGN_LAYERS`` (epochs chosen on held-out retrieval,
+    :func:`train_flickr_encoder`) and apply it to the 92 images, whose 224 px features of ``ALIGN_LAYERS`` are
+    ``k92`` (layer → (92, d_layer))."""
+    net, info = train_flickr_encoder(mode, cache_dir, work, flickr, seed, [ALIGN_LAYERS], "flickr8k_aligned")
+    info.pop("config")
+    info["heldout_top1"] = info["heldout_top1"][",".join(ALIGN_LAYERS)]
+    rows = network_patterns(net, k92, "flickr8k_aligned")
     rows["flickr8k_backbone"] = rows.pop("input")
-    return rows, {"n_images": n_fit, "n_heldout": n - n_fit, "layers": list(ALIGN_LAYERS), "image_size": 224,
-                  "epochs": best[1], "heldout_top1": val_top1, "chance_top1": 1.0 / (n - n_fit), "core": "linear",
-                  "core_dim": 256, "seconds": time.perf_counter() - t}
+    return rows, info
+
+
+def flickr_map_patterns(mode: dict[str, Any], cache_dir: Path, work: Path, images: Any, flickr: Path, seed: int,
+                        candidates: Sequence[Sequence[str]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The map-reading Flickr8k-aligned encoder (layers among ``candidates``, each a set of ``@grid`` / ``@map``
+    specs, and epochs chosen on held-out retrieval: :func:`train_flickr_encoder`) applied to the 92 images.
+
+    Returns
+    -------
+    patterns : dict of row name to array of shape (92, dim)
+        :data:`MAP_ROWS` (aligned embedding (92, 384), core output (92, 256), the standardised flattened input
+        maps (92, Σ C·G·G)) and ``backbone224_<spec>`` (each chosen map as extracted, flattened by the RDM).
+    info : dict
+        As :func:`train_flickr_encoder` (``config`` included).
+    """
+    net, info = train_flickr_encoder(mode, cache_dir, work, flickr, seed, candidates, "flickr8k_maps")
+    raw = backbone_patterns(images, 224, info["layers"])
+    k92 = {k.split()[-1]: v for k, v in raw.items()}
+    got = network_patterns(net, k92, "aligned")
+    rows = {MAP_ROWS[0]: got["aligned"], MAP_ROWS[1]: got["aligned_core"], MAP_ROWS[2]: got["input"]}
+    rows.update({f"backbone224_{spec}": v for spec, v in k92.items()})
+    return rows, info
 
 
 def v4_patterns(mode: dict[str, Any], args: argparse.Namespace, images: Any, seed: int
@@ -378,7 +491,7 @@ def alignment_rows(mode_name: str, args: argparse.Namespace, work: Path, seed: i
     from llmvem.data.rdm_sets import load_kriegeskorte92
     from llmvem.evaluate.rsa import rsa_rows
 
-    mode = {"name": mode_name, **MODES[mode_name]}
+    mode = run_mode(mode_name, args)
     cache_dir = Path(args.cache_dir).expanduser()
     t0 = time.perf_counter()
     rset = load_kriegeskorte92(args.data)
@@ -461,21 +574,75 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """Table of the aligned-encoder rows: hIT subject mean [CI], hIT mean RDM, mIT, Δ vs own backbone [CI]."""
+def format_rows(rows: Mapping[str, Mapping[str, Any]], delta_label: str = "Δ vs backbone") -> str:
+    """Table of the aligned-encoder rows: hIT subject mean [CI], hIT mean RDM, mIT, Δ vs own backbone [CI]
+    (``delta_label``: the heading of that column)."""
 
     def ci(c: list[float]) -> str:
         return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
 
-    lines = [f"{'row':<26}{'dim':>6}{'hIT subj. mean':>16}{'95% CI':>18}{'hIT avg':>9}{'mIT':>8}"
-             f"{'Δ vs backbone':>15}{'Δ 95% CI':>18}"]
+    w = max(26, *(len(name) + 2 for name in rows))
+    dw = max(15, len(delta_label) + 2)
+    lines = [f"{'row':<{w}}{'dim':>6}{'hIT subj. mean':>16}{'95% CI':>18}{'hIT avg':>9}{'mIT':>8}"
+             f"{delta_label:>{dw}}{'Δ 95% CI':>18}"]
     for name, r in rows.items():
-        delta = f"{r['delta_vs_backbone']:>+15.3f}{ci(r['delta_ci']):>18}" if "delta_vs_backbone" in r else ""
-        lines.append(f"{name:<26}{r['dim']:>6}{r['hit_subject_mean']:>16.3f}{ci(r['ci']):>18}"
+        delta = f"{r['delta_vs_backbone']:>+{dw}.3f}{ci(r['delta_ci']):>18}" if "delta_vs_backbone" in r else ""
+        lines.append(f"{name:<{w}}{r['dim']:>6}{r['hit_subject_mean']:>16.3f}{ci(r['ci']):>18}"
                      f"{r['human_avg']:>9.3f}{r['monkey']:>8.3f}{delta}")
     lines.append("bootstrap over the 92 images (resampled with replacement; pairs of distinct source images); "
                  "Δ: paired, same resamples")
     return "\n".join(lines)
+
+
+def map_aligned_main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any] | None:
+    """``--flickr-maps``: the map-reading Flickr8k-aligned encoder's rows alone (no main table, no V4 networks),
+    scored with the image bootstrap (Δ paired against its input maps), written to ``args.out`` with one ledger
+    line; None (and a message) when the Flickr8k folder is absent."""
+    from llmvem.data.rdm_sets import load_kriegeskorte92
+    from llmvem.evaluate.rsa import leave_one_subject_out_ceiling, rsa_rows
+    from llmvem.provenance import append_ledger, result_header, write_results
+
+    if not args.flickr.is_dir():
+        print(f"bench_rsa92: Flickr8k folder {args.flickr} is absent; no map-reading rows (use --flickr)")
+        return None
+    t0 = time.perf_counter()
+    seed = 0
+    mode_name = alignment_mode(args)
+    mode = run_mode("full" if mode_name == "off" else mode_name, args)
+    rset = load_kriegeskorte92(args.data)
+    with tempfile.TemporaryDirectory(prefix="llmvem_bench_rsa92_maps_") as tmp:
+        patterns, info = flickr_map_patterns(mode, Path(args.cache_dir).expanduser(), Path(tmp), rset.images,
+                                             args.flickr, seed, args.flickr_maps)
+    config = info.pop("config")
+    t_patterns = time.perf_counter() - t0
+    subjects = dict(zip(rset.human_it_subjects, rset.human_it_per_subject, strict=True))
+    rows = rsa_rows(patterns, subjects, rset.human_it_mean, rset.monkey_it, mode["n_boot"], seed,
+                    {MAP_ROWS[0]: MAP_ROWS[2], MAP_ROWS[1]: MAP_ROWS[2]})
+    lower, upper = leave_one_subject_out_ceiling(rset.human_it_per_subject)
+    results = {
+        **result_header("kriegeskorte92_rsa_map_aligned", "bench/bench_rsa92.py", argv, config=config, seeds=[seed]),
+        "settings": {"mode": mode, "candidates": [",".join(c) for c in args.flickr_maps], "flickr": str(args.flickr),
+                     "selection": "layers and epochs by held-out Flickr8k image -> caption top-1 (never RSA)",
+                     "bootstrap": "images resampled with replacement; pairs of distinct source images; "
+                                  "percentile 95% CI; delta paired (same resamples)"},
+        "subjects": list(rset.human_it_subjects),
+        "noise_ceiling": {"lower": lower, "upper": upper, "method": "leave one subject out, Spearman, "
+                          "per-subject RDMs averaged over the 2 sessions"},
+        "flickr8k_maps": info,
+        "rows": rows,
+        "patterns_s": t_patterns,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    write_results(args.out, results)
+    append_ledger(args.ledger, "bench_rsa92", f"test: 92-image RSA, map-reading Flickr8k-aligned encoder "
+                  f"({','.join(info['layers'])}, {info['epochs']} epochs, chosen on held-out Flickr8k retrieval "
+                  f"among {len(args.flickr_maps)} candidates) vs its input maps -> {args.out.name}", config=config,
+                  sessions=["kriegeskorte92"])
+    print(f"Map-reading Flickr8k-aligned encoder: {','.join(info['layers'])}, {info['epochs']} epochs "
+          f"(held-out top-1 {info['heldout_top1']}, chance {info['chance_top1']:.3f})")
+    print(format_rows(rows, delta_label="Δ vs input maps"))
+    print(f"results: {args.out}  ({results['seconds_total'] / 60:.1f} min)")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -488,6 +655,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from llmvem.provenance import append_ledger, bench_runtime, result_header, write_results
 
     bench_runtime(args.progress, args.threads)
+    if args.flickr_maps:
+        return map_aligned_main(args, argv)
     t0 = time.perf_counter()
     rset = load_kriegeskorte92(args.data)
     images = rset.images
