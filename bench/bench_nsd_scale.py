@@ -213,20 +213,11 @@ def llmvem_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "from llmvem.cli import console_main; console_main()", *args]
 
 
-def _vm_hwm(pid: int) -> int:
-    """VmHWM of process ``pid`` in bytes (0 when /proc does not say)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def run_measured(cmd: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd``; wall seconds, peak RSS of the child (bytes: its VmHWM sampled while it runs; ``wait4``'s
     ``ru_maxrss`` beside it), exit code, output tails."""
+    from llmvem.resources import peak_rss
+
     log_out = tempfile.TemporaryFile(mode="w+")
     log_err = tempfile.TemporaryFile(mode="w+")
     t0 = time.perf_counter()
@@ -234,7 +225,7 @@ def run_measured(cmd: list[str], cwd: Path, timeout: float, env: dict[str, str] 
     deadline = t0 + timeout
     hwm = 0  # the child's own high-water mark (VmHWM of its memory after exec), sampled while it runs
     while True:
-        hwm = max(hwm, _vm_hwm(proc.pid))
+        hwm = max(hwm, peak_rss(proc.pid))
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break

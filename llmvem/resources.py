@@ -234,9 +234,9 @@ def thread_record() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int | None:
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -244,8 +244,14 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
+def peak_rss(pid: int | None = None) -> int:
+    """Peak resident memory of this process so far, in bytes (``VmHWM``; ``ru_maxrss`` where there is no /proc).
+
+    With ``pid``, that process's own ``VmHWM`` (0 where /proc does not say): unlike a child's ``ru_maxrss``, it does
+    not count the peak of the parent the child was forked from.
+    """
+    if pid is not None:
+        return (_status_kib("VmHWM", pid) or 0) * 1024
     kib = _status_kib("VmHWM")
     if kib is None:
         import resource

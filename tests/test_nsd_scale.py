@@ -234,3 +234,18 @@ def test_train_peak_memory_ratio_at_reduced_size(tmp_path):
     # measured 1.26 (the child's own VmHWM; wait4's ru_maxrss counted the forking parent's peak and hid this): the
     # responses, the predictions and the ridge's coefficients; the old float64 SVD of the PCA alone added ~10
     assert extra < 3.0, sys.stdout
+
+
+def test_peak_rss_of_another_process_is_its_own_high_water_mark():
+    import subprocess
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    try:
+        time.sleep(0.5)
+        own = resources.peak_rss(child.pid)
+        assert 0 < own < resources.peak_rss()  # a bare interpreter: far below this test process
+    finally:
+        child.kill()
+        child.wait()
+    assert resources.peak_rss(child.pid) == 0  # gone: /proc says nothing
