@@ -121,6 +121,11 @@ class BackboneConfig(_Section):
     ``"block5@proj512"`` (fixed random projection of the map), ``"block11@cls"`` (a ViT's class token).
     ``spatial_layers`` are maps for a spatial readout (``"block5@grid7"``, ``"block5@map"``), read beside the flat
     readout's ``layers``; empty means no spatial readout.
+
+    ``init_core`` is a finished training folder (``llmvem train-multi``'s ``joint/`` folder, or a ``llmvem train``
+    model folder) trained with stage 2: its fine-tuned backbone weights replace the pretrained ones before any
+    feature is extracted (:mod:`llmvem.model.core_init`), so a new session is fitted on a core trained on other
+    sessions. Its features are cached under their own identity.
     """
 
     name: str = "efficientnet_lite0"
@@ -133,6 +138,8 @@ class BackboneConfig(_Section):
     device: str = "auto"
     spatial_layers: list[str] = Field(default_factory=list, description="maps for a spatial readout, e.g. "
                                       "['block8@grid7', 'block12@map'] (layer@grid<G> or layer@map)")
+    init_core: str | None = Field(None, description="training folder whose fine-tuned backbone weights are loaded "
+                                  "(a train-multi joint/ folder); None = the pretrained backbone")
 
     @field_validator("layers")
     @classmethod
@@ -284,15 +291,21 @@ class MultiSubjectConfig(_Section):
     features and one voxel readout per subject.
 
     ``core`` is a linear bottleneck (or a Linear → GELU → Linear MLP) of ``core_dim`` units over the concatenated,
-    standardised layer features, shared by all subjects; the alignment head reads its output. With
+    standardised layer features, shared by all subjects; the alignment head reads its output. ``"none"``: no
+    core; the subjects then share only the backbone blocks stage 2 fine-tunes (the shared visual core of the
+    spatial V4 models), and each has its own flat and spatial readouts. With
     ``loss_weighting = "variance"`` each subject's voxel MSE is divided by the mean variance of its training
     responses, so subjects recorded in different units (spike counts, BOLD) pull on the core equally.
     """
 
-    core: Literal["linear", "mlp"] = "linear"
+    core: Literal["linear", "mlp", "none"] = "linear"
     core_dim: int = Field(256, ge=1, description="units of the shared core")
     core_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the core output")
     loss_weighting: Literal["variance", "none"] = "variance"
+    split: Literal["image_key", "dataset"] = Field(
+        "image_key", description="re-split every subject by image key with one test share (an image several "
+        "subjects saw lands on the same side for all), or keep each dataset's own split (refused when a test "
+        "image of one subject is a training or validation image of another)")
     selection: Literal["per_subject", "mean"] = Field(
         "per_subject", description="model selection on the validation split: each subject's own best epoch "
         "(training stops when no subject improved for early_stopping_patience epochs), or the best epoch of the "

@@ -108,14 +108,19 @@ def _backbone(config: RunConfig) -> str:
     b = config.backbone
     if b.weights and not Path(b.weights).expanduser().is_file():
         raise ConfigError(f"backbone.weights: {b.weights} is not a file")
+    core = ""
+    if b.init_core:
+        from llmvem.model.core_init import core_weights_path
+
+        core = f", fine-tuned core from {core_weights_path(b.init_core)}"
     if b.name == "efficientnet_lite0":
-        return "efficientnet_lite0 (bundled, offline)"
+        return "efficientnet_lite0 (bundled, offline)" + core
     kind, _, ref = b.name.partition(":")
     if kind == "timm" and ref:
         return f"timm {ref}" + (f" with weights {b.weights}" if b.weights else
-                                (" (pretrained weights from the hub)" if b.pretrained else " (random init)"))
+                                (" (pretrained weights from the hub)" if b.pretrained else " (random init)")) + core
     if kind == "hf" and ref:
-        return f"transformers {_local_or_hub('backbone.name', ref)}"
+        return f"transformers {_local_or_hub('backbone.name', ref)}" + core
     raise ConfigError(f"backbone.name: {b.name!r}; expected efficientnet_lite0, timm:<name> or hf:<path-or-id>")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from llmvem.config import RunConfig, save_config
 from llmvem.data.noise_ceiling import held_out_noise_ceiling
-from llmvem.data.splits import shared_test_fraction, split_by_image_key
+from llmvem.data.splits import check_split_agreement, shared_test_fraction, split_by_image_key
 from llmvem.embed.base import ImageBackbone
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.estimators import MultiSubjectEncoder
@@ -55,10 +55,13 @@ def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: boo
     """Load each subject's dataset (``config.data`` with ``spec`` replaced), its cached backbone features and,
     when ``model.lambda_align > 0``, its caption embeddings; all subjects share one backbone.
 
-    Every subject is re-split by image key (:func:`llmvem.data.splits.split_by_image_key`, seed
-    ``data.seed``, validation share ``data.val_fraction``, one test share for all subjects: the pooled share of
-    test images rounded to 0.01), so an image that several subjects saw (same NSD id or same content) is on the
-    same side - train, val or test - for each of them.
+    With ``multisubject.split = "image_key"`` (default) every subject is re-split by image key
+    (:func:`llmvem.data.splits.split_by_image_key`, seed ``data.seed``, validation share ``data.val_fraction``,
+    one test share for all subjects: the pooled share of test images rounded to 0.01), so an image that several
+    subjects saw (same NSD id or same content) is on the same side - train, val or test - for each of them. With
+    ``"dataset"`` each subject keeps its dataset's own split (the split ``llmvem train`` uses, so joint and
+    single-session models are scored on the same test images), after
+    :func:`~llmvem.data.splits.check_split_agreement` has checked that no shared image crosses the test line.
 
     Parameters
     ----------
@@ -82,13 +85,22 @@ def prepare_subjects(config: RunConfig, specs: Sequence[str], show_progress: boo
         cfg.data.spec = spec
         configs.append(cfg)
         datasets.append(load_config_dataset(cfg))
+    own_split = config.multisubject.split == "dataset"
+    if own_split:
+        shared = check_split_agreement(datasets, list(specs))
+        say(f"keeping each subject's own split ({shared} images seen by more than one subject, none crossing "
+            "the test line)")
     # One test share for every subject, so that an image two subjects saw lands on the same side for both.
     test_fraction = shared_test_fraction(datasets)
     out: list[SubjectData] = []
     for spec, cfg, ds in zip(specs, configs, datasets, strict=True):
         say(f"preparing subject {spec}: dataset, image features" + (", captions" if cfg.model.lambda_align > 0
                                                                      else ""))
-        ds = split_by_image_key(ds, cfg.data.val_fraction, test_fraction, cfg.data.seed)
+        if not own_split:
+            ds = split_by_image_key(ds, cfg.data.val_fraction, test_fraction, cfg.data.seed)
+        elif ds.val is None:
+            raise DataValidationError(ds.source, "splits", f"subject {spec}: multisubject.split='dataset' needs a "
+                                      "validation split in the dataset (data.val_fraction > 0)")
         feats = extract_split_features(cfg, ds, backbone, show_progress=show_progress)
         text = ids = None
         if cfg.model.lambda_align > 0:

@@ -27,6 +27,7 @@ Examples:
   llmvem train --config my.yaml --out runs/s01 --set model.lambda_align=0.05 --set train.stage1.lr=3e-4
   llmvem train --config my.yaml --out runs/s01 --resume
   llmvem train --config demo --out runs/flickr --set model.core=linear --set align_data.spec=../shared/data/flickr8k_1000
+  llmvem train --config v4_spatial --init-core runs/v4_core --set data.spec=v4:DATA:210322 --out runs/v4_210322_core
   torchrun --nproc_per_node 4 -m llmvem train --config algonauts_eva02 --out runs/subj01
 """
 
@@ -42,6 +43,9 @@ def train(
                                    "start again."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config value, e.g. "
                                         "train.stage1.lr=1e-3 (repeatable; values are YAML)."),
+    init_core: Path | None = typer.Option(None, "--init-core", help="A finished train-multi folder (or its "
+                                          "joint/) trained with stage 2: fit this session on its fine-tuned "
+                                          "backbone instead of the pretrained one (backbone.init_core)."),
     other_captions: str = other_captions_option(),
     progress: bool | None = progress_option(),
     threads: int | None = threads_option(),
@@ -60,6 +64,8 @@ def train(
     show = use_progress(progress)
     use_threads(threads)
     cfg = apply_overrides(load_config(config), overrides)  # bad input fails here, before torch is imported
+    if init_core is not None:  # absolute, so predict / export find the core from any working folder
+        cfg.backbone.init_core = str(init_core.expanduser().resolve())
     from llmvem.config_check import check_config, config_source
 
     check_config(cfg, config_source(config, overrides))  # what `config validate` checks: the same answer

@@ -29,8 +29,8 @@ from llmvem.data.dataset import SPLIT_NAMES, EncodingDataset, Split
 from llmvem.data.images import ConcatImages, ImageCollection
 from llmvem.errors import DataValidationError
 
-__all__ = ["first_images", "image_keys", "key_positions", "shared_test_fraction", "split_by_image_key",
-           "train_subset"]
+__all__ = ["check_split_agreement", "first_images", "image_keys", "key_positions", "shared_test_fraction",
+           "split_by_image_key", "train_subset"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,38 @@ def key_positions(keys: Sequence[str], seed: int) -> np.ndarray:
         digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
         out[i] = int.from_bytes(digest[:8], "big") / 2.0**64
     return out
+
+
+def check_split_agreement(datasets: Sequence[EncodingDataset], names: Sequence[str]) -> int:
+    """Refuse subjects whose own splits disagree on a shared image: a test image of one is a training or
+    validation image of another (the leak :func:`split_by_image_key` prevents).
+
+    Returns the number of image keys seen by more than one subject (all on the same side).
+
+    Raises
+    ------
+    DataValidationError
+        Naming both subjects, the image and the two splits.
+    """
+    side: dict[str, tuple[str, str]] = {}
+    shared = 0
+    for name, ds in zip(names, datasets, strict=True):
+        for split_name, split in ds.splits.items():
+            test = split_name == "test"
+            for key, image_id in zip(image_keys(split.images), split.images.ids, strict=True):
+                if key not in side:
+                    side[key] = (name, split_name)
+                    continue
+                other, other_split = side[key]
+                if other != name:
+                    shared += 1
+                if (other_split == "test") != test:
+                    raise DataValidationError(
+                        ds.source, f"splits[{split_name!r}]", f"image {image_id!r} of subject {name} is in its "
+                        f"{split_name} split but in the {other_split} split of subject {other}: with "
+                        "multisubject.split='dataset' every shared image must be a test image for all subjects or "
+                        "for none; use multisubject.split='image_key'")
+    return shared
 
 
 def shared_test_fraction(datasets: Sequence[EncodingDataset]) -> float:

@@ -21,7 +21,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 from llmvem.errors import DataValidationError
 from llmvem.evaluate.metrics import pearson_r
 
-__all__ = ["compare_runs", "model_seeds", "run_model_summary", "runs_mean_ci", "session_tests"]
+__all__ = ["compare_predictions", "compare_runs", "model_seeds", "run_model_summary", "runs_mean_ci", "session_tests"]
 
 
 def session_tests(diffs: Sequence[float]) -> dict[str, Any]:
@@ -151,11 +151,9 @@ def compare_runs(run_dirs: Sequence[str | Path], a: str, b: str, n_boot: int = 1
         per-session differences of mean r), ``pooled`` (:func:`~llmvem.evaluate.seeds.seed_bootstrap`:
         ``delta_mean_r``, ``ci``, ``p``, ``n_seeds``, ``n_voxels``...), and ``a``, ``b``.
     """
-    from llmvem.evaluate.seeds import seed_bootstrap
-
     if not run_dirs:
         raise DataValidationError(None, "runs", "expected at least one run folder")
-    ys, pa, pb, sessions = [], [], [], {}
+    items: dict[str, tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]] = {}
     for run_dir in run_dirs:
         run = Path(run_dir)
         y = _load(run / "test_responses.npy")
@@ -166,10 +164,42 @@ def compare_runs(run_dirs: Sequence[str | Path], a: str, b: str, n_boot: int = 1
             if len(s) not in (1, k):
                 raise DataValidationError(run / "models" / name, "seeds", f"{len(s)} seeds against {k}; expected "
                                           "the same number, or one (a deterministic model)")
+        items[run.name] = (y, sa, sb)
+    return {"a": a, "b": b, **compare_predictions(items, n_boot=n_boot, seed=seed)}
+
+
+def compare_predictions(sessions: Mapping[str, tuple[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]]],
+                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """B against A over sessions from predictions in memory (what :func:`compare_runs` computes from run folders).
+
+    Parameters
+    ----------
+    sessions : mapping of name to (y, seeds_a, seeds_b)
+        Per session its test responses (n_test, n_voxels) and, per model, one prediction per seed (one for a
+        deterministic model, repeated to the other's count).
+
+    Returns
+    -------
+    dict
+        ``sessions`` ({name: {a_mean_r, b_mean_r, diff, n_seeds}}), ``over_sessions`` (:func:`session_tests`) and
+        ``pooled`` (:func:`~llmvem.evaluate.seeds.seed_bootstrap`).
+    """
+    from llmvem.evaluate.seeds import seed_bootstrap
+
+    if not sessions:
+        raise DataValidationError(None, "sessions", "expected at least one session")
+    ys, pa, pb, per = [], [], [], {}
+    for name, (y, sa, sb) in sessions.items():
+        sa, sb = list(sa), list(sb)
+        k = max(len(sa), len(sb))
+        for label, s in (("a", sa), ("b", sb)):
+            if len(s) not in (1, k):
+                raise DataValidationError(None, f"sessions[{name!r}].{label}", f"{len(s)} seeds against {k}; "
+                                          "expected the same number, or one (a deterministic model)")
         sa, sb = (s * k if len(s) == 1 else s for s in (sa, sb))
         ra = float(np.mean([np.nanmean(pearson_r(y, p)) for p in sa]))
         rb = float(np.mean([np.nanmean(pearson_r(y, p)) for p in sb]))
-        sessions[run.name] = {"a_mean_r": ra, "b_mean_r": rb, "diff": rb - ra, "n_seeds": k}
+        per[name] = {"a_mean_r": ra, "b_mean_r": rb, "diff": rb - ra, "n_seeds": k}
         ys.append(y)
         pa.append(sa)
         pb.append(sb)
@@ -178,5 +208,4 @@ def compare_runs(run_dirs: Sequence[str | Path], a: str, b: str, n_boot: int = 1
         keep = min(n_seeds)
         pa, pb = [s[:keep] for s in pa], [s[:keep] for s in pb]
     pooled = seed_bootstrap(ys, pa, pb, n_boot=n_boot, seed=seed)
-    return {"a": a, "b": b, "sessions": sessions,
-            "over_sessions": session_tests([s["diff"] for s in sessions.values()]), "pooled": pooled}
+    return {"sessions": per, "over_sessions": session_tests([s["diff"] for s in per.values()]), "pooled": pooled}

@@ -111,7 +111,8 @@ def engine_config(config: RunConfig) -> RunConfig:
     ``multisubject.selection`` becomes ``train.selection`` (``"per_subject"`` → ``"per_key"``)."""
     ms = config.multisubject
     cfg = config.model_copy(deep=True)
-    cfg.model.core, cfg.model.core_dim, cfg.model.core_dropout = ms.core, ms.core_dim, ms.core_dropout
+    cfg.model.core = None if ms.core == "none" else ms.core
+    cfg.model.core_dim, cfg.model.core_dropout = ms.core_dim, ms.core_dropout
     cfg.train.selection = "per_key" if ms.selection == "per_subject" else "global"
     return cfg
 
