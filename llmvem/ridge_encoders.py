@@ -99,16 +99,18 @@ class RidgeEncoder(BaseEstimator):
             raise DataValidationError(None, "X", f"expected an array of shape (n_images, n_features), got {x.shape}")
         return x
 
-    def fit(self, X: np.ndarray | Mapping[str, np.ndarray], Y: np.ndarray) -> RidgeEncoder:
+    def fit(self, X: np.ndarray | Mapping[str, np.ndarray], Y: Any) -> RidgeEncoder:
         """Fit the standardiser and the ridge.
 
         Parameters
         ----------
         X : array of shape (n_images, n_features), or dict of layer to array (n_images, d_layer)
-        Y : array of shape (n_images, n_voxels)
+        Y : array of shape (n_images, n_voxels), or :class:`~llmvem.model.ridge.RowStack` of such arrays
         """
+        from llmvem.model.ridge import RowStack
+
         x = self._matrix(X)
-        y = np.asarray(Y)
+        y = Y if isinstance(Y, RowStack) else np.asarray(Y)
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
             raise DataValidationError(None, "Y", f"expected shape ({x.shape[0]}, n_voxels) to match X {x.shape}, "
                                       f"got {y.shape}")
@@ -134,9 +136,10 @@ class RidgeEncoder(BaseEstimator):
         """Fit on the concatenated ``fit_splits`` of prepared inputs (frozen features, responses)."""
         ds = inputs.dataset
         splits = tuple(s for s in self.fit_splits if s in ds.splits)
+        from llmvem.model.ridge import RowStack
+
         X = np.concatenate([self._matrix(inputs.features[s]) for s in splits])
-        Y = np.concatenate([ds.splits[s].responses for s in splits])
-        self.fit(X, Y)
+        self.fit(X, RowStack([ds.splits[s].responses for s in splits]))  # the responses are never copied whole
         self.fit_splits_ = splits
         return self
 

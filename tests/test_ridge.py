@@ -219,3 +219,23 @@ def test_leave_one_out_refuses_bad_cv_and_tiny_data():
         RidgeCV(cv="lOO").fit(X, Y)
     with pytest.raises(DataValidationError, match="at least 3 samples"):
         RidgeCV(cv="loo").fit(X[:2], Y[:2])
+
+
+def test_row_stack_of_splits_gives_the_fit_of_their_concatenation_without_copying_them():
+    from llmvem.model.ridge import RowStack
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(70, 12))
+    Y = (X @ rng.normal(size=(12, 300)) + rng.normal(size=(70, 300))).astype(np.float32)
+    parts = [Y[:50].copy(), Y[50:].copy()]
+    whole = RidgeCV(cv=5, voxel_batch=64).fit(X, Y)
+    stacked = RidgeCV(cv=5, voxel_batch=64).fit(X, RowStack(parts))
+    np.testing.assert_array_equal(stacked.best_alphas_, whole.best_alphas_)
+    np.testing.assert_allclose(stacked.coef_, whole.coef_, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stacked.predict(X), whole.predict(X), rtol=1e-5, atol=1e-6)
+    block = RowStack(parts)[:, 10:20]
+    assert block.shape == (70, 10) and np.shares_memory(parts[0], RowStack(parts[:1])[:, 10:20])
+    with pytest.raises(DataValidationError, match="differ"):
+        RowStack([parts[0], parts[1][:, :5]])
+    with pytest.raises(IndexError):
+        RowStack(parts)[:10, :]
