@@ -124,7 +124,7 @@ class BackboneConfig(_Section):
 
     ``init_core`` is a finished training folder (``llmvem train-multi``'s ``joint/`` folder, or a ``llmvem train``
     model folder) trained with stage 2: its fine-tuned backbone weights replace the pretrained ones before any
-    feature is extracted (:mod:`llmvem.model.core_init`), so a new session is fitted on a core trained on other
+    feature is extracted (:mod:`llmvem.train.core_init`), so a new session is fitted on a core trained on other
     sessions. Its features are cached under their own identity.
     """
 

@@ -110,7 +110,7 @@ def _backbone(config: RunConfig) -> str:
         raise ConfigError(f"backbone.weights: {b.weights} is not a file")
     core = ""
     if b.init_core:
-        from llmvem.model.core_init import core_weights_path
+        from llmvem.train.core_init import core_weights_path
 
         core = f", fine-tuned core from {core_weights_path(b.init_core)}"
     if b.name == "efficientnet_lite0":

@@ -308,13 +308,13 @@ def embed_captions(config: RunConfig, captions: dict[str, list[list[str]]], show
 
 def load_config_backbone(config: RunConfig) -> ImageBackbone:
     """The image backbone ``config.backbone`` describes; with ``backbone.init_core``, carrying the fine-tuned
-    weights of that training folder (:func:`llmvem.model.core_init.load_core`)."""
+    weights of that training folder (:func:`llmvem.train.core_init.load_core`)."""
     from llmvem.embed.image import load_backbone
 
     b = config.backbone
     backbone = load_backbone(b.name, pretrained=b.pretrained, weights=b.weights, image_size=b.image_size)
     if b.init_core:
-        from llmvem.model.core_init import load_core
+        from llmvem.train.core_init import load_core
 
         load_core(backbone, b.init_core, b.name)
     return backbone

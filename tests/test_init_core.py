@@ -20,7 +20,7 @@ from llmvem.data.splits import check_split_agreement
 from llmvem.embed.cache import FeatureCache
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.inputs import load_config_backbone
-from llmvem.model.core_init import load_core
+from llmvem.train.core_init import load_core
 from llmvem.train.checkpoint import load_weights
 
 

@@ -21,6 +21,10 @@ Examples:
   llmvem train-multi --config demo --subjects virtual:seed=1,virtual:seed=2 --out runs/multi --separate
   llmvem train-multi --config v4.yaml --subjects v4:data/v4:210322,v4:data/v4:210325 --out runs/v4_multi \\
       --set multisubject.core_dim=128 --set model.lambda_align=0
+  llmvem train-multi --config v4_spatial --subjects v4:DATA:190925,v4:DATA:190927 --out runs/v4_core \\
+      --set multisubject.core=none --set multisubject.split=dataset \\
+      --set 'backbone.spatial_layers=[block5@grid7, block8@grid7]' --set model.spatial_readout=factorized
+  (then: llmvem train --config v4_spatial --init-core runs/v4_core --set data.spec=v4:DATA:210322 --out runs/new)
 """
 
 
