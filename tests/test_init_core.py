@@ -20,8 +20,8 @@ from llmvem.data.splits import check_split_agreement
 from llmvem.embed.cache import FeatureCache
 from llmvem.errors import ConfigError, DataValidationError
 from llmvem.inputs import load_config_backbone
-from llmvem.train.core_init import load_core
 from llmvem.train.checkpoint import load_weights
+from llmvem.train.core_init import load_core
 
 
 @pytest.fixture(autouse=True)
