@@ -43,8 +43,19 @@ __all__ = [
 
 
 def _safe_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, unshared copies (safetensors refuses tensors that share memory)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    """CPU, contiguous tensors that share no memory (safetensors refuses shared ones): a tensor that already owns
+    its whole storage alone is written as it is, the others are copied (a 0.3 GB PCA basis is not duplicated at
+    every checkpoint)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size() or t.storage_offset():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

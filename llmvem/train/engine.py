@@ -186,6 +186,14 @@ class Engine:
         return self.config.train.stage1 if stage == 1 else self.config.train.stage2
 
     # ----------------------------------------------------------------------------------- state
+    def best_snapshot(self, stage: int) -> dict[str, torch.Tensor]:
+        """A CPU copy of :meth:`model_state` for the best epoch; the readouts' constant buffers (the PCA basis,
+        fixed before training) are shared, not copied."""
+        constant = {f"{name}.{b}" for name, m in self.network.named_modules()
+                    for b in getattr(type(m), "CONSTANT_BUFFERS", ())}
+        return {k: v.detach() if k in constant and v.device.type == "cpu" else v.detach().to("cpu", copy=True)
+                for k, v in self.model_state(stage).items()}
+
     def model_state(self, stage: int) -> dict[str, torch.Tensor]:
         """The network's state; without the backbone in stage 1 (it is untouched there)."""
         state = self.network.state_dict()
@@ -359,7 +367,7 @@ class Engine:
             if stage == 1 and self.scored and self.config.model.readout_init == "ridge":
                 # a fitted start (the readout's ridge solution) is a candidate too: best epoch 0 keeps it
                 best_r, _, start_per = self._validate(stage)
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model_state(stage).items()}
+                best_state = self.best_snapshot(stage)
                 self.ckpt.save_best(stage, best_state)
                 self.key_best = {n: (r, -1, self._key_snapshot(n) if self.per_key else None)
                                  for n, r in start_per.items()}
@@ -443,7 +451,7 @@ class Engine:
                 improved = val_r > best_r or not self.scored  # captions-only: keep the last epoch
                 if improved:
                     best_r, best_epoch = val_r, epoch
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model_state(stage).items()}
+                    best_state = self.best_snapshot(stage)
                     self.ckpt.save_best(stage, best_state)
                 for name, r in per.items():
                     if r > self.key_best[name][0]:
