@@ -128,9 +128,8 @@ def run_multi(args: argparse.Namespace, sessions: list[str], out: Path, seed: in
     extra = [f"seed={seed}"] + ([f"train.stage2.epochs={stage2_epochs}"] if stage2_epochs is not None else [])
     cfg = apply_overrides(load_config("v4_spatial"), [*MULTI_OVERRIDES, *extra, *base_overrides(args)])
     specs = [f"v4:{args.data}:{s}" for s in sessions]
-    done = args.resume and (out / "summary.json").is_file()
-    return run_multisubject(cfg, specs, out, resume=args.resume and out.is_dir(), overwrite=not done and
-                            not args.resume, show_progress=False, on_stage=_say(out.name))
+    return run_multisubject(cfg, specs, out, resume=args.resume and out.is_dir(), overwrite=not args.resume,
+                            show_progress=False, on_stage=_say(out.name))
 
 
 def train_arms(args: argparse.Namespace, sessions: list[str], arms: list[str]) -> dict[str, float]:
@@ -175,7 +174,7 @@ def arm_predictions(args: argparse.Namespace, sessions: list[str], split: str
         for seed in range(args.seeds):
             folder = args.runs_dir / "joint" / f"seed{seed}" / "joint"
             joint.append(np.load(folder / "predictions" / f"v4_{s}_test.npy", allow_pickle=False))
-            vals.append(_joint_val(folder, s, ys[s].shape[1]))
+            vals.append(_joint_val(folder, s))
         arms["joint"][s] = {"val": float(np.mean(vals)), "model": "joint", "test": joint if split == "test" else None}
         loso = args.runs_dir / "loso" / s
         m = read_run_json(loso / "metrics.json")
@@ -188,11 +187,11 @@ def arm_predictions(args: argparse.Namespace, sessions: list[str], split: str
     return ys, arms
 
 
-def _joint_val(folder: Path, session: str, n_voxels: int) -> float:
+def _joint_val(folder: Path, session: str) -> float:
     """A joint run's validation mean r of one session (its own selected epoch)."""
-    import json
+    from llmvem.report.untrusted import read_run_json
 
-    info = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+    info = read_run_json(folder / "training.json")
     return float(info["metrics"]["per_subject"][f"v4_{session}"]["val_mean_r"])
 
 

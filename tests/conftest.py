@@ -30,3 +30,14 @@ def needs_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"external data {path} is absent")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny networks: one torch thread is faster than several on a shared 2-core machine (restored after)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

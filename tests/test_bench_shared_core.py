@@ -9,7 +9,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO_ROOT
 from test_multisubject import make_v4_session
 
@@ -26,21 +25,17 @@ def _load():
 
 
 @pytest.mark.slow
-def test_shared_core_benchmark_arms_are_the_package_paths(tmp_path, capsys):
-    before = torch.get_num_threads()
+def test_shared_core_benchmark_arms_are_the_package_paths(tmp_path, capsys, one_torch_thread):
     data = tmp_path / "v4"
     weights = np.random.default_rng(0).normal(size=(6, 8))
     for i, (name, n) in enumerate((("s1", 36), ("s2", 30), ("s3", 30))):
         make_v4_session(data, name, n, weights, i + 1)
     bench = _load()
     out, ledger, runs = tmp_path / "core.json", tmp_path / "ledger.csv", tmp_path / "runs"
-    try:
-        res = bench.main(["--data", str(data), "--seeds", "2", "--cache-dir", str(tmp_path / "cache"),
-                          "--runs-dir", str(runs), "--results", str(out), "--ledger", str(ledger),
-                          "--bootstrap", "20", "--threads", "1", "--set", "train.stage1.epochs=2",
-                          "--set", "train.stage2.epochs=1", "--set", "backbone.batch_size=64"])
-    finally:
-        torch.set_num_threads(before)
+    res = bench.main(["--data", str(data), "--seeds", "2", "--cache-dir", str(tmp_path / "cache"),
+                      "--runs-dir", str(runs), "--results", str(out), "--ledger", str(ledger),
+                      "--bootstrap", "20", "--threads", "1", "--set", "train.stage1.epochs=2",
+                      "--set", "train.stage2.epochs=1", "--set", "backbone.batch_size=64"])
     saved = read_results(out)  # strict JSON
     assert saved["n_seeds"] == 2 and saved["seeds"] == [0, 1]
     assert set(saved["arms"]) >= {"separate", "joint", "loso"}

@@ -23,13 +23,7 @@ from llmvem.inputs import load_config_backbone
 from llmvem.train.checkpoint import load_weights
 from llmvem.train.core_init import load_core
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

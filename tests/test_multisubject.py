@@ -64,13 +64,7 @@ def stage1_config(*extra: str) -> RunConfig:
         "train.stage1.early_stopping_patience=null", "train.stage2.epochs=0", "multisubject.core_dim=4", *extra])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one thread is faster than several on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------- network

@@ -58,7 +58,7 @@ def check_split_agreement(datasets: Sequence[EncodingDataset], names: Sequence[s
     """Refuse subjects whose own splits disagree on a shared image: a test image of one is a training or
     validation image of another (the leak :func:`split_by_image_key` prevents).
 
-    Returns the number of image keys seen by more than one subject (all on the same side).
+    Returns the number of images seen by more than one subject (all on the same side of the test line).
 
     Raises
     ------
@@ -66,7 +66,7 @@ def check_split_agreement(datasets: Sequence[EncodingDataset], names: Sequence[s
         Naming both subjects, the image and the two splits.
     """
     side: dict[str, tuple[str, str]] = {}
-    shared = 0
+    shared: set[str] = set()
     for name, ds in zip(names, datasets, strict=True):
         for split_name, split in ds.splits.items():
             test = split_name == "test"
@@ -76,14 +76,14 @@ def check_split_agreement(datasets: Sequence[EncodingDataset], names: Sequence[s
                     continue
                 other, other_split = side[key]
                 if other != name:
-                    shared += 1
+                    shared.add(key)
                 if (other_split == "test") != test:
                     raise DataValidationError(
                         ds.source, f"splits[{split_name!r}]", f"image {image_id!r} of subject {name} is in its "
                         f"{split_name} split but in the {other_split} split of subject {other}: with "
                         "multisubject.split='dataset' every shared image must be a test image for all subjects or "
                         "for none; use multisubject.split='image_key'")
-    return shared
+    return len(shared)
 
 
 def shared_test_fraction(datasets: Sequence[EncodingDataset]) -> float:

@@ -159,11 +159,6 @@ def compare_runs(run_dirs: Sequence[str | Path], a: str, b: str, n_boot: int = 1
         y = _load(run / "test_responses.npy")
         sa = model_seeds(run, a) if members else [_load(run / "models" / a / "predictions_test.npy", y.shape)]
         sb = model_seeds(run, b) if members else [_load(run / "models" / b / "predictions_test.npy", y.shape)]
-        k = max(len(sa), len(sb))
-        for name, s in ((a, sa), (b, sb)):
-            if len(s) not in (1, k):
-                raise DataValidationError(run / "models" / name, "seeds", f"{len(s)} seeds against {k}; expected "
-                                          "the same number, or one (a deterministic model)")
         items[run.name] = (y, sa, sb)
     return {"a": a, "b": b, **compare_predictions(items, n_boot=n_boot, seed=seed)}
 
@@ -175,7 +170,7 @@ def compare_predictions(sessions: Mapping[str, tuple[np.ndarray, Sequence[np.nda
     Parameters
     ----------
     sessions : mapping of name to (y, seeds_a, seeds_b)
-        Per session its test responses (n_test, n_voxels) and, per model, one prediction per seed (one for a
+        Per session (named by its run folder, in :func:`compare_runs`) its test responses (n_test, n_voxels) and, per model, one prediction per seed (one for a
         deterministic model, repeated to the other's count).
 
     Returns
@@ -194,8 +189,8 @@ def compare_predictions(sessions: Mapping[str, tuple[np.ndarray, Sequence[np.nda
         k = max(len(sa), len(sb))
         for label, s in (("a", sa), ("b", sb)):
             if len(s) not in (1, k):
-                raise DataValidationError(None, f"sessions[{name!r}].{label}", f"{len(s)} seeds against {k}; "
-                                          "expected the same number, or one (a deterministic model)")
+                raise DataValidationError(name, f"seeds of model {label}", f"{len(s)} seeds against {k}; expected "
+                                          "the same number, or one (a deterministic model)")
         sa, sb = (s * k if len(s) == 1 else s for s in (sa, sb))
         ra = float(np.mean([np.nanmean(pearson_r(y, p)) for p in sa]))
         rb = float(np.mean([np.nanmean(pearson_r(y, p)) for p in sb]))
