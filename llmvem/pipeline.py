@@ -20,9 +20,10 @@ from typing import Any
 
 from llmvem.config import RunConfig
 from llmvem.config_models import ModelEntry
+from llmvem.embed.trunk_cache import TRUNK_CACHE_FILE, shared_trunk_cache
 from llmvem.estimators import LLMVEMEncoder, RidgeEncoder, model_name
 from llmvem.experiment import EXPERIMENT_OUTPUTS, ModelSpec, default_pairs, run_models
-from llmvem.inputs import PreparedInputs, prepare_inputs
+from llmvem.inputs import PreparedInputs, cache_root, prepare_inputs
 
 __all__ = ["EXPERIMENT_OUTPUTS", "PER_VOXEL_CHOICE", "POOLED_LAMBDA0", "PreparedInputs", "entry_specs",
            "experiment_lambdas", "experiment_layers", "experiment_models", "extraction_config", "llmvem_spec",
@@ -298,8 +299,14 @@ def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[flo
         load_model_streams(models, prepared, show_progress, say)
         return prepared
 
+    # the frozen trunk's outputs (stage 2, predictions, text-to-brain) persist beside the features they extend
+    trunk_file = cache_root(config) / TRUNK_CACHE_FILE if inputs is None else None
+    if trunk_file is not None:
+        shared_trunk_cache().load(trunk_file)
     result = run_models(config, prepare, models, out_dir, resume=resume, overwrite=overwrite, extra_stages=stages,
                         pairs=experiment_pairs(list(models), config), say=say, started=t0)
+    if trunk_file is not None and shared_trunk_cache().added:
+        shared_trunk_cache().save(trunk_file)
     metrics = result.metrics
     if report:
         say("writing the report")

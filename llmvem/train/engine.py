@@ -47,6 +47,7 @@ from torch.utils.data import DistributedSampler
 
 from llmvem.config import RunConfig, StageConfig
 from llmvem.embed.base import ImageBackbone
+from llmvem.embed.trunk_cache import trunk_cache_suspended
 from llmvem.errors import CheckpointError, ConfigError
 from llmvem.evaluate.metrics import pearson_r
 from llmvem.train.checkpoint import CheckpointManager, load_weights
@@ -404,7 +405,9 @@ class Engine:
                         sync_now = last_in_group and j == len(unit) - 1 and group_grads is None
                         sync = model.no_sync() if info.distributed and not sync_now and hasattr(model, "no_sync") \
                             else nullcontext()
-                        with sync:
+                        # augmented images are new at every step: their trunk outputs would only fill the cache
+                        suspend = trunk_cache_suspended(self.network) if aug_gen is not None else nullcontext()
+                        with sync, suspend:
                             batch = by_name[name].batch(idx, stage, self.device, aug_gen)
                             with autocast(self.device, self.precision):
                                 parts = model(name, batch)

@@ -25,6 +25,7 @@ from typing import Any
 
 from llmvem.config import RunConfig, load_config
 from llmvem.embed.base import ImageBackbone
+from llmvem.embed.trunk_cache import attach_trunk_cache
 from llmvem.errors import CheckpointError, ConfigError
 from llmvem.estimators import LLMVEMEncoder
 from llmvem.model.network import LLMVEM
@@ -130,6 +131,7 @@ def load_trained_model(model_dir: str | Path, *, backbone: ImageBackbone | None 
                               f"{config.model.readout!r}, model.spatial_readout = "
                               f"{config.model.spatial_readout!r}") from exc
     network.to(resolve_device(device)).eval()
+    attach_trunk_cache(network, config.train.stage2.unfreeze_last_n)  # the trunk stage 2 left frozen
     encoder = LLMVEMEncoder(config)
     encoder.network_, encoder.backbone_ = network, backbone
     return encoder

@@ -26,6 +26,7 @@ import torch
 from llmvem.config import RunConfig, config_diff, load_config, save_config
 from llmvem.data.dataset import EncodingDataset
 from llmvem.embed.base import ImageBackbone
+from llmvem.embed.trunk_cache import attach_trunk_cache
 from llmvem.errors import CheckpointError, ConfigError, DataValidationError
 from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM
 from llmvem.model.readout import PCAVoxelReadout
@@ -394,6 +395,7 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
         with stage("voxel readout: PCA of the training responses" + (
                 ", ridge start" if config.model.readout_init == "ridge" else ""), say=quiet):
             network = _build_network(config, keys, backbone, alignment_head).to(info.device)
+            attach_trunk_cache(network, config.train.stage2.unfreeze_last_n)
             _set_latent_targets(network, keys)
         task = EncodingTask(network, config.model.lambda_align, {k.name: k.weight for k in keys},
                             regularize=config.model.readout_l2 > 0 or config.model.spatial_l1 > 0
