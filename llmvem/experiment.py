@@ -39,7 +39,7 @@ from llmvem.utils import prepare_run_folder, seed_everything, versions, write_js
 
 __all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary",
            "default_pairs", "fit_predict", "flatten_comparison", "run_models", "versions",
-           "write_gallery", "write_model_outputs"]
+           "write_gallery", "write_model_outputs", "write_one_model"]
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,9 @@ def dataset_summary(ds: EncodingDataset) -> dict[str, Any]:
 
 def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapping[str, Mapping[str, np.ndarray]],
                         fitted: Mapping[str, Any]) -> None:
-    """Per model: its predictions (unless its trainer wrote them), a saved ridge, the challenge test predictions;
-    and ``test_responses.npy`` and ``challenge_test_ids.json`` once."""
-    from llmvem.export import CHALLENGE_IDS, CHALLENGE_PREDICTIONS  # the names export/report read
+    """Per model not written yet: its predictions (unless its trainer wrote them), a saved ridge, the challenge
+    test predictions (:func:`write_one_model`); and ``test_responses.npy`` and ``challenge_test_ids.json`` once."""
+    from llmvem.export import CHALLENGE_IDS  # the name export/report read
     from llmvem.inputs import challenge_images
     from llmvem.report.roi import TEST_RESPONSES
 
@@ -144,17 +144,41 @@ def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapp
     if challenge is not None:
         write_json(out_dir / CHALLENGE_IDS, [Path(str(i)).stem for i in challenge.ids])
     for name, preds in predictions.items():
-        est = fitted[name]
         folder = out_dir / "models" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "predictions_test.npy").is_file():  # a trainer writes its own predictions there
-            for split, p in preds.items():
-                np.save(folder / f"predictions_{split}.npy", np.asarray(p, dtype=np.float32))
-        if hasattr(est, "save"):
-            est.save(folder)
-        if challenge is not None and hasattr(est, "predict_new"):
-            pred = est.predict_new(challenge, inputs.challenge_features)
-            np.save(folder / CHALLENGE_PREDICTIONS, np.asarray(pred, dtype=np.float32))
+        if getattr(fitted[name], "outputs_written_", None) == str(folder):
+            continue  # fit_predict wrote them when the model was fitted
+        write_one_model(folder, inputs, preds, fitted[name], challenge)
+
+
+def write_one_model(folder: Path, inputs: PreparedInputs, predictions: Mapping[str, np.ndarray], est: Any,
+                    challenge: Any = None) -> dict[str, np.ndarray]:
+    """Write one fitted model's outputs into ``folder``: ``predictions_<split>.npy`` (unless its trainer wrote
+    them), the saved model (``est.save``) and the challenge test predictions; returns the predictions read back
+    memory-mapped (read-only), so the caller need not hold a voxel-sized copy of each split in memory."""
+    from llmvem.export import CHALLENGE_PREDICTIONS
+    from llmvem.inputs import challenge_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {split: folder / f"predictions_{split}.npy" for split in predictions}
+    if not files.get("test", folder / "predictions_test.npy").is_file():  # a trainer writes its own there
+        for split, p in predictions.items():
+            np.save(files[split], np.asarray(p, dtype=np.float32))
+    if challenge is None and inputs.challenge_features is not None:
+        challenge = challenge_images(inputs.dataset)
+    if challenge is not None and hasattr(est, "predict_new"):
+        pred = est.predict_new(challenge, inputs.challenge_features)
+        np.save(folder / CHALLENGE_PREDICTIONS, np.asarray(pred, dtype=np.float32))
+        del pred
+    if hasattr(est, "save"):
+        est.save(folder)
+        if hasattr(est, "map_coefficients"):  # a ridge reads its saved coefficients from now on
+            est.map_coefficients(folder)
+    est.outputs_written_ = str(folder)
+    mapped = {}
+    for split, p in predictions.items():
+        disk = np.load(files[split], mmap_mode="r") if files[split].is_file() else None
+        mapped[split] = disk if disk is not None and disk.shape == np.shape(p) and disk.dtype == np.float32 else p
+    return mapped
 
 
 def write_gallery(out_dir: Path, inputs: PreparedInputs, caption_columns: Mapping[str, list[list[str]]] | None = None,
@@ -199,7 +223,7 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
     """
     from sklearn.base import clone
 
-    from llmvem.resources import stage
+    from llmvem.resources import release_free_memory, stage
 
     say = say or log.info
     predictions: dict[str, dict[str, np.ndarray]] = {}
@@ -218,7 +242,10 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
                 est.fit_inputs(own, fitted={c: fitted[m] for c, m in spec.reuses.items()})
             else:
                 est.fit_inputs(own)
+            release_free_memory()  # the fit's scratch, before the predictions are made
             predictions[name] = est.predict_inputs(own)
+            if models_dir is not None:  # written now: the next model's fit does not sit on these arrays
+                predictions[name] = write_one_model(models_dir / name, own, predictions[name], est)
         fitted[name] = est
     return predictions, fitted
 

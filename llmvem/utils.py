@@ -132,6 +132,36 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs: Any):
         raise
 
 
+def npz_memmap(path: str | Path, name: str) -> np.ndarray | None:
+    """Array ``name`` of an uncompressed ``.npz`` (``np.savez``) memory-mapped read-only, without reading it;
+    None when the member is compressed, missing or an object array."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        n_name, n_extra = struct.unpack("<HH", local[26:30])
+        fh.seek(info.header_offset + 30 + n_name + n_extra)
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as pretty JSON (NaN written as null)."""
 

@@ -249,3 +249,85 @@ def test_peak_rss_of_another_process_is_its_own_high_water_mark():
         child.kill()
         child.wait()
     assert resources.peak_rss(child.pid) == 0  # gone: /proc says nothing
+
+
+# ------------------------------------------------------------------------- memory between and inside stages
+def test_release_free_memory_returns_a_fragmented_heap():
+    """Once a freed mid-size array has raised glibc's mmap threshold, freed heap chunks stay resident until
+    trimmed: release_free_memory gives them back."""
+    big = np.ones(2**21)  # 16 MiB, mmapped; freeing it raises the threshold
+    del big
+    chunks = [np.ones(2**17) for _ in range(400)]  # 400 MiB from the heap
+    kept = chunks[1::2]
+    del chunks
+    before = resources.current_rss()
+    assert resources.release_free_memory()
+    after = resources.current_rss()
+    assert before - after > 150 * 2**20, (before, after)  # most of the 200 MiB freed
+    assert all(float(k[0]) == 1.0 for k in kept)
+
+
+def test_npz_memmap_reads_an_uncompressed_member_in_place(tmp_path):
+    from llmvem.utils import npz_memmap
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.savez(tmp_path / "x.npz", a=a, f=np.asfortranarray(a.astype(np.float64)))
+    m = npz_memmap(tmp_path / "x.npz", "a")
+    assert isinstance(m, np.memmap) and not m.flags.writeable
+    np.testing.assert_array_equal(m, a)
+    np.testing.assert_array_equal(npz_memmap(tmp_path / "x.npz", "f"), a)
+    assert npz_memmap(tmp_path / "x.npz", "missing") is None
+    np.savez_compressed(tmp_path / "z.npz", a=a)
+    assert npz_memmap(tmp_path / "z.npz", "a") is None
+
+
+def test_ridge_reads_its_saved_coefficients_memory_mapped(tmp_path):
+    from llmvem.ridge_encoders import RidgeEncoder
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)), rng.normal(size=(60, 30)).astype(np.float32)
+    enc = RidgeEncoder(cv=3).fit(x, y)
+    before = enc.predict(x[:5])
+    assert not enc.map_coefficients(tmp_path)  # nothing saved there yet
+    enc.save(tmp_path)
+    assert enc.map_coefficients(tmp_path)
+    assert isinstance(enc.ridge_.coef_, np.memmap)
+    np.testing.assert_array_equal(enc.predict(x[:5]), before)
+
+
+def test_fit_predict_writes_each_model_as_it_is_fitted_and_holds_its_predictions_mapped(tmp_path):
+    """The runner writes a model's predictions and ridge file right after its fit; what it keeps are read-only
+    maps of those files, equal to the predictions."""
+    from llmvem.data.dataset import EncodingDataset, Split
+    from llmvem.data.images import ArrayImages
+    from llmvem.experiment import ModelSpec, fit_predict
+    from llmvem.inputs import PreparedInputs
+    from llmvem.ridge_encoders import RIDGE_FILE, RidgeEncoder
+
+    rng = np.random.default_rng(0)
+    splits, feats = {}, {}
+    for s, n in {"train": 50, "val": 15, "test": 20}.items():
+        a = rng.normal(size=(n, 6)).astype(np.float32)
+        splits[s] = Split(ArrayImages(np.zeros((n, 4, 4, 3), np.uint8), [f"{s}{i}" for i in range(n)]),
+                          (a @ rng.normal(size=(6, 40)) + rng.normal(size=(n, 40))).astype(np.float32))
+        feats[s] = {"A": a}
+    inputs = PreparedInputs(EncodingDataset("planted", splits), {s: [["x"]] * len(splits[s].images.ids)
+                                                                   for s in splits},
+                            {"backend": "file", "model_id": "planted", "config_hash": "x"}, {}, None, feats)
+    models = {"ridge": ModelSpec(RidgeEncoder(layers=["A"], cv=3, device="cpu"), "Ridge", "ridge")}
+    preds, fitted = fit_predict(models, inputs, tmp_path / "models")
+    folder = tmp_path / "models" / "ridge"
+    assert (folder / RIDGE_FILE).is_file() and fitted["ridge"].outputs_written_ == str(folder)
+    for split in ("val", "test"):
+        assert isinstance(preds["ridge"][split], np.memmap)
+        np.testing.assert_array_equal(preds["ridge"][split], fitted["ridge"].predict(inputs.features[split]))
+        np.testing.assert_array_equal(np.load(folder / f"predictions_{split}.npy"), preds["ridge"][split])
+
+
+def test_validation_loss_in_row_blocks_is_the_mean_squared_error():
+    from llmvem.train.engine import _mean_squared_error
+
+    rng = np.random.default_rng(1)
+    y, p = rng.normal(size=(150, 7)).astype(np.float32), rng.normal(size=(150, 7)).astype(np.float32)
+    assert _mean_squared_error(y, p, rows=64) == pytest.approx(float(np.mean((p.astype(np.float64) - y) ** 2)),
+                                                                rel=1e-12)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,11 +109,21 @@ def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         # .T: the Fortran-ordered view of the symmetric matrix, so LAPACK works in place without a copy
         lam, vec = scipy.linalg.eigh(gram.numpy().T, subset_by_index=[m - k, m - 1], driver="evr",
                                      overwrite_a=True, check_finite=False)
-        lam_t, vec_t = torch.from_numpy(lam), torch.from_numpy(vec)
-    else:
-        lam_t, vec_t = torch.linalg.eigh(gram)
-        lam_t, vec_t = lam_t[m - k:], vec_t[:, m - k:]
+        _reverse_columns(vec)  # descending, in place: no second (m, k) float64 copy
+        return torch.from_numpy(lam[::-1].copy()).clamp_min(0.0), torch.from_numpy(vec)
+    lam_t, vec_t = torch.linalg.eigh(gram)
+    lam_t, vec_t = lam_t[m - k:], vec_t[:, m - k:]
     return lam_t.flip(0).clamp_min(0.0), vec_t.flip(1)
+
+
+def _reverse_columns(a: np.ndarray) -> None:
+    """Reverse the column order of a 2-D array in place, one column pair at a time."""
+    k = a.shape[1]
+    tmp = np.empty(a.shape[0], dtype=a.dtype)
+    for j in range(k // 2):
+        tmp[:] = a[:, j]
+        a[:, j] = a[:, k - 1 - j]
+        a[:, k - 1 - j] = tmp
 
 
 def _pca_gram(y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,7 +157,7 @@ def _pca_gram(y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     # they are completed with an orthonormal basis of what the others leave.
     tol = float(lam[0]) * max(n, v) * float(torch.finfo(f64).eps) * 10.0 if lam.numel() else 0.0
     good = int((lam > tol).sum())
-    proj = (u[:, :good] / lam[:good].sqrt()).t().contiguous()  # (good, n): the rows of diag(1/s) Uᵀ
+    proj = u[:, :good].div_(lam[:good].sqrt()).t()  # (good, n): the rows of diag(1/s) Uᵀ, in U's memory
     del u
     basis = torch.empty(k, v, dtype=torch.float32, device=dev)
     norm2 = torch.zeros(good, dtype=f64, device=dev)

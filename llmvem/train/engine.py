@@ -107,6 +107,15 @@ class _NullBar:
         pass
 
 
+def _mean_squared_error(y: np.ndarray, pred: np.ndarray, rows: int = 64) -> float:
+    """``mean((pred - y)²)`` a few rows at a time (no two voxel-sized temporaries), summed in float64."""
+    total = 0.0
+    for s in range(0, len(y), rows):
+        d = np.subtract(pred[s:s + rows], y[s:s + rows], dtype=np.float64)
+        total += float(np.einsum("ij,ij->", d, d))
+    return total / max(y.size, 1)
+
+
 class Engine:
     """Runs both training stages of an :class:`~llmvem.train.task.EncodingTask` over data keys.
 
@@ -300,7 +309,7 @@ class Engine:
             pred = self.predict(key, "val", stage)
             y = key.responses["val"].cpu().numpy()
             per[key.name] = broadcast_float(mean_r(y, pred), self.info)
-            losses.append(float(np.mean((pred - y) ** 2)))
+            losses.append(_mean_squared_error(y, pred))
         return float(np.mean(list(per.values()))), float(np.mean(losses)), per
 
     def _run_stage(self, stage: int, resume_state: dict[str, Any] | None,

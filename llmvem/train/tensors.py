@@ -124,7 +124,7 @@ def predict_network(network: torch.nn.Module, n: int, device: torch.device, *,
     """
     was = network.training
     network.eval()
-    out = []
+    out: np.ndarray | None = None  # filled batch by batch: no list of batches concatenated at the end
     extra = {} if key is None else {"key": key}
     for s in range(0, n, batch_size):
         with autocast(device, precision):
@@ -135,10 +135,14 @@ def predict_network(network: torch.nn.Module, n: int, device: torch.device, *,
                 assert images is not None
                 res = network(images=images[s : s + batch_size].to(device), channels_last=channels_last,
                               **extra)
-        out.append(res.voxels.float().cpu())
+        voxels = res.voxels.float().cpu().numpy()
+        if out is None:
+            out = np.empty((n, voxels.shape[1]), dtype=np.float32)
+        out[s : s + len(voxels)] = voxels
+        del res, voxels
     network.train(was)
-    if out:
-        return torch.cat(out).numpy()
+    if out is not None:
+        return out
     n_vox = network.n_voxels if key is None else network.n_voxels_of(key)  # type: ignore[operator]
     return np.zeros((0, n_vox), dtype=np.float32)
 
