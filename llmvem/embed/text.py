@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -355,3 +355,61 @@ def load_text_encoder(name: str = "minilm", device: str = "auto",
     raise ConfigError(
         f"text encoder: unknown name {name!r}; expected 'minilm', 'st:<path-or-id>' or 'clip:<path-or-id>'"
     )
+
+
+class CachedTextEncoder(TextEncoder):
+    """A text encoder whose :meth:`encode` results are kept on disk, and which loads the real encoder only when a
+    result is missing (a warm rerun of the report's voxel descriptions then loads no model at all).
+
+    Parameters
+    ----------
+    load : callable () -> TextEncoder
+        Loads the encoder (called at most once, on the first miss).
+    name, long_policy : str
+        The encoder's name as :func:`load_text_encoder` takes it and its long-text policy (part of the key).
+    dim : int
+        The embedding size the caller expects (checked against the loaded encoder).
+    folder : Path
+        Where the results live (``encode_<key>.npz``, the key hashed from the name, policy, batch size and texts).
+    """
+
+    def __init__(self, load: Callable[[], TextEncoder], name: str, long_policy: str, dim: int, folder: str | Path):
+        self._load: Callable[[], TextEncoder] = load
+        self._encoder: TextEncoder | None = None
+        self.name, self.long_policy, self.dim, self.folder = name, long_policy, int(dim), Path(folder)
+        self.model_id = name
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The real encoder (loaded now if needed)."""
+        if self._encoder is None:
+            enc = self._load()
+            if int(enc.dim) != self.dim:
+                raise ConfigError(f"text encoder {enc.model_id} gives {enc.dim}-d embeddings; expected {self.dim}-d "
+                                  f"as {self.name}'s")
+            self._encoder, self.model_id = enc, enc.model_id
+        return self._encoder
+
+    @property
+    def max_tokens(self) -> int:  # type: ignore[override]
+        return int(self.encoder.max_tokens)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> TextEmbeddings:
+        texts = list(texts)
+        key = stable_hash({"encoder": self.name, "policy": self.long_policy, "batch_size": int(batch_size),
+                           "texts": texts})
+        path = self.folder / f"encode_{key}.npz"
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    return TextEmbeddings(z["embeddings"], z["n_tokens"], z["truncated"], z["long"],
+                                          str(z["model_id"]))
+            except (OSError, ValueError, KeyError):  # damaged: computed again and rewritten below
+                pass
+        out = self.encoder.encode(texts, batch_size=batch_size, show_progress=show_progress)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, embeddings=out.embeddings, n_tokens=out.n_tokens, truncated=out.truncated, long=out.long,
+                 model_id=np.array(out.model_id))
+        tmp.replace(path)
+        return out

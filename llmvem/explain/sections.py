@@ -311,7 +311,12 @@ def add_text_to_brain_section(run_dir: str | Path, config: RunConfig, inputs: Pr
         phrases, source = default_vocabulary(ds.meta, inputs.captions.get("train"))
     else:
         phrases, source = list(vocabulary), f"{len(vocabulary)} user phrases"
-    encoder = t2b.load_encoder(config.text.device)
+    from llmvem.embed.text import CachedTextEncoder
+    from llmvem.inputs import cache_root
+
+    # phrase embeddings are cached beside the caption embeddings: a warm rerun loads no text model here
+    encoder = CachedTextEncoder(lambda: t2b.load_encoder(config.text.device), t2b.text_encoder, t2b.long_policy,
+                                t2b.dim, cache_root(config) / "text_embeddings")
     descr = write_voxel_descriptions_section(folder, t2b, phrases, source, ds, encoder, model_dir)
     slim = None
     if evaluation is not None:
