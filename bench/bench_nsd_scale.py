@@ -8,7 +8,8 @@ test images) or a given size, then runs through the CLI, each command in its own
 
     llmvem data inspect SUBJ --json
     llmvem train --config demo --set data.spec=SUBJ --set backbone.image_size=112 --set train.stage2.epochs=0 \\
-        --set model.core=linear --set captions.backend=file ...        (stage 2 off; the issue's command)
+        --set model.core=linear --set model.readout_init=ridge --set train.stage1.lr=0.0001 \\
+        --set captions.backend=file ...        (stage 2 off; the issue's command + the NSD-scale stage-1 recipe)
     llmvem report RUN
     llmvem export RUN --subject-dir SUBJ
     llmvem predict --run RUN --images SUBJ/test_split/test_images --out preds.h5
@@ -252,7 +253,11 @@ def train_overrides(subject: Path, cache: Path, captions: str, extra: list[str])
     """The ``--set`` overrides of the issue's ``train`` command."""
     # the demo config's variance partition (banded ridge of features x caption embeddings) is an analysis on top of
     # the encoding route, not part of it: off here (at 600 x 20,000 it alone took 51 s and +0.4 GB)
+    # stage 1 at this size: the readout and the linear core start at the (reduced-rank) ridge solution of the PCA
+    # scores and take small steps from there; chosen on validation at full size (bench/results/nsd_recipe_val.json:
+    # random start, lr 1e-3 0.364; ridge start, lr 1e-3 0.407 (best epoch 0); ridge start, lr 1e-4 0.408)
     sets = [f"data.spec={subject}", "backbone.image_size=112", "train.stage2.epochs=0", "model.core=linear",
+            "model.readout_init=ridge", "train.stage1.lr=0.0001",
             f"cache_dir={cache}", f"captions.backend={captions}", "evaluate.variance_partition=false"]
     if captions == "file":
         sets.append(f"captions.captions_file={subject / 'captions.csv'}")

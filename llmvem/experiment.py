@@ -255,6 +255,7 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
               noise_ceiling: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray], list[dict[str, Any]]]:
     from llmvem.evaluate.metrics import evaluate_predictions, pearson_r
     from llmvem.evaluate.stats import paired_bootstrap
+    from llmvem.resources import release_mapped_pages  # the run folder's predictions, once read
 
     y = ds.test.responses
     records: dict[str, Any] = {}
@@ -275,6 +276,7 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
             records[name]["details"] = fitted[name].details_
         if getattr(fitted[name], "band_summary_", None) is not None:  # a banded ridge's band weights
             records[name]["bands"] = fitted[name].band_summary_
+        release_mapped_pages(*preds.values())
         voxel[f"r__{name}"] = ev["r"]
         if ev["accuracy"] is not None:
             voxel[f"accuracy__{name}"] = ev["accuracy"]
@@ -282,6 +284,7 @@ def _evaluate(ds: EncodingDataset, models: Mapping[str, ModelSpec], predictions:
     for a, b in pairs if n_boot > 0 else ():
         res = paired_bootstrap(y, predictions[a]["test"], predictions[b]["test"], n_boot=n_boot, seed=seed,
                                noise_ceiling=noise_ceiling, roi_masks=ds.roi_masks)
+        release_mapped_pages(predictions[a]["test"], predictions[b]["test"])
         comparisons.append({"a": a, "b": b, **flatten_comparison(res)})
     return records, voxel, comparisons
 

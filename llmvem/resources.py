@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = ["THREADS_ENV", "ThreadChoice", "available_cpus", "cgroup_cpu_limit", "choose_threads",
            "configure_threads", "current_rss", "format_bytes", "idle_cpus", "peak_rss", "print_stage_lines",
-           "release_free_memory",
+           "release_free_memory", "release_mapped_pages",
            "stage", "thread_record"]
 
 #: Environment variable that sets the thread count (``--threads`` wins over it).
@@ -293,6 +293,25 @@ def release_free_memory() -> bool:
         return False  # pragma: no cover - not glibc
     _LIBC.malloc_trim(0)
     return True
+
+
+def release_mapped_pages(*arrays: Any) -> int:
+    """Unmap the resident pages of read-only memory-mapped arrays (``np.load(..., mmap_mode="r")``) once they
+    have been read: the file stays mapped and pages come back on the next read, but they stop counting as this
+    process's memory. Other arrays are ignored. Returns how many mappings were released."""
+    import mmap
+
+    done = 0
+    for a in arrays:
+        m = getattr(a, "_mmap", None)  # numpy.memmap's mapping
+        if m is None or getattr(a, "mode", None) != "r" or not hasattr(m, "madvise"):
+            continue
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+            done += 1
+        except (OSError, ValueError):  # pragma: no cover - a closed mapping or a platform without madvise
+            pass
+    return done
 
 
 class _PeakSampler:

@@ -331,3 +331,19 @@ def test_validation_loss_in_row_blocks_is_the_mean_squared_error():
     y, p = rng.normal(size=(150, 7)).astype(np.float32), rng.normal(size=(150, 7)).astype(np.float32)
     assert _mean_squared_error(y, p, rows=64) == pytest.approx(float(np.mean((p.astype(np.float64) - y) ** 2)),
                                                                 rel=1e-12)
+
+
+def test_mapped_predictions_stop_counting_once_read(tmp_path):
+    np.save(tmp_path / "p.npy", np.ones((256, 16384), np.float32))  # 16 MiB
+    m = np.load(tmp_path / "p.npy", mmap_mode="r")
+
+    def rss_file():
+        return resources._status_kib("RssFile") * 1024
+
+    before = rss_file()
+    assert float(m.sum()) == 256 * 16384
+    read = rss_file()
+    assert read - before > 12 * 2**20
+    assert resources.release_mapped_pages(m, np.ones(3)) == 1
+    assert rss_file() - before < 2 * 2**20
+    assert float(m[-1, -1]) == 1.0  # still readable

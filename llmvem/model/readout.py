@@ -137,7 +137,7 @@ def _pca_gram(y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
         mean[sl] = y[:, sl].to(f64).mean(dim=0)
 
     def centred(rows: slice, sl: slice) -> torch.Tensor:
-        return y[rows, sl].to(f64) - mean[sl]
+        return y[rows, sl].to(f64).sub_(mean[sl])  # one float64 copy of the block, centred in place
 
     everything = slice(0, n)
     if n > v:  # voxels × voxels covariance: its eigenvectors are the basis
