@@ -249,6 +249,9 @@ class TrainConfig(_Section):
                              "keeps everything in memory")
     deterministic: bool = True
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    trunk_cache_mib: int = Field(512, ge=0, description="memory for the frozen backbone trunk's outputs, reused "
+                                 "by stage 2, predictions and text-to-brain (backbones that can split; "
+                                 "llmvem.embed.trunk_cache); 0 = off")
     selection: Literal["global", "per_key"] = Field(
         "global", description="model selection on validation mean r: one best epoch for the mean over data keys, "
         "or each key's own best epoch (training stops when no key improved for early_stopping_patience epochs)")

@@ -162,3 +162,14 @@ def test_saved_entries_load_back_and_are_read(tmp_path):
     bad.write_bytes(b"not an HDF5 file")
     with pytest.warns(UserWarning, match="unreadable trunk cache"):
         assert TrunkCache().load(bad) == 0
+
+
+def test_the_config_sets_the_budget_or_turns_the_cache_off(tmp_path, monkeypatch):
+    cache = TrunkCache()
+    fit(tmp_path, "off", cache, monkeypatch, config("train.trunk_cache_mib=0"))
+    assert len(cache) == 0 and cache.hits == 0 and cache.misses == 0  # never asked: the backbone ran whole
+    net = load_trained_model(tmp_path / "off").network_
+    assert net.trunk_groups == 0
+    big = TrunkCache()
+    fit(tmp_path, "big", big, monkeypatch, config("train.trunk_cache_mib=1024"))
+    assert big.max_bytes == 1024 * 2**20 and len(big) > 0

@@ -334,10 +334,15 @@ def cached_backbone_features(backbone: ImageBackbone, images: torch.Tensor, laye
     return out
 
 
-def attach_trunk_cache(network: nn.Module, unfreeze_last_n: int, cache: TrunkCache | None = None) -> None:
+def attach_trunk_cache(network: nn.Module, unfreeze_last_n: int, cache: TrunkCache | None = None,
+                       budget_bytes: int | None = None) -> None:
     """Let ``network`` (an :class:`~llmvem.model.LLMVEM`) reuse its backbone's frozen trunk: the groups before
     the last ``unfreeze_last_n`` (``train.stage2.unfreeze_last_n``), from ``cache`` (default: the process-wide
     :func:`shared_trunk_cache`). A backbone without :attr:`~llmvem.embed.base.ImageBackbone.supports_trunk` keeps
-    running whole."""
-    network.trunk_groups = frozen_trunk_groups(getattr(network, "backbone", None), unfreeze_last_n)
+    running whole. ``budget_bytes`` (``train.trunk_cache_mib``): 0 turns the cache off for this network; another
+    value than :data:`DEFAULT_BUDGET_BYTES` becomes the cache's budget (the default leaves it as it is)."""
     network.trunk_cache = cache if cache is not None else shared_trunk_cache()
+    if budget_bytes is not None and int(budget_bytes) > 0 and int(budget_bytes) != DEFAULT_BUDGET_BYTES:
+        network.trunk_cache.max_bytes = int(budget_bytes)
+    off = budget_bytes is not None and int(budget_bytes) <= 0
+    network.trunk_groups = 0 if off else frozen_trunk_groups(getattr(network, "backbone", None), unfreeze_last_n)

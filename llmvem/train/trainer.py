@@ -395,7 +395,8 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
         with stage("voxel readout: PCA of the training responses" + (
                 ", ridge start" if config.model.readout_init == "ridge" else ""), say=quiet):
             network = _build_network(config, keys, backbone, alignment_head).to(info.device)
-            attach_trunk_cache(network, config.train.stage2.unfreeze_last_n)
+            attach_trunk_cache(network, config.train.stage2.unfreeze_last_n,
+                               budget_bytes=config.train.trunk_cache_mib * 2**20)
             _set_latent_targets(network, keys)
         task = EncodingTask(network, config.model.lambda_align, {k.name: k.weight for k in keys},
                             regularize=config.model.readout_l2 > 0 or config.model.spatial_l1 > 0
