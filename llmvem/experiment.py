@@ -178,6 +178,11 @@ def write_one_model(folder: Path, inputs: PreparedInputs, predictions: Mapping[s
     for split, p in predictions.items():
         disk = np.load(files[split], mmap_mode="r") if files[split].is_file() else None
         mapped[split] = disk if disk is not None and disk.shape == np.shape(p) and disk.dtype == np.float32 else p
+    held = getattr(getattr(est, "result_", None), "predictions", None)  # a trainer's result keeps its own
+    if isinstance(held, dict):
+        for split, arr in mapped.items():
+            if held.get(split) is predictions[split]:
+                held[split] = arr
     return mapped
 
 

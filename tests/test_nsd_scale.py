@@ -314,8 +314,28 @@ def test_fit_predict_writes_each_model_as_it_is_fitted_and_holds_its_predictions
     inputs = PreparedInputs(EncodingDataset("planted", splits), {s: [["x"]] * len(splits[s].images.ids)
                                                                    for s in splits},
                             {"backend": "file", "model_id": "planted", "config_hash": "x"}, {}, None, feats)
-    models = {"ridge": ModelSpec(RidgeEncoder(layers=["A"], cv=3, device="cpu"), "Ridge", "ridge")}
+    class Held:  # an estimator whose result keeps its predictions, as the trainer's does
+        def get_params(self, deep=True):
+            return {}
+
+        def set_params(self, **params):
+            return self
+
+        def fit_inputs(self, inputs):
+            self.result_ = type("R", (), {})()
+            self.result_.predictions = {s: np.full((len(inputs.dataset.splits[s].images.ids), 40), 2.0, np.float32)
+                                        for s in ("val", "test")}
+            return self
+
+        def predict_inputs(self, inputs):
+            return dict(self.result_.predictions)
+
+    models = {"ridge": ModelSpec(RidgeEncoder(layers=["A"], cv=3, device="cpu"), "Ridge", "ridge"),
+              "held": ModelSpec(Held(), "Held", "llmvem")}
     preds, fitted = fit_predict(models, inputs, tmp_path / "models")
+    for split in ("val", "test"):  # the estimator's own copy is the map as well
+        assert fitted["held"].result_.predictions[split] is preds["held"][split]
+        assert isinstance(preds["held"][split], np.memmap) and float(preds["held"][split][0, 0]) == 2.0
     folder = tmp_path / "models" / "ridge"
     assert (folder / RIDGE_FILE).is_file() and fitted["ridge"].outputs_written_ == str(folder)
     for split in ("val", "test"):

@@ -23,7 +23,7 @@ import numpy as np
 from llmvem.errors import DataValidationError
 
 #: Bytes of float64 scratch memory one block of voxels may use (per operand).
-_BLOCK_BYTES = 64 * 2**20
+_BLOCK_BYTES = 32 * 2**20
 
 #: Noise ceilings equal to 0 are replaced by this value (Algonauts 2023 challenge code does the same).
 NC_FLOOR = 1e-14

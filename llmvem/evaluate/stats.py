@@ -24,7 +24,7 @@ from llmvem.evaluate.metrics import (
 )
 
 #: Bytes of float64 scratch one block of voxels may use.
-_BLOCK_BYTES = 96 * 2**20
+_BLOCK_BYTES = 32 * 2**20
 
 
 def _check_inputs(y_true: Any, pred_a: Any, pred_b: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
