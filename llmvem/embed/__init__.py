@@ -6,13 +6,8 @@
 
 from llmvem.embed.base import ImageBackbone, TextEmbeddings, TextEncoder, pool_caption_sets
 from llmvem.embed.cache import FeatureCache, FeatureResult, compute_features, extract_features
-from llmvem.embed.image import (
-    EfficientNetLite0Backbone,
-    HFVisionBackbone,
-    TimmBackbone,
-    load_backbone,
-    load_efficientnet_lite0_model,
-)
+from llmvem.embed.efficientnet import EfficientNetLite0Backbone, load_efficientnet_lite0_model
+from llmvem.embed.image import HFVisionBackbone, TimmBackbone, load_backbone
 from llmvem.embed.spatial import LayerSpec, parse_layer_spec
 from llmvem.embed.text import CLIPTextEncoder, SentenceTransformerEncoder, load_text_encoder, split_sentences
 

@@ -1,5 +1,6 @@
 """The LLM-VEM network: backbone, voxel readout (PCA mapping), spatial readouts, alignment head and losses."""
 
+from llmvem.model.head import AlignmentHead
 from llmvem.model.losses import (
     LossParts,
     contrastive_loss,
@@ -9,7 +10,7 @@ from llmvem.model.losses import (
     info_nce,
     total_loss,
 )
-from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM, AlignmentHead, ModelOutput
+from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM, ModelOutput
 from llmvem.model.readout import (
     LinearVoxelReadout,
     PCAVoxelReadout,

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmvem.embed.base import ImageBackbone
 from llmvem.embed.trunk_cache import TrunkCache, cached_backbone_features
 from llmvem.model.features import FeatureStandardizer
+from llmvem.model.head import AlignmentHead
 from llmvem.model.readout import LinearVoxelReadout, PCAVoxelReadout, Readout, default_pca_components
 from llmvem.model.spatial import (
     ChannelNorm,
@@ -84,32 +84,6 @@ class ModelOutput:
     latent: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
-
-
-class AlignmentHead(nn.Module):
-    """Projects the pooled image embedding into the caption-embedding space; output rows are L2-normalised.
-
-    Parameters
-    ----------
-    in_dim : int
-        Size of the pooled image embedding.
-    out_dim : int
-        Size of the text embedding (or ``align_dim``).
-    kind : {"linear", "mlp"}
-        A single linear map, or Linear → GELU → Linear with ``out_dim`` hidden units.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear"):
-        super().__init__()
-        if kind == "linear":
-            self.proj: nn.Module = nn.Linear(in_dim, out_dim)
-        elif kind == "mlp":
-            self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        else:
-            raise ValueError(f"projection: expected 'linear' or 'mlp', got {kind!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(x).float(), dim=-1)
 
 
 class LLMVEM(nn.Module):
