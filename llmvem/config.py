@@ -201,9 +201,11 @@ class ModelConfig(_Section):
     spatial_init: Literal["ridge", "random"] = Field(
         "ridge", description="factorized readouts start at the rank-1 part of a ridge fit on the training maps, "
                              "or at small random weights")
-    readout_init: Literal["ridge", "random"] = Field(
+    readout_init: Literal["ridge", "random", "auto"] = Field(
         "random", description="the PCA readout (and a linear core) start at the ridge solution of the training "
-                              "responses' PCA scores (llmvem.model.start), or at random weights")
+                              "responses' PCA scores (llmvem.model.start), or at random weights; auto: both "
+                              "are candidates (the ridge start is validated, stage 1 trains from the random "
+                              "one, validation keeps the better)")
 
     @model_validator(mode="after")
     def _aligned_needs_flat_readout(self) -> ModelConfig:

@@ -39,7 +39,7 @@ from llmvem.utils import prepare_run_folder, seed_everything, versions, write_js
 
 __all__ = ["EXPERIMENT_OUTPUTS", "ExperimentResult", "ModelSpec", "dataset_summary",
            "default_pairs", "fit_predict", "flatten_comparison", "run_models", "versions",
-           "write_gallery", "write_model_outputs", "write_one_model"]
+           "write_gallery", "write_one_model", "write_run_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,9 @@ def dataset_summary(ds: EncodingDataset) -> dict[str, Any]:
     return out
 
 
-def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapping[str, Mapping[str, np.ndarray]],
-                        fitted: Mapping[str, Any]) -> None:
-    """Per model not written yet: its predictions (unless its trainer wrote them), a saved ridge, the challenge
-    test predictions (:func:`write_one_model`); and ``test_responses.npy`` and ``challenge_test_ids.json`` once."""
+def write_run_outputs(out_dir: Path, inputs: PreparedInputs) -> None:
+    """The run folder's files shared by its models: ``test_responses.npy`` and ``challenge_test_ids.json``
+    (each model's own outputs were written when it was fitted: :func:`write_one_model`)."""
     from llmvem.export import CHALLENGE_IDS  # the name export/report read
     from llmvem.inputs import challenge_images
     from llmvem.report.roi import TEST_RESPONSES
@@ -143,15 +142,10 @@ def write_model_outputs(out_dir: Path, inputs: PreparedInputs, predictions: Mapp
     challenge = challenge_images(ds) if inputs.challenge_features is not None else None
     if challenge is not None:
         write_json(out_dir / CHALLENGE_IDS, [Path(str(i)).stem for i in challenge.ids])
-    for name, preds in predictions.items():
-        folder = out_dir / "models" / name
-        if getattr(fitted[name], "outputs_written_", None) == str(folder):
-            continue  # fit_predict wrote them when the model was fitted
-        write_one_model(folder, inputs, preds, fitted[name], challenge)
 
 
-def write_one_model(folder: Path, inputs: PreparedInputs, predictions: Mapping[str, np.ndarray], est: Any,
-                    challenge: Any = None) -> dict[str, np.ndarray]:
+def write_one_model(folder: Path, inputs: PreparedInputs, predictions: Mapping[str, np.ndarray],
+                    est: Any) -> dict[str, np.ndarray]:
     """Write one fitted model's outputs into ``folder``: ``predictions_<split>.npy`` (unless its trainer wrote
     them), the saved model (``est.save``) and the challenge test predictions; returns the predictions read back
     memory-mapped (read-only), so the caller need not hold a voxel-sized copy of each split in memory."""
@@ -163,8 +157,7 @@ def write_one_model(folder: Path, inputs: PreparedInputs, predictions: Mapping[s
     if not files.get("test", folder / "predictions_test.npy").is_file():  # a trainer writes its own there
         for split, p in predictions.items():
             np.save(files[split], np.asarray(p, dtype=np.float32))
-    if challenge is None and inputs.challenge_features is not None:
-        challenge = challenge_images(inputs.dataset)
+    challenge = challenge_images(inputs.dataset) if inputs.challenge_features is not None else None
     if challenge is not None and hasattr(est, "predict_new"):
         pred = est.predict_new(challenge, inputs.challenge_features)
         np.save(folder / CHALLENGE_PREDICTIONS, np.asarray(pred, dtype=np.float32))
@@ -173,7 +166,6 @@ def write_one_model(folder: Path, inputs: PreparedInputs, predictions: Mapping[s
         est.save(folder)
         if hasattr(est, "map_coefficients"):  # a ridge reads its saved coefficients from now on
             est.map_coefficients(folder)
-    est.outputs_written_ = str(folder)
     mapped = {}
     for split, p in predictions.items():
         disk = np.load(files[split], mmap_mode="r") if files[split].is_file() else None
@@ -215,14 +207,16 @@ def write_gallery(out_dir: Path, inputs: PreparedInputs, caption_columns: Mappin
     write_json(out_dir / "gallery.json", entries)
 
 
-def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_dir: Path | None = None,
+def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_dir: Path,
                 resume: bool = False, say: Callable[[str], None] | None = None,
                 timing: dict[str, float] | None = None, memory: dict[str, int] | None = None
                 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Clone, fit and predict every model (``val`` and ``test``), in order.
 
     An estimator with an ``out_dir`` parameter trains into ``models_dir / name`` (with ``resume``: a finished
-    training there is reused); one with ``spec.reuses`` gets the earlier models it names, fitted. Returns (predictions {name: {split: array (n, n_voxels)}}, fitted estimators);
+    training there is reused); one with ``spec.reuses`` gets the earlier models it names, fitted. Each model's
+    outputs go to ``models_dir / name`` as soon as it is fitted (:func:`write_one_model`). Returns (predictions
+    {name: {split: array (n, n_voxels)}}, read-only memory maps of those files; fitted estimators);
     ``timing[name]`` gets the seconds of each model and ``memory[name]`` its peak resident bytes; ``say`` gets a
     line when each model starts and ends (:func:`llmvem.resources.stage`).
     """
@@ -235,7 +229,7 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
     fitted: dict[str, Any] = {}
     for name, spec in models.items():
         est = clone(spec.estimator)
-        if models_dir is not None and "out_dir" in est.get_params():
+        if "out_dir" in est.get_params():
             est.set_params(out_dir=models_dir / name, resume=resume)
         own = spec.inputs or inputs
         missing = [m for m in (spec.reuses or {}).values() if m not in fitted]
@@ -249,8 +243,8 @@ def fit_predict(models: Mapping[str, ModelSpec], inputs: PreparedInputs, models_
                 est.fit_inputs(own)
             release_free_memory()  # the fit's scratch, before the predictions are made
             predictions[name] = est.predict_inputs(own)
-            if models_dir is not None:  # written now: the next model's fit does not sit on these arrays
-                predictions[name] = write_one_model(models_dir / name, own, predictions[name], est)
+            # written now, and held memory-mapped: the next model's fit does not sit on these arrays
+            predictions[name] = write_one_model(models_dir / name, own, predictions[name], est)
         fitted[name] = est
     return predictions, fitted
 
@@ -369,7 +363,7 @@ def run_models(config: RunConfig, inputs: PreparedInputs | Callable[[], Prepared
         np.savez_compressed(out_dir / "voxel_metrics.npz", **voxel,
                             **{k: v for k, v in optional.items() if v is not None},
                             **{f"roi__{k}": v for k, v in ds.roi_masks.items()})
-        write_model_outputs(out_dir, inputs, predictions, fitted)
+        write_run_outputs(out_dir, inputs)
     curve = [{"lambda": spec.lam, "model": n, "mean_r": records[n]["mean_r"],
               "per_roi": {roi: v["mean_r"] for roi, v in records[n]["per_roi"].items()}}
              for n, spec in models.items() if spec.lam is not None]

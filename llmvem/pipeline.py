@@ -300,9 +300,10 @@ def run_experiment(config: RunConfig, out_dir: str | Path, lambdas: Sequence[flo
         return prepared
 
     # the frozen trunk's outputs (stage 2, predictions, text-to-brain) persist beside the features they extend
-    trunk_file = cache_root(config) / TRUNK_CACHE_FILE if inputs is None else None
+    budget = config.train.trunk_cache_mib * 2**20  # 0: the cache is off, and its file is left alone
+    trunk_file = cache_root(config) / TRUNK_CACHE_FILE if inputs is None and budget > 0 else None
     if trunk_file is not None:
-        shared_trunk_cache().load(trunk_file)
+        shared_trunk_cache(budget).load(trunk_file)
     result = run_models(config, prepare, models, out_dir, resume=resume, overwrite=overwrite, extra_stages=stages,
                         pairs=experiment_pairs(list(models), config), say=say, started=t0)
     if trunk_file is not None and shared_trunk_cache().added:

@@ -295,16 +295,29 @@ def release_free_memory() -> bool:
     return True
 
 
+def _mapping_of(array: Any) -> Any:
+    """The :class:`mmap.mmap` at the end of ``array``'s ``base`` chain (a memory-mapped array or a view of
+    one), or None."""
+    import mmap
+
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
+
+
 def release_mapped_pages(*arrays: Any) -> int:
-    """Unmap the resident pages of read-only memory-mapped arrays (``np.load(..., mmap_mode="r")``) once they
-    have been read: the file stays mapped and pages come back on the next read, but they stop counting as this
-    process's memory. Other arrays are ignored. Returns how many mappings were released."""
+    """Unmap the resident pages of read-only memory-mapped arrays (``np.load(..., mmap_mode="r")``, or views of
+    them) once they have been read: the file stays mapped and pages come back on the next read, but they stop
+    counting as this process's memory. Writable mappings (whose pages may not be written back yet) and other
+    arrays are ignored. Returns how many mappings were released."""
     import mmap
 
     done = 0
     for a in arrays:
-        m = getattr(a, "_mmap", None)  # numpy.memmap's mapping
-        if m is None or getattr(a, "mode", None) != "r" or not hasattr(m, "madvise"):
+        m = _mapping_of(a)
+        flags = getattr(a, "flags", None)
+        if m is None or flags is None or flags.writeable or not hasattr(m, "madvise"):
             continue
         try:
             m.madvise(mmap.MADV_DONTNEED)

@@ -105,6 +105,77 @@ def test_ridge_start_with_a_linear_core_is_the_reduced_rank_ridge():
     np.testing.assert_allclose(z_narrow.numpy(), proj.numpy(), atol=5e-4)
 
 
+def _linear_fit(tmp_path, name, start, *overrides, **kw):
+    """Stage 1 on features with a linear ground truth (``train_encoding_model``, as ``llmvem train`` calls it)."""
+    from llmvem.config import RunConfig, apply_overrides
+    from llmvem.data.dataset import EncodingDataset, Split
+    from llmvem.data.images import ArrayImages
+    from llmvem.train.trainer import train_encoding_model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(260, 12)).astype(np.float32)
+    y = (x @ rng.normal(size=(12, 30)) + 2.0 * rng.normal(size=(260, 30))).astype(np.float32)
+    cut = {"train": slice(0, 160), "val": slice(160, 210), "test": slice(210, None)}
+    ids, imgs = [f"x{i}" for i in range(260)], np.zeros((260, 4, 4, 3), np.uint8)
+    ds = EncodingDataset("linear", {s: Split(ArrayImages(imgs[c], ids[c]), y[c]) for s, c in cut.items()})
+    cfg = apply_overrides(RunConfig(), ["backbone.layers=[pooled]", "model.lambda_align=0", "train.stage2.epochs=0",
+                                        "model.core=linear", "model.core_dim=8", "train.stage1.epochs=6",
+                                        "train.stage1.batch_size=32", "train.stage1.early_stopping_patience=2",
+                                        "train.device=cpu", f"model.readout_init={start}", *overrides])
+    return train_encoding_model(cfg, ds, features={s: {"pooled": x[c]} for s, c in cut.items()},
+                                out_dir=tmp_path / name, show_progress=False, **kw)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_auto_start_keeps_the_ridge_start_where_training_does_not_beat_it(tmp_path):
+    slow = "train.stage1.lr=1e-7"  # the random start hardly moves: nothing it reaches beats the ridge solution
+    auto, random, ridge = (_linear_fit(tmp_path, s, s, slow) for s in ("auto", "random", "ridge"))
+    st = auto.stages["stage1"]
+    assert st["ridge_start_kept"] and st["best_epoch"] == 0 and "ridge_start_kept" not in random.stages["stage1"]
+    # training ran from the random weights exactly as readout_init random does (its own early stopping)
+    assert [r["val_mean_r"] for r in auto.curves] == [r["val_mean_r"] for r in random.curves]
+    assert st["best_val_mean_r"] > max(r["val_mean_r"] for r in random.curves) + 0.3
+    np.testing.assert_allclose(auto.predictions["test"], ridge.predictions["test"], atol=1e-4)  # the ridge start
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_auto_start_trains_from_the_random_weights_where_that_does_better(tmp_path, monkeypatch):
+    import llmvem.model.network as network_module
+    from llmvem.model.start import ridge_start
+
+    def reversed_start(network, responses, features):  # a start that validation must reject (r < 0)
+        record = ridge_start(network, responses, features)
+        network.readouts["main"].head.weight.neg_()
+        return record
+
+    monkeypatch.setattr(network_module, "ridge_start", reversed_start)
+    auto, random = _linear_fit(tmp_path, "auto", "auto"), _linear_fit(tmp_path, "random", "random")
+    assert not auto.stages["stage1"]["ridge_start_kept"] and auto.stages["stage1"]["best_epoch"] >= 1
+    def steps(curves):  # the curve rows without their timings
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in curves]
+
+    assert steps(auto.curves) == steps(random.curves)  # the same training, step for step
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(auto.predictions[split], random.predictions[split])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_an_interrupted_auto_start_resumes_to_the_same_choice(tmp_path):
+    full = _linear_fit(tmp_path, "full", "auto", "train.stage1.lr=0.003")
+
+    def stop(event, info):
+        if event == "epoch_end" and info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _linear_fit(tmp_path, "cut", "auto", "train.stage1.lr=0.003", callback=stop)
+    resumed = _linear_fit(tmp_path, "cut", "auto", "train.stage1.lr=0.003", resume=True)
+    assert [r["val_mean_r"] for r in resumed.curves] == [r["val_mean_r"] for r in full.curves]
+    for key in ("best_epoch", "epochs_run", "ridge_start_kept", "best_val_mean_r"):
+        assert resumed.stages["stage1"][key] == full.stages["stage1"][key]
+    np.testing.assert_array_equal(resumed.predictions["test"], full.predictions["test"])
+
+
 # -------------------------------------------------------------------------------- shapes-only Algonauts
 def test_fake_subject_loads_in_the_challenge_layout_and_inspects_without_responses(tmp_path):
     from llmvem.data import load_dataset
@@ -337,7 +408,7 @@ def test_fit_predict_writes_each_model_as_it_is_fitted_and_holds_its_predictions
         assert fitted["held"].result_.predictions[split] is preds["held"][split]
         assert isinstance(preds["held"][split], np.memmap) and float(preds["held"][split][0, 0]) == 2.0
     folder = tmp_path / "models" / "ridge"
-    assert (folder / RIDGE_FILE).is_file() and fitted["ridge"].outputs_written_ == str(folder)
+    assert (folder / RIDGE_FILE).is_file()
     for split in ("val", "test"):
         assert isinstance(preds["ridge"][split], np.memmap)
         np.testing.assert_array_equal(preds["ridge"][split], fitted["ridge"].predict(inputs.features[split]))
@@ -364,6 +435,7 @@ def test_mapped_predictions_stop_counting_once_read(tmp_path):
     assert float(m.sum()) == 256 * 16384
     read = rss_file()
     assert read - before > 12 * 2**20
-    assert resources.release_mapped_pages(m, np.ones(3)) == 1
+    writable = np.load(tmp_path / "p.npy", mmap_mode="r+")  # pages that may not be written back yet: left alone
+    assert resources.release_mapped_pages(m[128:], np.ones(3), writable) == 1  # a view reaches its mapping
     assert rss_file() - before < 2 * 2**20
     assert float(m[-1, -1]) == 1.0  # still readable

@@ -93,6 +93,33 @@ def test_cv_scores_equal_brute_force_per_fold_ridge():
     np.testing.assert_array_equal(ours.best_alphas_, np.asarray(alphas)[np.argmax(expected, axis=0)])
 
 
+def test_kfold_scores_from_one_product_per_block_hold_with_large_offsets_in_float32():
+    """With no more features than samples the folds keep no U (n_train × p): each fold's training part of
+    G = Xcᵀ Yc is G minus its validation rows'. Features and responses far from 0 must not cancel in float32."""
+    from llmvem.model.ridge import RidgePath
+
+    rng = np.random.default_rng(7)
+    X = (rng.standard_normal((90, 8)) + 40.0).astype(np.float32)
+    Y = (X @ rng.standard_normal((8, 5)) + rng.standard_normal((90, 5)) + 1000.0).astype(np.float32)
+    alphas = [0.1, 10.0, 1000.0]
+    ours = RidgeCV(alphas=alphas, cv=3, progress_bar=False, voxel_batch=2).fit(X, Y)
+    expected = np.zeros((3, 5))
+    for train, val in KFold(3).split(X):
+        for k, a in enumerate(alphas):
+            pred = Ridge(alpha=a).fit(X[train].astype(np.float64), Y[train]).predict(X[val].astype(np.float64))
+            yv = Y[val].astype(np.float64)
+            expected[k] += 1 - ((yv - pred) ** 2).sum(0) / ((yv - yv.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(ours.cv_scores_, expected / 3, atol=2e-4)
+    best = np.asarray(alphas)[np.argmax(expected, axis=0)]
+    np.testing.assert_array_equal(ours.best_alphas_, best)
+    ref = np.stack([Ridge(alpha=a).fit(X.astype(np.float64), Y[:, j]).predict(X.astype(np.float64))
+                    for j, a in enumerate(best)], 1)
+    np.testing.assert_allclose(ours.predict(X), ref, rtol=0, atol=2e-3)  # responses ~1000: float32 rounding
+    path = RidgePath(torch.from_numpy(X), [(tr, va) for tr, va in KFold(3).split(X)], np.asarray(alphas))
+    assert path.primal and path.full.U.numel() == 0
+    assert all(part[3].shape == (8, 8) for part in path.fold_parts)  # V / s (p, rank), no U kept
+
+
 def test_recovers_weights_and_picks_small_alpha_for_clean_voxels():
     rng = np.random.default_rng(5)
     X = rng.standard_normal((300, 5))

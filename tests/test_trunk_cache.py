@@ -89,8 +89,9 @@ def test_augmented_training_batches_bypass_the_cache(tmp_path, monkeypatch):
 
 def test_a_full_budget_falls_back_to_the_full_forward(tmp_path, monkeypatch):
     tiny = TrunkCache(max_bytes=1)
+    monkeypatch.setattr(tc, "shared_trunk_cache", lambda budget_bytes=None: tiny)  # a budget below 1 MiB
     small, _ = fit(tmp_path, "small", tiny, monkeypatch)
-    off, _ = fit(tmp_path, "off", TrunkCache(0), monkeypatch)
+    off, _ = fit(tmp_path, "off", TrunkCache(), monkeypatch, config("train.trunk_cache_mib=0"))
     assert len(tiny) == 0 and tiny.full and tiny.hits == 0
     for s in ("val", "test"):
         np.testing.assert_allclose(small.result_.predictions[s], off.result_.predictions[s], atol=1e-5, rtol=1e-4)
@@ -169,7 +170,9 @@ def test_the_config_sets_the_budget_or_turns_the_cache_off(tmp_path, monkeypatch
     fit(tmp_path, "off", cache, monkeypatch, config("train.trunk_cache_mib=0"))
     assert len(cache) == 0 and cache.hits == 0 and cache.misses == 0  # never asked: the backbone ran whole
     net = load_trained_model(tmp_path / "off").network_
-    assert net.trunk_groups == 0
+    assert net.trunk_groups == 0 and net.trunk_cache is None
     big = TrunkCache()
     fit(tmp_path, "big", big, monkeypatch, config("train.trunk_cache_mib=1024"))
     assert big.max_bytes == 1024 * 2**20 and len(big) > 0
+    fit(tmp_path, "default", big, monkeypatch)  # the run at hand's config decides, not an earlier run's
+    assert big.max_bytes == tc.DEFAULT_BUDGET_BYTES

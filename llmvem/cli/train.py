@@ -114,7 +114,8 @@ def _train_experiment(cfg: RunConfig, out: Path, resume: bool, overwrite: bool, 
         stages = getattr(getattr(result.estimators[name], "result_", None), "stages", {}) or {}
         for stage, st in stages.items():
             typer.echo(f"  {stage}: {st['epochs_run']} epochs, best epoch {st['best_epoch']} "
-                       f"(val r {st['best_val_mean_r']:.4f})" + (", early stopped" if st["early_stopped"] else ""))
+                       + ("= the ridge start " if st.get("ridge_start_kept") else "")
+                       + f"(val r {st['best_val_mean_r']:.4f})" + (", early stopped" if st["early_stopped"] else ""))
         stream = rec.get("align_stream")
         if stream is not None:
             typer.echo(f"  alignment stream: {stream['spec']} ({stream['n_images']} captioned images, weight "

@@ -204,12 +204,17 @@ class TrunkCache:
 _SHARED: TrunkCache | None = None
 
 
-def shared_trunk_cache() -> TrunkCache:
-    """The process-wide cache (``DEFAULT_BUDGET_BYTES``): the trainer and the model loader give it to every
-    network, so the fits of one experiment and the explanations after them share the trunk outputs."""
+def shared_trunk_cache(budget_bytes: int | None = None) -> TrunkCache:
+    """The process-wide cache: the trainer and the model loader give it to every network, so the fits of one
+    experiment and the explanations after them share the trunk outputs.
+
+    ``budget_bytes`` (``train.trunk_cache_mib``), when given, becomes its budget: the config of the run at hand
+    decides. Entries already stored stay (nothing is evicted); above a lowered budget new images are refused."""
     global _SHARED
     if _SHARED is None:
         _SHARED = TrunkCache()
+    if budget_bytes is not None:
+        _SHARED.max_bytes = max(int(budget_bytes), 0)
     return _SHARED
 
 
@@ -334,15 +339,12 @@ def cached_backbone_features(backbone: ImageBackbone, images: torch.Tensor, laye
     return out
 
 
-def attach_trunk_cache(network: nn.Module, unfreeze_last_n: int, cache: TrunkCache | None = None,
-                       budget_bytes: int | None = None) -> None:
+def attach_trunk_cache(network: nn.Module, unfreeze_last_n: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
     """Let ``network`` (an :class:`~llmvem.model.LLMVEM`) reuse its backbone's frozen trunk: the groups before
-    the last ``unfreeze_last_n`` (``train.stage2.unfreeze_last_n``), from ``cache`` (default: the process-wide
-    :func:`shared_trunk_cache`). A backbone without :attr:`~llmvem.embed.base.ImageBackbone.supports_trunk` keeps
-    running whole. ``budget_bytes`` (``train.trunk_cache_mib``): 0 turns the cache off for this network; another
-    value than :data:`DEFAULT_BUDGET_BYTES` becomes the cache's budget (the default leaves it as it is)."""
-    network.trunk_cache = cache if cache is not None else shared_trunk_cache()
-    if budget_bytes is not None and int(budget_bytes) > 0 and int(budget_bytes) != DEFAULT_BUDGET_BYTES:
-        network.trunk_cache.max_bytes = int(budget_bytes)
-    off = budget_bytes is not None and int(budget_bytes) <= 0
-    network.trunk_groups = 0 if off else frozen_trunk_groups(getattr(network, "backbone", None), unfreeze_last_n)
+    the last ``unfreeze_last_n`` (``train.stage2.unfreeze_last_n``), from the process-wide
+    :func:`shared_trunk_cache` with the budget ``budget_bytes`` (``train.trunk_cache_mib``; 0 turns the cache
+    off: the backbone runs whole). A backbone without :attr:`~llmvem.embed.base.ImageBackbone.supports_trunk`
+    keeps running whole."""
+    network.trunk_cache = shared_trunk_cache(budget_bytes) if budget_bytes > 0 else None
+    network.trunk_groups = 0 if budget_bytes <= 0 else \
+        frozen_trunk_groups(getattr(network, "backbone", None), unfreeze_last_n)

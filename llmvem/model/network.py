@@ -362,9 +362,11 @@ class LLMVEM(nn.Module):
             readouts start at the position that best predicts each unit, see
             :meth:`~llmvem.model.spatial.GaussianReadout.initialize_positions`; factorized ones, with
             ``spatial_init="ridge"``, at a ridge fit of the centred responses on the maps).
-        readout_start : {"random", "ridge"}
+        readout_start : {"random", "ridge", "auto"}
             "ridge": the flat PCA readouts (and a linear core) start at the ridge solution of the training scores
             (:func:`llmvem.model.start.ridge_start`, whose record is returned; needs ``train_features``).
+            "auto" does the same; its caller has kept the random start
+            (:func:`llmvem.model.start.random_start_parameters`) to train from.
         """
         responses = train_responses if isinstance(train_responses, Mapping) else {self._key(None): train_responses}
         for key, y in responses.items():
@@ -375,7 +377,7 @@ class LLMVEM(nn.Module):
             fitted = FeatureStandardizer().fit(train_features.detach().cpu().double().numpy())
             self.feature_mean.copy_(torch.from_numpy(fitted.mean_))
             self.feature_std.copy_(torch.from_numpy(fitted.std_))
-        started = ridge_start(self, responses, train_features) if readout_start == "ridge" and \
+        started = ridge_start(self, responses, train_features) if readout_start in ("ridge", "auto") and \
             train_features is not None else {}
         if not self.spatial_layers:
             return started

@@ -89,8 +89,9 @@ class _Factors:
     V: torch.Tensor  # (n_features, rank)
 
 
-def _thin_svd(Xc: torch.Tensor, dtype: torch.dtype) -> _Factors:
-    """Thin SVD of ``Xc`` (n, p) through the eigendecomposition of its smaller Gram matrix, in float64.
+def _thin_svd(Xc: torch.Tensor, dtype: torch.dtype, with_u: bool = True) -> _Factors:
+    """Thin SVD of ``Xc`` (n, p) through the eigendecomposition of its smaller Gram matrix, in float64
+    (``with_u=False`` with ``p <= n``: ``U`` (n, p) is not formed and is left empty).
 
     Directions whose squared singular value is below ``s²_max · max(n, p) · eps64 · 10`` are dropped: the ridge
     solution has no component along the null space of the training design, so dropping them is exact, and it
@@ -108,7 +109,7 @@ def _thin_svd(Xc: torch.Tensor, dtype: torch.dtype) -> _Factors:
     s = torch.sqrt(lam)
     if p <= n:
         V = V[:, keep]
-        U = (X64 @ V) / s
+        U = (X64 @ V) / s if with_u else torch.empty(0, dtype=torch.float64)
     else:
         U = U[:, keep]
         V = (X64.T @ U) / s
@@ -199,8 +200,25 @@ class RidgePath:
         self.n_alphas = len(alphas)
         self.x_mean = X.mean(0) if fit_intercept else torch.zeros(n_features, dtype=dt, device=device)
         alphas_t = torch.as_tensor(alphas, dtype=torch.float64, device=device)
-        # Per fold: A = X_val_c V (n_val, rank), U (n_train, rank), weights (rank, n_alphas).
+        # K-fold with no more features than samples ("primal"): no fold keeps its U (n_train, p); the scores
+        # come from G = Xcᵀ Yc of all samples, each fold's training part being G minus its validation rows'.
+        # Per fold then: its training mean of Xc, V / s (p, rank), A = X_val_c V (n_val, rank), weights.
+        self.primal = not self.loo and n_features <= n_samples
         self.fold_parts = []
+        if self.primal:
+            self.Xc = X - self.x_mean if fit_intercept else X  # (n_samples, n_features), kept for Xcᵀ Yc
+            for train, val in folds:
+                tr = torch.as_tensor(train, device=device)
+                va = torch.as_tensor(val, device=device)
+                mu = self.Xc[tr].mean(0) if fit_intercept else torch.zeros(n_features, dtype=dt, device=device)
+                f = _thin_svd(self.Xc[tr] - mu, dt, with_u=False)
+                A = ((self.Xc[va] - mu).to(torch.float64) @ f.V.to(torch.float64)).to(dt)
+                w = (f.s[:, None] / (f.s[:, None] ** 2 + alphas_t[None, :])).to(dt)
+                self.fold_parts.append((tr, va, mu, (f.V.to(torch.float64) / f.s).to(dt), A, w))
+            self.full = _thin_svd(self.Xc, dt, with_u=False)
+            self._finish(alphas_t)
+            return
+        # Otherwise, per fold: A = X_val_c V (n_val, rank), U (n_train, rank), weights (rank, n_alphas).
         if not self.loo:
             for train, val in folds:
                 tr = torch.as_tensor(train, device=device)
@@ -242,6 +260,7 @@ class RidgePath:
         self.loo = isinstance(folds, str)
         self.n_alphas = len(alphas)
         self.x_mean = None  # unknown without X; dual_coef returns what is needed instead
+        self.primal = False
         alphas_t = torch.as_tensor(alphas, dtype=torch.float64, device=device)
 
         def centred(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -305,6 +324,8 @@ class RidgePath:
                 sse = (resid * resid).sum(0).to(torch.float64)
                 out[k] = torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yb.shape[0]
             return out
+        if self.primal:
+            return self._primal_scores(Yb, scoring, eps)
         for tr, va, U, A, w in self.fold_parts:
             Ytr, Yva = Yb[tr], Yb[va]  # fresh copies: centre them in place
             scale = Yva.abs().amax(0)
@@ -325,15 +346,49 @@ class RidgePath:
                 out[k] += torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yva.shape[0]
         return out / len(self.fold_parts)
 
+    def _primal_scores(self, Yb: torch.Tensor, scoring: Scoring, eps: float) -> torch.Tensor:
+        """:meth:`scores` of the primal K-fold path: one product ``G = Xcᵀ Yc`` for the block, and per fold
+        ``Xc_trᵀ Yc_tr = G − Xc_vaᵀ Yc_va`` centred by the fold's training means (the data are centred by
+        their overall means first, so those fold means are small and nothing large cancels in float32)."""
+        out = torch.zeros((self.n_alphas, Yb.shape[1]), dtype=torch.float64, device=self.device)
+        y_mean = Yb.mean(0) if self.fit_intercept else torch.zeros(Yb.shape[1], dtype=Yb.dtype, device=self.device)
+        Yc = Yb - y_mean  # a copy: Yb may be the caller's array
+        G = self.Xc.T @ Yc  # (n_features, n_block)
+        total = Yc.sum(0)
+        for tr, va, mu, Vs, A, w in self.fold_parts:
+            Yva = Yc[va]  # a fresh copy: centred in place below
+            scale = Yb[va].abs().amax(0)
+            Gtr = torch.addmm(G, self.Xc[va].T, Yva, beta=1.0, alpha=-1.0)
+            if self.fit_intercept:
+                m = (total - Yva.sum(0)) / len(tr)  # the fold's training mean (of the centred responses)
+                scale += (m + y_mean).abs()
+                Gtr -= len(tr) * mu[:, None] * m[None, :]
+                Yva.sub_(m)
+            B = Vs.T @ Gtr  # = U_trᵀ Y_tr,c (rank, n_block)
+            if scoring == "r2":
+                ss = ((Yva - Yva.mean(0)) ** 2).sum(0).to(torch.float64)
+                varies = ss > Yva.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
+                ss = torch.where(varies, ss, 1.0)
+            for k in range(self.n_alphas):
+                resid = torch.addmm(Yva, A * w[:, k], B, beta=1.0, alpha=-1.0)
+                sse = (resid * resid).sum(0).to(torch.float64)
+                out[k] += torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yva.shape[0]
+        return out / len(self.fold_parts)
+
     def refit(self, Yb: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights (n_features, n_block) and intercepts (n_block,) of each voxel of ``Yb`` refitted on all
         samples with its own α (``alphas[idx]``, idx of shape (n_block,))."""
-        # coef = V (w[:, idx] ⊙ Uᵀ Yc); Uᵀ(Y - 1 ȳᵀ) = UᵀY - (Uᵀ1) ȳᵀ, without a centred copy of the block
         full = self.full
-        B = full.U.T @ Yb
-        if self.fit_intercept:
-            y_mean = Yb.mean(0)
-            B -= full.U.sum(0)[:, None] * y_mean[None, :]
+        y_mean = Yb.mean(0) if self.fit_intercept else None
+        if self.primal:  # Uᵀ Yc = (V / s)ᵀ Xcᵀ (Y - 1 ȳᵀ); Xc's column sums are 0 up to rounding, kept here
+            G = self.Xc.T @ Yb
+            if self.fit_intercept:
+                G -= self.Xc.sum(0)[:, None] * y_mean[None, :]
+            B = (full.V / full.s[None, :].to(self.dtype)).T @ G
+        else:  # coef = V (w[:, idx] ⊙ Uᵀ Yc); Uᵀ(Y - 1 ȳᵀ) = UᵀY - (Uᵀ1) ȳᵀ, without a centred copy of the block
+            B = full.U.T @ Yb
+            if self.fit_intercept:
+                B -= full.U.sum(0)[:, None] * y_mean[None, :]
         W = self.w_full[:, torch.as_tensor(idx, device=self.device)]
         coef = full.V @ (W * B)
         intercept = y_mean - self.x_mean @ coef if self.fit_intercept else torch.zeros(

@@ -16,6 +16,13 @@ against the ridge's 0.42 on the same features). :func:`ridge_start` puts the rea
   by several data keys, keeps its random start (and so does the head behind it).
 
 Where the readout also reads the alignment head's embedding (``readout_aligned``) those input columns start at 0.
+
+``model.readout_init: auto`` keeps both starts as candidates: the engine validates the ridge start, puts back
+the random parameters (:func:`random_start_parameters`, taken before the ridge start wrote over them) and trains
+from there; validation keeps whichever is better. The two answer different sizes: on a 10,000-image NSD-size
+subject the ridge start is far ahead of anything stage 1 reaches from random weights (validation r 0.407 vs
+0.364), on a 500-image V4 session training from random weights beats it in 7 of 9 sessions (and gradient steps
+from the ridge start never improved on it: best epoch 0 in all 9; ``bench/results/v4_readout_start.json``).
 """
 
 from __future__ import annotations
@@ -30,12 +37,30 @@ from torch import nn
 
 from llmvem.model.readout import PCAVoxelReadout
 
-__all__ = ["READOUT_STARTS", "ridge_start"]
+__all__ = ["READOUT_STARTS", "random_start_parameters", "ridge_start"]
 
 log = logging.getLogger(__name__)
 
 #: Values of ``model.readout_init``.
-READOUT_STARTS = ("ridge", "random")
+READOUT_STARTS = ("ridge", "random", "auto")
+
+
+def _start_targets(network: Any) -> list[nn.Module]:
+    """The modules :func:`ridge_start` may write: a linear core and each flat PCA readout's head."""
+    mods: list[nn.Module] = [network.core] if isinstance(network.core, nn.Linear) else []
+    for readout in network.readouts.values():
+        flat = getattr(readout, "flat", readout)
+        if isinstance(flat, PCAVoxelReadout):
+            mods.append(flat.head)
+    return mods
+
+
+@torch.no_grad()
+def random_start_parameters(network: Any) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters :func:`ridge_start` may overwrite, by their names in ``network``: taken
+    before it, they put the random start back (``model.readout_init: auto``)."""
+    wanted = {id(p) for m in _start_targets(network) for p in m.parameters()}
+    return {n: p.detach().to("cpu", copy=True) for n, p in network.named_parameters() if id(p) in wanted}
 
 
 def _ridge(x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

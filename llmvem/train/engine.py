@@ -142,8 +142,11 @@ class Engine:
 
     def __init__(self, config: RunConfig, task: EncodingTask, keys: Sequence[KeyData],
                  backbone: ImageBackbone | None, out_dir: Path, info: DistInfo, precision: str, fingerprint: str,
-                 data_identity: Any, show_progress: bool = True, callback: Callback | None = None):
+                 data_identity: Any, show_progress: bool = True, callback: Callback | None = None,
+                 random_start: Mapping[str, torch.Tensor] | None = None):
         self.config, self.task, self.network = config, task, task.network
+        #: ``model.readout_init: auto``: the parameters stage 1 trains from once the ridge start is validated
+        self.random_start = random_start
         self.keys = list(keys)
         self.scored = [k for k in self.keys if k.has_responses]
         self.backbone, self.out_dir, self.info = backbone, Path(out_dir), info
@@ -368,19 +371,32 @@ class Engine:
             best_r = resume_state["best_r"] if resume_state["best_r"] is not None else -math.inf
             best_epoch, bad = int(resume_state["best_epoch"]), int(resume_state["bad_epochs"])
             stopped = bool(resume_state["early_stopped"])
+            saved = resume_state.get("arm_best") or {"r": best_r, "keys": {n: b[0] for n, b in self.key_best.items()}}
+            arm = {"r": -math.inf if saved["r"] is None else float(saved["r"]),  # JSON writes -inf as null
+                   "keys": {n: -math.inf if r is None else float(r) for n, r in saved["keys"].items()}}
             if resume_opt is not None:
                 optimizer.load_state_dict(resume_opt)
             if self.ckpt.best_path(stage).is_file():
                 best_state = load_weights(self.ckpt.best_path(stage))
         else:
             self.key_best = {k.name: (-math.inf, -1, None) for k in self.scored}
-            if stage == 1 and self.scored and self.config.model.readout_init == "ridge":
+            # the best validation r of the weights being trained, which early stopping counts from; the overall
+            # best (best_r, key_best) may also be a start that training did not begin at (readout_init auto)
+            arm = {"r": -math.inf, "keys": {k.name: -math.inf for k in self.scored}}
+            if stage == 1 and self.scored and self.config.model.readout_init in ("ridge", "auto"):
                 # a fitted start (the readout's ridge solution) is a candidate too: best epoch 0 keeps it
                 best_r, _, start_per = self._validate(stage)
                 best_state = self.best_snapshot(stage)
                 self.ckpt.save_best(stage, best_state)
                 self.key_best = {n: (r, -1, self._key_snapshot(n) if self.per_key else None)
                                  for n, r in start_per.items()}
+                if self.random_start is None:  # ridge: training starts there
+                    arm = {"r": best_r, "keys": dict(start_per)}
+                else:  # auto: training starts from the random weights, as readout_init random would
+                    named = dict(self.network.named_parameters())
+                    with torch.no_grad():
+                        for pname, value in self.random_start.items():
+                            named[pname].copy_(value)
         bar = progress_bar(total=(cfg.epochs - start_epoch) * n_batches, desc=f"stage {stage}", unit="batch") \
             if self.show else _NullBar()
         train_total_s, seen_total = 0.0, 0
@@ -460,8 +476,9 @@ class Engine:
                     raise ConfigError(f"training diverged in stage {stage}, epoch {epoch + 1}: the loss is {mean[0]}; "
                                       f"lower train.stage{stage}.lr (now {cfg.lr:g}) or set a grad_clip")
                 val_r, val_loss, per = self._validate(stage)
-                improved = val_r > best_r or not self.scored  # captions-only: keep the last epoch
-                if improved:
+                improved = val_r > arm["r"] or not self.scored  # captions-only: keep the last epoch
+                arm["r"] = max(arm["r"], val_r)
+                if val_r > best_r or not self.scored:
                     best_r, best_epoch = val_r, epoch
                     best_state = self.best_snapshot(stage)
                     self.ckpt.save_best(stage, best_state)
@@ -471,6 +488,8 @@ class Engine:
                         self.key_best[name] = (r, epoch, snap)
                         if snap is not None:
                             self.ckpt.save_best(stage, snap, key=name)
+                    if r > arm["keys"].get(name, -math.inf):
+                        arm["keys"][name] = r
                         improved = improved or self.per_key
                 bad = 0 if improved else bad + 1
                 stopped = cfg.early_stopping_patience is not None and bad >= cfg.early_stopping_patience
@@ -491,8 +510,8 @@ class Engine:
                 last = epoch + 1 == cfg.epochs or stopped
                 if (epoch + 1) % self.config.train.checkpoint_every == 0 or last:
                     self.ckpt.save(f"stage{stage}_epoch{epoch + 1:04d}", self.model_state(stage), optimizer,
-                                   self._trainer_state(stage, epoch + 1, step, False, best_r, best_epoch, bad,
-                                                       stopped))
+                                   {**self._trainer_state(stage, epoch + 1, step, False, best_r, best_epoch, bad,
+                                                          stopped), "arm_best": arm})
                 self._emit("epoch_end", {**row, "stage": stage})
         finally:
             bar.close()
@@ -518,6 +537,8 @@ class Engine:
                 counts[g] = counts.get(g, 0.0) + c
         n_steps = sum(int(r.get("steps_in_epoch") or 0) for r in rows)
         out["clipped_fraction"] = {g: c / n_steps for g, c in counts.items()} if n_steps else {}
+        if self._stage == 1 and self.config.model.readout_init in ("ridge", "auto"):
+            out["ridge_start_kept"] = best_epoch < 0  # validation kept the closed-form start (best epoch 0)
         if len(self.scored) > 1:
             out["best_epoch_per_key"] = {n: b[1] + 1 for n, b in self.key_best.items()}
             out["best_val_r_per_key"] = {n: b[0] for n, b in self.key_best.items()}

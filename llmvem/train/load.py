@@ -132,7 +132,7 @@ def load_trained_model(model_dir: str | Path, *, backbone: ImageBackbone | None 
                               f"{config.model.spatial_readout!r}") from exc
     network.to(resolve_device(device)).eval()
     attach_trunk_cache(network, config.train.stage2.unfreeze_last_n,  # the trunk stage 2 left frozen
-                       budget_bytes=config.train.trunk_cache_mib * 2**20)
+                       config.train.trunk_cache_mib * 2**20)
     encoder = LLMVEMEncoder(config)
     encoder.network_, encoder.backbone_ = network, backbone
     return encoder

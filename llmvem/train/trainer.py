@@ -30,6 +30,7 @@ from llmvem.embed.trunk_cache import attach_trunk_cache
 from llmvem.errors import CheckpointError, ConfigError, DataValidationError
 from llmvem.model.network import DEFAULT_KEY, EMBED_LAYER, LLMVEM
 from llmvem.model.readout import PCAVoxelReadout
+from llmvem.model.start import random_start_parameters
 from llmvem.resources import stage
 from llmvem.train.checkpoint import save_weights
 from llmvem.train.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
@@ -293,8 +294,13 @@ def _key_data(config: RunConfig, s: SubjectData, backbone: ImageBackbone | None,
     return key
 
 
+#: what the readout stage's log line adds for each ``model.readout_init``
+_START_LABELS = {"random": "", "ridge": ", ridge start", "auto": ", ridge start as a candidate"}
+
+
 def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBackbone | None,
-                   alignment_head: bool) -> LLMVEM:
+                   alignment_head: bool) -> tuple[LLMVEM, dict[str, torch.Tensor] | None]:
+    """The initialised network, and (``model.readout_init: auto``) the random start its ridge start replaced."""
     cfg = config.model
     first = keys[0].features["train"]
     # flat layers may be grids (n, C, G, G): the flat readout reads them flattened
@@ -324,11 +330,12 @@ def _build_network(config: RunConfig, keys: Sequence[KeyData], backbone: ImageBa
                                  map_shapes=map_shapes)  # type: ignore[arg-type]
     x = torch.cat([network.concat({n: v.cpu() for n, v in k.features["train"].items()}) for k in stats_keys])
     maps = {k.name: {m: k.features["train"][m].cpu() for m in network.spatial_layers} for k in stats_keys}
+    random_start = random_start_parameters(network) if config.model.readout_init == "auto" else None
     started = network.initialize({k.name: k.responses["train"].cpu() for k in brain}, x, maps,
                                  readout_start=config.model.readout_init)
     for name, rec in started.items():
         log.info("readout of %s starts at the ridge solution: %s", name, rec)
-    return network
+    return network, random_start
 
 
 def _set_latent_targets(network: LLMVEM, keys: Sequence[KeyData]) -> None:
@@ -392,11 +399,12 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
         keys += [stream_key_data(st, _feature_layers(config), backbone, config.train.stage2.epochs > 0, info.device,
                                  precision, config.backbone.batch_size, show) for st in streams]
         quiet = None if info.is_main else (lambda message: None)
-        with stage("voxel readout: PCA of the training responses" + (
-                ", ridge start" if config.model.readout_init == "ridge" else ""), say=quiet):
-            network = _build_network(config, keys, backbone, alignment_head).to(info.device)
+        with stage("voxel readout: PCA of the training responses" + _START_LABELS[config.model.readout_init],
+                   say=quiet):
+            network, random_start = _build_network(config, keys, backbone, alignment_head)
+            network.to(info.device)
             attach_trunk_cache(network, config.train.stage2.unfreeze_last_n,
-                               budget_bytes=config.train.trunk_cache_mib * 2**20)
+                               config.train.trunk_cache_mib * 2**20)
             _set_latent_targets(network, keys)
         task = EncodingTask(network, config.model.lambda_align, {k.name: k.weight for k in keys},
                             regularize=config.model.readout_l2 > 0 or config.model.spatial_l1 > 0
@@ -404,7 +412,7 @@ def fit_keys(config: RunConfig, sources: Sequence[SubjectData], backbone: ImageB
                             align_weights={st.name: st.weight for st in streams})
         task.set_stage1_trainable(config.model.learn_temperature)
         engine = Engine(config, task, keys, backbone, out_dir, info, precision, fingerprint, data_identity,
-                        show_progress, callback)
+                        show_progress, callback, random_start=random_start)
         with stage("training", say=quiet):
             engine.run(resume)
         network.eval()
