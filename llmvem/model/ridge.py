@@ -171,6 +171,22 @@ def check_design(X: Any, name: str = "X", n_samples: int | None = None, n_featur
     return arr
 
 
+def _add_fold_scores(out: torch.Tensor, Yva: torch.Tensor, scale: torch.Tensor, A: torch.Tensor, w: torch.Tensor,
+                     B: torch.Tensor, scoring: Scoring, eps: float) -> None:
+    """Add one fold's score of every α to ``out`` (n_alphas, n_block): ``Yva`` the validation responses centred
+    by the fold's training mean, ``scale`` their magnitude before centring, ``A`` = X_val,c V, ``w`` the weights
+    (rank, n_alphas) and ``B`` = U_trᵀ Y_tr,c (rank, n_block)."""
+    if scoring == "r2":
+        ss = ((Yva - Yva.mean(0)) ** 2).sum(0).to(torch.float64)
+        # a voxel constant on this fold has R² 0; rounding of its mean must not count as variance
+        varies = ss > Yva.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
+        ss = torch.where(varies, ss, 1.0)
+    for k in range(w.shape[1]):
+        resid = torch.addmm(Yva, A * w[:, k], B, beta=1.0, alpha=-1.0)
+        sse = (resid * resid).sum(0).to(torch.float64)
+        out[k] += torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yva.shape[0]
+
+
 class RidgePath:
     """Ridge fits of one design for every α of a grid: cross-validated scores of response blocks, and refits.
 
@@ -334,16 +350,7 @@ class RidgePath:
                 scale += m.abs()
                 Ytr.sub_(m)
                 Yva.sub_(m)
-            B = U.T @ Ytr  # (rank, n_block)
-            if scoring == "r2":
-                ss = ((Yva - Yva.mean(0)) ** 2).sum(0).to(torch.float64)
-                # a voxel constant on this fold has R² 0; rounding of its mean must not count as variance
-                varies = ss > Yva.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
-                ss = torch.where(varies, ss, 1.0)
-            for k in range(self.n_alphas):
-                resid = torch.addmm(Yva, A * w[:, k], B, beta=1.0, alpha=-1.0)
-                sse = (resid * resid).sum(0).to(torch.float64)
-                out[k] += torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yva.shape[0]
+            _add_fold_scores(out, Yva, scale, A, w, U.T @ Ytr, scoring, eps)
         return out / len(self.fold_parts)
 
     def _primal_scores(self, Yb: torch.Tensor, scoring: Scoring, eps: float) -> torch.Tensor:
@@ -364,15 +371,7 @@ class RidgePath:
                 scale += (m + y_mean).abs()
                 Gtr -= len(tr) * mu[:, None] * m[None, :]
                 Yva.sub_(m)
-            B = Vs.T @ Gtr  # = U_trᵀ Y_tr,c (rank, n_block)
-            if scoring == "r2":
-                ss = ((Yva - Yva.mean(0)) ** 2).sum(0).to(torch.float64)
-                varies = ss > Yva.shape[0] * (16 * eps * scale.to(torch.float64)) ** 2
-                ss = torch.where(varies, ss, 1.0)
-            for k in range(self.n_alphas):
-                resid = torch.addmm(Yva, A * w[:, k], B, beta=1.0, alpha=-1.0)
-                sse = (resid * resid).sum(0).to(torch.float64)
-                out[k] += torch.where(varies, 1.0 - sse / ss, 0.0) if scoring == "r2" else -sse / Yva.shape[0]
+            _add_fold_scores(out, Yva, scale, A, w, Vs.T @ Gtr, scoring, eps)  # Vsᵀ Gtr = U_trᵀ Y_tr,c
         return out / len(self.fold_parts)
 
     def refit(self, Yb: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
